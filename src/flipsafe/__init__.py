@@ -1,0 +1,32 @@
+"""flipsafe: text-guided classifiers and bit-exact fault-injection campaigns."""
+
+from flipsafe.errors import (
+    CampaignError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FlipsafeError,
+    InjectionError,
+    UnknownNameError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlipsafeError",
+    "UnknownNameError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "InjectionError",
+    "CampaignError",
+    "load",
+    "__version__",
+]
+
+
+def load(path, map_location="cpu"):
+    """Rebuild a model saved by `flipsafe train` (see flipsafe.checkpoint.load)."""
+    from flipsafe.checkpoint import load as _load
+
+    return _load(path, map_location=map_location)
