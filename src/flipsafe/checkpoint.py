@@ -1,0 +1,156 @@
+"""Checkpoints: a folder with model.safetensors and config.json that rebuilds a model exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flipsafe.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+HEAD_KINDS = ("linear", "cosine", "text")
+
+
+@dataclass
+class Checkpoint:
+    """A rebuilt model (in eval mode) and the config it was saved with."""
+
+    model: nn.Module
+    config: dict
+    path: Path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to `path` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_model(config: dict) -> nn.Module:
+    """Build an untrained model with the architecture and head described by `config`."""
+    from flipsafe.models import build
+
+    backbone = build(
+        config["arch"],
+        num_classes=config["num_classes"],
+        in_channels=config["in_channels"],
+        image_size=config["image_size"],
+    )
+    head = config.get("head", "linear")
+    if head == "linear":
+        return backbone
+    if head not in HEAD_KINDS:
+        raise CheckpointError(f"config.json names an unknown head {head!r}; expected one of {HEAD_KINDS}")
+    from flipsafe.textguided import make_text_guided
+
+    # The head's weights come from the state dict, so a randomly initialised
+    # cosine head of the right width rebuilds the same structure for both kinds.
+    return make_text_guided(
+        backbone,
+        None,
+        head="cosine",
+        embed_dim=config["embed_dim"],
+        num_classes=config["num_classes"],
+    )
+
+
+def save(model: nn.Module, out_dir, config: dict) -> Path:
+    """Save `model` and `config` to `out_dir` (created if needed); returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, out / WEIGHTS)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    full = dict(config)
+    full["versions"] = {"flipsafe": _flipsafe_version(), "torch": torch.__version__}
+    full["files"] = {WEIGHTS: sha256_file(out / WEIGHTS)}
+    write_json_atomic(out / CONFIG, full)
+    return out
+
+
+def read_config(path) -> dict:
+    """Read and check a checkpoint's config.json, with clear errors for missing files."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist; train one with `flipsafe train --out DIR`")
+    cfg_path = folder / CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} is missing; this folder is not a flipsafe checkpoint")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc}); re-save the checkpoint") from None
+    missing = [k for k in ("arch", "num_classes", "in_channels", "image_size", "files") if k not in config]
+    if missing:
+        raise CheckpointError(f"{cfg_path} lacks {', '.join(missing)}; re-save the checkpoint")
+    return config
+
+
+def load_checkpoint(path, map_location="cpu") -> Checkpoint:
+    """Rebuild the saved model exactly (same logits) after checking its files' hashes."""
+    folder = Path(path)
+    config = read_config(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete, re-train or restore it")
+    expected = config["files"].get(WEIGHTS)
+    if expected and sha256_file(weights) != expected:
+        raise CheckpointError(
+            f"{weights} does not match the hash in config.json: the file was altered or "
+            "replaced; restore the original or re-train"
+        )
+    model = build_model(config)
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {weights}: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not fit the architecture in config.json: {exc}") from None
+    model.eval()
+    return Checkpoint(model=model, config=config, path=folder)
+
+
+def load(path, map_location="cpu") -> nn.Module:
+    """The model saved in checkpoint folder `path`, in eval mode."""
+    return load_checkpoint(path, map_location).model
+
+
+def _flipsafe_version() -> str:
+    from flipsafe import __version__
+
+    return __version__

@@ -1,0 +1,198 @@
+"""The `flipsafe` command: argument parsing and friendly errors only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flipsafe.errors import FlipsafeError
+
+
+def _add_train_recipe(p: argparse.ArgumentParser) -> None:
+    from flipsafe.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and data order")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--optimizer", default=d.optimizer, help="sgd or adamw")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+
+
+def _recipe(args) -> "TrainConfig":  # noqa: F821 - imported lazily
+    from flipsafe.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+        optimizer=args.optimizer, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+    )
+
+
+def cmd_describe(args) -> None:
+    from flipsafe import textguided as tg
+
+    if args.dataset:
+        from flipsafe.workflow import dataset_family
+
+        family = dataset_family(args.dataset)
+        if args.source == "bundled":
+            if not family:
+                raise FlipsafeError(
+                    f"no bundled descriptions for {args.dataset!r}; use --source template or llm"
+                )
+            descriptions = tg.bundled_descriptions(family)
+            _save_descriptions(tg, descriptions, args.out)
+            return
+        from flipsafe.data import load
+
+        classes = load(args.dataset).classes if not family else list(tg.bundled_descriptions(family))
+    else:
+        classes = _read_classes(args.classes)
+    if args.source in ("template", "bundled"):
+        descriptions = tg.template_descriptions(classes)
+    elif args.source.startswith("file:"):
+        descriptions = tg.load_descriptions(args.source[len("file:"):], classes=classes)
+    elif args.source == "llm":
+        descriptions = tg.llm_descriptions(
+            classes, base_url=args.llm_base_url, model=args.llm_model, api_key=args.llm_key,
+            cache=args.llm_cache,
+        )
+    else:
+        raise FlipsafeError(
+            f"unknown description source {args.source!r}; choose bundled, template, file:<path> or llm"
+        )
+    _save_descriptions(tg, descriptions, args.out)
+
+
+def _save_descriptions(tg, descriptions, out) -> None:
+    tg.save_descriptions(descriptions, out)
+    n = sum(len(v) for v in descriptions.values())
+    print(f"wrote {n} descriptions for {len(descriptions)} classes to {out}")
+
+
+def _read_classes(path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FlipsafeError(f"class list {path!r} not found; give a text file with one class per line")
+    text = p.read_text()
+    if p.suffix == ".json":
+        classes = json.loads(text)
+    else:
+        classes = [line.strip() for line in text.splitlines() if line.strip()]
+    if not classes:
+        raise FlipsafeError(f"class list {path!r} is empty")
+    return [str(c) for c in classes]
+
+
+def cmd_embed(args) -> None:
+    from flipsafe import textguided as tg
+
+    descriptions = tg.load_descriptions(args.descriptions)
+    emb = tg.encode_classes(descriptions, tg.get_encoder(args.encoder))
+    emb.provenance.setdefault("descriptions", str(args.descriptions))
+    tg.save_embeddings(emb, args.out)
+    print(f"wrote {emb.vectors.shape[0]} class embeddings of width {emb.vectors.shape[1]} to {args.out}")
+
+
+def cmd_train(args) -> None:
+    from flipsafe.workflow import train_classifier
+
+    _, meta, result = train_classifier(
+        dataset=args.dataset, arch=args.arch, head=args.head, out=args.out,
+        config=_recipe(args), freeze_head=args.freeze_head, show_progress=not args.quiet,
+    )
+    print(f"{args.arch} with {meta['head']} head: test accuracy {100 * result.accuracy:.2f}%  -> {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    from flipsafe.checkpoint import load_checkpoint
+    from flipsafe.data import load
+    from flipsafe.train import evaluate
+
+    ckpt = load_checkpoint(args.model_dir)
+    spec = args.dataset or ckpt.config.get("dataset", "digits")
+    bundle = load(spec)
+    if len(bundle.classes) != ckpt.config["num_classes"]:
+        raise FlipsafeError(
+            f"{spec} has {len(bundle.classes)} classes but the model was trained for "
+            f"{ckpt.config['num_classes']}; evaluate it on its own dataset"
+        )
+    acc = evaluate(ckpt.model, bundle.test)
+    print(f"{args.model_dir}: test accuracy on {spec} {100 * acc:.2f}% ({len(bundle.test)} images)")
+
+
+def cmd_demo(args) -> None:
+    from flipsafe.demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flipsafe",
+        description="Text-guided classifiers and bit-exact fault-injection campaigns.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("describe", help="write class descriptions to a JSON file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="digits, cifar10, cifar100 or a dataset spec")
+    src.add_argument("--classes", help="text file with one class name per line (or a JSON list)")
+    p.add_argument("--source", default="bundled",
+                   help="bundled (hand-written, digits/cifar10/cifar100), template, file:<path>, llm")
+    p.add_argument("--llm-base-url", help="OpenAI-compatible endpoint (or FLIPSAFE_LLM_BASE_URL)")
+    p.add_argument("--llm-model", help="chat model name (or FLIPSAFE_LLM_MODEL)")
+    p.add_argument("--llm-key", help="API key (or OPENAI_API_KEY)")
+    p.add_argument("--llm-cache", default="llm-cache.json", help="answers cache, reused offline")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("embed", help="encode descriptions into normalised class embeddings")
+    p.add_argument("--descriptions", required=True)
+    p.add_argument("--encoder", default="minilm", help="minilm, clip:<name-or-path>, st:<name-or-path>, file:<path>")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("train", help="train a baseline or text-guided classifier")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--head", default="linear", help="linear, cosine, text:minilm or text:<classes.safetensors>")
+    p.add_argument("--freeze-head", action="store_true", help="keep the head's class vectors fixed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_train_recipe(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="print a checkpoint's test accuracy")
+    p.add_argument("model_dir")
+    p.add_argument("--dataset", help="dataset spec (default: the one it was trained on)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="offline end-to-end demo on digits")
+    p.add_argument("--quick", action="store_true", help="fewer epochs and injections")
+    p.add_argument("--out", default="flipsafe-demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except FlipsafeError as exc:
+        print(f"flipsafe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flipsafe: interrupted; results already written are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""One training recipe shared by baseline and text-guided classifiers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from flipsafe.errors import ConfigError, unknown
+from flipsafe.progress import progress_bar
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of the recipe; the same values train baseline and text-guided models."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown("optimizer", self.optimizer, OPTIMIZERS)
+        if self.schedule not in SCHEDULES:
+            raise unknown("schedule", self.schedule, SCHEDULES)
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be at least 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("label_smoothing must be in [0, 1)")
+        if self.lr <= 0:
+            raise ConfigError("lr must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What training produced: per-epoch loss and the final test accuracy."""
+
+    losses: list[float] = field(default_factory=list)
+    accuracy: float = float("nan")
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Weight decay would pull the learnable logit scale of a cosine head towards
+    # zero; scalars and norm/bias vectors are conventionally left undecayed.
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    test_set: Dataset | None,
+    config: TrainConfig,
+    show_progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Train `model` in place with the shared recipe and return losses and test accuracy."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(
+        train_set, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False
+    )
+    steps_per_epoch = len(loader)
+    total = steps_per_epoch * config.epochs
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: _lr_factor(s, total, config.warmup_epochs * steps_per_epoch, config.schedule),
+    )
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    result = TrainResult()
+    with progress_bar(description, total=config.epochs, unit="epoch", enabled=show_progress) as bar:
+        for _ in range(config.epochs):
+            model.train()
+            running, seen = 0.0, 0
+            for images, labels in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                running += loss.item() * len(labels)
+                seen += len(labels)
+            result.losses.append(running / max(seen, 1))
+            bar.advance(info=f"loss {result.losses[-1]:.4f}")
+    if test_set is not None:
+        result.accuracy = evaluate(model, test_set)
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of `model` (in eval mode) over `dataset`, in dataset order."""
+    model.eval()
+    logits, labels = [], []
+    for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits.append(model(images))
+        labels.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:
+    """Top-1 accuracy of `model` on `dataset`, as a fraction."""
+    logits, labels = predict(model, dataset, batch_size)
+    return (logits.argmax(1) == labels).float().mean().item()

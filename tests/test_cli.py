@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+import pytest
+
+from flipsafe.cli import main
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "flipsafe", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--arch", "resnet9000", "--out", "{tmp}/m", "--epochs", "1", "--quiet"], "resnet20"),
+        (["train", "--dataset", "imagefolder:{tmp}/nothing", "--out", "{tmp}/m", "--quiet"], "nothing"),
+        (["evaluate", "{tmp}/no-such-model"], "does not exist"),
+        (["embed", "--descriptions", "{tmp}/missing.json", "--out", "{tmp}/e.safetensors"], "missing.json"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path, args, needle):
+    proc = _run(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flipsafe: error:"), proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "mlp"
+    code = main(["train", "--arch", "mlp", "--epochs", "2", "--out", str(out), "--quiet"])
+    assert code == 0
+    trained = capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert main(["evaluate", str(out)]) == 0
+    evaluated = capsys.readouterr().out
+    # The accuracy printed by evaluate is the one measured at the end of training.
+    acc_train = trained.split("test accuracy ")[1].split("%")[0]
+    acc_eval = evaluated.split("accuracy on digits ")[1].split("%")[0]
+    assert acc_train == acc_eval
