@@ -1,0 +1,469 @@
+"""Confidence intervals, sample sizes and per-group summaries for fault-injection campaigns."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from statistics import NormalDist
+
+import numpy as np
+
+from flipsafe.errors import ConfigError
+
+DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def _check_confidence(confidence: float) -> float:
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (
+        0.0 < confidence < 1.0
+    ):
+        raise ConfigError(
+            f"confidence must be a number strictly between 0 and 1 (e.g. 0.99), got {confidence!r}"
+        )
+    return float(confidence)
+
+
+def z_value(confidence: float) -> float:
+    """Two-sided standard-normal quantile: 1.96 for 0.95, 2.576 for 0.99."""
+    confidence = _check_confidence(confidence)
+    return NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
+
+
+def _check_counts(k, n) -> None:
+    if np.any(np.asarray(n) < 0) or np.any(np.asarray(k) < 0) or np.any(np.asarray(k) > n):
+        raise ConfigError(f"counts must satisfy 0 <= k <= n, got k={k!r}, n={n!r}")
+
+
+def _scalar_or_array(x):
+    return float(x) if np.ndim(x) == 0 else x
+
+
+def wilson_interval(k, n, confidence: float = 0.99):
+    """Wilson score interval for a proportion k/n; k and n may be scalars or arrays.
+
+    With n == 0 there is no information and the interval is (0.0, 1.0).
+    k == 0 gives a lower bound of exactly 0 and k == n an upper bound of exactly 1.
+    """
+    z = z_value(confidence)
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    _check_counts(k, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = k / n
+        z2n = z * z / n
+        centre = (p + z2n / 2.0) / (1.0 + z2n)
+        half = z / (1.0 + z2n) * np.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n))
+    # Rounding can push the bounds a hair past 0 or 1 at k == 0 or k == n.
+    low = np.where(k == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    high = np.where(k == n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    low = np.where(n == 0, 0.0, low)
+    high = np.where(n == 0, 1.0, high)
+    return _scalar_or_array(low), _scalar_or_array(high)
+
+
+def clopper_pearson_interval(k, n, confidence: float = 0.99):
+    """Exact (Clopper-Pearson) interval for k/n from beta quantiles; (0.0, 1.0) when n == 0."""
+    from scipy.stats import beta
+
+    alpha = 1.0 - _check_confidence(confidence)
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    _check_counts(k, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low = np.where(k > 0, beta.ppf(alpha / 2.0, k, n - k + 1.0), 0.0)
+        high = np.where(k < n, beta.ppf(1.0 - alpha / 2.0, k + 1.0, n - k), 1.0)
+    low = np.where(n == 0, 0.0, low)
+    high = np.where(n == 0, 1.0, high)
+    return _scalar_or_array(low), _scalar_or_array(high)
+
+
+def sample_size(
+    confidence: float,
+    margin: float,
+    population: int | None = None,
+    p: float = 0.5,
+    t: float | None = None,
+) -> int:
+    """Number of faults to inject so the rate is within +-margin at this confidence.
+
+    Leveugle et al., DATE 2009: n = N / (1 + e^2 (N - 1) / (t^2 p (1 - p))), or
+    t^2 p (1 - p) / e^2 when the population N is None (infinite); rounded up.
+    t defaults to the exact normal quantile (2.5758 for 99 %); published tables
+    that use the rounded t = 2.576 come out up to 2 higher (16,590 vs 16,588).
+    """
+    if t is None:
+        t = z_value(confidence)
+    elif not t > 0:
+        raise ConfigError(f"t must be positive, got {t!r}")
+    if not (0.0 < margin < 1.0):
+        raise ConfigError(f"margin must be strictly between 0 and 1 (e.g. 0.01), got {margin!r}")
+    if not (0.0 < p < 1.0):
+        raise ConfigError(f"p must be strictly between 0 and 1 (0.5 is the safe choice), got {p!r}")
+    spread = t * t * p * (1.0 - p)
+    if population is None:
+        return math.ceil(spread / (margin * margin))
+    if isinstance(population, bool) or not isinstance(population, int) or population < 0:
+        raise ConfigError(f"population must be a non-negative integer or None, got {population!r}")
+    if population == 0:
+        return 0
+    n = population / (1.0 + margin * margin * (population - 1) / spread)
+    return min(population, math.ceil(n))
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    """A proportion k/n with its confidence interval (rate is nan when n == 0)."""
+
+    k: int
+    n: int
+    rate: float
+    low: float
+    high: float
+    confidence: float
+
+
+def rate_estimate(k: int, n: int, confidence: float = 0.99, method: str = "wilson") -> RateEstimate:
+    """k/n with a Wilson ("wilson") or Clopper-Pearson ("clopper-pearson") interval."""
+    if method == "wilson":
+        low, high = wilson_interval(k, n, confidence)
+    elif method == "clopper-pearson":
+        low, high = clopper_pearson_interval(k, n, confidence)
+    else:
+        raise ConfigError(
+            f"unknown interval method {method!r}; choose one of: clopper-pearson, wilson"
+        )
+    rate = k / n if n else math.nan
+    return RateEstimate(int(k), int(n), rate, low, high, confidence)
+
+
+@dataclass(frozen=True)
+class RateRatio:
+    """(k1/n1) / (k2/n2) with a Katz log interval.
+
+    corrected is True when a count was zero and 0.5 was added to every cell of
+    the 2x2 table (k + 0.5 events, n - k + 0.5 non-events) before computing.
+    """
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+    corrected: bool
+
+
+def rate_ratio(k1: int, n1: int, k2: int, n2: int, confidence: float = 0.99) -> RateRatio:
+    """Ratio of two rates with the Katz interval exp(log RR +- z sqrt(1/k1 - 1/n1 + 1/k2 - 1/n2))."""
+    z = z_value(confidence)
+    for k, n in ((k1, n1), (k2, n2)):
+        if n <= 0:
+            raise ConfigError(f"rate_ratio needs n > 0 on both sides, got n1={n1}, n2={n2}")
+        _check_counts(k, n)
+    corrected = k1 == 0 or k2 == 0
+    if corrected:
+        # Haldane-Anscombe: without it the log ratio or its variance is infinite.
+        k1, n1, k2, n2 = k1 + 0.5, n1 + 1.0, k2 + 0.5, n2 + 1.0
+    ratio = (k1 / n1) / (k2 / n2)
+    se = math.sqrt(1.0 / k1 - 1.0 / n1 + 1.0 / k2 - 1.0 / n2)
+    return RateRatio(ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se), confidence,
+                     corrected)
+
+
+@dataclass(frozen=True)
+class MeanEstimate:
+    """Mean of the finite values with an interval; excluded counts the NaN/inf values left out.
+
+    low and high are nan when fewer than two finite values remain; mean is nan with none.
+    """
+
+    mean: float
+    low: float
+    high: float
+    std: float
+    n: int
+    excluded: int
+    confidence: float
+
+
+def _finite(values) -> tuple[np.ndarray, int]:
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    keep = np.isfinite(arr)
+    return arr[keep], int(arr.size - keep.sum())
+
+
+def _mean_from_finite(x: np.ndarray, excluded: int, confidence: float, method: str):
+    n = int(x.size)
+    if n == 0:
+        return MeanEstimate(math.nan, math.nan, math.nan, math.nan, 0, excluded, confidence)
+    mean = float(x.mean())
+    if n == 1:
+        return MeanEstimate(mean, math.nan, math.nan, math.nan, 1, excluded, confidence)
+    std = float(x.std(ddof=1))
+    if method == "t":
+        from scipy.stats import t
+
+        q = float(t.ppf(1.0 - (1.0 - confidence) / 2.0, n - 1))
+    else:
+        q = z_value(confidence)
+    half = q * std / math.sqrt(n)
+    return MeanEstimate(mean, mean - half, mean + half, std, n, excluded, confidence)
+
+
+def mean_interval(values, confidence: float = 0.99, method: str = "t") -> MeanEstimate:
+    """Mean of the finite values with a Student-t ("t") or normal ("normal") interval."""
+    _check_confidence(confidence)
+    if method not in ("t", "normal"):
+        raise ConfigError(f"unknown interval method {method!r}; choose one of: normal, t")
+    x, excluded = _finite(values)
+    return _mean_from_finite(x, excluded, confidence, method)
+
+
+def median_quantiles(values, qs: Sequence[float] = DEFAULT_QUANTILES) -> dict[float, float]:
+    """Quantiles of the finite values (linear interpolation, numpy's default); nan if none."""
+    if any(not 0.0 <= q <= 1.0 for q in qs):
+        raise ConfigError(f"quantiles must lie in [0, 1], got {tuple(qs)!r}")
+    x, _ = _finite(values)
+    if x.size == 0:
+        return {float(q): math.nan for q in qs}
+    return {float(q): float(v) for q, v in zip(qs, np.quantile(x, list(qs)))}
+
+
+@dataclass(frozen=True)
+class RatioEstimate:
+    """A ratio of two means with a delta-method interval (nan bounds when not defined)."""
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+
+
+def _ratio_from_moments(m1, s1, n1, m2, s2, n2, confidence) -> RatioEstimate:
+    ratio = m1 / m2 if m2 != 0 and math.isfinite(m1) and math.isfinite(m2) else math.nan
+    # The log needs both means positive; the variance needs two values a side.
+    if not (m1 > 0 and m2 > 0 and n1 >= 2 and n2 >= 2):
+        return RatioEstimate(ratio, math.nan, math.nan, confidence)
+    se = math.sqrt(s1 * s1 / (n1 * m1 * m1) + s2 * s2 / (n2 * m2 * m2))
+    z = z_value(confidence)
+    return RatioEstimate(ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se), confidence)
+
+
+def ratio_of_means(values1, values2, confidence: float = 0.99) -> RatioEstimate:
+    """mean(values1) / mean(values2) over finite values, for comparing mean delta-loss.
+
+    Delta method on the log ratio of two independent samples:
+    Var(log R) ~= s1^2 / (n1 m1^2) + s2^2 / (n2 m2^2), interval R * exp(+-z se).
+    The interval is nan unless both means are positive and each side has >= 2 values.
+    """
+    _check_confidence(confidence)
+    a = mean_interval(values1, confidence)
+    b = mean_interval(values2, confidence)
+    return _ratio_from_moments(a.mean, a.std, a.n, b.mean, b.std, b.n, confidence)
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """Outcome statistics of one group of campaign rows (e.g. one layer)."""
+
+    key: tuple
+    n: int
+    sdc: RateEstimate
+    due: RateEstimate
+    delta_loss: MeanEstimate
+    delta_loss_quantiles: dict[float, float]
+
+
+OVERALL = "(all)"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Per-group summaries in order of first appearance, plus one over all rows."""
+
+    by: tuple[str, ...]
+    confidence: float
+    groups: dict[tuple, GroupSummary]
+    overall: GroupSummary
+    qs: tuple[float, ...] = field(default=DEFAULT_QUANTILES)
+
+    def rows(self) -> list[GroupSummary]:
+        """Group rows followed by the overall row (whose key is OVERALL in every column)."""
+        return [*self.groups.values(), self.overall]
+
+    def to_table(self):
+        """A flat pyarrow Table, one row per group and a last overall row, for reports."""
+        import pyarrow as pa
+
+        cols: dict[str, list] = {name: [] for name in self.by}
+        for g in self.rows():
+            for name, value in zip(self.by, g.key):
+                cols[name].append(value)
+            flat = {"n": g.n}
+            for tag, r in (("sdc", g.sdc), ("due", g.due)):
+                flat.update({f"{tag}_k": r.k, f"{tag}_rate": r.rate, f"{tag}_low": r.low,
+                             f"{tag}_high": r.high})
+            m = g.delta_loss
+            flat.update({"delta_loss_mean": m.mean, "delta_loss_low": m.low,
+                         "delta_loss_high": m.high, "delta_loss_excluded": m.excluded})
+            for q, v in g.delta_loss_quantiles.items():
+                flat[f"delta_loss_q{round(q * 100):02d}"] = v
+            for name, value in flat.items():
+                cols.setdefault(name, []).append(value)
+        return pa.table(cols)
+
+
+def _columns(table, names: Sequence[str]) -> dict[str, np.ndarray]:
+    available = list(table.column_names) if hasattr(table, "column_names") else list(table)
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ConfigError(
+            f"campaign rows lack column(s) {', '.join(missing)}; "
+            f"available: {', '.join(available) or '(none)'}"
+        )
+    # pyarrow columns turn into numpy (strings as object arrays); lists pass through.
+    return {
+        name: np.asarray(table[name].to_numpy() if hasattr(table[name], "to_numpy")
+                         else table[name])
+        for name in names
+    }
+
+
+def _group_summary(key, sdc, due, dloss, confidence, qs) -> GroupSummary:
+    n = int(sdc.size)
+    x, excluded = _finite(dloss)
+    return GroupSummary(
+        key=key,
+        n=n,
+        sdc=rate_estimate(int(np.count_nonzero(sdc)), n, confidence),
+        due=rate_estimate(int(np.count_nonzero(due)), n, confidence),
+        delta_loss=_mean_from_finite(x, excluded, confidence, "t"),
+        delta_loss_quantiles=median_quantiles(x, qs),
+    )
+
+
+def summarise(
+    table,
+    by: Sequence[str] = ("layer",),
+    confidence: float = 0.99,
+    qs: Sequence[float] = DEFAULT_QUANTILES,
+) -> Summary:
+    """Summarise campaign rows (a pyarrow Table or a dict of columns) per group.
+
+    Needs the columns in `by` plus sdc (bool), due (bool) and delta_loss (float).
+    Rates get Wilson intervals; delta-loss gets a t interval over its finite values.
+    """
+    _check_confidence(confidence)
+    by = tuple(by)
+    cols = _columns(table, (*by, "sdc", "due", "delta_loss"))
+    sdc = cols["sdc"].astype(bool)
+    due = cols["due"].astype(bool)
+    dloss = cols["delta_loss"].astype(np.float64)
+    qs = tuple(float(q) for q in qs)
+    groups: dict[tuple, GroupSummary] = {}
+    if by and sdc.size:
+        codes = np.zeros(sdc.size, dtype=np.int64)
+        for name in by:
+            _, inverse = np.unique(cols[name], return_inverse=True)
+            codes = codes * (int(inverse.max()) + 1) + inverse.ravel()
+        # Stable sort keeps rows of a group in order and first-seen groups first.
+        order = np.argsort(codes, kind="stable")
+        starts = np.flatnonzero(np.r_[True, codes[order][1:] != codes[order][:-1]])
+        bounds = list(zip(starts, np.r_[starts[1:], order.size]))
+        bounds.sort(key=lambda b: order[b[0]])
+        for lo, hi in bounds:
+            rows = order[lo:hi]
+            key = tuple(_plain(cols[name][rows[0]]) for name in by)
+            groups[key] = _group_summary(key, sdc[rows], due[rows], dloss[rows], confidence, qs)
+    overall = _group_summary((OVERALL,) * len(by), sdc, due, dloss, confidence, qs)
+    return Summary(by, confidence, groups, overall, qs)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@dataclass(frozen=True)
+class GroupComparison:
+    """Model a against model b on one matched group: ratios are a / b."""
+
+    key: tuple
+    n_a: int
+    n_b: int
+    sdc: RateRatio
+    delta_loss: RatioEstimate
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Matched-group comparisons, the overall one, and the keys found on one side only."""
+
+    by: tuple[str, ...]
+    confidence: float
+    groups: dict[tuple, GroupComparison]
+    overall: GroupComparison
+    only_a: list[tuple]
+    only_b: list[tuple]
+
+
+def _compare_groups(key, a: GroupSummary, b: GroupSummary, confidence) -> GroupComparison:
+    ma, mb = a.delta_loss, b.delta_loss
+    return GroupComparison(
+        key=key,
+        n_a=a.n,
+        n_b=b.n,
+        sdc=rate_ratio(a.sdc.k, a.sdc.n, b.sdc.k, b.sdc.n, confidence),
+        delta_loss=_ratio_from_moments(ma.mean, ma.std, ma.n, mb.mean, mb.std, mb.n, confidence),
+    )
+
+
+def _relabel(summary: Summary, last_name: str | None) -> dict[tuple, GroupSummary]:
+    if last_name is None:
+        return dict(summary.groups)
+    pos = summary.by.index("layer")
+    out = {}
+    for key, g in summary.groups.items():
+        if key[pos] == last_name:
+            key = (*key[:pos], "last", *key[pos + 1:])
+        out[key] = g
+    return out
+
+
+def compare(
+    summary_a: Summary,
+    summary_b: Summary,
+    confidence: float | None = None,
+    last_layer: tuple[str, str] | None = None,
+) -> Comparison:
+    """Compare two campaigns group by group: SDC rate ratio and mean delta-loss ratio a / b.
+
+    A ratio above 1 means b has the lower SDC rate (b improves on a). Groups match
+    by key, so layers match by name; `last_layer=(name_in_a, name_in_b)` relabels
+    each model's classification layer as "last" so the two heads match.
+    """
+    if summary_a.by != summary_b.by:
+        raise ConfigError(
+            f"summaries are grouped differently ({summary_a.by} vs {summary_b.by}); "
+            "summarise both with the same `by`"
+        )
+    if last_layer is not None and "layer" not in summary_a.by:
+        raise ConfigError("last_layer needs summaries grouped by 'layer'; add it to `by`")
+    confidence = summary_a.confidence if confidence is None else _check_confidence(confidence)
+    name_a, name_b = last_layer if last_layer is not None else (None, None)
+    groups_a = _relabel(summary_a, name_a)
+    groups_b = _relabel(summary_b, name_b)
+    matched = {
+        key: _compare_groups(key, g, groups_b[key], confidence)
+        for key, g in groups_a.items()
+        if key in groups_b
+    }
+    overall = _compare_groups(summary_a.overall.key, summary_a.overall, summary_b.overall,
+                              confidence)
+    return Comparison(
+        by=summary_a.by,
+        confidence=confidence,
+        groups=matched,
+        overall=overall,
+        only_a=[key for key in groups_a if key not in groups_b],
+        only_b=[key for key in groups_b if key not in groups_a],
+    )
+
