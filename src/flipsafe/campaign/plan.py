@@ -1,0 +1,278 @@
+"""Campaign plans (what to inject, how many, how to split) and their stable fingerprints."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flipsafe.errors import CampaignError, ConfigError
+from flipsafe.metrics.stats import sample_size
+
+PLAN_VERSION = 1
+
+IMAGES = ("correct", "all")
+SITES = ("activations", "weights", "metadata")
+FAULTS = ("bitflip", "bitflip2", "burst2", "stuck0", "stuck1", "random", "zero")
+CLAMPS = ("none", "profiled", "goldeneye")
+ALLOCATIONS = ("proportional", "equal")
+
+# The checkpoint folder may be moved between runs; model_sha identifies the model instead.
+NOT_FINGERPRINTED = ("model",)
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of: {', '.join(choices)}; got {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CampaignPlan:
+    """Everything that defines a campaign's results, checked on construction.
+
+    n is the number of faults per layer: an int, "all" (the whole fault space),
+    or None to size it per layer with sample_size(confidence, margin, layer size).
+    """
+
+    model: str
+    model_sha: str
+    dataset: str
+    format: str
+    images: str = "correct"
+    site: str = "activations"
+    fault: str = "bitflip"
+    layers: str = "all"
+    n: int | str | None = None
+    confidence: float = 0.99
+    margin: float | None = 0.01
+    clamp: str = "none"
+    seed: int = 0
+    allocation: str = "proportional"
+    part_size: int = 4096
+    version: int = PLAN_VERSION
+
+    def __post_init__(self):
+        for name in ("model", "model_sha", "dataset", "format", "layers"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        _choice("images", self.images, IMAGES)
+        _choice("site", self.site, SITES)
+        _choice("fault", self.fault, FAULTS)
+        _choice("clamp", self.clamp, CLAMPS)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        if self.layers not in ("all", "last"):
+            try:
+                re.compile(self.layers)
+            except re.error as exc:
+                raise ConfigError(
+                    f"layers must be 'all', 'last' or a regular expression over layer names; "
+                    f"{self.layers!r} does not compile: {exc}"
+                ) from None
+        if not (self.n is None or self.n == "all" or (_is_int(self.n) and self.n >= 1)):
+            raise ConfigError(
+                f"n must be a positive integer, 'all', or None (sized from confidence and "
+                f"margin), got {self.n!r}"
+            )
+        if not (_is_number(self.confidence) and 0.0 < self.confidence < 1.0):
+            raise ConfigError(
+                f"confidence must be strictly between 0 and 1 (e.g. 0.99), got {self.confidence!r}"
+            )
+        if self.margin is not None and not (_is_number(self.margin) and 0.0 < self.margin < 1.0):
+            raise ConfigError(
+                f"margin must be strictly between 0 and 1 (e.g. 0.01) or None, got {self.margin!r}"
+            )
+        if self.n is None and self.margin is None:
+            raise ConfigError("give n (faults per layer) or a margin to size n from; both are None")
+        for name in ("seed", "part_size", "version"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.part_size < 1:
+            raise ConfigError(f"part_size must be at least 1, got {self.part_size}")
+        if self.version != PLAN_VERSION:
+            raise CampaignError(
+                f"plan version {self.version} is not supported (this flipsafe reads version "
+                f"{PLAN_VERSION}); use a matching flipsafe or start a new campaign"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> CampaignPlan:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CampaignError(
+                f"campaign plan has unknown field(s) {', '.join(unknown)}; it may come from a "
+                f"newer flipsafe (known fields: {', '.join(sorted(known))})"
+            )
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise CampaignError(f"campaign plan is incomplete: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> CampaignPlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CampaignError(f"campaign plan is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CampaignError("campaign plan must be a JSON object of fields")
+        return cls.from_dict(data)
+
+    def fingerprinted(self) -> dict:
+        """The fields that define results (all but the checkpoint path)."""
+        data = self.to_dict()
+        for name in NOT_FINGERPRINTED:
+            del data[name]
+        return data
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the canonical JSON of fingerprinted(); stable across runs and machines."""
+        canonical = json.dumps(self.fingerprinted(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def differing_fields(self, other: CampaignPlan) -> list[str]:
+        """Names of the fingerprinted fields whose values differ between two plans."""
+        mine, theirs = self.fingerprinted(), other.fingerprinted()
+        return [name for name in mine if mine[name] != theirs[name]]
+
+
+@dataclass(frozen=True)
+class Stratum:
+    """One (layer, field) cell of the fault space: size (element, bit) pairs, n faults allocated."""
+
+    layer: str
+    field: str
+    size: int
+    n: int
+
+
+def _largest_remainder(n: int, sizes: list[int]) -> list[int]:
+    total = sum(sizes)
+    quotas = [n * s / total for s in sizes]
+    counts = [int(q) for q in quotas]
+    # Ties go to the earlier field so the split is deterministic.
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _proportional(n: int, sizes: list[int]) -> list[int]:
+    counts = _largest_remainder(n, sizes)
+    nonempty = [i for i, s in enumerate(sizes) if s > 0]
+    if n >= len(nonempty):
+        # A tiny field (e.g. the sign bit) still gets one fault, taken from the largest share.
+        for i in nonempty:
+            if counts[i] == 0:
+                donor = max(range(len(counts)), key=lambda j: (counts[j], -j))
+                counts[donor] -= 1
+                counts[i] = 1
+    return counts
+
+
+def _equal(n: int, sizes: list[int]) -> list[int]:
+    counts = [0] * len(sizes)
+    open_ = [i for i, s in enumerate(sizes) if s > 0]
+    left = n
+    # Water-filling: fields smaller than their equal share are taken whole and the
+    # rest is shared again among the others.
+    while left > 0 and open_:
+        share, extra = divmod(left, len(open_))
+        full = [i for i in open_ if sizes[i] - counts[i] <= share]
+        if not full:
+            for rank, i in enumerate(open_):
+                counts[i] += share + (1 if rank < extra else 0)
+            break
+        for i in full:
+            left -= sizes[i] - counts[i]
+            counts[i] = sizes[i]
+        open_ = [i for i in open_ if i not in full]
+    return counts
+
+
+def allocate(
+    strata_sizes: Mapping[tuple[str, str], int],
+    n_per_layer: int | str | Mapping[str, int],
+    allocation: str = "proportional",
+) -> list[Stratum]:
+    """Split each layer's fault budget across its fields; strata come back in input order.
+
+    n_per_layer is one int for every layer, a dict layer -> int, or "all" (every stratum
+    exhaustively). "proportional" gives each field its share of the layer's fault space,
+    rounded by largest remainder so the counts add up to n exactly; when n is at least
+    the number of non-empty fields every non-empty field gets at least 1. "equal" gives
+    each non-empty field the same count (earlier fields take the remainder), capped at
+    the field's size with the excess shared by the others. A layer whose n reaches its
+    fault-space size is injected exhaustively.
+    """
+    _choice("allocation", allocation, ALLOCATIONS)
+    layers: dict[str, list[tuple[str, int]]] = {}
+    for (layer, field_name), size in strata_sizes.items():
+        if not _is_int(size) or size < 0:
+            raise ConfigError(f"stratum ({layer}, {field_name}) size must be an integer >= 0, "
+                              f"got {size!r}")
+        layers.setdefault(layer, []).append((field_name, size))
+    counts: dict[tuple[str, str], int] = {}
+    for layer, fields in layers.items():
+        sizes = [size for _, size in fields]
+        if n_per_layer == "all":
+            n = sum(sizes)
+        elif isinstance(n_per_layer, Mapping):
+            if layer not in n_per_layer:
+                raise ConfigError(f"n_per_layer has no entry for layer {layer!r}")
+            n = n_per_layer[layer]
+        else:
+            n = n_per_layer
+        if not _is_int(n) or n < 0:
+            raise ConfigError(f"faults per layer must be an integer >= 0 or 'all', got {n!r}")
+        if n >= sum(sizes):
+            split = sizes
+        elif allocation == "proportional":
+            split = _proportional(n, sizes)
+        else:
+            split = _equal(n, sizes)
+        for (field_name, _), k in zip(fields, split):
+            counts[(layer, field_name)] = k
+    return [Stratum(layer, f, size, counts[(layer, f)]) for (layer, f), size in strata_sizes.items()]
+
+
+def n_from_plan(plan: CampaignPlan, layer_population: int) -> int:
+    """Faults for one layer whose fault space has layer_population (element, bit) pairs.
+
+    An int n is capped at the population, "all" is the population, and None uses
+    sample_size(confidence, margin, population).
+    """
+    if not _is_int(layer_population) or layer_population < 0:
+        raise ConfigError(f"layer_population must be an integer >= 0, got {layer_population!r}")
+    if plan.n == "all":
+        return layer_population
+    if plan.n is None:
+        return sample_size(plan.confidence, plan.margin, population=layer_population)
+    return min(plan.n, layer_population)
+
+
+def plan_strata(plan: CampaignPlan, strata_sizes: Mapping[tuple[str, str], int]) -> list[Stratum]:
+    """allocate() with each layer's n taken from the plan and its fault-space size."""
+    population: dict[str, int] = {}
+    for (layer, _), size in strata_sizes.items():
+        population[layer] = population.get(layer, 0) + size
+    n_per_layer = {layer: n_from_plan(plan, size) for layer, size in population.items()}
+    return allocate(strata_sizes, n_per_layer, plan.allocation)

@@ -1,0 +1,173 @@
+"""Campaign plans: validation, JSON round trips, fingerprints and fault-budget allocation."""
+
+import dataclasses
+import hashlib
+
+import pytest
+
+from flipsafe.campaign import CampaignPlan, Stratum, allocate, n_from_plan, plan_strata
+from flipsafe.errors import CampaignError, ConfigError
+
+
+def _plan(**changes):
+    fields = {"model": "runs/a", "model_sha": "abc123", "dataset": "cifar10", "format": "fp16",
+              "n": 100, "seed": 3}
+    return CampaignPlan(**{**fields, **changes})
+
+
+def test_defaults():
+    plan = CampaignPlan(model="m", model_sha="s", dataset="d", format="fp32")
+    assert (plan.images, plan.site, plan.fault, plan.layers) == (
+        "correct", "activations", "bitflip", "all"
+    )
+    assert (plan.n, plan.confidence, plan.margin, plan.clamp) == (None, 0.99, 0.01, "none")
+    assert (plan.allocation, plan.part_size, plan.seed) == ("proportional", 4096, 0)
+
+
+@pytest.mark.parametrize(
+    "changes, listed",
+    [
+        ({"fault": "flip"}, "bitflip, bitflip2, burst2, stuck0, stuck1, random, zero"),
+        ({"site": "inputs"}, "activations, weights, metadata"),
+        ({"images": "some"}, "correct, all"),
+        ({"clamp": "relu"}, "none, profiled, goldeneye"),
+        ({"allocation": "random"}, "proportional, equal"),
+    ],
+)
+def test_bad_choices_list_the_valid_ones(changes, listed):
+    with pytest.raises(ConfigError, match=listed):
+        _plan(**changes)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"layers": "conv[1"}, "does not compile"),
+        ({"n": 0}, "positive integer"),
+        ({"n": True}, "positive integer"),
+        ({"n": "most"}, "positive integer"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"margin": 0}, "margin"),
+        ({"n": None, "margin": None}, "both are None"),
+        ({"part_size": 0}, "part_size"),
+        ({"seed": 1.5}, "seed"),
+        ({"model_sha": ""}, "model_sha"),
+    ],
+)
+def test_bad_values(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        _plan(**changes)
+
+
+def test_accepts_regex_all_and_none():
+    assert _plan(layers=r"^layer\d+\.conv").layers == r"^layer\d+\.conv"
+    assert _plan(n="all").n == "all"
+    assert _plan(n=None).n is None
+
+
+def test_json_round_trip():
+    plan = _plan(layers="last", fault="stuck1", margin=None, clamp="profiled")
+    again = CampaignPlan.from_json(plan.to_json())
+    assert again == plan
+
+
+def test_from_json_rejects_unknown_and_missing_fields():
+    data = _plan().to_dict()
+    with pytest.raises(CampaignError, match="unknown field.*colour"):
+        CampaignPlan.from_dict({**data, "colour": "red"})
+    del data["dataset"]
+    with pytest.raises(CampaignError, match="incomplete"):
+        CampaignPlan.from_dict(data)
+    with pytest.raises(CampaignError, match="not valid JSON"):
+        CampaignPlan.from_json("{nope")
+    with pytest.raises(CampaignError, match="version 2"):
+        CampaignPlan.from_dict({**_plan().to_dict(), "version": 2})
+
+
+def test_fingerprint_is_sha256_of_canonical_json_without_the_path():
+    # Written out by hand: sorted keys, no spaces, every field but "model".
+    canonical = (
+        '{"allocation":"proportional","clamp":"none","confidence":0.99,"dataset":"cifar10",'
+        '"fault":"bitflip","format":"fp16","images":"correct","layers":"all","margin":0.01,'
+        '"model_sha":"abc123","n":100,"part_size":4096,"seed":3,"site":"activations",'
+        '"version":1}'
+    )
+    assert _plan().fingerprint() == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_fingerprint_ignores_the_checkpoint_path_only():
+    base = _plan()
+    assert _plan(model="/moved/elsewhere").fingerprint() == base.fingerprint()
+    for name, value in [("model_sha", "def456"), ("seed", 4), ("format", "bf16"),
+                        ("part_size", 1024), ("fault", "zero"), ("n", "all")]:
+        other = dataclasses.replace(base, **{name: value})
+        assert other.fingerprint() != base.fingerprint(), name
+        assert base.differing_fields(other) == [name]
+
+
+def test_proportional_allocation_largest_remainder():
+    # fp32 over 100 elements: sign 100, exponent 800, mantissa 2300 pairs (total 3200).
+    # n = 385: quotas 12.03, 96.25, 276.72 -> floors 12, 96, 276 (384); the one left goes
+    # to the largest remainder (mantissa) -> 12, 96, 277.
+    sizes = {("conv1", "sign"): 100, ("conv1", "exponent"): 800, ("conv1", "mantissa"): 2300}
+    strata = allocate(sizes, 385, "proportional")
+    assert strata == [
+        Stratum("conv1", "sign", 100, 12),
+        Stratum("conv1", "exponent", 800, 96),
+        Stratum("conv1", "mantissa", 2300, 277),
+    ]
+
+
+def test_proportional_gives_every_field_one_when_n_allows():
+    sizes = {("fc", "sign"): 1, ("fc", "exponent"): 8, ("fc", "mantissa"): 23}
+    # n = 3: quotas 0.09, 0.75, 2.16 -> 0, 1, 2; sign is non-empty so it takes one from
+    # the largest share (mantissa) -> 1, 1, 1.
+    assert [s.n for s in allocate(sizes, 3)] == [1, 1, 1]
+    # n = 2 < 3 fields: plain largest remainder, quotas 0.06, 0.5, 1.44 -> 0, 1, 1.
+    assert [s.n for s in allocate(sizes, 2)] == [0, 1, 1]
+
+
+def test_equal_allocation_and_capping():
+    sizes = {("l", "sign"): 200, ("l", "exponent"): 800, ("l", "mantissa"): 2300}
+    # 385 = 3 * 128 + 1; the spare one goes to the first field.
+    assert [s.n for s in allocate(sizes, 385, "equal")] == [129, 128, 128]
+    # Sign has only 10 (or 100) pairs, under its share of 128: it is taken whole and the
+    # rest shared, 375 -> 188 / 187 (285 -> 143 / 142).
+    small = {("l", "sign"): 10, ("l", "exponent"): 800, ("l", "mantissa"): 2300}
+    assert [s.n for s in allocate(small, 385, "equal")] == [10, 188, 187]
+    small[("l", "sign")] = 100
+    assert [s.n for s in allocate(small, 385, "equal")] == [100, 143, 142]
+
+
+def test_allocation_edges():
+    sizes = {("a", "sign"): 4, ("a", "magnitude"): 28, ("b", "sign"): 0, ("b", "magnitude"): 7}
+    # Per-layer budgets; b's empty sign field gets nothing; n above the space is exhaustive.
+    strata = allocate(sizes, {"a": 8, "b": 50})
+    assert [(s.layer, s.field, s.n) for s in strata] == [
+        ("a", "sign", 1), ("a", "magnitude", 7), ("b", "sign", 0), ("b", "magnitude", 7)
+    ]
+    assert [s.n for s in allocate(sizes, "all", "equal")] == [4, 28, 0, 7]
+    # One fault between two equal fields goes to the first.
+    assert [s.n for s in allocate({("x", "p"): 5, ("x", "q"): 5}, 1)] == [1, 0]
+    with pytest.raises(ConfigError, match="no entry for layer 'b'"):
+        allocate(sizes, {"a": 8})
+    with pytest.raises(ConfigError, match="proportional, equal"):
+        allocate(sizes, 8, "random")
+
+
+def test_n_from_plan():
+    # N = 3200, 99 %, +-1 %: 3200 / (1 + 0.0001 * 3199 / 1.658724) = 2682.6 -> 2683.
+    assert n_from_plan(_plan(n=None), 3200) == 2683
+    assert n_from_plan(_plan(n=500), 300) == 300
+    assert n_from_plan(_plan(n=500), 3000) == 500
+    assert n_from_plan(_plan(n="all"), 3200) == 3200
+
+
+def test_plan_strata_sizes_each_layer_from_its_own_space():
+    sizes = {("a", "sign"): 100, ("a", "exponent"): 800, ("a", "mantissa"): 2300,
+             ("b", "sign"): 2, ("b", "exponent"): 16, ("b", "mantissa"): 46}
+    strata = plan_strata(_plan(n=None), sizes)
+    # Layer a as in test_n_from_plan: 2683 = 83.84 + 670.75 + 1928.41 -> 84, 671, 1928
+    # (floors 83, 670, 1928 leave 2: to sign .84 and exponent .75).
+    # Layer b (64 pairs): 64 / (1 + 0.0001 * 63 / 1.658724) = 63.76 -> 64, exhaustive.
+    assert [s.n for s in strata] == [84, 671, 1928, 2, 16, 46]
