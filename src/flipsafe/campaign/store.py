@@ -1,0 +1,355 @@
+"""A campaign results folder: plan, manifest and checksummed Parquet parts, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flipsafe.campaign.plan import CampaignPlan
+from flipsafe.errors import CampaignError
+
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("fault_id", pa.int64(), nullable=False),
+        pa.field("layer", pa.string(), nullable=False),
+        pa.field("field", pa.string(), nullable=False),
+        pa.field("site", pa.string(), nullable=False),
+        pa.field("param", pa.string(), nullable=False),  # output, weight, bias or meta
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("bits", pa.list_(pa.int16()), nullable=False),
+        pa.field("fault_model", pa.string(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("golden_top1", pa.int32(), nullable=False),
+        pa.field("faulty_top1", pa.int32(), nullable=False),
+        pa.field("sdc", pa.bool_(), nullable=False),
+        pa.field("due", pa.bool_(), nullable=False),
+        pa.field("nonfinite", pa.bool_(), nullable=False),
+        pa.field("golden_loss", pa.float64(), nullable=False),
+        pa.field("faulty_loss", pa.float64(), nullable=False),
+        pa.field("delta_loss", pa.float64(), nullable=False),
+        pa.field("golden_top2diff", pa.float64(), nullable=False),
+        pa.field("faulty_top2diff", pa.float64(), nullable=False),
+    ]
+)
+
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+PARTS_DIR = "parts"
+_PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
+_META_ROWS = b"flipsafe.rows"
+_META_FINGERPRINT = b"flipsafe.fingerprint"
+_META_PART = b"flipsafe.part"
+_META_CHECKSUM = b"flipsafe.checksum"
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(binary file) on a temp file next to path, fsync it, then rename over path."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def content_checksum(table: pa.Table) -> str:
+    """sha256 over a table's column names and values, independent of how it is chunked."""
+    h = hashlib.sha256()
+    for name, column in zip(table.column_names, table.columns):
+        h.update(name.encode("utf-8") + b"\0")
+        arr = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+        if pa.types.is_list(arr.type):
+            # Lengths keep [1, 2], [3] apart from [1], [2, 3].
+            h.update(arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+            arr = arr.flatten()
+        if pa.types.is_string(arr.type):
+            values = arr.to_pylist()
+            h.update(np.array([len(v.encode("utf-8")) for v in values], np.int64).tobytes())
+            h.update("".join(values).encode("utf-8"))
+        else:
+            h.update(np.ascontiguousarray(arr.to_numpy(zero_copy_only=False)).tobytes())
+    return h.hexdigest()
+
+
+class ResultsStore:
+    """Results of one campaign in out_dir: plan.json, manifest.json and parts/part-NNNNNN.parquet.
+
+    Part k holds rows [k * part_size, (k + 1) * part_size) of the campaign's total_rows;
+    the runner decides which faults those are. Parts are written whole or not at all.
+    """
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.parts_dir = self.out_dir / PARTS_DIR
+        self.plan: CampaignPlan | None = None
+        self.total_rows: int | None = None
+
+    # -- opening -------------------------------------------------------------
+
+    def _read_plan(self) -> CampaignPlan:
+        path = self.out_dir / PLAN_FILE
+        try:
+            return CampaignPlan.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, CampaignError, ValueError) as exc:
+            raise CampaignError(
+                f"{path} cannot be used ({exc}); choose another --out or remove that folder"
+            ) from None
+
+    def _read_manifest(self) -> dict | None:
+        path = self.out_dir / MANIFEST_FILE
+        if not path.exists():
+            return None
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            manifest = exc
+        if not (
+            isinstance(manifest, dict)
+            and isinstance(manifest.get("total_rows"), int)
+            and isinstance(manifest.get("fingerprint"), str)
+        ):
+            raise CampaignError(
+                f"{path} is damaged ({manifest}); choose another --out or remove that folder"
+            )
+        return manifest
+
+    def _write_manifest(self, plan: CampaignPlan, total_rows: int) -> None:
+        manifest = {
+            "fingerprint": plan.fingerprint(),
+            "total_rows": total_rows,
+            "part_size": plan.part_size,
+            "parts": self._n_parts(total_rows, plan.part_size),
+        }
+        _atomic_write_text(self.out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+
+    def create_or_resume(self, plan: CampaignPlan, total_rows: int) -> bool:
+        """Start a campaign in out_dir, or resume the same one; returns True when resuming.
+
+        A folder holding a different plan (other fingerprint) is refused with the
+        differing fields named. total_rows is the number of outcome rows the whole
+        campaign will produce; on resume it must match what was recorded.
+        """
+        if isinstance(total_rows, bool) or not isinstance(total_rows, int) or total_rows < 0:
+            raise CampaignError(f"total_rows must be an integer >= 0, got {total_rows!r}")
+        plan_path = self.out_dir / PLAN_FILE
+        if plan_path.exists():
+            existing = self._read_plan()
+            if existing.fingerprint() != plan.fingerprint():
+                diffs = ", ".join(
+                    f"{name} ({getattr(existing, name)!r} there, {getattr(plan, name)!r} now)"
+                    for name in existing.differing_fields(plan)
+                )
+                raise CampaignError(
+                    f"{self.out_dir} holds a different campaign: {diffs}; choose another --out "
+                    "to start a new campaign, or rerun with the same settings to resume"
+                )
+            manifest = self._read_manifest()
+            if manifest is None:
+                self._write_manifest(plan, total_rows)
+            elif manifest["fingerprint"] != plan.fingerprint():
+                raise CampaignError(
+                    f"{self.out_dir / MANIFEST_FILE} belongs to another plan than {plan_path}; "
+                    "the folder was altered, so choose another --out"
+                )
+            elif manifest["total_rows"] != total_rows:
+                raise CampaignError(
+                    f"{self.out_dir} was started for {manifest['total_rows']} result rows but "
+                    f"this run expects {total_rows} with the same plan; the model or dataset "
+                    "must have changed, so choose another --out"
+                )
+            self.plan, self.total_rows = plan, total_rows
+            self.parts_dir.mkdir(exist_ok=True)
+            self._remove_stale_temps()
+            return True
+        if self.parts_dir.exists() and any(self.parts_dir.iterdir()):
+            raise CampaignError(
+                f"{self.parts_dir} has files but {plan_path} is missing, so they cannot be "
+                "checked; choose another --out or remove that folder"
+            )
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        # The manifest goes first: plan.json is what marks the folder as a campaign.
+        self._write_manifest(plan, total_rows)
+        _atomic_write_text(plan_path, plan.to_json())
+        self.plan, self.total_rows = plan, total_rows
+        return False
+
+    def open(self) -> CampaignPlan:
+        """Open an existing campaign folder for reading, without a plan to compare against."""
+        if not (self.out_dir / PLAN_FILE).exists():
+            raise CampaignError(
+                f"{self.out_dir} has no {PLAN_FILE}; point at a folder a campaign wrote"
+            )
+        plan = self._read_plan()
+        manifest = self._read_manifest()
+        if manifest is None or manifest["fingerprint"] != plan.fingerprint():
+            raise CampaignError(
+                f"{self.out_dir / MANIFEST_FILE} is missing or belongs to another plan; "
+                "resume the campaign with its original settings to rebuild it"
+            )
+        self.plan, self.total_rows = plan, int(manifest["total_rows"])
+        return plan
+
+    def _remove_stale_temps(self) -> None:
+        # Left by a writer killed before its rename; incomplete by construction.
+        for path in self.parts_dir.glob(".part-*.tmp-*"):
+            path.unlink(missing_ok=True)
+
+    # -- parts ---------------------------------------------------------------
+
+    def _require_open(self) -> CampaignPlan:
+        if self.plan is None:
+            raise CampaignError("results store is not open; call create_or_resume() or open()")
+        return self.plan
+
+    @staticmethod
+    def _n_parts(total_rows: int, part_size: int) -> int:
+        return math.ceil(total_rows / part_size)
+
+    @property
+    def n_parts(self) -> int:
+        plan = self._require_open()
+        return self._n_parts(self.total_rows, plan.part_size)
+
+    def expected_rows(self, k: int) -> int:
+        """Rows part k must hold: part_size, except the last part which takes the rest."""
+        plan = self._require_open()
+        if not 0 <= k < self.n_parts:
+            raise CampaignError(f"part {k} is out of range; this campaign has {self.n_parts}")
+        return min(plan.part_size, self.total_rows - k * plan.part_size)
+
+    def part_path(self, k: int) -> Path:
+        return self.parts_dir / f"part-{k:06d}.parquet"
+
+    def write_part(self, k: int, table: pa.Table) -> Path:
+        """Write part k atomically, with rows, plan fingerprint, part id and checksum attached."""
+        plan = self._require_open()
+        expected = self.expected_rows(k)
+        table = self._conform(table)
+        if table.num_rows != expected:
+            raise CampaignError(f"part {k} must have {expected} rows, got {table.num_rows}")
+        metadata = {
+            _META_ROWS: str(table.num_rows).encode(),
+            _META_FINGERPRINT: plan.fingerprint().encode(),
+            _META_PART: str(k).encode(),
+            _META_CHECKSUM: content_checksum(table).encode(),
+        }
+        table = table.replace_schema_metadata(metadata)
+        path = self.part_path(k)
+        _atomic_write(path, lambda f: pq.write_table(table, f, write_page_checksum=True))
+        return path
+
+    @staticmethod
+    def _conform(table: pa.Table) -> pa.Table:
+        names = set(table.column_names)
+        missing = [f.name for f in ROW_SCHEMA if f.name not in names]
+        extra = sorted(names - set(ROW_SCHEMA.names))
+        if missing or extra:
+            raise CampaignError(
+                f"rows do not match ROW_SCHEMA: missing {missing or 'none'}, "
+                f"unexpected {extra or 'none'}"
+            )
+        table = table.select(ROW_SCHEMA.names)
+        with_nulls = [name for name in ROW_SCHEMA.names if table[name].null_count]
+        if with_nulls:
+            raise CampaignError(
+                f"columns {', '.join(with_nulls)} have missing values; use NaN for undefined "
+                "floats and -1 for undefined classes"
+            )
+        try:
+            return table.cast(ROW_SCHEMA)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise CampaignError(f"rows cannot be converted to ROW_SCHEMA: {exc}") from None
+
+    def _load_valid(self, k: int, path: Path) -> pa.Table | None:
+        """Part k as a table if it is complete and belongs to this plan, else None."""
+        try:
+            table = pq.read_table(path, page_checksum_verification=True)
+            meta = table.schema.metadata or {}
+            ok = (
+                k < self.n_parts
+                and meta.get(_META_FINGERPRINT) == self.plan.fingerprint().encode()
+                and meta.get(_META_PART) == str(k).encode()
+                and meta.get(_META_ROWS) == str(table.num_rows).encode()
+                and table.num_rows == self.expected_rows(k)
+                and table.schema.names == ROW_SCHEMA.names
+            )
+            # Parquet may rename the list child ("item" -> "element"); the cast undoes it.
+            table = table.replace_schema_metadata(None).cast(ROW_SCHEMA)
+            if ok and meta.get(_META_CHECKSUM) == content_checksum(table).encode():
+                return table
+        except (OSError, pa.ArrowException):
+            pass
+        return None
+
+    def _move_aside(self, path: Path) -> Path:
+        # Never delete results: a bad part keeps its bytes under a name the loader skips.
+        i = 0
+        while (target := self.parts_dir / f"corrupt-{path.stem}-{i}{path.suffix}").exists():
+            i += 1
+        os.replace(path, target)
+        return target
+
+    def _valid_parts(self) -> dict[int, tuple[Path, pa.Table]]:
+        self._require_open()
+        valid = {}
+        for path in sorted(self.parts_dir.glob("part-*.parquet")):
+            match = _PART_NAME.match(path.name)
+            k = int(match.group(1)) if match else -1
+            table = self._load_valid(k, path) if k >= 0 else None
+            if table is None:
+                self._move_aside(path)
+            else:
+                valid[k] = (path, table)
+        return valid
+
+    def completed_parts(self) -> set[int]:
+        """Ids of the parts on disk that are whole and belong to this plan.
+
+        Any other part file (truncated, corrupt, wrong row count, another plan's) is
+        moved to parts/corrupt-<name>-<i>.parquet and so counts as not done.
+        """
+        return set(self._valid_parts())
+
+    def missing_parts(self) -> list[int]:
+        """Part ids still to be written, in order."""
+        done = self.completed_parts()
+        return [k for k in range(self.n_parts) if k not in done]
+
+    def read(self) -> pa.Table:
+        """All valid parts as one table with ROW_SCHEMA, sorted by fault_id."""
+        tables = [table for _, (_, table) in sorted(self._valid_parts().items())]
+        if not tables:
+            return ROW_SCHEMA.empty_table()
+        return pa.concat_tables(tables).sort_by("fault_id").combine_chunks()
