@@ -349,7 +349,8 @@ def summarise(
 ) -> Summary:
     """Summarise campaign rows (a pyarrow Table or a dict of columns) per group.
 
-    Needs the columns in `by` plus sdc (bool), due (bool) and delta_loss (float).
+    Needs the columns in `by` (without missing values) plus sdc (bool), due (bool) and
+    delta_loss (float). Groups come in order of first appearance.
     Rates get Wilson intervals; delta-loss gets a t interval over its finite values.
     """
     _check_confidence(confidence)
