@@ -171,3 +171,18 @@ def test_plan_strata_sizes_each_layer_from_its_own_space():
     # (floors 83, 670, 1928 leave 2: to sign .84 and exponent .75).
     # Layer b (64 pairs): 64 / (1 + 0.0001 * 63 / 1.658724) = 63.76 -> 64, exhaustive.
     assert [s.n for s in strata] == [84, 671, 1928, 2, 16, 46]
+
+
+def test_plan_uses_published_t_values_for_large_strata():
+    # Leveugle et al. tables: t = 2.576 at 99 % and 1.960 at 95 %, p = 0.5.
+    # 2.576^2 * 0.25 / 0.01^2 = 16589.44 -> 16,590 for an effectively infinite N;
+    # N = 10^9 changes it by less than one.
+    from flipsafe.campaign.plan import CampaignPlan, n_from_plan
+
+    def plan(confidence, margin):
+        return CampaignPlan(model="m", model_sha="x", dataset="digits", format="fp32",
+                            confidence=confidence, margin=margin)
+
+    assert n_from_plan(plan(0.99, 0.01), 10**9) == 16590
+    assert n_from_plan(plan(0.95, 0.01), 10**9) == 9604
+    assert n_from_plan(plan(0.95, 0.05), 10**9) == 385
