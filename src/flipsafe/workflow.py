@@ -52,15 +52,10 @@ def class_embeddings_for(head: HeadSpec, dataset_spec: str, classes: list[str]):
     if head.source == "minilm":
         family = dataset_family(dataset_spec)
         if family:
-            descriptions = tg.bundled_descriptions(family)
-            source = f"bundled:{family}"
+            descriptions = tg.bundled_descriptions(family, classes)
         else:
             descriptions = tg.template_descriptions(classes)
-            source = "template"
-        descriptions = {c: descriptions[_match_class(c, descriptions)] for c in classes}
-        emb = tg.encode_classes(descriptions, tg.get_encoder("minilm"))
-        emb.provenance.setdefault("descriptions", source)
-        return emb
+        return tg.encode_classes(descriptions, tg.get_encoder("minilm"))
     path = Path(head.source)
     if not path.is_file():
         raise DataError(
