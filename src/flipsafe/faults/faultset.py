@@ -1,0 +1,128 @@
+"""FaultSet: a columnar batch of faults (where, which bits, how, on which image)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flipsafe.errors import ConfigError, unknown
+from flipsafe.faults.models import FLIP, OPS, mask_bits
+
+# What a fault corrupts in its layer: the output (activation) element `index`, the weight
+# or bias element `index`, or metadata code `index` of the output ("meta") or of the
+# weight ("weight_meta"), which corrupts every element that code scales.
+PARAMS = ("output", "weight", "bias", "meta", "weight_meta")
+
+_COLUMNS = ("layer", "param", "index", "mask", "op", "value", "image")
+
+
+def _column(value, name: str) -> torch.Tensor:
+    t = torch.as_tensor(value)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ConfigError(f"FaultSet.{name} must hold integers, got {t.dtype}")
+    return t.to(torch.int64).reshape(-1)
+
+
+def _param_codes(param) -> torch.Tensor:
+    if isinstance(param, torch.Tensor):
+        return _column(param, "param")
+    names = [param] if isinstance(param, str) else list(param)
+    bad = [p for p in names if p not in PARAMS]
+    if bad:
+        raise unknown("fault parameter", str(bad[0]), PARAMS)
+    return _column([PARAMS.index(p) for p in names], "param")
+
+
+@dataclass
+class FaultSet:
+    """Faults as int64 columns of equal length n.
+
+    - `layers`: layer names (as in `named_modules()`); `layer[i]` indexes this list;
+    - `param[i]`: index into PARAMS (built from a name, or one name per fault);
+    - `index[i]`: flat index into the corrupted tensor: one image's output (batch dim
+      excluded), the weight or bias, or the metadata tensor of the output or weight;
+    - `mask[i]`: bit mask (bit 0 = LSB of the format code), `op[i]`: op code (faults.OPS),
+      `value[i]`: replacement bits for non-flip ops;
+    - `image[i]`: position of the image in the batch given to the engine.
+    Scalars broadcast to n.
+    """
+
+    layers: list[str]
+    layer: torch.Tensor
+    index: torch.Tensor
+    mask: torch.Tensor
+    op: torch.Tensor | int = FLIP
+    value: torch.Tensor | int = 0
+    image: torch.Tensor | int = 0
+    param: torch.Tensor | str | Sequence[str] = "output"
+    _n: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self):
+        self.layers = [str(x) for x in ([self.layers] if isinstance(self.layers, str)
+                                        else self.layers)]
+        cols = {c: _param_codes(self.param) if c == "param" else _column(getattr(self, c), c)
+                for c in _COLUMNS}
+        lengths = {t.numel() for t in cols.values()} - {1}
+        if len(lengths) > 1:
+            listed = ", ".join(f"{c}={t.numel()}" for c, t in cols.items())
+            raise ConfigError(f"FaultSet columns must have equal lengths (or length 1); "
+                              f"got {listed}")
+        n = lengths.pop() if lengths else 1
+        for c, t in cols.items():
+            setattr(self, c, t.expand(n).clone() if t.numel() != n else t)
+        self._n = n
+        for c, limit, names in (("layer", len(self.layers), self.layers),
+                                ("param", len(PARAMS), PARAMS), ("op", len(OPS), OPS)):
+            col = getattr(self, c)
+            if n and (int(col.min()) < 0 or int(col.max()) >= limit):
+                raise ConfigError(f"FaultSet.{c} must be in 0..{limit - 1} (indexing "
+                                  f"{list(names)}), got values {col.min()}..{col.max()}")
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def param_names(self) -> list[str]:
+        return [PARAMS[i] for i in self.param.tolist()]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [self.layers[i] for i in self.layer.tolist()]
+
+    def bits(self) -> list[list[int]]:
+        """Bit positions of each fault's mask."""
+        return mask_bits(self.mask)
+
+    def select(self, idx) -> FaultSet:
+        """The faults at positions idx (a slice, index tensor or boolean mask)."""
+        cols = {c: getattr(self, c)[idx] for c in _COLUMNS}
+        return FaultSet(self.layers, **cols)
+
+    @staticmethod
+    def cat(sets: Sequence[FaultSet]) -> FaultSet:
+        """Concatenate fault sets, merging their layer lists."""
+        names: list[str] = []
+        for s in sets:
+            names += [x for x in s.layers if x not in names]
+        cols = {c: [] for c in _COLUMNS}
+        for s in sets:
+            remap = torch.tensor([names.index(x) for x in s.layers] or [0], dtype=torch.int64)
+            for c in _COLUMNS:
+                cols[c].append(remap[s.layer] if c == "layer" else getattr(s, c))
+        empty = torch.zeros(0, dtype=torch.int64)
+        return FaultSet(names, **{c: torch.cat(v) if v else empty for c, v in cols.items()})
+
+    def to_dict(self) -> dict:
+        """Plain columns (numpy arrays, layer and param names, bit lists) for storage."""
+        return {
+            "layer": self.layer_names,
+            "param": self.param_names,
+            "index": self.index.numpy(),
+            "bits": self.bits(),
+            "mask": self.mask.numpy(),
+            "op": [OPS[i] for i in self.op.tolist()],
+            "value": self.value.numpy(),
+            "image": self.image.numpy(),
+        }

@@ -1,0 +1,281 @@
+"""torch.fx programs: golden runs that cache node values, and suffix runs after one node."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+_INPLACE_FUNCS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+    operator.iand: operator.and_, operator.ior: operator.or_, operator.ixor: operator.xor,
+}
+
+# Nodes a one-element change passes through position by position (per channel at most),
+# so the change can be followed on a small slice to see whether it dies out.
+_POINTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.Softplus,
+)
+_POINTWISE_FUNCS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+    torch.mul, torch.div, F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardtanh,
+    F.leaky_relu, torch.sigmoid, torch.tanh, F.hardswish, F.elu, F.dropout,
+}
+
+
+class TraceError(Exception):
+    """The model cannot run as a suffix program (the engine falls back to hooks)."""
+
+
+def _tensors_in(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
+
+
+def _gather(value, idx):
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, idx)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_gather(v, idx) for v in value)
+    return value
+
+
+def trace(model: nn.Module) -> fx.Graph:
+    """Trace model (modules of torch.nn stay leaves) with in-place ops made out-of-place,
+    so cached values are never overwritten later in the same run."""
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # any tracing failure means "use hooks instead"
+        raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {exc}") from exc
+    for node in graph.nodes:
+        if node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+        if node.op == "call_function":
+            if node.target in _INPLACE_FUNCS:
+                node.target = _INPLACE_FUNCS[node.target]
+            name = getattr(node.target, "__name__", "")
+            if name.endswith("_") and not name.startswith("_"):
+                twin = getattr(torch, name[:-1], None) or getattr(F, name[:-1], None)
+                if twin is None:
+                    raise TraceError(f"in-place function {name} has no out-of-place twin")
+                node.target = twin
+        elif node.op == "call_method":
+            name = node.target
+            if name.endswith("_") and not name.startswith("_"):
+                if not hasattr(torch.Tensor, name[:-1]):
+                    raise TraceError(f"in-place method {name} has no out-of-place twin")
+                node.target = name[:-1]
+    return graph
+
+
+@dataclass
+class Plan:
+    """What a run starting after `start` executes and which cached values it reads."""
+
+    start: fx.Node
+    steps: list  # (node, callable(env)) in graph order
+    gathered: list  # batch-dependent values read from the golden cache, gathered per image
+    constants: list  # values that do not depend on the images
+    dead: bool  # the output does not depend on the start node
+    chain: list = field(default_factory=list)  # pointwise nodes right after start
+
+
+class Program:
+    """A traced model run node by node.
+
+    `quantize` maps module names to functions applied to their outputs (format emulation).
+    A probe run fixes which values depend on the batch and checks they are batch-first.
+    """
+
+    def __init__(self, model: nn.Module, quantize: dict):
+        self.model = model
+        self.graph = trace(model)
+        self.nodes = list(self.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.quantize = quantize
+        self.modules = dict(model.named_modules())
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(self.placeholders) < 1:
+            raise TraceError("the traced model takes no input")
+        self.output = next(n for n in self.nodes if n.op == "output")
+        self.batch_dep = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in self.batch_dep for a in n.all_input_nodes):
+                self.batch_dep.add(n)
+        self.module_nodes: dict[str, list[fx.Node]] = {}
+        for n in self.nodes:
+            if n.op == "call_module":
+                self.module_nodes.setdefault(n.target, []).append(n)
+        self._fns = {n: self._compile(n) for n in self.nodes}
+        self._plans: dict = {}
+        self.is_tensor: dict = {}
+        self.probed = False
+
+    # -- execution ---------------------------------------------------------------------
+
+    def _compile(self, node: fx.Node):
+        load = fx.node.map_arg
+        args, kwargs = node.args, node.kwargs
+        if node.op == "call_module":
+            mod = self.modules[node.target]
+            q = self.quantize.get(node.target)
+            if q is None:
+                return lambda env: mod(*load(args, env.__getitem__), **load(kwargs, env.__getitem__))
+            return lambda env: q(mod(*load(args, env.__getitem__), **load(kwargs, env.__getitem__)))
+        if node.op == "call_function":
+            fn = node.target
+            return lambda env: fn(*load(args, env.__getitem__), **load(kwargs, env.__getitem__))
+        if node.op == "call_method":
+            name = node.target
+
+            def call(env):
+                self_obj, *rest = load(args, env.__getitem__)
+                return getattr(self_obj, name)(*rest, **load(kwargs, env.__getitem__))
+            return call
+        if node.op == "get_attr":
+            target = node.target
+
+            def fetch(env):
+                obj = self.model
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+                return obj
+            return fetch
+        if node.op == "output":
+            return lambda env: load(args[0], env.__getitem__)
+        return None
+
+    def run_raw(self, node: fx.Node, env: dict):
+        """A call_module node's output before format emulation."""
+        mod = self.modules[node.target]
+        load = fx.node.map_arg
+        return mod(*load(node.args, env.__getitem__), **load(node.kwargs, env.__getitem__))
+
+    def probe(self, x: torch.Tensor):
+        """Run once on a batch of 3 copies of one image: record tensor-ness of every value and
+        check that every batch-dependent tensor is batch-first."""
+        x3 = x[:1].expand(3, *x.shape[1:]).contiguous()
+        env = {self.placeholders[0]: x3}
+        for n in self.placeholders[1:]:
+            env[n] = n.args[0] if n.args else None
+        for n in self.nodes[len(self.placeholders):]:
+            value = self._fns[n](env)
+            env[n] = value
+            tensors = _tensors_in(value)
+            self.is_tensor[n] = bool(tensors)
+            if n in self.batch_dep and tensors:
+                if not isinstance(value, (torch.Tensor, tuple, list)):
+                    raise TraceError(f"value {n.name} holds tensors in a {type(value).__name__}")
+                if any(t.dim() == 0 or t.shape[0] != 3 for t in tensors):
+                    raise TraceError(f"value {n.name} is not batch-first")
+        out = env[self.output]
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise TraceError("the model output is not a [batch, classes] tensor")
+        self.probed = True
+        return env
+
+    def run(self, x: torch.Tensor, keep=(), keep_raw=()):
+        """Full run; returns (logits, {node: value} for keep, {node: raw output} for keep_raw)."""
+        env = {self.placeholders[0]: x}
+        for n in self.placeholders[1:]:
+            env[n] = n.args[0] if n.args else None
+        cache, raw = {}, {}
+        for n in self.nodes[len(self.placeholders):]:
+            if n in keep_raw:
+                r = self.run_raw(n, env)
+                raw[n] = r
+                q = self.quantize.get(n.target)
+                env[n] = q(r) if q is not None else r
+            else:
+                env[n] = self._fns[n](env)
+            if n in keep:
+                cache[n] = env[n]
+        return env[self.output], cache, raw
+
+    # -- suffix plans --------------------------------------------------------------------
+
+    def plan(self, start: fx.Node) -> Plan:
+        if start in self._plans:
+            return self._plans[start]
+        down = {start}
+        for n in self.nodes[self.order[start] + 1:]:
+            if any(a in down for a in n.all_input_nodes):
+                down.add(n)
+        down.discard(start)
+        # Batch-dependent non-tensor values (sizes) are recomputed for the gathered batch.
+        execute = set(down)
+        stack = list(down)
+        while stack:
+            n = stack.pop()
+            for a in n.all_input_nodes:
+                if (a not in execute and a is not start and a in self.batch_dep
+                        and a.op != "placeholder" and not self.is_tensor.get(a, True)):
+                    execute.add(a)
+                    stack.append(a)
+        gathered, constants = set(), set()
+        for n in execute:
+            for a in n.all_input_nodes:
+                if a is start or a in execute:
+                    continue
+                (gathered if a in self.batch_dep else constants).add(a)
+        steps = [(n, self._fns[n]) for n in self.nodes if n in execute]
+        plan = Plan(start, steps, sorted(gathered, key=self.order.get),
+                    sorted(constants, key=self.order.get), self.output not in down,
+                    self._chain(start))
+        self._plans[start] = plan
+        return plan
+
+    def _chain(self, start: fx.Node) -> list:
+        chain, node = [], start
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "output" or not self._pointwise(user, node):
+                break
+            chain.append(user)
+            node = user
+        return chain
+
+    def _pointwise(self, node: fx.Node, src: fx.Node) -> bool:
+        if node.kwargs and any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+            return False
+        if node.op == "call_module":
+            mod = self.modules[node.target]
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                ok = mod.running_mean is not None and not mod.training
+            else:
+                ok = isinstance(mod, _POINTWISE_MODULES) and not mod.training
+            return ok and node.args[:1] == (src,) and len(node.all_input_nodes) == 1
+        if node.op == "call_function" and node.target in _POINTWISE_FUNCS:
+            others = [a for a in node.all_input_nodes if a is not src]
+            # Other tensor operands must be batch values of the same shape (sliced alike).
+            return all(a in self.batch_dep and self.is_tensor.get(a, False) for a in others)
+        return False
+
+    def gather(self, cache: dict, nodes, idx):
+        return {n: _gather(cache[n], idx) for n in nodes}
+
+    def run_suffix(self, plan: Plan, start_value, env: dict):
+        """Execute plan's steps with env holding gathered/constant inputs; returns logits."""
+        env[plan.start] = start_value
+        for n, fn in plan.steps:
+            env[n] = fn(env)
+        return env[self.output]
+
+    def run_chain(self, plan: Plan, start_value, env: dict):
+        """Run the pointwise chain on slices (env holds the other operands, sliced alike);
+        returns the value at its last node."""
+        env = dict(env)
+        env[plan.start] = start_value
+        for n in plan.chain:
+            env[n] = self._fns[n](env)
+        return env[plan.chain[-1]]

@@ -1,0 +1,146 @@
+"""Per-injection outcomes from golden and faulty logits: top-1, SDC, DUE, loss, top2diff."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+FIELDS = ("golden_top1", "faulty_top1", "sdc", "due", "golden_loss", "faulty_loss",
+          "delta_loss", "golden_top2diff", "faulty_top2diff", "nonfinite")
+
+
+@dataclass
+class Outcomes:
+    """Outcome columns, one entry per injection (tensors of equal shape).
+
+    - golden/faulty_top1: argmax of the logits, NaN ignored (first index on ties; 0 if
+      every logit is NaN);
+    - sdc: the faulty top-1 differs from the golden top-1 and the run is not a DUE;
+    - due: some faulty logit is NaN or +-Inf (detectable, counted, never dropped);
+    - golden/faulty_loss: cross-entropy with the label (NaN/Inf when logits are);
+      delta_loss = |faulty - golden|;
+    - golden/faulty_top2diff: 100 * (softmax top-1 - top-2), NaN for non-finite logits;
+    - nonfinite: a corrupted value was NaN/Inf before any clamping.
+    """
+
+    golden_top1: torch.Tensor
+    faulty_top1: torch.Tensor
+    sdc: torch.Tensor
+    due: torch.Tensor
+    golden_loss: torch.Tensor
+    faulty_loss: torch.Tensor
+    delta_loss: torch.Tensor
+    golden_top2diff: torch.Tensor
+    faulty_top2diff: torch.Tensor
+    nonfinite: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.sdc.shape[0] if self.sdc.dim() else 1
+
+    def select(self, idx) -> Outcomes:
+        return Outcomes(**{f: getattr(self, f)[idx] for f in FIELDS})
+
+    def flatten(self) -> Outcomes:
+        """Every column broadcast to the common shape and flattened."""
+        shape = torch.broadcast_shapes(*(getattr(self, f).shape for f in FIELDS))
+        return Outcomes(**{f: getattr(self, f).expand(shape).reshape(-1) for f in FIELDS})
+
+    @staticmethod
+    def cat(parts) -> Outcomes:
+        return Outcomes(**{f: torch.cat([getattr(p, f) for p in parts]) for f in FIELDS})
+
+    def to(self, device) -> Outcomes:
+        return Outcomes(**{f: getattr(self, f).to(device) for f in FIELDS})
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        flat = self.flatten()
+        return {f: getattr(flat, f).cpu().numpy() for f in FIELDS}
+
+
+assert tuple(f.name for f in fields(Outcomes)) == FIELDS
+
+
+def top1(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax over the last dim with NaN ignored (torch.argmax would pick the NaN)."""
+    return torch.where(torch.isnan(logits), float("-inf"), logits).argmax(-1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy in float32; NaN or Inf logits give NaN or Inf, not an error."""
+    lse = torch.logsumexp(logits, -1)
+    return lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def top2diff(logits: torch.Tensor) -> torch.Tensor:
+    """100 * (largest - second largest softmax probability); NaN if any logit is not finite."""
+    if logits.shape[-1] < 2:
+        return torch.full(logits.shape[:-1], 100.0, device=logits.device)
+    p = torch.softmax(logits, -1).topk(2, -1).values
+    diff = (p[..., 0] - p[..., 1]) * 100.0
+    return torch.where(torch.isfinite(logits).all(-1), diff, float("nan"))
+
+
+@dataclass
+class GoldenOutcomes:
+    """Golden outcome columns for a batch of images (one entry per image)."""
+
+    top1: torch.Tensor
+    loss: torch.Tensor
+    top2diff: torch.Tensor
+    due: torch.Tensor
+
+    @staticmethod
+    def of(logits: torch.Tensor, labels: torch.Tensor) -> GoldenOutcomes:
+        logits = logits.float()
+        return GoldenOutcomes(top1(logits), cross_entropy(logits, labels), top2diff(logits),
+                      ~torch.isfinite(logits).all(-1))
+
+    def select(self, idx) -> GoldenOutcomes:
+        return GoldenOutcomes(self.top1[idx], self.loss[idx], self.top2diff[idx], self.due[idx])
+
+
+def compute_outcomes(golden: GoldenOutcomes, faulty_logits: torch.Tensor, labels: torch.Tensor,
+            nonfinite: torch.Tensor | None = None) -> Outcomes:
+    """Outcomes of faulty logits [n, C] against the golden columns of their images [n]."""
+    faulty_logits = faulty_logits.float()
+    f_top1 = top1(faulty_logits)
+    due = ~torch.isfinite(faulty_logits).all(-1)
+    f_loss = cross_entropy(faulty_logits, labels)
+    if nonfinite is None:
+        nonfinite = torch.zeros_like(due)
+    return Outcomes(
+        golden_top1=golden.top1,
+        faulty_top1=f_top1,
+        sdc=(f_top1 != golden.top1) & ~due,
+        due=due,
+        golden_loss=golden.loss,
+        faulty_loss=f_loss,
+        delta_loss=(f_loss - golden.loss).abs(),
+        golden_top2diff=golden.top2diff,
+        faulty_top2diff=top2diff(faulty_logits),
+        nonfinite=nonfinite.bool(),
+    )
+
+
+def unchanged_outcomes(golden: GoldenOutcomes, nonfinite: torch.Tensor | None = None) -> Outcomes:
+    """Outcomes of injections that provably left the logits equal to the golden ones."""
+    n = golden.top1.shape
+    return Outcomes(
+        golden_top1=golden.top1,
+        faulty_top1=golden.top1.clone(),
+        sdc=torch.zeros(n, dtype=torch.bool, device=golden.top1.device),
+        due=golden.due.clone(),
+        golden_loss=golden.loss,
+        faulty_loss=golden.loss.clone(),
+        delta_loss=torch.where(torch.isfinite(golden.loss), 0.0, float("nan")),
+        golden_top2diff=golden.top2diff,
+        faulty_top2diff=golden.top2diff.clone(),
+        nonfinite=(torch.zeros(n, dtype=torch.bool, device=golden.top1.device)
+                   if nonfinite is None else nonfinite.bool()),
+    )
+
+
+__all__ = ["FIELDS", "GoldenOutcomes", "Outcomes", "compute_outcomes", "cross_entropy", "top1",
+           "top2diff", "unchanged_outcomes"]
