@@ -1,0 +1,286 @@
+"""Report figures (matplotlib, Agg, readable in greyscale) rendered to PNG bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+import pyarrow.compute as pc
+from matplotlib.figure import Figure
+
+from flipsafe.errors import FlipsafeError
+from flipsafe.metrics.calibration import ReliabilityBins, reliability_bins
+from flipsafe.metrics.stats import Summary, summarise
+from flipsafe.report.results import LAST, Results, with_bit_column
+
+# Colours differ in lightness as well as hue, and each model also gets its own marker,
+# line style and hatch, so the plots survive greyscale printing.
+STYLES = (
+    {"color": "#000000", "marker": "o", "linestyle": "-", "hatch": ""},
+    {"color": "#E69F00", "marker": "s", "linestyle": "--", "hatch": "//"},
+    {"color": "#0072B2", "marker": "^", "linestyle": ":", "hatch": ".."},
+    {"color": "#8C8C8C", "marker": "D", "linestyle": "-.", "hatch": "xx"},
+)
+HEATMAP = "cividis"  # lightness rises monotonically with the value
+MARGIN_EDGES = (0.0, 1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 100.0)
+DPI = 110
+
+
+def style(i: int) -> dict:
+    return STYLES[i % len(STYLES)]
+
+
+def to_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    return buf.getvalue()
+
+
+def _pct(x) -> np.ndarray:
+    return 100.0 * np.asarray(x, dtype=np.float64)
+
+
+def _errors(groups) -> tuple[np.ndarray, np.ndarray]:
+    """Rates and asymmetric error bars (in %) from GroupSummary objects."""
+    rate = _pct([g.sdc.rate for g in groups])
+    low = _pct([g.sdc.low for g in groups])
+    high = _pct([g.sdc.high for g in groups])
+    return rate, np.vstack([rate - low, high - rate])
+
+
+def format_bits(results: Results) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """Width of one element code and its fields, from the plan's format when it is known."""
+    from flipsafe import formats
+
+    bits = with_bit_column(results.table)["bit"].to_numpy()
+    observed = int(bits.max()) + 1 if bits.size else 0
+    try:
+        fmt = formats.get(results.plan.format)
+    except FlipsafeError:
+        return observed, {}
+    return max(observed, int(fmt.bits)), dict(fmt.fields)
+
+
+def layer_sdc_figure(models: Sequence[Results]) -> Figure:
+    """Per-layer SDC rate with interval whiskers, models side by side (layers matched)."""
+    layers: list[str] = []
+    for r in models:
+        layers += [k[0] for k in r.matched.groups if k[0] not in layers]
+    m = len(models)
+    height = 0.8 / m
+    fig = Figure(figsize=(9, 1.4 + 0.28 * len(layers) * m))
+    ax = fig.add_subplot()
+    y = np.arange(len(layers), dtype=np.float64)
+    for i, r in enumerate(models):
+        present = [j for j, name in enumerate(layers) if (name,) in r.matched.groups]
+        groups = [r.matched.groups[(layers[j],)] for j in present]
+        rate, err = _errors(groups)
+        s = style(i)
+        ax.barh(y[present] - 0.4 + height * (i + 0.5), rate, height=height, xerr=err,
+                color=s["color"], hatch=s["hatch"], edgecolor="black", linewidth=0.6,
+                error_kw={"ecolor": "black", "capsize": 2, "elinewidth": 0.9},
+                label=r.name)
+    ax.set_yticks(y, [_layer_label(name, models) for name in layers])
+    ax.invert_yaxis()
+    ax.set_xlabel("SDC rate (%), whiskers: "
+                  f"{100 * models[0].by_layer.confidence:g}% Wilson interval")
+    ax.set_xlim(left=0)
+    ax.grid(axis="x", color="#dddddd")
+    ax.set_axisbelow(True)
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title("SDC rate per layer")
+    return fig
+
+
+def _layer_label(match: str, models: Sequence[Results]) -> str:
+    if match == LAST:
+        return "last (classifier)"
+    having = [r for r in models if (match,) in r.matched.groups]
+    if len(having) == len(models):
+        return match
+    return f"{having[0].real_name(match)} ({', '.join(r.name for r in having)} only)"
+
+
+def bit_heatmap_figure(results: Results) -> Figure:
+    """SDC rate (%) by layer and bit position for one model; grey cells had no injections."""
+    width, fields = format_bits(results)
+    layers = [k[0] for k in results.by_layer.groups]
+    grid = np.full((len(layers), width), np.nan)
+    for (layer, bit), g in results.by_bit.groups.items():
+        grid[layers.index(layer), bit] = 100.0 * g.sdc.rate
+    fig = Figure(figsize=(10, 1.5 + 0.32 * len(layers)))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps[HEATMAP].with_extremes(bad="#d9d9d9")
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, interpolation="nearest")
+    names = [f"{name} (classifier)" if name == results.classifier_layer else name
+             for name in layers]
+    ax.set_yticks(np.arange(len(layers)), names)
+    ticks = list(range(0, width, 4 if width > 16 else 1))
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("bit position (0 = least significant)")
+    _mark_fields(ax, fields, heat=True)
+    fig.colorbar(image, ax=ax, label="SDC rate (%)", pad=0.01)
+    ax.set_title(f"{results.name}: SDC rate by layer and bit", pad=18)
+    return fig
+
+
+def _mark_fields(ax, fields: dict[str, tuple[int, ...]], heat: bool) -> None:
+    """Field boundaries as lines and names above the axes."""
+    for name, positions in fields.items():
+        if not positions:
+            continue
+        lo, hi = min(positions), max(positions)
+        ax.axvline(lo - 0.5, color="white" if heat else "#999999", linewidth=1.2)
+        ax.text((lo + hi) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center",
+                va="bottom", fontsize="small")
+
+
+def bits_summary(results: Results) -> Summary:
+    """Rows with at least one bit, summarised by their highest bit over all layers."""
+    rows = with_bit_column(results.table)
+    rows = rows.filter(pc.greater_equal(rows["bit"], 0))
+    return summarise(rows, ("bit",), results.by_layer.confidence)
+
+
+def bit_curves_figure(models: Sequence[Results]) -> Figure:
+    """SDC rate by bit position over all layers, one curve per model."""
+    width, fields = format_bits(models[0])
+    fig = Figure(figsize=(10, 3.8))
+    ax = fig.add_subplot()
+    for i, r in enumerate(models):
+        s = bits_summary(r)
+        if not s.groups:
+            continue
+        bits = np.array([k[0] for k in s.groups], dtype=np.float64)
+        order = np.argsort(bits)
+        rate, err = _errors(list(s.groups.values()))
+        st = style(i)
+        # A small sideways offset keeps overlapping whiskers apart.
+        ax.errorbar(bits[order] + 0.12 * (i - (len(models) - 1) / 2), rate[order],
+                    yerr=err[:, order], color=st["color"], marker=st["marker"],
+                    linestyle=st["linestyle"], markersize=4, capsize=2, linewidth=1.2,
+                    label=r.name)
+    _mark_fields(ax, fields, heat=False)
+    ax.set_xlim(-0.7, width - 0.3)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("bit position (0 = least significant); multi-bit faults count at their "
+                  "highest bit")
+    ax.set_ylabel("SDC rate (%)")
+    ax.grid(color="#e5e5e5")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title("SDC rate by bit position, all injected layers", pad=18)
+    return fig
+
+
+def delta_loss_figure(models: Sequence[Results]) -> Figure:
+    """Distribution of |delta loss| on a log axis; zeros and non-finite values are counted."""
+    values = []
+    for r in models:
+        x = r.table["delta_loss"].to_numpy()
+        values.append(np.abs(x[np.isfinite(x) & (x != 0)]))
+    fig = Figure(figsize=(9, 3.8))
+    ax = fig.add_subplot()
+    pooled = np.concatenate(values) if values else np.array([])
+    if pooled.size:
+        lo, hi = float(pooled.min()), float(pooled.max())
+        edges = np.logspace(math.log10(lo), math.log10(hi) + 1e-9, 60) if hi > lo else \
+            np.array([lo / 2, lo * 2])
+        for i, (r, v) in enumerate(zip(models, values)):
+            st = style(i)
+            x = r.table["delta_loss"].to_numpy()
+            zero = int(np.count_nonzero(x == 0))
+            bad = int(np.count_nonzero(~np.isfinite(x)))
+            ax.hist(v, bins=edges, weights=np.full(v.size, 100.0 / r.n), histtype="step",
+                    color=st["color"], linestyle=st["linestyle"], linewidth=1.5,
+                    label=f"{r.name} ({zero:,} zero, {bad:,} non-finite not shown)")
+        ax.set_xscale("log")
+    ax.set_xlabel("|ΔLoss| (log scale)")
+    ax.set_ylabel("% of injections")
+    ax.grid(color="#e5e5e5")
+    ax.legend(loc="upper center", fontsize="small", bbox_to_anchor=(0.5, -0.18), ncol=1,
+              frameon=False)
+    ax.set_title("ΔLoss per injection")
+    return fig
+
+
+def margin_bins(results: Results) -> Summary:
+    """Rows summarised by bins of the golden top2diff (top-1 minus top-2 probability, x100)."""
+    margin = results.table["golden_top2diff"].to_numpy()
+    keep = np.isfinite(margin)
+    index = np.clip(np.searchsorted(MARGIN_EDGES, margin[keep], side="left") - 1, 0,
+                    len(MARGIN_EDGES) - 2)
+    rows = results.table.filter(keep).append_column("margin_bin", [index.astype(np.int64)])
+    return summarise(rows, ("margin_bin",), results.by_layer.confidence)
+
+
+def margin_label(i: int) -> str:
+    return f"{MARGIN_EDGES[i]:g}-{MARGIN_EDGES[i + 1]:g}"
+
+
+def margin_figure(models: Sequence[Results]) -> Figure:
+    """SDC probability against the golden top-1/top-2 margin, one curve per model."""
+    n_bins = len(MARGIN_EDGES) - 1
+    fig = Figure(figsize=(9, 3.6))
+    ax = fig.add_subplot()
+    for i, r in enumerate(models):
+        s = margin_bins(r)
+        if not s.groups:
+            continue
+        bins = np.array([k[0] for k in s.groups])
+        order = np.argsort(bins)
+        rate, err = _errors(list(s.groups.values()))
+        st = style(i)
+        ax.errorbar(bins[order] + 0.08 * (i - (len(models) - 1) / 2), rate[order],
+                    yerr=err[:, order], color=st["color"], marker=st["marker"],
+                    linestyle=st["linestyle"], capsize=3, linewidth=1.2, label=r.name)
+    ax.set_xticks(np.arange(n_bins), [margin_label(i) for i in range(n_bins)])
+    ax.set_xlim(-0.5, n_bins - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("golden top2diff: (p_top1 - p_top2) x 100 of the clean softmax")
+    ax.set_ylabel("SDC rate (%)")
+    ax.grid(color="#e5e5e5")
+    ax.legend(fontsize="small")
+    ax.set_title("How a confident margin protects: SDC rate by clean margin")
+    return fig
+
+
+def reliability(results: Results, n_bins: int = 15) -> ReliabilityBins | None:
+    if results.clean is None:
+        return None
+    return reliability_bins(results.clean.probs, results.clean.labels, n_bins)
+
+
+def reliability_figure(models: Sequence[Results], n_bins: int = 15) -> Figure | None:
+    """Reliability diagram per model: accuracy against confidence on clean test images."""
+    pairs = [(r, reliability(r, n_bins)) for r in models]
+    pairs = [(r, b) for r, b in pairs if b is not None]
+    if not pairs:
+        return None
+    fig = Figure(figsize=(3.4 * len(pairs) + 0.6, 3.6))
+    axes = fig.subplots(1, len(pairs), squeeze=False)[0]
+    for i, (ax, (r, b)) in enumerate(zip(axes, pairs)):
+        st = style(i)
+        centres = (b.edges[:-1] + b.edges[1:]) / 2
+        filled = b.count > 0
+        ax.bar(centres[filled], b.accuracy[filled], width=np.diff(b.edges)[filled],
+               color=st["color"], hatch=st["hatch"], edgecolor="black", linewidth=0.5,
+               alpha=0.85, label="accuracy")
+        ax.plot([0, 1], [0, 1], color="#555555", linestyle="--", linewidth=1,
+                label="perfect calibration")
+        ax.plot(b.confidence[filled], b.accuracy[filled], linestyle="none", marker="o",
+                markersize=3, color="#555555")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("confidence (top-1 probability)")
+        if i == 0:
+            ax.set_ylabel("accuracy")
+        ax.set_title(r.name, fontsize="medium")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize="small", frameon=False,
+               bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle("Reliability on clean test images", y=1.02)
+    return fig

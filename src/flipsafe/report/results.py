@@ -1,0 +1,209 @@
+"""Campaign results folders read back with their plan, model facts and summaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flipsafe.campaign.plan import CampaignPlan
+from flipsafe.campaign.store import PLAN_FILE, ResultsStore
+from flipsafe.errors import CampaignError, FlipsafeError
+from flipsafe.metrics.stats import Summary, summarise
+
+# Fields that may differ between campaigns being compared: which model, and how the
+# rows were split into files (part_size changes no result).
+MAY_DIFFER = ("model", "model_sha", "part_size")
+LAST = "last"
+BACKBONE_PREFIX = "backbone."
+
+
+@dataclass(frozen=True)
+class CleanEval:
+    """Softmax outputs of the unfaulted model on the test split of the plan's dataset."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.probs.argmax(axis=1) == self.labels))
+
+
+@dataclass
+class Results:
+    """One campaign's rows and what a report needs about them.
+
+    by_layer, by_field and by_bit are summaries grouped by ("layer",), ("layer", "field")
+    and ("layer", "bit"); "bit" is the highest bit position a fault touched (-1 for
+    faults without bits, which by_bit leaves out). classifier_layer is the layer whose
+    outputs are the class scores, None when the checkpoint cannot be read.
+    """
+
+    dir: Path
+    name: str
+    plan: CampaignPlan
+    table: pa.Table
+    by_layer: Summary
+    by_field: Summary
+    by_bit: Summary
+    config: dict | None
+    classifier_layer: str | None
+    clean: CleanEval | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def accuracy(self) -> float | None:
+        """Test accuracy recorded when the model was trained (None without a checkpoint)."""
+        if self.config is None or self.config.get("accuracy") is None:
+            return None
+        return float(self.config["accuracy"])
+
+    @property
+    def head(self) -> str:
+        return "unknown" if self.config is None else str(self.config.get("head", "linear"))
+
+    def match_name(self, layer: str) -> str:
+        """The name layers are matched by across models: "last" for the classifier layer,
+        and a text-guided model's backbone layers without their "backbone." prefix."""
+        if layer == self.classifier_layer:
+            return LAST
+        if self.head not in ("linear", "unknown") and layer.startswith(BACKBONE_PREFIX):
+            return layer[len(BACKBONE_PREFIX):]
+        return layer
+
+    def real_name(self, match: str) -> str:
+        """The layer name that match_name() turned into `match`."""
+        for key in self.by_layer.groups:
+            if self.match_name(key[0]) == match:
+                return key[0]
+        return match
+
+    def matched_table(self) -> pa.Table:
+        """The rows with layer replaced by match_name(layer), for side-by-side comparisons."""
+        column = self.table["layer"].combine_chunks().dictionary_encode()
+        names = pa.array([self.match_name(v) for v in column.dictionary.to_pylist()], pa.string())
+        layers = names.take(column.indices)
+        return self.table.set_column(self.table.schema.get_field_index("layer"), "layer", layers)
+
+    @cached_property
+    def matched(self) -> Summary:
+        """Summary by matched layer name (see match_name), at the same confidence as by_layer."""
+        return summarise(self.matched_table(), ("layer",), self.by_layer.confidence)
+
+
+def bit_positions(table: pa.Table) -> np.ndarray:
+    """Highest bit position in each row's bits list, -1 where the list is empty."""
+    bits = table["bits"].combine_chunks()
+    top = np.full(len(bits), -1, dtype=np.int64)
+    flat = bits.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    if flat.size:
+        parents = pc.list_parent_indices(bits).to_numpy(zero_copy_only=False)
+        np.maximum.at(top, parents, flat)
+    return top
+
+
+def with_bit_column(table: pa.Table) -> pa.Table:
+    """The rows with a "bit" column (see bit_positions) appended."""
+    return table.append_column("bit", pa.array(bit_positions(table), pa.int64()))
+
+
+def _read_checkpoint(plan: CampaignPlan, notes: list[str]):
+    from flipsafe.checkpoint import load_checkpoint
+    from flipsafe.textguided import classifier_layer_name
+
+    try:
+        ckpt = load_checkpoint(plan.model)
+    except FlipsafeError as exc:
+        notes.append(
+            f"The checkpoint named by the plan could not be read ({exc}); accuracy, "
+            "calibration and the classifier layer are unknown for this model."
+        )
+        return None, None
+    return ckpt, classifier_layer_name(ckpt.model)
+
+
+def _clean_eval(model, plan: CampaignPlan) -> CleanEval:
+    import torch
+
+    from flipsafe.data import load as load_data
+    from flipsafe.train import predict
+
+    logits, labels = predict(model, load_data(plan.dataset, seed=plan.seed).test)
+    probs = torch.softmax(logits.double(), dim=1).numpy()
+    return CleanEval(probs, labels.numpy())
+
+
+def load_results(
+    directory, name: str | None = None, evaluate: bool = False, confidence: float | None = None
+) -> Results:
+    """Read a campaign results folder and summarise it by layer, by (layer, field) and by bit.
+
+    name defaults to the folder's name. evaluate=True also runs the model on the
+    clean test split (for calibration). confidence defaults to the plan's.
+    """
+    folder = Path(directory)
+    if not folder.exists():
+        raise CampaignError(
+            f"results folder {str(folder)!r} does not exist; give the --out folder of a campaign"
+        )
+    if not folder.is_dir():
+        raise CampaignError(f"{str(folder)!r} is a file; give the folder a campaign wrote")
+    if not (folder / PLAN_FILE).is_file():
+        raise CampaignError(
+            f"{folder} has no {PLAN_FILE}, so it is not a campaign results folder; "
+            "give the --out folder of `flipsafe campaign`"
+        )
+    store = ResultsStore(folder)
+    plan = store.open()
+    table = store.read()
+    if table.num_rows == 0:
+        raise CampaignError(
+            f"{folder} holds no result rows yet; run or resume the campaign before reporting"
+        )
+    notes: list[str] = []
+    if table.num_rows < store.total_rows:
+        notes.append(
+            f"The campaign is incomplete: {table.num_rows:,} of {store.total_rows:,} planned "
+            "rows; resume it for the planned precision."
+        )
+    confidence = plan.confidence if confidence is None else confidence
+    ckpt, classifier = _read_checkpoint(plan, notes)
+    with_bits = with_bit_column(table)
+    with_bits = with_bits.filter(pc.greater_equal(with_bits["bit"], 0))
+    return Results(
+        dir=folder,
+        name=name or folder.resolve().name,
+        plan=plan,
+        table=table,
+        by_layer=summarise(table, ("layer",), confidence),
+        by_field=summarise(table, ("layer", "field"), confidence),
+        by_bit=summarise(with_bits, ("layer", "bit"), confidence),
+        config=None if ckpt is None else ckpt.config,
+        classifier_layer=classifier,
+        clean=_clean_eval(ckpt.model, plan) if evaluate and ckpt is not None else None,
+        notes=notes,
+    )
+
+
+def check_same_plan(reference: Results, other: Results) -> None:
+    """Refuse to compare campaigns whose plans differ in anything but the model."""
+    mine, theirs = reference.plan.to_dict(), other.plan.to_dict()
+    differing = [k for k in mine if k not in MAY_DIFFER and mine[k] != theirs.get(k)]
+    if differing:
+        diffs = "; ".join(
+            f"{k}: {mine[k]!r} in {reference.dir}, {theirs.get(k)!r} in {other.dir}"
+            for k in differing
+        )
+        raise CampaignError(
+            f"{other.dir} comes from a different plan than {reference.dir} ({diffs}); "
+            "compare campaigns run with the same settings on different models"
+        )

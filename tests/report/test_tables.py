@@ -1,0 +1,135 @@
+"""The summary table `flipsafe summary` prints, checked against hand-computed statistics."""
+
+import math
+import re
+import shutil
+
+import pytest
+from report_rows import BASELINE_LAYERS, COSINE_LAYERS, N_PER_LAYER, make_rows
+
+from flipsafe.report import (
+    fmt_factor,
+    fmt_interval,
+    fmt_rate,
+    fmt_value,
+    headline,
+    load_results,
+    summary_table,
+    summary_tables,
+)
+
+Z99 = 2.5758293035489004  # two-sided 99 % standard normal quantile
+
+
+def wilson(k, n, z=Z99):
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
+
+
+def katz(k1, n1, k2, n2, z=Z99):
+    ratio = (k1 / n1) / (k2 / n2)
+    se = math.sqrt(1 / k1 - 1 / n1 + 1 / k2 - 1 / n2)
+    return ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se)
+
+
+def counts(layers, seed, layer=None):
+    rows = make_rows(layers, N_PER_LAYER, seed).to_pydict()
+    keep = [layer is None or lay == layer for lay in rows["layer"]]
+    return sum(s for s, k in zip(rows["sdc"], keep) if k), sum(keep)
+
+
+def cells(text_block: str) -> list[list[str]]:
+    """Split a rendered text table back into cells (columns are 2+ spaces apart); the title,
+    the rule under the header and the one-cell note lines are left out."""
+    rows = [re.split(r" {2,}", line.strip()) for line in text_block.splitlines()[1:]
+            if not set(line) <= {"-", " "}]
+    return [row for row in rows if len(row) > 1]
+
+
+@pytest.fixture(scope="module")
+def models(campaigns):
+    return load_results(campaigns["baseline"]), load_results(campaigns["cosine"])
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.0123, "1.23%"), (0.0043, "0.430%"), (0.000125, "0.0125%"), (0.0, "0%"), (1.0, "100.00%"),
+    (float("nan"), "n/a"),
+])
+def test_fmt_rate(value, text):
+    assert fmt_rate(value) == text
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.0909, "0.0909x"), (2.314, "2.31x"), (14.43, "14.4x"), (250.4, "250x"),
+    (float("inf"), "inf"), (float("nan"), "n/a"),
+])
+def test_fmt_factor(value, text):
+    assert fmt_factor(value) == text
+
+
+def test_fmt_value_keeps_huge_losses_readable():
+    assert (fmt_value(1.234e35), fmt_value(0.5), fmt_value(0.0), fmt_value(float("inf"))) == (
+        "1.23e+35", "0.5", "0", "inf")
+
+
+def test_overall_rates_equal_hand_computed_wilson_intervals(models):
+    base, _ = models
+    k, n = counts(BASELINE_LAYERS, 1)
+    text = summary_table(base)
+    overall = next(row for row in cells(text.split("\n\n")[2]) if row[0] == "(all)")
+    assert overall[:4] == ["(all)", f"{n:,}", fmt_rate(k / n), fmt_interval(*wilson(k, n))]
+    models_row = cells(text.split("\n\n")[1])[1]
+    assert models_row[0] == "baseline" and models_row[5:7] == [
+        fmt_rate(k / n), fmt_interval(*wilson(k, n))]
+    assert f"{n:,} injections" in text and "images correct" in text
+
+
+def test_improvement_per_layer_uses_katz_intervals_with_last_layers_matched(models):
+    base, cos = models
+    text = summary_table(base, [cos])
+    table = next(b for b in text.split("\n\n") if b.startswith("Improvement: baseline / cosine"))
+    rows = {row[0]: row for row in cells(table)}
+    k1, n1 = counts(BASELINE_LAYERS, 1, "fc")
+    k2, n2 = counts(COSINE_LAYERS, 2, "head.fc")
+    ratio, low, high = katz(k1, n1, k2, n2)
+    assert rows["last"][3:] == [fmt_factor(ratio), f"[{fmt_factor(low)}, {fmt_factor(high)}]",
+                                "LESS resilient"]
+    assert rows["last"][1] == f"{fmt_rate(k1 / n1)} ({k1}/{n1})"
+    k1, n1 = counts(BASELINE_LAYERS, 1)
+    k2, n2 = counts(COSINE_LAYERS, 2)
+    ratio, low, high = katz(k1, n1, k2, n2)
+    assert rows["(all)"][3] == fmt_factor(ratio) and high < 1
+    # The projection layer a cosine head adds has no baseline counterpart.
+    assert "only in cosine, not compared: backbone.fc." in table
+    assert set(rows) == {"layer", "features.1", "features.3", "last", "(all)"}
+
+
+def test_verdicts_say_which_way_and_how_sure(models, campaigns, tmp_path):
+    base, cos = models
+    worse = headline(base, cos)
+    assert len(worse) == 2 and all("LESS resilient than baseline" in s for s in worse)
+    k1, n1 = counts(BASELINE_LAYERS, 1)
+    k2, n2 = counts(COSINE_LAYERS, 2)
+    assert f"{fmt_factor(n1 * k2 / (k1 * n2))} LESS resilient" in worse[0]
+    better = headline(cos, base)
+    assert better[0].startswith("Over all injected layers, baseline is ")
+    assert "more resilient than cosine" in better[0]
+    shutil.copytree(campaigns["baseline"], tmp_path / "again")
+    same = headline(base, load_results(tmp_path / "again"))
+    assert "no clear difference" in same[0] and "1.00x" in same[0] and "includes 1" in same[0]
+
+
+def test_text_tables_round_trip_to_their_cells(models):
+    base, cos = models
+    text = summary_table(base, [cos])
+    for table in summary_tables(base, [cos]):
+        block = next(b for b in text.split("\n\n") if b.startswith(table.title + "\n"))
+        assert cells(block) == [table.header, *table.rows]
+
+
+def test_classifier_layer_is_marked(models):
+    base, cos = models
+    assert "fc (last)" in summary_table(base)
+    assert "head.fc (last)" in summary_table(cos)
