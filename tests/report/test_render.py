@@ -4,12 +4,15 @@ import base64
 import io
 import json
 import re
+from dataclasses import replace
 from html.parser import HTMLParser
 
 import matplotlib.image as mpimg
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+from report_rows import BASELINE_LAYERS, N_PER_LAYER, make_rows, write_campaign
 
 import flipsafe
 from flipsafe.data import load as load_data
@@ -91,6 +94,13 @@ def hand_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     return total
 
 
+def parse(path) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser
+
+
 @pytest.fixture(scope="module")
 def models(campaigns):
     return [load_results(campaigns[name], evaluate=True) for name in ("baseline", "cosine")]
@@ -99,10 +109,7 @@ def models(campaigns):
 @pytest.fixture(scope="module")
 def html_report(models, tmp_path_factory):
     out = write_report(models, tmp_path_factory.mktemp("html") / "report.html")
-    parser = ReportParser()
-    parser.feed(out.read_text(encoding="utf-8"))
-    parser.close()
-    return out, parser
+    return out, parse(out)
 
 
 def test_html_is_self_contained_with_decodable_png_images(html_report):
@@ -207,3 +214,17 @@ def test_bad_arguments_are_refused(models, tmp_path, kwargs, match):
 def test_output_path_that_is_a_folder_is_refused(models, tmp_path):
     with pytest.raises(ConfigError, match="is a folder"):
         write_report(models[:1], tmp_path)
+
+
+def test_single_model_without_bit_faults_reports_rates_and_skips_bit_plots(tmp_path, base_plan):
+    rows = make_rows(BASELINE_LAYERS, N_PER_LAYER, 7)
+    no_bits = pa.array([[]] * rows.num_rows, pa.list_(pa.int16()))
+    rows = rows.set_column(rows.schema.get_field_index("bits"), "bits", no_bits)
+    write_campaign(tmp_path / "zero", replace(base_plan, fault="zero"), rows)
+    doc = parse(write_report([tmp_path / "zero"], tmp_path / "zero.html"))
+    assert len(doc.images) == 4  # layers, delta loss, margin, calibration
+    assert any("does not flip individual bits" in p for _, p in doc.paragraphs)
+    sdc = rows["sdc"].to_numpy()
+    verdict = [p for cls, p in doc.paragraphs if cls == "verdict"]
+    assert len(verdict) == 1
+    assert f"in {fmt_rate(sdc.mean())} of {len(sdc):,} injections" in verdict[0]

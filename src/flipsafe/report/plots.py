@@ -97,7 +97,7 @@ def layer_sdc_figure(models: Sequence[Results]) -> Figure:
 
 def _layer_label(match: str, models: Sequence[Results]) -> str:
     if match == LAST:
-        return "last (classifier)"
+        return f"{models[0].real_name(LAST) if len(models) == 1 else LAST} (classifier)"
     having = [r for r in models if (match,) in r.matched.groups]
     if len(having) == len(models):
         return match

@@ -100,14 +100,15 @@ def summary_section(models: Sequence[Results]) -> list:
 
 
 def layer_section(models: Sequence[Results]) -> list:
-    return [
-        Heading("SDC rate per layer"),
-        Paragraph("Layers are matched by name across models; each model's classifier layer is "
-                  "called last, and a text-guided model's backbone layers lose their "
-                  "'backbone.' prefix. Whiskers are "
-                  f"{fmt_confidence(models[0].by_layer.confidence)} Wilson intervals."),
-        Image("layers", plots.to_png(plots.layer_sdc_figure(models)), "SDC rate per layer"),
-    ]
+    blocks: list = [Heading("SDC rate per layer")]
+    if len(models) > 1:
+        blocks.append(Paragraph(
+            "Layers are matched by name across models; each model's classifier layer is called "
+            "last, and a text-guided model's backbone layers lose their 'backbone.' prefix."))
+    blocks.append(Image("layers", plots.to_png(plots.layer_sdc_figure(models)),
+                        "SDC rate per layer, whiskers: "
+                        f"{fmt_confidence(models[0].by_layer.confidence)} Wilson intervals"))
+    return blocks
 
 
 def _field_table(r: Results) -> TextTable:

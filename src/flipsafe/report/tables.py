@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pyarrow.compute as pc
+
 from flipsafe.metrics.stats import (
     OVERALL,
     Comparison,
@@ -161,7 +163,7 @@ def headline(reference: Results, other: Results) -> list[str]:
 
 def plan_line(results: Results) -> str:
     p = results.plan
-    images = len(set(results.table["image_id"].to_pylist()))
+    images = pc.count_distinct(results.table["image_id"]).as_py()
     n = f"n sized for +-{fmt_rate(p.margin)}" if p.n is None else f"n={p.n}"
     return (f"plan: dataset {p.dataset}, site {p.site}, format {p.format}, fault {p.fault}, "
             f"clamp {p.clamp}, layers {p.layers} ({n} per layer), images {p.images} "
