@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from report_rows import BASELINE_LAYERS, COSINE_LAYERS, N_PER_LAYER, make_rows, write_campaign
+from report_rows import (
+    BASELINE_LAYERS,
+    COSINE_LAYERS,
+    N_PER_LAYER,
+    make_rows,
+    weights_sha,
+    write_campaign,
+)
 
 from flipsafe.campaign import CampaignPlan
 
@@ -27,8 +34,9 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def base_plan(checkpoints):
-    return CampaignPlan(model=str(checkpoints["baseline"]), model_sha="a" * 64,
-                        dataset="digits", format="fp32", n=N_PER_LAYER, part_size=512)
+    return CampaignPlan(model=str(checkpoints["baseline"]), model_sha=weights_sha(checkpoints,
+                        "baseline"), dataset="digits", format="fp32", n=N_PER_LAYER,
+                        part_size=512)
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +44,7 @@ def campaigns(tmp_path_factory, checkpoints, base_plan):
     """Results folders for baseline and cosine with the same plan (but for the model)."""
     root = tmp_path_factory.mktemp("campaigns")
     write_campaign(root / "baseline", base_plan, make_rows(BASELINE_LAYERS, N_PER_LAYER, 1))
-    cosine_plan = replace(base_plan, model=str(checkpoints["cosine"]), model_sha="b" * 64)
+    cosine_plan = replace(base_plan, model=str(checkpoints["cosine"]),
+                          model_sha=weights_sha(checkpoints, "cosine"))
     write_campaign(root / "cosine", cosine_plan, make_rows(COSINE_LAYERS, N_PER_LAYER, 2))
     return {"baseline": root / "baseline", "cosine": root / "cosine"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,3 +91,9 @@ COSINE_LAYERS = {
     "head.fc": Behaviour(0.90, 0.40, 0.002, 0.0, False),
 }
 N_PER_LAYER = 400
+
+
+def weights_sha(checkpoints, name: str) -> str:
+    """The hash a campaign records as model_sha: the one in the checkpoint's config.json."""
+    config = json.loads((checkpoints[name] / "config.json").read_text())
+    return config["files"]["model.safetensors"]

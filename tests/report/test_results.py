@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 import pytest
-from report_rows import BASELINE_LAYERS, N_PER_LAYER, make_rows, write_campaign
+from report_rows import BASELINE_LAYERS, N_PER_LAYER, make_rows, weights_sha, write_campaign
 
 from flipsafe.campaign import ResultsStore
 from flipsafe.errors import CampaignError
@@ -94,7 +94,7 @@ def test_incomplete_campaign_is_reported_with_a_note(tmp_path, base_plan):
 
 
 def test_partner_from_another_plan_is_refused_naming_the_fields(tmp_path, campaigns, base_plan):
-    other = replace(base_plan, format="fp16", seed=3, model_sha="d" * 64)
+    other = replace(base_plan, format="fp16", seed=3, model_sha="d" * 64)  # sha may differ
     write_campaign(tmp_path / "fp16", other, make_rows(BASELINE_LAYERS, N_PER_LAYER, 1))
     ref, odd = load_results(campaigns["baseline"]), load_results(tmp_path / "fp16")
     with pytest.raises(CampaignError, match="different plan") as err:
@@ -110,8 +110,8 @@ def test_partner_from_another_plan_is_refused_naming_the_fields(tmp_path, campai
 
 
 def test_partners_may_differ_in_model_and_part_size(tmp_path, campaigns, base_plan, checkpoints):
-    other = replace(base_plan, model=str(checkpoints["cosine"]), model_sha="c" * 64,
-                    part_size=300)
+    other = replace(base_plan, model=str(checkpoints["cosine"]),
+                    model_sha=weights_sha(checkpoints, "cosine"), part_size=300)
     write_campaign(tmp_path / "c", other, make_rows(BASELINE_LAYERS, N_PER_LAYER, 5))
     check_same_plan(load_results(campaigns["baseline"]), load_results(tmp_path / "c"))
 
@@ -126,3 +126,11 @@ def test_moved_checkpoint_leaves_a_note_instead_of_failing(tmp_path, campaigns, 
     assert r.classifier_layer is None and r.accuracy is None and r.clean is None
     assert any("could not be read" in note for note in r.notes)
     assert "could not be read" in summary_table(r)
+
+
+def test_checkpoint_with_other_weights_is_not_described(tmp_path, base_plan):
+    write_campaign(tmp_path / "run", replace(base_plan, model_sha="e" * 64),
+                   make_rows(BASELINE_LAYERS, N_PER_LAYER, 1))
+    r = load_results(tmp_path / "run", evaluate=True)
+    assert r.accuracy is None and r.clean is None and r.classifier_layer is None
+    assert any("other weights" in note for note in r.notes)

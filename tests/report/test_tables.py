@@ -1,10 +1,9 @@
 """The summary table `flipsafe summary` prints, checked against hand-computed statistics."""
 
-import math
-import re
 import shutil
 
 import pytest
+from report_helpers import katz, text_cells, wilson
 from report_rows import BASELINE_LAYERS, COSINE_LAYERS, N_PER_LAYER, make_rows
 
 from flipsafe.report import (
@@ -18,34 +17,11 @@ from flipsafe.report import (
     summary_tables,
 )
 
-Z99 = 2.5758293035489004  # two-sided 99 % standard normal quantile
-
-
-def wilson(k, n, z=Z99):
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
-
-
-def katz(k1, n1, k2, n2, z=Z99):
-    ratio = (k1 / n1) / (k2 / n2)
-    se = math.sqrt(1 / k1 - 1 / n1 + 1 / k2 - 1 / n2)
-    return ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se)
-
 
 def counts(layers, seed, layer=None):
     rows = make_rows(layers, N_PER_LAYER, seed).to_pydict()
     keep = [layer is None or lay == layer for lay in rows["layer"]]
     return sum(s for s, k in zip(rows["sdc"], keep) if k), sum(keep)
-
-
-def cells(text_block: str) -> list[list[str]]:
-    """Split a rendered text table back into cells (columns are 2+ spaces apart); the title,
-    the rule under the header and the one-cell note lines are left out."""
-    rows = [re.split(r" {2,}", line.strip()) for line in text_block.splitlines()[1:]
-            if not set(line) <= {"-", " "}]
-    return [row for row in rows if len(row) > 1]
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +54,9 @@ def test_overall_rates_equal_hand_computed_wilson_intervals(models):
     base, _ = models
     k, n = counts(BASELINE_LAYERS, 1)
     text = summary_table(base)
-    overall = next(row for row in cells(text.split("\n\n")[2]) if row[0] == "(all)")
+    overall = next(row for row in text_cells(text.split("\n\n")[2]) if row[0] == "(all)")
     assert overall[:4] == ["(all)", f"{n:,}", fmt_rate(k / n), fmt_interval(*wilson(k, n))]
-    models_row = cells(text.split("\n\n")[1])[1]
+    models_row = text_cells(text.split("\n\n")[1])[1]
     assert models_row[0] == "baseline" and models_row[5:7] == [
         fmt_rate(k / n), fmt_interval(*wilson(k, n))]
     assert f"{n:,} injections" in text and "images correct" in text
@@ -90,7 +66,7 @@ def test_improvement_per_layer_uses_katz_intervals_with_last_layers_matched(mode
     base, cos = models
     text = summary_table(base, [cos])
     table = next(b for b in text.split("\n\n") if b.startswith("Improvement: baseline / cosine"))
-    rows = {row[0]: row for row in cells(table)}
+    rows = {row[0]: row for row in text_cells(table)}
     k1, n1 = counts(BASELINE_LAYERS, 1, "fc")
     k2, n2 = counts(COSINE_LAYERS, 2, "head.fc")
     ratio, low, high = katz(k1, n1, k2, n2)
@@ -126,7 +102,7 @@ def test_text_tables_round_trip_to_their_cells(models):
     text = summary_table(base, [cos])
     for table in summary_tables(base, [cos]):
         block = next(b for b in text.split("\n\n") if b.startswith(table.title + "\n"))
-        assert cells(block) == [table.header, *table.rows]
+        assert text_cells(block) == [table.header, *table.rows]
 
 
 def test_classifier_layer_is_marked(models):

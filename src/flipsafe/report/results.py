@@ -117,7 +117,7 @@ def with_bit_column(table: pa.Table) -> pa.Table:
 
 
 def _read_checkpoint(plan: CampaignPlan, notes: list[str]):
-    from flipsafe.checkpoint import load_checkpoint
+    from flipsafe.checkpoint import WEIGHTS, load_checkpoint
     from flipsafe.textguided import classifier_layer_name
 
     try:
@@ -126,6 +126,14 @@ def _read_checkpoint(plan: CampaignPlan, notes: list[str]):
         notes.append(
             f"The checkpoint named by the plan could not be read ({exc}); accuracy, "
             "calibration and the classifier layer are unknown for this model."
+        )
+        return None, None
+    if ckpt.config["files"].get(WEIGHTS) != plan.model_sha:
+        # Facts about other weights would be presented as facts about this campaign's model.
+        notes.append(
+            f"The checkpoint at {plan.model} holds other weights than the campaign ran on "
+            "(its hash differs from the plan's model_sha); accuracy, calibration and the "
+            "classifier layer are not shown. Point the plan's model at the original checkpoint."
         )
         return None, None
     return ckpt, classifier_layer_name(ckpt.model)

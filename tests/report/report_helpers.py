@@ -1,0 +1,106 @@
+"""Independent references for the report tests: interval formulas and an HTML inspector."""
+
+import math
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+
+Z99 = 2.5758293035489004  # two-sided 99 % standard normal quantile
+
+
+def wilson(k, n, z=Z99):
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
+
+
+def katz(k1, n1, k2, n2, z=Z99):
+    ratio = (k1 / n1) / (k2 / n2)
+    se = math.sqrt(1 / k1 - 1 / n1 + 1 / k2 - 1 / n2)
+    return ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+VOID = {"img", "meta", "br", "hr", "input", "link", "source", "wbr"}
+
+
+class ReportParser(HTMLParser):
+    """Collects images, tables (with their class and caption), headings, paragraphs and any
+    tag or attribute that would load something from outside the file."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables, self.headings, self.paragraphs = [], [], [], []
+        self.external, self.stack, self.mismatched = [], [], []
+        self._text = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag not in VOID:
+            self.stack.append(tag)
+        for name, value in attrs.items():
+            if value and re.match(r"\s*(https?:|//|ftp:)", value):
+                self.external.append((tag, name, value))
+        if tag in ("script", "link", "iframe", "object", "embed"):
+            self.external.append((tag, "", ""))
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag == "table":
+            self.tables.append({"class": attrs.get("class", ""), "caption": "", "rows": []})
+        elif tag == "tr":
+            self.tables[-1]["rows"].append([])
+        elif tag in ("td", "th", "caption", "h1", "h2", "h3", "p"):
+            self._text = []
+            self._p_class = attrs.get("class", "")
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.mismatched.append(tag)
+        if self._text is None:
+            return
+        text = "".join(self._text)
+        if tag in ("td", "th"):
+            self.tables[-1]["rows"][-1].append(text)
+        elif tag == "caption":
+            self.tables[-1]["caption"] = text
+        elif tag in ("h1", "h2", "h3"):
+            self.headings.append(text)
+        elif tag == "p":
+            self.paragraphs.append((self._p_class, text))
+        else:
+            return
+        self._text = None
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text.append(data)
+
+
+def text_cells(block: str) -> list[list[str]]:
+    rows = [re.split(r" {2,}", line.strip()) for line in block.splitlines()[1:]
+            if not set(line) <= {"-", " "}]
+    return [row for row in rows if len(row) > 1]
+
+
+def hand_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    total = 0.0
+    conf = probs.max(axis=1)
+    right = probs.argmax(axis=1) == labels
+    for i in range(n_bins):
+        lo, hi = i / n_bins, (i + 1) / n_bins
+        inside = [j for j in range(len(conf)) if lo < conf[j] <= hi or (i == 0 and conf[j] == 0)]
+        if inside:
+            gap = abs(np.mean(right[inside]) - np.mean(conf[inside]))
+            total += len(inside) / len(conf) * gap
+    return total
+
+
+def parse(path) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser
+
+
