@@ -1,0 +1,23 @@
+"""Bit-exact number formats (fp32 to MX) with vectorised bit-fault primitives."""
+
+from flipsafe.formats.base import Encoded, Format
+from flipsafe.formats.bits import bit_mask, flip_bits, force_bits
+from flipsafe.formats.blocks import BlockFormat, ScaledInt
+from flipsafe.formats.floats import FloatFormat
+from flipsafe.formats.integers import FixedFormat, IntFormat
+from flipsafe.formats.registry import get, names
+
+__all__ = [
+    "BlockFormat",
+    "Encoded",
+    "FixedFormat",
+    "FloatFormat",
+    "Format",
+    "IntFormat",
+    "ScaledInt",
+    "bit_mask",
+    "flip_bits",
+    "force_bits",
+    "get",
+    "names",
+]
