@@ -126,6 +126,95 @@ def cmd_evaluate(args) -> None:
     print(f"{args.model_dir}: test accuracy on {spec} {100 * acc:.2f}% ({len(bundle.test)} images)")
 
 
+def _plan_from_args(args):
+    from flipsafe.campaign.runner import make_plan
+
+    n = args.n
+    if n is not None and n != "all":
+        try:
+            n = int(n)
+        except ValueError:
+            raise FlipsafeError(f"--n must be a positive integer or 'all', got {n!r}") from None
+    margin = args.margin if n is None else None
+    fields = dict(
+        images=args.images, site=args.site, fault=args.fault, layers=args.layers, n=n,
+        confidence=args.confidence, margin=margin, clamp=args.clamp, seed=args.seed,
+        allocation=args.allocation, format=args.format,
+    )
+    if args.dataset:
+        fields["dataset"] = args.dataset
+    if args.part_size:
+        fields["part_size"] = args.part_size
+    return make_plan(args.model_dir, **fields)
+
+
+def _print_strata(prep) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{prep.plan.site} faults, {prep.plan.format}, {prep.plan.fault}")
+    for col in ("layer", "field", "fault space", "injections"):
+        table.add_column(col, justify="left" if col in ("layer", "field") else "right")
+    for s in prep.strata:
+        table.add_row(s.layer, s.field, f"{s.size:,}", f"{s.n:,}")
+    table.add_row("total", "", f"{sum(s.size for s in prep.strata):,}", f"{prep.total:,}")
+    Console().print(table)
+    print(f"images: {prep.image_ids.numel()} of {len(prep.labels)} ({prep.plan.images}); "
+          f"classifier layer ('last'): {prep.classifier}")
+
+
+def cmd_plan(args) -> None:
+    from flipsafe.campaign.runner import estimate_seconds, prepare
+
+    prep = prepare(_plan_from_args(args))
+    _print_strata(prep)
+    print(f"estimated run time: at most {estimate_seconds(prep):,.0f} s on this machine "
+          "(clean-inference rate; suffix execution is usually faster)")
+
+
+def cmd_campaign(args) -> None:
+    from flipsafe.campaign.runner import run_campaign
+
+    plan = _plan_from_args(args)
+    run = run_campaign(plan, args.out, backend=args.backend, address=args.address,
+                       show_progress=not args.quiet, workers=args.workers)
+    print(f"{run.total:,} injections in {args.out} ({run.kept_parts} parts kept, "
+          f"{run.ran_parts} run, {run.injections_per_s:,.0f} injections/s)")
+    cmd_summary(argparse.Namespace(results_dir=args.out, vs=[]))
+
+
+def cmd_summary(args) -> None:
+    from flipsafe.report import load_results, summary_table
+
+    base = load_results(args.results_dir)
+    others = [load_results(d) for d in args.vs]
+    print(summary_table(base, vs=others))
+
+
+def cmd_report(args) -> None:
+    from flipsafe.report import write_report
+
+    path = write_report([args.results_dir, *args.vs], args.out, fmt=args.format)
+    print(f"report written to {path}")
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
+    p.add_argument("--dataset", help="dataset spec (default: the model's own)")
+    p.add_argument("--site", default="activations", help="activations, weights or metadata")
+    p.add_argument("--format", default="fp32", help="number format the model runs in (fp32, bf16, fp8_e4m3, int8, mxfp8_e4m3, ...)")
+    p.add_argument("--fault", default="bitflip", help="bitflip, bitflip2, burst2, stuck0, stuck1, random, zero")
+    p.add_argument("--layers", default="all", help="all, last, or a regular expression on layer names")
+    p.add_argument("--n", default=None, help="injections per layer, or 'all' (default: from --confidence/--margin)")
+    p.add_argument("--confidence", type=float, default=0.99)
+    p.add_argument("--margin", type=float, default=0.01)
+    p.add_argument("--images", default="correct", help="correct (GoldenEye convention) or all")
+    p.add_argument("--clamp", default="none", help="none, profiled (sign-preserving) or goldeneye")
+    p.add_argument("--allocation", default="proportional", help="split across bit fields: proportional or equal")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--part-size", type=int, default=None, help="rows per stored part")
+
+
 def cmd_demo(args) -> None:
     from flipsafe.demo import run_demo
 
@@ -172,6 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--dataset", help="dataset spec (default: the one it was trained on)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plan", help="print a campaign's strata, injections and estimated time")
+    _add_plan_flags(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("campaign", help="run (or resume) a fault-injection campaign")
+    _add_plan_flags(p)
+    p.add_argument("--backend", default="local", help="local or ray")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per CPU)")
+    p.add_argument("--out", required=True, help="results folder (re-run the same command to resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_campaign)
+
+    p = sub.add_parser("summary", help="per-layer SDC/DUE rates with intervals")
+    p.add_argument("results_dir")
+    p.add_argument("--vs", action="append", default=[], help="another results folder to compare")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("report", help="write an HTML (or Markdown) report")
+    p.add_argument("results_dir")
+    p.add_argument("--vs", action="append", default=[], help="another results folder to compare")
+    p.add_argument("--out", default="report.html")
+    p.add_argument("--format", default="html", help="html or md")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="offline end-to-end demo on digits")
     p.add_argument("--quick", action="store_true", help="fewer epochs and injections")
