@@ -130,7 +130,7 @@ def test_corrupt_part_is_detected_and_redone(mlp_checkpoint, tmp_path):
 
 def test_killed_campaign_resumes_to_exactly_the_planned_rows(mlp_checkpoint, tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "flipsafe", "campaign", str(mlp_checkpoint), "--n", "400",
+    args = [sys.executable, "-m", "flipsafe", "campaign", str(mlp_checkpoint), "--n", "3000",
             "--part-size", "40", "--seed", "3", "--out", str(out), "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -138,15 +138,15 @@ def test_killed_campaign_resumes_to_exactly_the_planned_rows(mlp_checkpoint, tmp
     while time.time() < deadline and proc.poll() is None:
         if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 2:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert proc.poll() is None, "the campaign finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     written = len(list(parts.glob("part-*.parquet")))
-    assert 0 < written < 30
+    assert 0 < written < 150
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    total = prepare(_plan(mlp_checkpoint, n=400, seed=3, part_size=40)).total
+    total = prepare(_plan(mlp_checkpoint, n=3000, seed=3, part_size=40)).total
     table = _store(out).read()
     assert table.num_rows == total
     assert sorted(table.column("fault_id").to_pylist()) == list(range(total))
