@@ -104,8 +104,11 @@ def _layer_label(match: str, models: Sequence[Results]) -> str:
     return f"{having[0].real_name(match)} ({', '.join(r.name for r in having)} only)"
 
 
-def bit_heatmap_figure(results: Results) -> Figure:
-    """SDC rate (%) by layer and bit position for one model; grey cells had no injections."""
+def bit_heatmap_figure(results: Results, vmax: float | None = None) -> Figure:
+    """SDC rate (%) by layer and bit position for one model; grey cells had no injections.
+
+    Give every model the same vmax (in %) so equal colours mean equal rates across models.
+    """
     width, fields = format_bits(results)
     layers = [k[0] for k in results.by_layer.groups]
     grid = np.full((len(layers), width), np.nan)
@@ -114,7 +117,7 @@ def bit_heatmap_figure(results: Results) -> Figure:
     fig = Figure(figsize=(10, 1.5 + 0.32 * len(layers)))
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps[HEATMAP].with_extremes(bad="#d9d9d9")
-    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, interpolation="nearest")
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
     names = [f"{name} (classifier)" if name == results.classifier_layer else name
              for name in layers]
     ax.set_yticks(np.arange(len(layers)), names)
@@ -254,33 +257,41 @@ def reliability(results: Results, n_bins: int = 15) -> ReliabilityBins | None:
 
 
 def reliability_figure(models: Sequence[Results], n_bins: int = 15) -> Figure | None:
-    """Reliability diagram per model: accuracy against confidence on clean test images."""
+    """Reliability diagram per model: accuracy against confidence on clean test images, with
+    the number of images per bin underneath (a sparse bin's accuracy means little)."""
     pairs = [(r, reliability(r, n_bins)) for r in models]
     pairs = [(r, b) for r, b in pairs if b is not None]
     if not pairs:
         return None
-    fig = Figure(figsize=(3.4 * len(pairs) + 0.6, 3.6))
-    axes = fig.subplots(1, len(pairs), squeeze=False)[0]
-    for i, (ax, (r, b)) in enumerate(zip(axes, pairs)):
+    fig = Figure(figsize=(3.2 * len(pairs) + 0.6, 4.6))
+    axes = fig.subplots(2, len(pairs), squeeze=False, sharex=True,
+                        gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
+    for i, (r, b) in enumerate(pairs):
+        top, bottom = axes[0, i], axes[1, i]
         st = style(i)
         centres = (b.edges[:-1] + b.edges[1:]) / 2
+        widths = np.diff(b.edges)
         filled = b.count > 0
-        ax.bar(centres[filled], b.accuracy[filled], width=np.diff(b.edges)[filled],
-               color=st["color"], hatch=st["hatch"], edgecolor="black", linewidth=0.5,
-               alpha=0.85, label="accuracy")
-        ax.plot([0, 1], [0, 1], color="#555555", linestyle="--", linewidth=1,
-                label="perfect calibration")
-        ax.plot(b.confidence[filled], b.accuracy[filled], linestyle="none", marker="o",
-                markersize=3, color="#555555")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_aspect("equal")
-        ax.set_xlabel("confidence (top-1 probability)")
+        top.bar(centres[filled], b.accuracy[filled], width=widths[filled], color=st["color"],
+                hatch=st["hatch"], edgecolor="black", linewidth=0.5, alpha=0.85,
+                label="accuracy")
+        top.plot([0, 1], [0, 1], color="#555555", linestyle="--", linewidth=1,
+                 label="perfect calibration")
+        top.plot(b.confidence[filled], b.accuracy[filled], linestyle="none", marker="o",
+                 markersize=3, color="#555555", label="bin (mean confidence, accuracy)")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_title(r.name, fontsize="medium")
+        bottom.bar(centres, b.count, width=widths, color="#bbbbbb", edgecolor="black",
+                   linewidth=0.5)
+        bottom.set_yscale("log")
+        bottom.set_ylim(0.8, max(2, b.count.max()) * 1.5)
+        bottom.set_xlabel("confidence (top-1 probability)")
         if i == 0:
-            ax.set_ylabel("accuracy")
-        ax.set_title(r.name, fontsize="medium")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize="small", frameon=False,
-               bbox_to_anchor=(0.5, -0.08))
-    fig.suptitle("Reliability on clean test images", y=1.02)
+            top.set_ylabel("accuracy")
+            bottom.set_ylabel("images")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize="small", frameon=False,
+               bbox_to_anchor=(0.5, -0.06))
+    fig.suptitle("Reliability on clean test images", y=0.98)
     return fig

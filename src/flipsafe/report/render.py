@@ -133,9 +133,12 @@ def bit_section(models: Sequence[Results]) -> list:
                                    "individual bits, so there is no per-bit breakdown.")]
     blocks.append(Image("bits", plots.to_png(plots.bit_curves_figure(models)),
                         "SDC rate by bit position"))
+    vmax = max(100 * g.sdc.rate for r in models for g in r.by_bit.groups.values())
     for i, r in enumerate(models):
-        blocks.append(Image(f"bits-heatmap-{i}", plots.to_png(plots.bit_heatmap_figure(r)),
-                            f"SDC rate by layer and bit, {r.name}"))
+        figure = plots.bit_heatmap_figure(r, vmax=max(vmax, 1e-9))
+        blocks.append(Image(f"bits-heatmap-{i}", plots.to_png(figure),
+                            f"SDC rate by layer and bit, {r.name} (one colour scale for all "
+                            "models)"))
     blocks += [Table(_field_table(r)) for r in models]
     return blocks
 
