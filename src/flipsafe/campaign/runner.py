@@ -69,15 +69,22 @@ def _field_bits(fields: dict, field: str) -> int:
     return len(fields[field]) if field in fields else 1
 
 
-def _strata_sizes(plan: CampaignPlan, layers) -> dict[tuple[str, str], int]:
+def _strata_sizes(plan: CampaignPlan, layers, n_images: int) -> dict[tuple[str, str], int]:
+    """Fault-space size of each (layer, field) stratum.
+
+    A fault is an (element, bit, image) triple, so sampled plans size the population
+    with the images included. `--n all` enumerates every (element, bit) pair once, each
+    on a seeded random image, so there the images are left out.
+    """
+    per_image = 1 if plan.n == "all" else n_images
     sizes = {}
     for info in layers:
         if plan.fault in _WHOLE_VALUE:
-            sizes[(info.name, "value")] = info.numel
+            sizes[(info.name, "value")] = info.numel * per_image
             continue
         for field, bits in info.fields.items():
             width = bits if isinstance(bits, int) else len(bits)
-            sizes[(info.name, field)] = info.numel * width
+            sizes[(info.name, field)] = info.numel * width * per_image
     return sizes
 
 
@@ -138,7 +145,7 @@ def prepare(plan: CampaignPlan) -> Prepared:
     # folded into them on deployment); a regex selects anything else.
     select = "conv|linear" if plan.layers == "all" else plan.layers
     layers = engine.layers(_ENGINE_SITE[plan.site], select)
-    strata = plan_strata(plan, _strata_sizes(plan, layers))
+    strata = plan_strata(plan, _strata_sizes(plan, layers, int(image_ids.numel())))
     return Prepared(plan, engine, images, labels, image_ids, engine.classifier(), layers, strata)
 
 
@@ -160,7 +167,7 @@ def fault_list(prep: Prepared):
             continue
         gen = torch.Generator().manual_seed(_stratum_seed(plan.seed, s.layer, s.field))
         field = None if s.field == "value" else s.field
-        if s.n >= s.size and plan.fault == "bitflip":
+        if plan.n == "all" and plan.fault == "bitflip":
             index, mask = _every_fault(engine.fmt, numel[s.layer], field, meta)
             d = draw(plan.fault, engine.fmt, s.n, field, gen, meta=meta)
             d.mask = mask
