@@ -97,8 +97,9 @@ def test_calibration_table_holds_the_ece_of_each_clean_model(html_report, checkp
         assert rows[name][4] == fmt_rate(hand_ece(probs, labels))
 
 
-def test_markdown_writes_png_files_beside_it(models, tmp_path):
-    out = write_report(models, tmp_path / "r" / "report.md", fmt="md")
+def test_markdown_writes_png_files_beside_it_under_the_given_names(models, tmp_path):
+    names = ["linear head", "cosine head"]
+    out = write_report(models, tmp_path / "r" / "report.md", fmt="md", names=names)
     text = out.read_text(encoding="utf-8")
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(linked) == 7
@@ -106,17 +107,13 @@ def test_markdown_writes_png_files_beside_it(models, tmp_path):
     for name in linked:
         assert name.startswith("report-")
         assert (out.parent / name).read_bytes()[:8] == PNG_MAGIC
-    summary = summary_table(models[0], models[1:])
-    models_block = summary.split("\n\n")[1]
-    for row in text_cells(models_block):
-        assert "| " + " | ".join(row) + " |" in text
-
-
-def test_names_replace_folder_names(models, tmp_path):
-    out = write_report(models, tmp_path / "n.html", names=["linear head", "cosine head"])
-    html = out.read_text(encoding="utf-8")
-    assert "Improvement: linear head / cosine head" in html
-    assert "cosine head is" in html and "LESS resilient than linear head" in html
+    renamed = [replace(r, name=n) for r, n in zip(models, names)]
+    summary = summary_table(renamed[0], renamed[1:])
+    for block in summary.split("\n\n")[1:5]:
+        for row in text_cells(block):
+            assert "| " + " | ".join(row) + " |" in text
+    assert "**Improvement: linear head / cosine head**" in text
+    assert "cosine head is" in text and "LESS resilient than linear head" in text
     # The caller's results keep their own names.
     assert [r.name for r in models] == ["baseline", "cosine"]
 
