@@ -277,12 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="per-layer SDC/DUE rates with intervals")
     p.add_argument("results_dir")
-    p.add_argument("--vs", action="append", default=[], help="another results folder to compare")
+    p.add_argument("--vs", nargs="+", action="extend", default=[],
+                   help="results folders of other models run with the same plan")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("report", help="write an HTML (or Markdown) report")
     p.add_argument("results_dir")
-    p.add_argument("--vs", action="append", default=[], help="another results folder to compare")
+    p.add_argument("--vs", nargs="+", action="extend", default=[],
+                   help="results folders of other models run with the same plan")
     p.add_argument("--out", default="report.html")
     p.add_argument("--format", default="html", help="html or md")
     p.set_defaults(func=cmd_report)

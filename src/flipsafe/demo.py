@@ -1,8 +1,10 @@
-"""The offline demo: baseline, text-guided and cosine-control models on digits."""
+"""The offline demo: train baseline, text-guided and cosine-control models on digits,
+run last-layer and all-layer campaigns with and without range clamping, write a report."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -18,26 +20,75 @@ DEMO_MODELS = (
 )
 
 
+@dataclass(frozen=True)
+class DemoCampaign:
+    """One campaign the demo runs on every model."""
+
+    name: str
+    layers: str
+    n: int
+    clamp: str
+
+
+def demo_campaigns(quick: bool) -> tuple[DemoCampaign, ...]:
+    last, every = (600, 60) if quick else (3000, 300)
+    return (
+        DemoCampaign("last-layer", "last", last, "none"),
+        DemoCampaign("last-layer-clamped", "last", last, "profiled"),
+        DemoCampaign("all-layers", "all", every, "none"),
+        DemoCampaign("all-layers-clamped", "all", every, "profiled"),
+    )
+
+
 def run_demo(out="flipsafe-demo", quick: bool = False, console: Console | None = None) -> dict:
-    """Train the three demo models on digits, save them under `out`, print their accuracies."""
+    """Train the demo models, run their campaigns and write report.html under `out`."""
+    from flipsafe.campaign.runner import make_plan, run_campaign
+    from flipsafe.report import load_results, summary_table, write_report
     from flipsafe.workflow import train_classifier
 
     console = console or Console()
     out = Path(out)
-    config = TrainConfig(epochs=4 if quick else 15, seed=0)
+    config = TrainConfig(epochs=3 if quick else 6, seed=0)
     started = time.perf_counter()
-    results = {}
+    models = {}
     for name, head in DEMO_MODELS:
         _, meta, result = train_classifier(
-            dataset="digits", arch=DEMO_ARCH, head=head, out=out / name, config=config,
+            dataset="digits", arch=DEMO_ARCH, head=head, out=out / "models" / name, config=config,
         )
-        results[name] = {"dir": str(out / name), "accuracy": result.accuracy, "head": meta["head"]}
+        models[name] = {"dir": out / "models" / name, "accuracy": result.accuracy, "head": meta["head"]}
+    trained = time.perf_counter()
+    _print_accuracies(console, models, config)
+
+    campaigns = {}
+    for c in demo_campaigns(quick):
+        folders = []
+        for name, m in models.items():
+            plan = make_plan(m["dir"], site="activations", layers=c.layers, n=c.n, clamp=c.clamp,
+                             format="fp32", fault="bitflip", seed=0)
+            folder = out / "campaigns" / c.name / name
+            run_campaign(plan, folder, show_progress=True)
+            folders.append(folder)
+        campaigns[c.name] = folders
+        results = [load_results(f) for f in folders]
+        console.rule(f"{c.name}: fp32 single-bit flips in activations, clamp={c.clamp}")
+        console.print(summary_table(results[0], vs=results[1:]), markup=False, highlight=False)
+    injected = time.perf_counter()
+
+    report = write_report(campaigns["last-layer"], out / "report.html", names=list(models))
+    write_report(campaigns["all-layers"], out / "report-all-layers.html", names=list(models))
+    console.print(
+        f"training {trained - started:.0f} s, campaigns {injected - trained:.0f} s, "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
+    console.print(f"report: {report}")
+    return {"models": models, "campaigns": campaigns, "report": report}
+
+
+def _print_accuracies(console: Console, models: dict, config: TrainConfig) -> None:
     table = Table(title=f"digits, {DEMO_ARCH}, {config.epochs} epochs, seed {config.seed}")
     table.add_column("model")
     table.add_column("head")
     table.add_column("test accuracy", justify="right")
-    for name, r in results.items():
+    for name, r in models.items():
         table.add_row(name, r["head"], f"{100 * r['accuracy']:.2f}%")
     console.print(table)
-    console.print(f"models saved under {out}/ ({time.perf_counter() - started:.0f} s)")
-    return results

@@ -150,3 +150,15 @@ def test_killed_campaign_resumes_to_exactly_the_planned_rows(mlp_checkpoint, tmp
     table = _store(out).read()
     assert table.num_rows == total
     assert sorted(table.column("fault_id").to_pylist()) == list(range(total))
+
+
+def test_clamped_campaign_uses_cached_ranges_identically(mlp_checkpoint, tmp_path):
+    from flipsafe.campaign.runner import RANGES_FILE
+
+    cache = mlp_checkpoint / RANGES_FILE.format(format="fp32")
+    cache.unlink(missing_ok=True)
+    plan = _plan(mlp_checkpoint, n=30, clamp="profiled")
+    run_campaign(plan, tmp_path / "first", show_progress=False)  # profiles and caches
+    assert cache.is_file()
+    run_campaign(plan, tmp_path / "second", show_progress=False)  # reads the cache
+    _assert_same_rows(_store(tmp_path / "first").read(), _store(tmp_path / "second").read())

@@ -128,7 +128,7 @@ def prepare(plan: CampaignPlan) -> Prepared:
     images, labels = bundle.test.tensors()
     engine = Engine(ckpt.model, format=plan.format, clamp=plan.clamp,
                     input_shape=tuple(images.shape[1:]))
-    _profiled_ranges(ckpt, bundle, engine, plan.format)
+    engine.set_ranges(_profiled_ranges(ckpt, bundle, engine, plan.format))
     golden = engine.golden(images, labels, layers=[])
     g = golden.outcomes
     if plan.images == "correct":
