@@ -81,7 +81,7 @@ def as_float32(x, who: str) -> torch.Tensor:
         raise ConfigError(
             f"{who} expects a float tensor, got {x.dtype}; choose one of: {', '.join(INPUT_DTYPES)}"
         )
-    return x.to(torch.float32).contiguous()
+    return x.detach().to(torch.float32).contiguous()
 
 
 def as_codes(codes, who: str) -> torch.Tensor:

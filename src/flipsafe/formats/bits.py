@@ -21,7 +21,7 @@ def _prepare(codes, index, mask, who):
         got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
         raise ConfigError(f"{who}: codes must be an integer code tensor, got {got}; choose one "
                           f"of: {', '.join(CODE_DTYPES)}")
-    flat = codes.reshape(-1).clone()
+    flat = codes.reshape(-1)
     n, width = flat.numel(), 32 if codes.dtype == torch.int32 else 64
     mask = torch.as_tensor(mask, device=flat.device)
     if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.dtype == torch.bool:
@@ -88,6 +88,7 @@ def flip_bits(codes: torch.Tensor, index, mask) -> torch.Tensor:
     flat, index, mask = _prepare(codes, index, mask, "flip_bits")
     if index is None:
         return (flat ^ mask).view(codes.shape)
+    flat = flat.clone()
     for take in _rounds(index):
         i, m = (index, mask) if take is None else (index[take], mask[take])
         flat[i] = flat[i] ^ m
@@ -115,6 +116,7 @@ def force_bits(codes: torch.Tensor, index, mask, value) -> torch.Tensor:
                           f"{mask.numel()} masks; give one value or one per mask") from None
     if index is None:
         return torch.where(v, flat | mask, flat & ~mask).view(codes.shape)
+    flat = flat.clone()
     for take in _rounds(index):
         i, m, b = (index, mask, v) if take is None else (index[take], mask[take], v[take])
         old = flat[i]

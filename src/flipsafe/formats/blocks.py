@@ -52,6 +52,11 @@ class BlockFormat(Format):
     scale those alone would give (±inf saturates, NaN becomes the element NaN, or 0 for
     elements without one).
 
+    ``mx*`` formats (blocks of 32) name the metadata ``scale``. ``bfp{M}`` (blocks of 16)
+    is the same construction with M-bit two's-complement mantissas of M - 2 fraction bits
+    (so ``bfp8`` is MXINT8 with a different block size), and names the metadata
+    ``exponent``: its shared exponent is floor(log2(max |V|)).
+
     Any last-dimension length is accepted: a partial final block is padded with zeros
     for the maximum. Metadata shape is ``x.shape[:-1] + (n_blocks,)`` (a 0-d x is treated
     as shape (1,)). Decoding multiplies exactly in float32, so a faulted scale that takes

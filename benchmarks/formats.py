@@ -1,0 +1,106 @@
+"""Throughput of encode + one random bit flip per element + decode, against the per-scalar way."""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import time
+
+import numpy as np
+import torch
+
+from flipsafe import formats
+
+FORMATS = [
+    "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "float_e3m2fin", "int8", "int4",
+    "int8_channel", "fixed_q8.8", "bfp8", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3",
+    "mxfp6_e3m2", "mxfp4_e2m1", "mxint8",
+]
+
+
+def vectorised(fmt, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    enc = fmt.encode(x)
+    enc.codes = formats.flip_bits(enc.codes, None, mask)
+    return fmt.decode(enc)
+
+
+def tensorfi2_bitflip(f: float, pos: int) -> float:
+    """TensorFI 2's single bit flip of a 32-bit float, through struct and its four bytes."""
+    b = list(struct.unpack("BBBB", struct.pack("f", f)))
+    q, r = divmod(pos, 8)
+    b[q] ^= 1 << r
+    return struct.unpack("f", struct.pack("BBBB", *b))[0]
+
+
+def torchei_bitflip(f: float, pos: int) -> float:
+    """TorchEI's single bit flip: struct to a '0'/'1' string, swap one character, back."""
+    bits = bin(struct.unpack("!I", struct.pack("!f", f))[0])[2:].zfill(32)
+    bits = bits[:pos] + ("0" if bits[pos] == "1" else "1") + bits[pos + 1:]
+    return struct.unpack("!f", struct.pack("!I", int(bits, 2)))[0]
+
+
+def per_scalar_tensorfi2(x: torch.Tensor, index: np.ndarray, bits: np.ndarray) -> torch.Tensor:
+    """Each chosen element read from the array, flipped, written back, one at a time."""
+    a = x.numpy().copy()
+    flat = a.reshape(-1)
+    for i, b in zip(index.tolist(), bits.tolist()):
+        flat[i] = tensorfi2_bitflip(float(flat[i]), b)
+    return torch.from_numpy(a)
+
+
+def per_scalar_torchei(x: torch.Tensor, index: np.ndarray, bits: np.ndarray) -> torch.Tensor:
+    """TorchEI's loop: element .item(), flip, assign back into the tensor."""
+    w = x.clone().reshape(-1)
+    for i, b in zip(index.tolist(), bits.tolist()):
+        w[i] = torchei_bitflip(w[i].item(), b)
+    return w.reshape(x.shape)
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--elements", type=int, default=4 * 2**20)
+    ap.add_argument("--scalar-sample", type=int, default=20_000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--formats", nargs="*", default=FORMATS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.elements // 1024, 1024, generator=g) * 4.0
+    n = x.numel()
+    sample = torch.randperm(n, generator=g)[: args.scalar_sample].numpy()
+    print(f"{n:,} random float32 elements, shape {tuple(x.shape)}, {args.threads} threads; "
+          f"vectorised: best of {args.repeats}.")
+    print(f"Per-scalar ways timed once on {len(sample):,} of the same elements with the same "
+          "bits, extrapolated per element; they flip the fp32 pattern and do no format "
+          "conversion, so they are a lower bound on their cost in any other format.")
+    head = f"{'format':<15}{'Melem/s':>9}{'struct elem/s':>15}{'ratio':>8}"
+    print(f"{head}{'TorchEI elem/s':>16}{'ratio':>8}")
+    for name in args.formats:
+        fmt = formats.get(name)
+        bits = torch.randint(0, fmt.bits, (n,), generator=g)
+        # One random bit per element, as the per-scalar ways get their bit positions ready.
+        mask = formats.bit_mask(bits).to(torch.int32)
+        rate = n / best_of(lambda fmt=fmt, mask=mask: vectorised(fmt, x, mask), args.repeats)
+        sbits = np.minimum(bits.numpy()[sample], 31)
+        rates = []
+        for way in (per_scalar_tensorfi2, per_scalar_torchei):
+            t = time.perf_counter()
+            way(x, sample, 31 - sbits)  # struct's byte/string order counts from the top
+            rates.append(len(sample) / (time.perf_counter() - t))
+        print(f"{name:<15}{rate / 1e6:>9.1f}{rates[0]:>15,.0f}{rate / rates[0]:>7.0f}x"
+              f"{rates[1]:>16,.0f}{rate / rates[1]:>7.0f}x")
+
+
+if __name__ == "__main__":
+    main()
