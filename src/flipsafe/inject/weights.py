@@ -97,6 +97,27 @@ def bias_output(mod: nn.Module, raw, pos, new, old):
     return raw + db.reshape(n, -1, *([1] * (raw.dim() - 2)))
 
 
+def batchnorm_output(mod: nn.modules.batchnorm._BatchNorm, pname, x, raw, pos, new):
+    """Eval-mode BatchNorm with one corrupted channel per image: the real kernel runs on
+    those channels only, laid side by side as channels of one batch element, so every
+    value is computed exactly as in a full run with the faulty parameter."""
+    n = x.shape[0]
+    c = pos[:, 0]
+    rows = _rows(n, x.device)
+    xc = x[rows, c].unsqueeze(0)  # [1, n, *spatial]
+    weight = mod.weight[c] if mod.weight is not None else None
+    bias = mod.bias[c] if mod.bias is not None else None
+    if pname == "weight":
+        weight = new[:, 0]
+    else:
+        bias = new[:, 0]
+    y = F.batch_norm(xc, mod.running_mean[c], mod.running_var[c], weight, bias, False, 0.0,
+                     mod.eps)
+    out = raw.clone()
+    out[rows, c] = y[0]
+    return out
+
+
 def functional_output(mod: nn.Module, pname: str, args, kwargs, pos, new):
     """Outputs [n, ...] of mod run separately per image with its own corrupted parameter."""
     p = getattr(mod, pname)
@@ -123,4 +144,7 @@ def faulty_raw_output(mod: nn.Module, pname: str, args, kwargs, raw, pos, new, o
         return linear_output(mod, args[0], raw, pos, new, old)
     if pname == "bias" and type(mod) in (nn.Conv2d, nn.Linear) and len(args) == 1:
         return bias_output(mod, raw, pos, new, old)
+    if (isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training
+            and mod.running_mean is not None and pos.shape[1] == 1 and len(args) == 1):
+        return batchnorm_output(mod, pname, args[0], raw, pos, new)
     return functional_output(mod, pname, args, kwargs, pos, new)

@@ -1,0 +1,284 @@
+"""Benchmark the injection engine against PyTorchFI on a CIFAR-style ResNet-18.
+
+Random weights, 32x32 inputs, the same fault lists for both tools, timed in the same
+run. Prints a table and, as its last line, one JSON object. PyTorchFI (PyPI
+pytorchfi==0.6.0) is a benchmark-only dependency: pip install pytorchfi==0.6.0.
+
+    python benchmarks/engine.py [--device cpu] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+
+import torch
+from torch import nn
+
+from flipsafe import models
+from flipsafe.faults import FaultSet
+from flipsafe.inject import Engine
+from flipsafe.metrics.outcomes import GoldenOutcomes, compute_outcomes
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def pfi_layers(model):
+    """Conv2d/Linear leaves in PyTorchFI's traversal order (children, depth first)."""
+    names = []
+
+    def walk(mod, prefix):
+        for name, child in mod.named_children():
+            full = f"{prefix}{name}"
+            if not list(child.children()):
+                if isinstance(child, (nn.Conv2d, nn.Linear)):
+                    names.append(full)
+            else:
+                walk(child, full + ".")
+    walk(model, "")
+    return names
+
+
+def neuron_coords(faults: FaultSet, shapes, order):
+    layer, c, h, w = [], [], [], []
+    for name, idx in zip(faults.layer_names, faults.index.tolist()):
+        shape = shapes[name]
+        coords = []
+        for size in reversed(shape):
+            coords.append(idx % size)
+            idx //= size
+        coords = coords[::-1] + [None] * (3 - len(shape))
+        layer.append(order.index(name))
+        c.append(coords[0])
+        h.append(coords[1])
+        w.append(coords[2])
+    return layer, c, h, w
+
+
+def run_pytorchfi_neurons(pfi, model, faults, shapes, order, images, labels, batch, ranges,
+                          device):
+    """random_neuron_single_bit_inj_batched with our locations: one fault per image."""
+    from pytorchfi.neuron_error_models import random_neuron_single_bit_inj_batched  # noqa: F401
+
+    with torch.no_grad():
+        gold_logits = model(images)
+        gold = GoldenOutcomes.of(gold_logits, labels)
+        layer, c, h, w = neuron_coords(faults, shapes, order)
+        img = faults.image
+        sdc = 0
+        for s in range(0, len(faults), batch):
+            e = min(len(faults), s + batch)
+            pfi.set_conv_max(ranges)
+            # What random_neuron_single_bit_inj_batched declares, at our locations.
+            corrupt = pfi.declare_neuron_fi(
+                batch=list(range(e - s)), layer_num=layer[s:e], dim1=c[s:e], dim2=h[s:e],
+                dim3=w[s:e], function=pfi.single_bit_flip_signed_across_batch)
+            logits = corrupt(images[img[s:e]])
+            out = compute_outcomes(gold.select(img[s:e]), logits, labels[img[s:e]])
+            sdc += int(out.sdc.sum())
+        return sdc
+
+
+def run_pytorchfi_weights(pfi, model, faults, engine, images, labels, per_fault, device):
+    """declare_weight_fi per fault (a model copy with the faulty weight), on the same images."""
+    with torch.no_grad():
+        gold = GoldenOutcomes.of(model(images), labels)
+        order = pfi_layers(model)
+        sdc = 0
+        for s in range(0, len(faults), per_fault):
+            name = faults.layers[int(faults.layer[s])]
+            idx = int(faults.index[s])
+            weight = engine.leaves[name].weight
+            coords = list(torch.unravel_index(torch.tensor(idx), weight.shape))
+            coords = [int(v) for v in coords] + [None] * (4 - weight.dim())
+            codes = engine.params[(name, "weight")]
+            _, new = codes.corrupt(faults.index[s:s + 1], False, faults.mask[s:s + 1],
+                                     faults.op[s:s + 1], faults.value[s:s + 1])
+            corrupt = pfi.declare_weight_fi(layer_num=[order.index(name)], k=[coords[0]],
+                                            dim1=[coords[1]], dim2=[coords[2]],
+                                            dim3=[coords[3]], value=[float(new[0, 0])])
+            logits = corrupt(images)
+            sdc += int(compute_outcomes(gold, logits, labels).sdc.sum())
+        return sdc
+
+
+class Meter:
+    """Work and seconds per label, accumulated over interleaved rounds."""
+
+    def __init__(self, device):
+        self.device, self.work, self.secs = device, {}, {}
+
+    def __call__(self, label, work, fn):
+        out, secs = timed(fn, self.device)
+        self.work[label] = self.work.get(label, 0) + work
+        self.secs[label] = self.secs.get(label, 0.0) + secs
+        return out
+
+    def rate(self, label):
+        return self.work[label] / self.secs[label]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--images", type=int, default=64, help="distinct images")
+    ap.add_argument("--activation-faults", type=int, default=1024)
+    ap.add_argument("--weight-faults", type=int, default=32, help="faults, each on 32 images")
+    ap.add_argument("--batch", type=int, default=32, help="PyTorchFI batch size")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds per comparison")
+    ap.add_argument("--formats", default="bf16,fp16,int8,mxfp8_e4m3")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a few faults, for a smoke test")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.activation_faults, args.weight_faults, args.images, args.rounds = 256, 4, 32, 2
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.CRITICAL)  # PyTorchFI logs every injection
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = models.build("resnet18", 10).eval().to(device)
+    images = torch.randn(args.images, 3, 32, 32, generator=gen).to(device)
+    labels = torch.randint(10, (args.images,), generator=gen).to(device)
+    meter = Meter(device)
+    rounds = args.rounds
+    rows, result = [], {}
+
+    def clean():
+        with torch.no_grad():
+            for s in range(0, images.shape[0], args.batch):
+                model(images[s:s + args.batch])
+    clean()  # warm-up
+
+    # -- activations, fp32: one fault per image, layers uniform over Conv2d/Linear --------
+    engine = Engine(model, "fp32", device=device, chunk=args.batch)
+    ranges = engine.profile(images)  # PyTorchFI's int8 flip needs per-layer ranges too
+    n_act = args.activation_faults
+    act = engine.sample(n_act, "activations", "Conv2d|Linear", "bitflip",
+                        images=torch.arange(n_act) % args.images, generator=gen)
+    from pytorchfi.neuron_error_models import single_bit_flip_func
+    pfi = single_bit_flip_func(model, args.batch, input_shape=[3, 32, 32],
+                               layer_types=[nn.Conv2d, nn.Linear], bits=8,
+                               use_cuda=device.type == "cuda")
+    order = pfi_layers(model)
+    shapes = {i.name: i.output_shape for i in engine.layers("activations", "Conv2d|Linear")}
+    pfi_ranges = [ranges[n] for n in order]
+    golden = meter("act ours", 0, lambda: engine.golden(images, labels, layers=set(act.layers)))
+    meter("act pfi", 0, lambda: GoldenOutcomes.of(model(images), labels))
+    per_round = -(-n_act // rounds)
+    sdc = {"ours": 0, "pfi": 0, "due": 0}
+    for r in range(rounds):
+        part = act.select(slice(r * per_round, (r + 1) * per_round))
+        meter("clean", images.shape[0], clean)
+        out = meter("act ours", len(part),
+                    lambda part=part: engine.run(part, images, labels, golden))
+        sdc["ours"] += int(out.sdc.sum())
+        sdc["due"] += int(out.due.sum())
+        sdc["pfi"] += meter("act pfi", len(part), lambda part=part: run_pytorchfi_neurons(
+            pfi, model, part, shapes, order, images, labels, args.batch, pfi_ranges, device))
+    ours_rate, pfi_rate, clean_rate_ = (meter.rate("act ours"), meter.rate("act pfi"),
+                                        meter.rate("clean"))
+    rows.append(("flipsafe activations fp32", "faults/s", ours_rate,
+                 f"{ours_rate / clean_rate_:.2f}x clean; SDC {sdc['ours']}, DUE {sdc['due']}"))
+    rows.append(("pytorchfi random_neuron_single_bit_inj_batched", "faults/s", pfi_rate,
+                 f"SDC {sdc['pfi']} (its own int8 bit flips)"))
+    result["activations_per_s"] = ours_rate
+    result["activations_vs_pytorchfi"] = ours_rate / pfi_rate
+    result["activations_vs_clean"] = ours_rate / clean_rate_
+
+    # -- weights, fp32: each fault on the same 32 images ---------------------------------------
+    per = min(32, images.shape[0])
+    w_imgs, w_lbls = images[:per], labels[:per]
+    for by in ("element", "layer"):
+        base = engine.sample(args.weight_faults, "weights", "Conv2d|Linear", "bitflip",
+                             images=torch.zeros(args.weight_faults, dtype=torch.long),
+                             generator=gen, by=by)
+        wf = base.select(torch.arange(len(base)).repeat_interleave(per))
+        wf.image = torch.arange(per).repeat(len(base))
+        tag = "weights uniform" if by == "element" else "layers uniform"
+        g_w = meter(f"w ours {by}", 0, lambda wf=wf: engine.golden(w_imgs, w_lbls,
+                                                                   layers=set(wf.layers)))
+        meter(f"w pfi {by}", 0, lambda: model(w_imgs))
+        per_r = -(-len(base) // rounds) * per
+        counts = {"ours": 0, "pfi": 0}
+        for r in range(rounds):
+            part = wf.select(slice(r * per_r, (r + 1) * per_r))
+            if not len(part):
+                continue
+            meter("clean", images.shape[0], clean)
+            out_w = meter(f"w ours {by}", len(part),
+                          lambda part=part, g_w=g_w: engine.run(part, w_imgs, w_lbls, g_w))
+            counts["ours"] += int(out_w.sdc.sum())
+            counts["pfi"] += meter(f"w pfi {by}", len(part), lambda part=part: run_pytorchfi_weights(
+                pfi, model, part, engine, w_imgs, w_lbls, per, device))
+        ours_w, pfi_w = meter.rate(f"w ours {by}"), meter.rate(f"w pfi {by}")
+        rows.append((f"flipsafe weights fp32 ({tag})", "pairs/s", ours_w,
+                     f"SDC {counts['ours']}"))
+        rows.append((f"pytorchfi declare_weight_fi ({tag})", "pairs/s", pfi_w,
+                     f"SDC {counts['pfi']}"))
+        key = "weights_vs_pytorchfi" if by == "element" else "weights_vs_pytorchfi_layers_uniform"
+        result[key] = ours_w / pfi_w
+
+    # -- last layer, exhaustive ----------------------------------------------------------------
+    ex = meter("last", 0, lambda: engine.exhaustive_last_layer(images[:per], labels[:per]))
+    meter.work["last"] = len(ex)
+    result["last_layer_pairs_per_s"] = meter.rate("last")
+    rows.append(("flipsafe last layer exhaustive fp32", "pairs/s", meter.rate("last"),
+                 f"{len(ex)} pairs, SDC {float(ex.outcomes.sdc.float().mean()) * 100:.2f}%"))
+
+    # -- activations in emulated formats, same recipe ----------------------------------------------
+    result["formats_vs_clean"] = {}
+    for name in [f for f in args.formats.split(",") if f]:
+        eng = Engine(model, name, device=device, chunk=args.batch)
+        eng.profile(images)  # once, as on the training split; not timed
+        faults = eng.sample(n_act, "activations", "Conv2d|Linear", "bitflip",
+                            images=torch.arange(n_act) % args.images, generator=gen)
+        g_f = meter(name, 0, lambda eng=eng, faults=faults: eng.golden(
+            images, labels, layers=set(faults.layers)))
+        clean_label = f"clean {name}"
+        n_sdc = 0
+        for r in range(rounds):
+            part = faults.select(slice(r * per_round, (r + 1) * per_round))
+            meter(clean_label, images.shape[0], clean)
+            meter("clean", images.shape[0], clean)
+            out_f = meter(name, len(part), lambda eng=eng, part=part, g_f=g_f: eng.run(
+                part, images, labels, g_f))
+            n_sdc += int(out_f.sdc.sum())
+        rate = meter.rate(name)
+        result["formats_vs_clean"][name] = rate / meter.rate(clean_label)
+        rows.append((f"flipsafe activations {name}", "faults/s", rate,
+                     f"{result['formats_vs_clean'][name]:.2f}x clean; SDC {n_sdc}"))
+
+    result["clean_images_per_s"] = meter.rate("clean")
+    rows.insert(0, ("clean fp32 inference (all rounds)", "images/s", meter.rate("clean"), ""))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measurement':<{width}}  {'unit':>9}  {'rate':>12}  notes")
+    for what, unit, rate, note in rows:
+        print(f"{what:<{width}}  {unit:>9}  {rate:12,.1f}  {note}")
+    print(f"activations: {result['activations_vs_pytorchfi']:.2f}x PyTorchFI, "
+          f"{result['activations_vs_clean']:.2f}x clean; weights: "
+          f"{result['weights_vs_pytorchfi']:.2f}x PyTorchFI (weights uniform), "
+          f"{result['weights_vs_pytorchfi_layers_uniform']:.2f}x (layers uniform)")
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else
+                          {a: round(b, 3) for a, b in v.items()})
+                      for k, v in result.items() if not (isinstance(v, float)
+                                                         and math.isnan(v))}))
+
+
+if __name__ == "__main__":
+    main()
