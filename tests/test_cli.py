@@ -8,7 +8,8 @@ from flipsafe.cli import main
 
 def _run(*args):
     return subprocess.run(
-        [sys.executable, "-m", "flipsafe", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "flipsafe", *args], check=False, capture_output=True, text=True,
+        timeout=300,
     )
 
 

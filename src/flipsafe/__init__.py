@@ -13,15 +13,15 @@ from flipsafe.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "FlipsafeError",
-    "UnknownNameError",
+    "CampaignError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
-    "CheckpointError",
+    "FlipsafeError",
     "InjectionError",
-    "CampaignError",
-    "load",
+    "UnknownNameError",
     "__version__",
+    "load",
 ]
 
 

@@ -135,7 +135,7 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     model = build_model(config)
     try:
         state = load_file(str(weights), device=str(map_location))
-    except Exception as exc:  # safetensors raises its own error types
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"cannot read {weights}: {exc}") from None
     try:
         model.load_state_dict(state, strict=True)

@@ -23,7 +23,7 @@ def _add_train_recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
 
 
-def _recipe(args) -> "TrainConfig":  # noqa: F821 - imported lazily
+def _recipe(args):
     from flipsafe.train import TrainConfig
 
     return TrainConfig(
@@ -136,11 +136,11 @@ def _plan_from_args(args):
         except ValueError:
             raise FlipsafeError(f"--n must be a positive integer or 'all', got {n!r}") from None
     margin = args.margin if n is None else None
-    fields = dict(
-        images=args.images, site=args.site, fault=args.fault, layers=args.layers, n=n,
-        confidence=args.confidence, margin=margin, clamp=args.clamp, seed=args.seed,
-        allocation=args.allocation, format=args.format,
-    )
+    fields = {
+        "images": args.images, "site": args.site, "fault": args.fault, "layers": args.layers,
+        "n": n, "confidence": args.confidence, "margin": margin, "clamp": args.clamp,
+        "seed": args.seed, "allocation": args.allocation, "format": args.format,
+    }
     if args.dataset:
         fields["dataset"] = args.dataset
     if args.part_size:

@@ -20,9 +20,11 @@ SCHEDULES = ("cosine", "constant")
 class TrainConfig:
     """Every knob of the recipe; the same values train baseline and text-guided models."""
 
-    epochs: int = 30
-    batch_size: int = 64
+    epochs: int = 15
+    batch_size: int = 128
     optimizer: str = "sgd"
+    # 0.1 made the text-guided head's logit scale collapse on digits (chance accuracy);
+    # 0.05 trains baseline, text-guided and cosine heads alike.
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
