@@ -25,6 +25,9 @@ def test_flip_returns_a_new_tensor_and_works_on_int64():
     codes = torch.tensor([5, 6, 7], dtype=torch.int64)
     out = formats.flip_bits(codes, torch.tensor([2]), torch.tensor([1 << 40]))
     assert codes.tolist() == [5, 6, 7] and out.tolist() == [5, 6, 7 + 2**40]
+    # an int32 mask with bit 31 set means bit 31 of an int64 code, not bits 31..63
+    bit31 = torch.tensor([-(2**31)], dtype=torch.int32)
+    assert formats.flip_bits(codes, torch.tensor([0]), bit31).tolist() == [5 + 2**31, 6, 7]
 
 
 def test_every_format_code_bit_flip_changes_one_bit_of_the_decoded_pattern():

@@ -27,6 +27,8 @@ def _prepare(codes, index, mask, who):
     if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.dtype == torch.bool:
         raise ConfigError(f"{who}: mask must be an integer tensor, got {mask.dtype}; choose one "
                           "of: int32, int64")
+    if width == 64 and mask.dtype != torch.int64:
+        mask = mask.to(torch.int64) & 0xFFFFFFFF  # an int32 mask means its 32-bit pattern
     if width == 32 and mask.dtype == torch.int64 and mask.numel():
         lo, hi = torch.aminmax(mask)
         if int(lo) < 0 or int(hi) >= 2**32:
