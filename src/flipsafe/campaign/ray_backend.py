@@ -1,0 +1,187 @@
+"""Run a campaign's parts on Ray actors while the driver alone writes the results store."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import Counter, deque
+
+import numpy as np
+
+from flipsafe.campaign.plan import CampaignPlan
+from flipsafe.campaign.store import ResultsStore
+from flipsafe.errors import CampaignError, ConfigError, FlipsafeError
+from flipsafe.progress import progress_bar
+
+# How often one part may be lost with its worker before the campaign gives up on it.
+MAX_ATTEMPTS = 4
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "the ray backend needs Ray, which is not installed; run "
+            "pip install 'flipsafe[ray]' or use --backend local"
+        ) from None
+    return ray
+
+
+class _PartWorker:
+    """One Ray actor: rebuilds the plan's model and fault list once, then runs parts on request.
+
+    Errors while preparing are kept and raised by run(), so they reach the driver as the
+    task's error (with their own message) instead of as an anonymous dead actor.
+    """
+
+    def __init__(self, plan_json: str, total_rows: int, cwd: str | None = None):
+        import torch
+
+        from flipsafe.campaign.runner import fault_list, prepare
+
+        # Relative model and dataset paths in the plan are relative to the driver's folder;
+        # Ray starts workers elsewhere. The actor owns its process, so changing it is safe.
+        if cwd and os.path.isdir(cwd):
+            os.chdir(cwd)
+        # Each actor holds one CPU; more threads would only fight the other actors.
+        torch.set_num_threads(1)
+        self._error = None
+        try:
+            self.prep = prepare(CampaignPlan.from_json(plan_json))
+            self.faults, self.fields = fault_list(self.prep)
+            if len(self.faults) != total_rows:
+                raise CampaignError(
+                    f"a Ray worker on {os.uname().nodename} generated {len(self.faults)} faults "
+                    f"where the driver has {total_rows}; every node needs the same flipsafe, "
+                    f"checkpoint ({self.prep.plan.model}) and dataset"
+                )
+        except Exception as exc:  # noqa: BLE001 - kept and re-raised by run()
+            self._error = exc
+
+    def run(self, k: int, start: int, stop: int):
+        from flipsafe.campaign.runner import run_part
+
+        if self._error is not None:
+            raise self._error
+        return k, run_part(self.prep, self.faults, self.fields, start, stop)
+
+
+def _connect(ray, address, workers):
+    """Initialise Ray unless it already is; returns True when this call started the connection."""
+    if ray.is_initialized():
+        return False
+    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            raise ConfigError(
+                f"cannot reach the Ray cluster at {address} ({exc}); check --address, "
+                "or leave it out to start a local Ray"
+            ) from None
+    else:
+        ray.init(num_cpus=workers or os.cpu_count() or 1, ignore_reinit_error=True, **quiet)
+    return True
+
+
+def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
+                     address: str | None = None, workers: int | None = None,
+                     show_progress: bool = True) -> None:
+    """Run parts `todo` of `plan` on Ray actors and write each into `store` as it arrives.
+
+    Uses the Ray already initialised in this process if there is one (and leaves it
+    running); otherwise connects to `address`, or starts a local Ray with `workers`
+    CPUs, and shuts that down afterwards. Each of the `workers` actors (default: the
+    CPUs Ray reports, at most one per part) rebuilds the model and the seeded fault list
+    from the plan, so every node needs flipsafe, the checkpoint at plan.model and the
+    dataset (relative paths are taken from the driver's working folder). Parts lost with
+    a dead actor run again on a fresh one; parts already written stay written whatever
+    happens, so an interrupted run resumes where it was. Actors run the engine on CPU,
+    as prepare() builds it; they request no GPUs.
+    """
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    todo = list(todo)
+    if not todo:
+        return
+    ray = _import_ray()
+    from ray.exceptions import (
+        ObjectLostError,
+        OutOfMemoryError,
+        RayActorError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
+
+    lost_errors = (RayActorError, ObjectLostError, WorkerCrashedError, OutOfMemoryError)
+    started = _connect(ray, address, workers)
+    actors: list = []
+    try:
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        n_actors = max(1, min(workers or int(cpus) or 1, len(todo)))
+        # More actors than CPUs would leave some pending forever; share the CPUs instead.
+        per_actor = min(1.0, cpus / n_actors) if cpus > 0 else 0
+        actor_cls = ray.remote(_PartWorker).options(num_cpus=per_actor, max_restarts=0)
+        plan_json = plan.to_json()
+
+        def new_actor():
+            return actor_cls.remote(plan_json, store.total_rows, os.getcwd())
+
+        actors = [new_actor() for _ in range(n_actors)]
+        queue = deque(todo)
+        running: dict = {}  # ref -> (part, actor slot); one part per actor at a time
+        attempts: Counter = Counter()
+
+        def feed(slot: int) -> None:
+            if queue:
+                k = queue.popleft()
+                start = k * plan.part_size
+                ref = actors[slot].run.remote(k, start, start + store.expected_rows(k))
+                running[ref] = (k, slot)
+
+        for slot in range(n_actors):
+            feed(slot)
+        total = sum(store.expected_rows(k) for k in todo)
+        done = sdc = 0
+        desc = f"{plan.site} {plan.format} {plan.fault} (ray x{n_actors})"
+        with progress_bar(desc, total=total, unit="inj", enabled=show_progress) as bar:
+            while running:
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                k, slot = running.pop(ref)
+                try:
+                    part, table = ray.get(ref)
+                except lost_errors as exc:
+                    attempts[k] += 1
+                    if attempts[k] >= MAX_ATTEMPTS:
+                        raise CampaignError(
+                            f"part {k} was lost with its Ray worker {attempts[k]} times "
+                            f"(last: {type(exc).__name__}); the parts already written are "
+                            "kept, so check the workers' memory and rerun to resume"
+                        ) from None
+                    # The actor is gone; its part goes first to a fresh one.
+                    with contextlib.suppress(Exception):
+                        ray.kill(actors[slot], no_restart=True)
+                    actors[slot] = new_actor()
+                    queue.appendleft(k)
+                    feed(slot)
+                    continue
+                except RayTaskError as exc:
+                    if isinstance(exc.cause, FlipsafeError):
+                        raise exc.cause from None
+                    raise
+                del ref  # frees the result in Ray's object store
+                feed(slot)
+                store.write_part(part, table)
+                done += table.num_rows
+                sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))
+                bar.advance(table.num_rows,
+                            info=f"{bar.rate:,.0f} inj/s  SDC {100 * sdc / done:.2f}%")
+    finally:
+        # Stops work still queued on a Ray that outlives this call (reused or a cluster).
+        for actor in actors:
+            with contextlib.suppress(Exception):  # best effort while unwinding
+                ray.kill(actor, no_restart=True)
+        if started:
+            ray.shutdown()
