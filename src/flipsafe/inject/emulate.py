@@ -202,6 +202,81 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.contiguous().view(torch.int32) == b.contiguous().view(torch.int32)
 
 
+def _probe_tensor() -> torch.Tensor:
+    """Values that exercise every branch of a block quantiser: spread exponents, zeros,
+    float32 subnormals, huge values, +-Inf and NaN, in rows of several lengths."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.exp2(torch.randint(-140, 120, (64, 1),
+                                                                    generator=g).float())
+    x[0, :5] = torch.tensor([0.0, -0.0, 1e-45, -3e-39, 3e38])
+    x[1, 7], x[2, 40], x[3, 3] = float("inf"), float("-inf"), float("nan")
+    x[4] = torch.randn(96, generator=g) * 1e-30
+    return x
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    return ((e + 127) << 23).view(torch.float32)
+
+
+def _mul_pow2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """x * 2**e for integer e in [-252, 254]: two normal factors, one final rounding."""
+    half = e >> 1
+    return x * _pow2(half) * _pow2(e - half)
+
+
+def _mx_quantizer(fmt):
+    """Block quantiser for MX formats with saturating float elements, in a few fused-friendly
+    tensor ops: shared exponent from the block maximum, then each scaled value rounded to
+    the element's mantissa width by adding and subtracting 2**(its exponent + 23 - m), the
+    exponent clamped at the element's smallest normal so subnormals round at its spacing."""
+    el = getattr(fmt, "element", None)
+    if not all(hasattr(el, a) for a in ("exp_bits", "man_bits", "max")) or not getattr(
+            el, "saturate", False):
+        return None
+    bs, emax, top = fmt.block_size, fmt.emax, float(el.max)
+    emin = 2 - 2 ** (el.exp_bits - 1)
+    lo, shift = (emin + 127) << 23, (23 - el.man_bits) << 23
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[-1] if x.dim() else 1
+        if length % bs == 0:
+            xb = x.reshape(*x.shape[:-1], length // bs, bs)
+        elif length < bs:
+            xb = x.unsqueeze(-2)  # one short block per row: zero padding leaves its max
+        else:
+            return fmt.quantize(x)
+        xb = xb.float()
+        amax = (xb.view(torch.int32) & 0x7FFFFFFF).amax(-1, keepdim=True)
+        shared = ((amax >> 23) - (127 + emax)).clamp_(min=-127)
+        v = (xb * _pow2(-shared)).clamp_(-top, top)  # -shared <= 127: a normal factor
+        a = v.abs()
+        c = (a.view(torch.int32) & 0x7F800000).clamp_(min=lo).add_(shift).view(torch.float32)
+        r = torch.copysign(a.add_(c).sub_(c), v, out=v)
+        # 2**shared is a normal float32 except for the smallest shared exponent, -127.
+        out = _mul_pow2(r, shared) if bool((shared < -126).any()) else r.mul_(_pow2(shared))
+        if bool((amax >= 0x7F800000).any()):
+            out = torch.where(amax >= 0x7F800000, float("nan"), out)
+        return out.reshape(x.shape)
+    return quantize
+
+
+def fast_quantizer(fmt):
+    """fmt.quantize, or a faster equivalent for OCP MX float formats. The shortcut is used
+    only if it reproduces fmt.quantize bit for bit on a probe tensor, so a change in the
+    format cannot go unnoticed."""
+    if getattr(fmt, "block_size", None) is None:
+        return fmt.quantize
+    fast = _mx_quantizer(fmt)
+    if fast is None:
+        return fmt.quantize
+    probe = _probe_tensor()
+    for t in (probe, probe[:, :32], probe[:, :4], probe[:, :16].reshape(8, 8, 16)):
+        want, got = fmt.quantize(t), fast(t)
+        if not bool(same_bits(want, got).all()):
+            return fmt.quantize
+    return fast
+
+
 def get_format(name):
     if not isinstance(name, str):
         return name

@@ -188,11 +188,14 @@ class Engine:
     def _ensure_emulation(self):
         if self._quant or self.exact_fp32:
             return
-        quant = {}
+        quant, fast = {}, {}
         for name in self.emulated:
             if self._calls.get(name, 0) == 0:
                 continue
-            quant[name] = self._output_format(name).quantize
+            fmt = self._output_format(name)
+            if id(fmt) not in fast:
+                fast[id(fmt)] = emulate.fast_quantizer(fmt)
+            quant[name] = fast[id(fmt)]
         self._quant = quant
         if self.program is not None:
             self.program.quantize = quant
