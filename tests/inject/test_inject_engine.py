@@ -221,3 +221,23 @@ def test_unchanged_faults_report_golden_outcomes():
         if f.startswith("faulty_"):
             assert torch.equal(getattr(out, f), getattr(out, f.replace("faulty", "golden")))
     assert not out.sdc.any() and bool((out.delta_loss == 0).all())
+
+
+@pytest.mark.parametrize("suffix", [True, False])
+def test_image_blocks_and_sliced_golden_runs_give_the_same_outcomes(monkeypatch, suffix):
+    torch.manual_seed(0)
+    model = TinyNet()
+    x, y = data(24)
+    whole = Engine(model, "bf16", suffix=suffix)
+    ranges = whole.profile(x)
+    gen = torch.Generator().manual_seed(5)
+    faults = FaultSet.cat([whole.sample(60, s, images=24, generator=gen)
+                           for s in ("activations", "weights")])
+    expected = whole.run(faults, x, y, golden=whole.golden(x, y))
+    import flipsafe.inject.engine as engine_module
+    monkeypatch.setattr(engine_module, "GOLDEN_BATCH", 5)
+    small = Engine(model, "bf16", ranges=ranges, suffix=suffix, memory=1)  # 8-image blocks
+    assert_same_outcomes(small.run(faults, x, y), expected)
+    assert small._image_block(faults) == 8
+    g = small.golden(x, y)
+    assert torch.equal(g.logits, whole.golden(x, y).logits)

@@ -31,6 +31,7 @@ SITES.update({p: p for p in PARAMS})
 
 KINDS = ("conv", "linear", "norm", "attention", "other")
 EMULATED = ("conv", "linear", "norm")  # kinds whose outputs are held in the format
+GOLDEN_BATCH = 256  # images per slice of a golden forward
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
           nn.modules.instancenorm._InstanceNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
@@ -125,11 +126,13 @@ class Engine:
     ranges: {layer: max |activation|} from `profile` (needed by clamping and by formats
     with a calibrated scale). suffix: run only the graph after the faulty layer when the
     model traces with torch.fx (False forces full forwards with hooks). chunk: faulty
-    images per forward pass.
+    images per forward pass. memory: bytes of cached activations `run` may hold when it
+    makes its own golden runs (images are then taken in blocks).
     """
 
     def __init__(self, model: nn.Module, format="fp32", clamp: str = "none", ranges=None,
-                 device="cpu", suffix: bool = True, chunk: int = 64, input_shape=None):
+                 device="cpu", suffix: bool = True, chunk: int = 64, input_shape=None,
+                 memory: int = 1 << 30):
         if clamp not in emulate.CLAMPS:
             raise unknown("clamp mode", str(clamp), emulate.CLAMPS)
         if not isinstance(chunk, int) or chunk < 1:
@@ -139,6 +142,7 @@ class Engine:
         self.exact_fp32 = self.fmt.name == "fp32"
         self.clamp = clamp
         self.chunk = chunk
+        self.memory = int(memory)
         self.ranges = {str(k): float(v) for k, v in (ranges or {}).items()}
         self.model = copy.deepcopy(model).eval().to(self.device)
         self.model.requires_grad_(False)
@@ -469,57 +473,91 @@ class Engine:
                     keep.update(p.gathered)
                     keep.update(p.constants)
             keep.difference_update(g.nodes)
-        # Capture hooks run before the emulation hooks, so they see raw outputs.
+        # Capture hooks run before the emulation hooks, so they see raw outputs. The batch
+        # goes through in slices, so a large golden run needs little transient memory.
         handles = self._hooked({n: make(n) for n in layers})
+        logits, parts = [], []
         try:
             with torch.no_grad():
-                if self.program is not None:
-                    logits, cache, _ = self.program.run(g.images, keep=keep)
-                    g.nodes.update(cache)
-                else:
-                    emu = self._hooked(self._emulation_hooks())
-                    try:
-                        logits = self.model(g.images)
-                    finally:
-                        for h in emu:
-                            h.remove()
+                for start in range(0, g.images.shape[0], GOLDEN_BATCH):
+                    x = g.images[start:start + GOLDEN_BATCH]
+                    raw.clear()
+                    inputs.clear()
+                    cache = {}
+                    if self.program is not None:
+                        out, cache, _ = self.program.run(x, keep=keep)
+                    else:
+                        emu = self._hooked(self._emulation_hooks())
+                        try:
+                            out = self.model(x)
+                        finally:
+                            for h in emu:
+                                h.remove()
+                    logits.append(out)
+                    parts.append((dict(raw), dict(inputs), cache))
         finally:
             for h in handles:
                 h.remove()
-        g.raw.update(raw)
-        g.inputs.update(inputs)
-        return logits
+        if len(parts) == 1:
+            r, i, c = parts[0]
+        else:
+            sizes = [t.shape[0] for t in logits]
+            r, i, c = ({k: _cat_values([p[j][k] for p in parts], sizes) for k in parts[0][j]}
+                       for j in range(3))
+        g.raw.update(r)
+        g.inputs.update(i)
+        g.nodes.update(c)
+        return torch.cat(logits)
 
     # -- faulty runs --------------------------------------------------------------------
 
     def run(self, faults: FaultSet, images: torch.Tensor, labels: torch.Tensor,
             golden: Golden | None = None) -> Outcomes:
         """Outcomes of every fault in `faults`, in their order; each fault is injected alone
-        into one run of its image (`faults.image` indexes `images`)."""
+        into one run of its image (`faults.image` indexes `images`).
+
+        Without `golden`, the images are taken in blocks (each image's golden run once), so
+        the cached activations stay within the engine's `memory` budget."""
         images, labels = self._batch(images, labels)
         self._probe(images)
         self._ensure_emulation()
-        groups = self._validate(faults, images.shape[0])
-        if golden is None:
-            golden = self.golden(images, labels, layers={name for name, _ in groups})
-        else:
+        self._validate(faults, images.shape[0])
+        if golden is not None:
             if golden.images.shape != images.shape:
                 raise ConfigError("golden was computed for a different batch of images")
-            self._fill(golden, {name for name, _ in groups})
-        n = len(faults)
-        out = {f: None for f in FIELDS}
-        parts = []
-        dev = self.device
+            return self._run_groups(faults, golden)
+        out = _empty_outcomes(len(faults), self.device)
+        used = torch.unique(faults.image)
+        block = self._image_block(faults)
+        for start in range(0, used.numel(), block):
+            ids = used[start:start + block]
+            rows = torch.isin(faults.image, ids).nonzero().reshape(-1)
+            local = faults.select(rows)
+            local.image = torch.searchsorted(ids, local.image)
+            dev_ids = ids.to(self.device)
+            g = self.golden(images[dev_ids], labels[dev_ids], layers=set(local.layer_names))
+            res = self._run_groups(local, g)
+            for f in FIELDS:
+                getattr(out, f)[rows.to(self.device)] = getattr(res, f)
+        return out
+
+    def _image_block(self, faults: FaultSet) -> int:
+        """Images per golden block: as many as the cached values of `faults`' layers allow."""
+        per_image = 0
+        for name in set(faults.layer_names):
+            per_image += 3 * math.prod(self._shapes.get(name) or (1,))
+        return int(min(512, max(8, self.memory // max(1, 4 * per_image))))
+
+    def _run_groups(self, faults: FaultSet, golden: Golden) -> Outcomes:
+        groups = _groups(faults)
+        self._fill(golden, {name for name, _ in groups})
+        out = _empty_outcomes(len(faults), self.device)
         for (name, param), rows in groups.items():
-            sub = faults.select(rows)
-            res = self._run_group(name, PARAMS[param], sub, golden)
-            parts.append((rows.to(dev), res))
-        for f in FIELDS:
-            ref = getattr(parts[0][1], f) if parts else torch.zeros(0)
-            out[f] = torch.empty(n, dtype=ref.dtype, device=dev)
-            for rows, res in parts:
-                out[f][rows] = getattr(res, f)
-        return Outcomes(**out)
+            res = self._run_group(name, PARAMS[param], faults.select(rows), golden)
+            dev_rows = rows.to(self.device)
+            for f in FIELDS:
+                getattr(out, f)[dev_rows] = getattr(res, f)
+        return out
 
     def _validate(self, faults: FaultSet, n_images: int) -> dict:
         if not isinstance(faults, FaultSet):
@@ -527,10 +565,7 @@ class Engine:
         if len(faults) and (int(faults.image.min()) < 0 or int(faults.image.max()) >= n_images):
             raise InjectionError(f"fault image positions must be in 0..{n_images - 1} (the "
                                  f"batch has {n_images} images)")
-        key = faults.layer * len(PARAMS) + faults.param
-        groups = {}
-        for k in torch.unique(key).tolist():
-            layer, param = faults.layers[k // len(PARAMS)], k % len(PARAMS)
+        for (layer, param), rows in _groups(faults).items():
             pname = PARAMS[param]
             site = {v: s for s, v in SITES.items() if s not in PARAMS}[pname]
             if layer not in self.leaves:
@@ -543,14 +578,11 @@ class Engine:
                     f"layer {layer!r} ({type(self.leaves[layer]).__name__}) has no {site} "
                     f"site; its sites: {', '.join(have) or 'none'}")
             info = self.layers(site, layer)[0]
-            rows = (key == k).nonzero().reshape(-1)
             idx = faults.index[rows]
             if int(idx.min()) < 0 or int(idx.max()) >= info.numel:
                 raise InjectionError(
                     f"fault index {int(idx.max()) if int(idx.max()) >= info.numel else int(idx.min())}"
                     f" is out of range for the {site} of {layer!r}; choose 0..{info.numel - 1}")
-            groups[(layer, param)] = rows
-        return groups
 
     def _limit(self, name: str, pname: str) -> torch.Tensor:
         if pname in ("output", "meta"):
@@ -702,6 +734,35 @@ class Engine:
 
     def bit_positions(self, field=None, meta: bool = False) -> list[int]:
         return positions(self.fmt, field, meta)
+
+
+def _cat_values(values: list, sizes: list):
+    """Join per-slice cached values: batch tensors (or tuples of them) along dim 0;
+    values that do not depend on the images are the same in every slice."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        batched = all(v.dim() > 0 and v.shape[0] == n for v, n in zip(values, sizes))
+        return torch.cat(values) if batched else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat_values(list(v), sizes) for v in zip(*values))
+    return first
+
+
+def _groups(faults: FaultSet) -> dict:
+    """Row indices of the faults of each (layer name, param code), in first-seen order."""
+    key = faults.layer * len(PARAMS) + faults.param
+    return {(faults.layers[k // len(PARAMS)], k % len(PARAMS)):
+            (key == k).nonzero().reshape(-1) for k in torch.unique(key).tolist()}
+
+
+def _empty_outcomes(n: int, device) -> Outcomes:
+    def make(f):
+        if f.endswith("top1"):
+            return torch.zeros(n, dtype=torch.int64, device=device)
+        if f in ("sdc", "due", "nonfinite"):
+            return torch.zeros(n, dtype=torch.bool, device=device)
+        return torch.zeros(n, dtype=torch.float32, device=device)
+    return Outcomes(**{f: make(f) for f in FIELDS})
 
 
 class _Gather:
