@@ -56,14 +56,19 @@ def per_scalar_torchei(x: torch.Tensor, index: np.ndarray, bits: np.ndarray) -> 
     return w.reshape(x.shape)
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def interleaved_best(jobs: dict, rounds: int) -> dict:
+    """Fastest of `rounds` timings of each job, the jobs taking turns round by round, so
+    that a burst of load from other processes slows every job once rather than wiping out
+    one job's timings."""
+    best = dict.fromkeys(jobs, float("inf"))
+    for fn in jobs.values():
+        fn()  # warm-up (lookup tables, allocator)
+    for _ in range(rounds):
+        for key, fn in jobs.items():
+            t = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t)
+    return best
 
 
 def main() -> None:
@@ -81,27 +86,33 @@ def main() -> None:
     n = x.numel()
     sample = torch.randperm(n, generator=g)[: args.scalar_sample].numpy()
     print(f"{n:,} random float32 elements, shape {tuple(x.shape)}, {args.threads} threads; "
-          f"vectorised: encode + flip_bits + decode, best of {args.repeats}.")
+          f"vectorised: encode + flip_bits + decode, fastest of {args.repeats} rounds.")
     print(f"Per-scalar ways (TensorFI 2's struct bitflip; TorchEI's struct-string flip) timed "
-          f"on {len(sample):,} of the same elements with the same bits, best of "
-          f"{args.scalar_repeats}, extrapolated per element; they flip the fp32 pattern and do "
-          "no format conversion, so they are a lower bound on their cost in other formats.")
-    head = f"{'format':<15}{'Melem/s':>9}{'struct elem/s':>15}{'ratio':>8}"
-    print(f"{head}{'TorchEI elem/s':>16}{'ratio':>8}")
+          f"on {len(sample):,} of the same elements with the same bits, fastest of "
+          f"{args.scalar_repeats} rounds, extrapolated per element; they flip the fp32 "
+          "pattern and do no format conversion, so they are a lower bound on their cost in "
+          "other formats.")
+    vec, tfi, tei = {}, {}, {}
     for name in args.formats:
         fmt = formats.get(name)
         bits = torch.randint(0, fmt.bits, (n,), generator=g)
-        # One random bit per element, as the per-scalar ways get their bit positions ready.
+        # One random bit per element; the per-scalar ways get their bit positions ready too.
         mask = formats.bit_mask(bits).to(torch.int32)
-        rate = n / best_of(lambda fmt=fmt, mask=mask: vectorised(fmt, x, mask), args.repeats)
-        sbits = np.minimum(bits.numpy()[sample], 31)
-        rates = []
-        for way, pos in ((per_scalar_tensorfi2, sbits), (per_scalar_torchei, 31 - sbits)):
-            # (TorchEI's string counts bits from the most significant end.)
-            t = best_of(lambda way=way, pos=pos: way(x, sample, pos), args.scalar_repeats)
-            rates.append(len(sample) / t)
-        print(f"{name:<15}{rate / 1e6:>9.1f}{rates[0]:>15,.0f}{rate / rates[0]:>7.0f}x"
-              f"{rates[1]:>16,.0f}{rate / rates[1]:>7.0f}x")
+        vec[name] = lambda fmt=fmt, mask=mask: vectorised(fmt, x, mask)
+        pos = np.minimum(bits.numpy()[sample], 31)
+        tfi[name] = lambda pos=pos: per_scalar_tensorfi2(x, sample, pos)
+        # (TorchEI's string counts bits from the most significant end.)
+        tei[name] = lambda pos=pos: per_scalar_torchei(x, sample, 31 - pos)
+    t_vec = interleaved_best(vec, args.repeats)
+    t_tfi = interleaved_best(tfi, args.scalar_repeats)
+    t_tei = interleaved_best(tei, args.scalar_repeats)
+    head = f"{'format':<15}{'Melem/s':>9}{'struct elem/s':>15}{'ratio':>8}"
+    print(f"{head}{'TorchEI elem/s':>16}{'ratio':>8}")
+    for name in args.formats:
+        rate = n / t_vec[name]
+        r_tfi, r_tei = len(sample) / t_tfi[name], len(sample) / t_tei[name]
+        print(f"{name:<15}{rate / 1e6:>9.1f}{r_tfi:>15,.0f}{rate / r_tfi:>7.0f}x"
+              f"{r_tei:>16,.0f}{rate / r_tei:>7.0f}x")
 
 
 if __name__ == "__main__":

@@ -187,8 +187,8 @@ def test_half_precision_inputs_are_accepted_exactly():
     assert torch.equal(fmt.quantize(x), fmt.quantize(x.float()))
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int32),
-                                 [1.0, 2.0]])
+@pytest.mark.parametrize("bad", [torch.zeros(3, dtype=torch.float64),
+                                 torch.zeros(3, dtype=torch.int32), [1.0, 2.0]])
 def test_wrong_input_dtype_names_the_choices(bad):
     fmt = formats.get("fp8_e4m3")
     for op in (fmt.quantize, fmt.encode):

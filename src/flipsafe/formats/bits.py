@@ -9,7 +9,10 @@ from flipsafe.formats.base import CODE_DTYPES
 
 
 def bit_mask(positions) -> torch.Tensor:
-    """Masks 1 << p (int64) for bit positions p in [0, 63], e.g. ``bit_mask(fmt.fields["sign"])``."""
+    """Masks 1 << p (int64) for bit positions p in [0, 63].
+
+    For example ``bit_mask(fmt.fields["sign"])``; bit 63 gives -2**63 (its int64 pattern).
+    """
     p = torch.as_tensor(positions, dtype=torch.int64)
     if p.numel() and not bool(((p >= 0) & (p <= 63)).all()):
         raise ConfigError(f"bit positions must be in 0..63, got {positions}")
