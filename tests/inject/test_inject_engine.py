@@ -161,7 +161,8 @@ def test_bad_requests_raise_flipsafe_errors_listing_choices():
         engine.run(FaultSet(["missing"], layer=0, index=0, mask=1), x, y)
     with pytest.raises(InjectionError, match="0..255"):
         engine.run(FaultSet(["conv3"], layer=0, index=256, mask=1), x, y)
-    with pytest.raises(InjectionError, match="no biases site; its sites: activations, weights"):
+    with pytest.raises(InjectionError, match="no biases site .*no floating-point bias.*; its sites: "
+                       "activations, weights$"):
         engine.run(FaultSet(["conv2"], layer=0, index=0, mask=1, param="bias"), x, y)
     with pytest.raises(InjectionError, match="no metadata"):
         engine.layers("metadata")
@@ -241,3 +242,28 @@ def test_image_blocks_and_sliced_golden_runs_give_the_same_outcomes(monkeypatch,
     assert small._image_block(faults) == 8
     g = small.golden(x, y)
     assert torch.equal(g.logits, whole.golden(x, y).logits)
+
+
+def test_layers_without_a_site_say_why():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(192, 8)
+            self.act = torch.nn.ReLU()
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            t = self.act(self.act(self.proj(x.flatten(1)))).unsqueeze(1)
+            return self.fc(self.attn(t, t, t)[0][:, 0])
+
+    engine = Engine(Shared(), input_shape=(3, 8, 8))
+    with pytest.raises(InjectionError, match="runs 2 times"):
+        engine.layers("activations", "act")
+    with pytest.raises(InjectionError, match="not a single batch-first tensor"):
+        engine.layers("activations", "attn")
+    with pytest.raises(InjectionError, match="never runs as a module"):
+        engine.layers("weights", "attn.out_proj")
+    with pytest.raises(InjectionError, match="no floating-point weight parameter"):
+        engine.layers("weights", "attn")  # it holds in_proj_weight instead
+    assert [i.name for i in engine.layers("weights")] == ["proj", "fc"]

@@ -309,6 +309,16 @@ class Engine:
                 names.append(n)
         return names
 
+    def _why(self, name: str, param: str) -> str:
+        calls = self._calls.get(name, 0)
+        if calls == 0:
+            return "it never runs as a module (its parent uses its parameters directly)"
+        if calls > 1:
+            return f"it runs {calls} times per forward, so its output is not one value"
+        if param in ("output", "meta"):
+            return "its output is not a single batch-first tensor"
+        return f"it has no floating-point {param.replace('_meta', '')} parameter"
+
     def _info(self, name: str, param: str) -> LayerInfo:
         mod = self.leaves[name]
         w = getattr(mod, "weight", None)
@@ -352,6 +362,9 @@ class Engine:
                 f"are the block formats (mx*, bfp*) and scaled integers (int8, int4, "
                 f"int8_channel)")
         cands = self._candidates(param)
+        if select in self.leaves and select not in cands:
+            raise InjectionError(f"layer {select!r} has no {site} site: {self._why(select, param)}"
+                                 f"; layers with one: {', '.join(cands) or 'none'}")
         if not cands:
             raise InjectionError(f"the model has no layer with a {param} site")
         if select == "all":
@@ -573,10 +586,11 @@ class Engine:
             cands = self._candidates(pname)
             if layer not in cands:
                 have = [s for s, p in SITES.items() if s not in PARAMS
+                        and (self.fmt.meta_fields or p not in ("meta", "weight_meta"))
                         and layer in self._candidates(p)]
                 raise InjectionError(
                     f"layer {layer!r} ({type(self.leaves[layer]).__name__}) has no {site} "
-                    f"site; its sites: {', '.join(have) or 'none'}")
+                    f"site ({self._why(layer, pname)}); its sites: {', '.join(have) or 'none'}")
             info = self.layers(site, layer)[0]
             idx = faults.index[rows]
             if int(idx.min()) < 0 or int(idx.max()) >= info.numel:
