@@ -71,7 +71,7 @@ def run_demo(out="flipsafe-demo", quick: bool = False, console: Console | None =
         campaigns[c.name] = folders
         results = [load_results(f) for f in folders]
         console.rule(f"{c.name}: fp32 single-bit flips in activations, clamp={c.clamp}")
-        console.print(summary_table(results[0], vs=results[1:]), markup=False, highlight=False)
+        print(summary_table(results[0], vs=results[1:]), flush=True)
     injected = time.perf_counter()
 
     report = write_report(campaigns["last-layer"], out / "report.html", names=list(models))
