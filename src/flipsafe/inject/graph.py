@@ -50,6 +50,19 @@ def _gather(value, idx):
     return value
 
 
+def _last_uses(steps: list, output: fx.Node) -> list:
+    """For each step, the values (its inputs) that no later step reads."""
+    last = {}
+    for i, n in enumerate(steps):
+        for a in n.all_input_nodes:
+            last[a] = i
+    frees = [[] for _ in steps]
+    for a, i in last.items():
+        if a is not output:
+            frees[i].append(a)
+    return frees
+
+
 def trace(model: nn.Module) -> fx.Graph:
     """Trace model (modules of torch.nn stay leaves) with in-place ops made out-of-place,
     so cached values are never overwritten later in the same run."""
@@ -88,6 +101,7 @@ class Plan:
     constants: list  # values that do not depend on the images
     dead: bool  # the output does not depend on the start node
     chain: list = field(default_factory=list)  # pointwise nodes right after start
+    frees: list = field(default_factory=list)  # per step: values no later step reads
 
 
 class Program:
@@ -118,6 +132,7 @@ class Program:
                 self.module_nodes.setdefault(n.target, []).append(n)
         self._fns = {n: self._compile(n) for n in self.nodes}
         self._plans: dict = {}
+        self._full_frees = _last_uses(self.nodes[len(self.placeholders):], self.output)
         self.is_tensor: dict = {}
         self.probed = False
 
@@ -190,7 +205,7 @@ class Program:
         for n in self.placeholders[1:]:
             env[n] = n.args[0] if n.args else None
         cache, raw = {}, {}
-        for n in self.nodes[len(self.placeholders):]:
+        for n, frees in zip(self.nodes[len(self.placeholders):], self._full_frees):
             if n in keep_raw:
                 r = self.run_raw(n, env)
                 raw[n] = r
@@ -200,6 +215,8 @@ class Program:
                 env[n] = self._fns[n](env)
             if n in keep:
                 cache[n] = env[n]
+            for a in frees:  # dropped as soon as unused, so memory is reused as in eager mode
+                del env[a]
         return env[self.output], cache, raw
 
     # -- suffix plans --------------------------------------------------------------------
@@ -231,7 +248,7 @@ class Program:
         steps = [(n, self._fns[n]) for n in self.nodes if n in execute]
         plan = Plan(start, steps, sorted(gathered, key=self.order.get),
                     sorted(constants, key=self.order.get), self.output not in down,
-                    self._chain(start))
+                    self._chain(start), _last_uses([n for n, _ in steps], self.output))
         self._plans[start] = plan
         return plan
 
@@ -267,8 +284,10 @@ class Program:
     def run_suffix(self, plan: Plan, start_value, env: dict):
         """Execute plan's steps with env holding gathered/constant inputs; returns logits."""
         env[plan.start] = start_value
-        for n, fn in plan.steps:
+        for (n, fn), frees in zip(plan.steps, plan.frees):
             env[n] = fn(env)
+            for a in frees:
+                del env[a]
         return env[self.output]
 
     def run_chain(self, plan: Plan, start_value, env: dict):

@@ -55,17 +55,51 @@ def conv2d_output(mod: nn.Conv2d, x, raw, pos, new, old):
         y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weights.reshape(-1, *w.shape[1:]), bias,
                      mod.stride, padding, mod.dilation, groups)
         return y.reshape(n, out_ch, *y.shape[2:])
-    group = row // (out_ch // mod.groups)
-    channels = (group * in_g)[:, None] + torch.arange(in_g, device=x.device)
-    xg = x[_rows(n, x.device)[:, None], channels]  # [n, in_g, H, W]
-    kernel = dense_change((row_size,), pos - (row * row_size)[:, None], new - old)
-    delta = F.conv2d(xg.reshape(1, n * in_g, *xg.shape[2:]),
-                     kernel.reshape(n, *w.shape[1:]), None, mod.stride, padding,
-                     mod.dilation, n)[0]
+    if pos.shape[1] <= 64 and mod.padding_mode == "zeros":
+        delta = _conv2d_row_delta(mod, x, raw.shape[2:], row, pos - (row * row_size)[:, None],
+                                  new - old)
+    else:
+        group = row // (out_ch // mod.groups)
+        channels = (group * in_g)[:, None] + torch.arange(in_g, device=x.device)
+        xg = x[_rows(n, x.device)[:, None], channels]  # [n, in_g, H, W]
+        kernel = dense_change((row_size,), pos - (row * row_size)[:, None], new - old)
+        delta = F.conv2d(xg.reshape(1, n * in_g, *xg.shape[2:]),
+                         kernel.reshape(n, *w.shape[1:]), None, mod.stride, padding,
+                         mod.dilation, n)[0]
     out = raw.clone()
     rows = _rows(n, x.device)
     out[rows, row] = raw[rows, row] + delta
     return out
+
+
+def _same_padding(mod: nn.Conv2d) -> tuple[int, int]:
+    if mod.padding == "valid":
+        return 0, 0
+    if mod.padding == "same":  # PyTorch puts the odd pixel at the end
+        return tuple(d * (k - 1) // 2 for d, k in zip(mod.dilation, mod.kernel_size))
+    return mod.padding
+
+
+def _conv2d_row_delta(mod: nn.Conv2d, x, out_hw, row, offset, dw):
+    """Output change of channel `row` [n, Ho, Wo] from weight changes dw [n, G] at flat
+    offsets within that channel's kernel: each is dw times a strided input slice (zero
+    where it falls in the padding), read straight from x."""
+    n, g = offset.shape
+    _, in_g, kh_n, kw_n = mod.weight.shape
+    ho, wo = out_hw
+    (sh, sw), (dh, dw_), (ph, pw) = mod.stride, mod.dilation, _same_padding(mod)
+    c = offset // (kh_n * kw_n)
+    kh = offset % (kh_n * kw_n) // kw_n
+    kw = offset % kw_n
+    c = c + (row // (mod.out_channels // mod.groups) * in_g)[:, None]
+    ih = (kh * dh - ph)[..., None] + sh * torch.arange(ho, device=x.device)  # [n, G, Ho]
+    iw = (kw * dw_ - pw)[..., None] + sw * torch.arange(wo, device=x.device)  # [n, G, Wo]
+    ok = ((ih >= 0) & (ih < x.shape[2]))[..., :, None] & ((iw >= 0) & (iw < x.shape[3]))[
+        ..., None, :]
+    vals = x[_rows(n, x.device)[:, None, None, None], c[..., None, None],
+             ih.clamp(0, x.shape[2] - 1)[..., :, None], iw.clamp(0, x.shape[3] - 1)[..., None, :]]
+    prod = dw[..., None, None] * torch.where(ok, vals, 0.0)
+    return prod[:, 0] if g == 1 else prod.sum(1)
 
 
 def linear_output(mod: nn.Linear, x, raw, pos, new, old):
