@@ -31,10 +31,11 @@ def check(outcomes, expected, fmt):
 
     The reference runs each image alone and recomputes whole layers; the engine runs
     images batched and adds the exact change of the faulty weight, so float sums differ
-    in order (observed: 2e-7 relative, 2e-6 absolute on near-zero losses). Emulated
-    formats round those sums again, and a sum straddling a rounding boundary would move a
-    value by one unit of the format, hence the wider (still tight) tolerance there."""
-    rtol, atol = (1e-4, 1e-4) if fmt == "fp32" else (1e-3, 1e-3)
+    in order (observed: 2e-7 relative and 2e-6 absolute on near-zero losses typically, up
+    to 1.2e-4 relative where exponent faults push values to 1e32 and sums cancel).
+    Emulated formats round those sums again, and a sum straddling a rounding boundary would
+    move a value by one unit of the format."""
+    rtol, atol = (1e-3, 1e-4) if fmt == "fp32" else (1e-3, 1e-3)
     bad = []
     for i, e in enumerate(expected):
         got = {k: getattr(outcomes, k)[i].item() for k in e}
@@ -191,3 +192,41 @@ def test_non_emulated_site_matches_reference():
                            generator=torch.Generator().manual_seed(8))
     assert set(faults.layers) == {"relu1", "relu2", "relu3", "relu4"}
     check(engine.run(faults, x, y), reference_outcomes(ref, x, y, faults), "bf16")
+
+
+class OddConvs(torch.nn.Module):
+    """Convolutions the weight-delta path must index right: dilation, 'same' padding,
+    rectangular kernels and strides, reflect padding, groups."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.a = nn.Conv2d(3, 6, 3, padding="same", dilation=2)
+        self.b = nn.Conv2d(6, 6, (3, 5), stride=(2, 1), padding=(1, 2), groups=3)
+        self.c = nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")
+        self.d = nn.Conv2d(4, 4, 2, stride=2, dilation=1, bias=False)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 2 * 4, 10)
+
+    def forward(self, x):
+        y = self.act(self.b(self.act(self.a(x))))
+        y = self.d(self.act(self.c(y)))
+        return self.fc(y.flatten(1))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "mxfp8_e4m3"])
+def test_convolution_geometries_match_reference(fmt):
+    torch.manual_seed(0)
+    model = OddConvs()
+    x, y = data(4)
+    engine = Engine(model, fmt)
+    ranges = engine.profile(x)
+    ref = Reference(model, fmt, ranges)
+    gen = torch.Generator().manual_seed(11)
+    sites = ["weights", "activations"] + (["weight_metadata"] if fmt != "fp32" else [])
+    faults = FaultSet.cat([engine.sample(40, s, "Conv2d", "bitflip", images=4, generator=gen,
+                                         by="element", field=None if "meta" in s else "exponent")
+                           for s in sites])
+    out = engine.run(faults, x, y)
+    check(out, reference_outcomes(ref, x, y, faults), fmt)
+    assert (out.delta_loss > 1e-3).sum() > len(faults) // 4

@@ -85,6 +85,10 @@ def _conv2d_row_delta(mod: nn.Conv2d, x, out_hw, row, offset, dw):
     offsets within that channel's kernel: each is dw times a strided input slice (zero
     where it falls in the padding), read straight from x."""
     n, g = offset.shape
+    if g > 1:  # a partial block repeats its last position: count it once
+        repeat = torch.zeros_like(offset, dtype=torch.bool)
+        repeat[:, 1:] = offset[:, 1:] == offset[:, :-1]
+        dw = torch.where(repeat, 0.0, dw)
     _, in_g, kh_n, kw_n = mod.weight.shape
     ho, wo = out_hw
     (sh, sw), (dh, dw_), (ph, pw) = mod.stride, mod.dilation, _same_padding(mod)
