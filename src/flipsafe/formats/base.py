@@ -109,8 +109,8 @@ def chunked(fn, step: int, *tensors: torch.Tensor):
     along dim 0 (fn returns a tensor or a tuple of them).
 
     On CPU, elementwise chains over a few hundred thousand values keep their temporaries
-    in cache and let the allocator reuse them, which is several times faster than one pass
-    over a large tensor; other devices get a single call.
+    in cache and let the allocator reuse them, which is markedly faster than one pass over
+    a large tensor; other devices get a single call.
     """
     n = tensors[0].shape[0]
     if tensors[0].device.type != "cpu" or n <= step:

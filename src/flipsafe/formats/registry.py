@@ -81,20 +81,19 @@ def _bfp(name, match, block_size=16):
 
 
 _PATTERNS = [
-    ("float_e{E}m{M}", re.compile(r"float_e(?P<e>\d+)m(?P<m>\d+)(?P<kind>|fn|fin)"),
-     _generic_float),
-    ("float_e{E}m{M}fn", None, None),
-    ("float_e{E}m{M}fin", None, None),
-    ("fixed_q{I}.{F}", re.compile(r"fixed_q(?P<i>\d+)\.(?P<f>\d+)"), _fixed),
-    ("bfp{M}", re.compile(r"bfp(?P<m>\d+)"), _bfp),
+    (re.compile(r"float_e(?P<e>\d+)m(?P<m>\d+)(?P<kind>|fn|fin)"), _generic_float),
+    (re.compile(r"fixed_q(?P<i>\d+)\.(?P<f>\d+)"), _fixed),
+    (re.compile(r"bfp(?P<m>\d+)"), _bfp),
 ]
+_PATTERN_NAMES = ["float_e{E}m{M}", "float_e{E}m{M}fn", "float_e{E}m{M}fin", "fixed_q{I}.{F}",
+                  "bfp{M}"]
 
 
 def names() -> list[str]:
     """Known format names; ``{X}`` marks a number to fill in (``float_e{E}m{M}`` takes a
     suffix ``fn`` for no infinities with an all-ones NaN, or ``fin`` for no infinities
     and no NaN)."""
-    return [*_NAMED, *(p for p, _, _ in _PATTERNS)]
+    return [*_NAMED, *_PATTERN_NAMES]
 
 
 def get(name: str, **options) -> Format:
@@ -110,8 +109,8 @@ def get(name: str, **options) -> Format:
     if key in _NAMED:
         make, args = _NAMED[key], ()
     else:
-        for _, regex, factory in _PATTERNS:
-            match = regex.fullmatch(key) if regex else None
+        for regex, factory in _PATTERNS:
+            match = regex.fullmatch(key)
             if match:
                 make, args = factory, (match,)
                 break
