@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import time
 
 import torch
@@ -117,19 +118,30 @@ def run_pytorchfi_weights(pfi, model, faults, engine, images, labels, per_fault,
 
 
 class Meter:
-    """Work and seconds per label, accumulated over interleaved rounds."""
+    """Work and seconds per label and round. Other processes may load the machine in
+    bursts, so a ratio is the median over rounds of ratios of adjacent measurements."""
 
     def __init__(self, device):
-        self.device, self.work, self.secs = device, {}, {}
+        self.device, self.log = device, {}
 
     def __call__(self, label, work, fn):
         out, secs = timed(fn, self.device)
-        self.work[label] = self.work.get(label, 0) + work
-        self.secs[label] = self.secs.get(label, 0.0) + secs
+        self.log.setdefault(label, []).append((work, secs))
         return out
 
     def rate(self, label):
-        return self.work[label] / self.secs[label]
+        log = self.log[label]
+        return sum(w for w, _ in log) / sum(s for _, s in log)
+
+    def round_rates(self, label):
+        """Per-round rates, one-off work (work 0, e.g. the golden run) spread evenly."""
+        rounds = [(w, s) for w, s in self.log[label] if w]
+        extra = sum(s for w, s in self.log[label] if not w) / len(rounds)
+        return [w / (s + extra) for w, s in rounds]
+
+    def ratio(self, a, b):
+        pairs = [x / y for x, y in zip(self.round_rates(a), self.round_rates(b))]
+        return statistics.median(pairs)
 
 
 def main(argv=None):
@@ -137,10 +149,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=64, help="distinct images")
-    ap.add_argument("--activation-faults", type=int, default=1024)
-    ap.add_argument("--weight-faults", type=int, default=32, help="faults, each on 32 images")
+    ap.add_argument("--activation-faults", type=int, default=2048)
+    ap.add_argument("--weight-faults", type=int, default=96, help="faults, each on 32 images")
     ap.add_argument("--batch", type=int, default=32, help="PyTorchFI batch size")
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds per comparison")
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds per comparison")
     ap.add_argument("--formats", default="bf16,fp16,int8,mxfp8_e4m3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few faults, for a smoke test")
@@ -165,12 +177,27 @@ def main(argv=None):
                 model(images[s:s + args.batch])
     clean()  # warm-up
 
+    pending = {}
+
+    def clean_pair(label):
+        """Clean inference right before and right after a measured round: one round."""
+        w, secs = images.shape[0], timed(clean, device)[1]
+        meter.log.setdefault("clean", []).append((w, secs))
+        if label in pending:
+            w0, s0 = pending.pop(label)
+            meter.log.setdefault(label, []).append((w0 + w, s0 + secs))
+        else:
+            pending[label] = (w, secs)
+
     # -- activations, fp32: one fault per image, layers uniform over Conv2d/Linear --------
     engine = Engine(model, "fp32", device=device, chunk=args.batch)
     ranges = engine.profile(images)  # PyTorchFI's int8 flip needs per-layer ranges too
     n_act = args.activation_faults
     act = engine.sample(n_act, "activations", "Conv2d|Linear", "bitflip",
                         images=torch.arange(n_act) % args.images, generator=gen)
+    # Rounds interleave the tools in time; sorting by layer first keeps each engine call
+    # the size a campaign part would be (both tools get the very same slices).
+    act = act.select(torch.argsort(act.layer, stable=True))
     from pytorchfi.neuron_error_models import single_bit_flip_func
     pfi = single_bit_flip_func(model, args.batch, input_shape=[3, 32, 32],
                                layer_types=[nn.Conv2d, nn.Linear], bits=8,
@@ -184,22 +211,23 @@ def main(argv=None):
     sdc = {"ours": 0, "pfi": 0, "due": 0}
     for r in range(rounds):
         part = act.select(slice(r * per_round, (r + 1) * per_round))
-        meter("clean", images.shape[0], clean)
+        clean_pair("clean act")
         out = meter("act ours", len(part),
                     lambda part=part: engine.run(part, images, labels, golden))
         sdc["ours"] += int(out.sdc.sum())
         sdc["due"] += int(out.due.sum())
         sdc["pfi"] += meter("act pfi", len(part), lambda part=part: run_pytorchfi_neurons(
             pfi, model, part, shapes, order, images, labels, args.batch, pfi_ranges, device))
-    ours_rate, pfi_rate, clean_rate_ = (meter.rate("act ours"), meter.rate("act pfi"),
-                                        meter.rate("clean"))
+        clean_pair("clean act")
+    ours_rate, pfi_rate = meter.rate("act ours"), meter.rate("act pfi")
+    result["activations_per_s"] = ours_rate
+    result["activations_vs_pytorchfi"] = meter.ratio("act ours", "act pfi")
+    result["activations_vs_clean"] = meter.ratio("act ours", "clean act")
     rows.append(("flipsafe activations fp32", "faults/s", ours_rate,
-                 f"{ours_rate / clean_rate_:.2f}x clean; SDC {sdc['ours']}, DUE {sdc['due']}"))
+                 (f"{result['activations_vs_clean']:.2f}x clean; SDC {sdc['ours']}, "
+                  f"DUE {sdc['due']}")))
     rows.append(("pytorchfi random_neuron_single_bit_inj_batched", "faults/s", pfi_rate,
                  f"SDC {sdc['pfi']} (its own int8 bit flips)"))
-    result["activations_per_s"] = ours_rate
-    result["activations_vs_pytorchfi"] = ours_rate / pfi_rate
-    result["activations_vs_clean"] = ours_rate / clean_rate_
 
     # -- weights, fp32: each fault on the same 32 images ---------------------------------------
     per = min(32, images.shape[0])
@@ -220,7 +248,6 @@ def main(argv=None):
             part = wf.select(slice(r * per_r, (r + 1) * per_r))
             if not len(part):
                 continue
-            meter("clean", images.shape[0], clean)
             out_w = meter(f"w ours {by}", len(part),
                           lambda part=part, g_w=g_w: engine.run(part, w_imgs, w_lbls, g_w))
             counts["ours"] += int(out_w.sdc.sum())
@@ -228,15 +255,16 @@ def main(argv=None):
                 pfi, model, part, engine, w_imgs, w_lbls, per, device))
         ours_w, pfi_w = meter.rate(f"w ours {by}"), meter.rate(f"w pfi {by}")
         rows.append((f"flipsafe weights fp32 ({tag})", "pairs/s", ours_w,
-                     f"SDC {counts['ours']}"))
+                     (f"SDC {counts['ours']}; "
+                      f"{meter.ratio(f'w ours {by}', f'w pfi {by}'):.2f}x PyTorchFI")))
         rows.append((f"pytorchfi declare_weight_fi ({tag})", "pairs/s", pfi_w,
                      f"SDC {counts['pfi']}"))
         key = "weights_vs_pytorchfi" if by == "element" else "weights_vs_pytorchfi_layers_uniform"
-        result[key] = ours_w / pfi_w
+        result[key] = meter.ratio(f"w ours {by}", f"w pfi {by}")
 
     # -- last layer, exhaustive ----------------------------------------------------------------
-    ex = meter("last", 0, lambda: engine.exhaustive_last_layer(images[:per], labels[:per]))
-    meter.work["last"] = len(ex)
+    ex, secs = timed(lambda: engine.exhaustive_last_layer(images[:per], labels[:per]), device)
+    meter.log["last"] = [(len(ex), secs)]
     result["last_layer_pairs_per_s"] = meter.rate("last")
     rows.append(("flipsafe last layer exhaustive fp32", "pairs/s", meter.rate("last"),
                  f"{len(ex)} pairs, SDC {float(ex.outcomes.sdc.float().mean()) * 100:.2f}%"))
@@ -248,19 +276,20 @@ def main(argv=None):
         eng.profile(images)  # once, as on the training split; not timed
         faults = eng.sample(n_act, "activations", "Conv2d|Linear", "bitflip",
                             images=torch.arange(n_act) % args.images, generator=gen)
+        faults = faults.select(torch.argsort(faults.layer, stable=True))
         g_f = meter(name, 0, lambda eng=eng, faults=faults: eng.golden(
             images, labels, layers=set(faults.layers)))
         clean_label = f"clean {name}"
         n_sdc = 0
         for r in range(rounds):
             part = faults.select(slice(r * per_round, (r + 1) * per_round))
-            meter(clean_label, images.shape[0], clean)
-            meter("clean", images.shape[0], clean)
+            clean_pair(clean_label)
             out_f = meter(name, len(part), lambda eng=eng, part=part, g_f=g_f: eng.run(
                 part, images, labels, g_f))
+            clean_pair(clean_label)
             n_sdc += int(out_f.sdc.sum())
         rate = meter.rate(name)
-        result["formats_vs_clean"][name] = rate / meter.rate(clean_label)
+        result["formats_vs_clean"][name] = meter.ratio(name, clean_label)
         rows.append((f"flipsafe activations {name}", "faults/s", rate,
                      f"{result['formats_vs_clean'][name]:.2f}x clean; SDC {n_sdc}"))
 

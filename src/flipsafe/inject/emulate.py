@@ -246,7 +246,8 @@ def _mx_quantizer(fmt):
         else:
             return fmt.quantize(x)
         xb = xb.float()
-        amax = (xb.view(torch.int32) & 0x7FFFFFFF).amax(-1, keepdim=True)
+        lo_, hi_ = torch.aminmax(xb, dim=-1, keepdim=True)  # one pass; NaN propagates
+        amax = torch.maximum(-lo_, hi_).view(torch.int32) & 0x7FFFFFFF
         shared = ((amax >> 23) - (127 + emax)).clamp_(min=-127)
         v = (xb * _pow2(-shared)).clamp_(-top, top)  # -shared <= 127: a normal factor
         a = v.abs()

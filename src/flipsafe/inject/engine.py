@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
-from flipsafe.faults import PARAMS, FaultSet, draw, positions
+from flipsafe.faults import PARAMS, FaultSet, draw
 from flipsafe.inject import emulate
 from flipsafe.inject.graph import Program, TraceError
 from flipsafe.inject.weights import faulty_raw_output
@@ -167,7 +167,8 @@ class Engine:
                     codes = emulate.ParamCodes(pfmt, p)
                     self.params[(name, pname)] = codes
                     p.copy_(codes.values)
-                    self._param_limit[(name, pname)] = codes.values.abs().max()
+                    codes.values = p  # one copy of the emulated values: the model's own
+                    self._param_limit[(name, pname)] = p.abs().max()
         self._quant: dict = {}
         self._coders: dict = {}
         self.program = None
@@ -202,9 +203,7 @@ class Engine:
             quant[name] = fast[id(fmt)]
         self._quant = quant
         if self.program is not None:
-            self.program.quantize = quant
-            self.program._fns = {n: self.program._compile(n) for n in self.program.nodes}
-            self.program._plans.clear()
+            self.program.set_quantize(quant)
 
     def set_ranges(self, ranges: dict):
         """Use these activation ranges (as returned by profile) from now on."""
@@ -212,9 +211,7 @@ class Engine:
         self._quant = {}
         self._coders = {}
         if self.program is not None:
-            self.program.quantize = {}
-            self.program._fns = {n: self.program._compile(n) for n in self.program.nodes}
-            self.program._plans.clear()
+            self.program.set_quantize({})
 
     def _quantize(self, name: str, raw: torch.Tensor) -> torch.Tensor:
         q = self._quant.get(name)
@@ -745,9 +742,6 @@ class Engine:
         computed analytically from the cached features."""
         from flipsafe.inject.exhaustive import exhaustive
         return exhaustive(self, images, labels, fault_model, bits, golden)
-
-    def bit_positions(self, field=None, meta: bool = False) -> list[int]:
-        return positions(self.fmt, field, meta)
 
 
 def _cat_values(values: list, sizes: list):

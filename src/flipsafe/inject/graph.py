@@ -136,6 +136,12 @@ class Program:
         self.is_tensor: dict = {}
         self.probed = False
 
+    def set_quantize(self, quantize: dict):
+        """Emulate module outputs with these functions from now on."""
+        self.quantize = quantize
+        self._fns = {n: self._compile(n) for n in self.nodes}
+        self._plans.clear()
+
     # -- execution ---------------------------------------------------------------------
 
     def _compile(self, node: fx.Node):
