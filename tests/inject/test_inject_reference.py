@@ -230,3 +230,29 @@ def test_convolution_geometries_match_reference(fmt):
     out = engine.run(faults, x, y)
     check(out, reference_outcomes(ref, x, y, faults), fmt)
     assert (out.delta_loss > 1e-3).sum() > len(faults) // 4
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_text_guided_model_matches_reference(fmt):
+    """Faults anywhere in a text-guided classifier, head.fc included: the suffix runs
+    F.normalize and the exp(logit_scale) multiply after it."""
+    from flipsafe.textguided.head import make_text_guided
+
+    torch.manual_seed(0)
+    emb = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    model = make_text_guided(TinyNet(classes=4), emb)
+    x, y = data(5)
+    y = y % 4
+    engine = Engine(model, fmt)
+    ranges = engine.profile(x)
+    assert engine.suffix and engine.classifier() == "head.fc"
+    ref = Reference(model, fmt, ranges)
+    gen = torch.Generator().manual_seed(12)
+    faults = FaultSet.cat([
+        engine.sample(20, "activations", "all", "bitflip", images=5, generator=gen),
+        engine.sample(10, "activations", "last", "bitflip", images=5, generator=gen),
+        engine.sample(20, "weights", "all", "bitflip", images=5, generator=gen),
+        engine.sample(10, "weights", "last", "random", images=5, generator=gen)])
+    out = engine.run(faults, x, y)
+    check(out, reference_outcomes(ref, x, y, faults), fmt)
+    assert out.sdc.any()

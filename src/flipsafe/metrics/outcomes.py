@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 FIELDS = ("golden_top1", "faulty_top1", "sdc", "due", "golden_loss", "faulty_loss",
           "delta_loss", "golden_top2diff", "faulty_top2diff", "nonfinite")
@@ -19,8 +20,8 @@ class Outcomes:
       every logit is NaN);
     - sdc: the faulty top-1 differs from the golden top-1 and the run is not a DUE;
     - due: some faulty logit is NaN or +-Inf (detectable, counted, never dropped);
-    - golden/faulty_loss: cross-entropy with the label (NaN/Inf when logits are);
-      delta_loss = |faulty - golden|;
+    - golden/faulty_loss: cross-entropy with the label (torch's: NaN when a logit is NaN
+      or +Inf); delta_loss = |faulty - golden|;
     - golden/faulty_top2diff: 100 * (softmax top-1 - top-2), NaN for non-finite logits;
     - nonfinite: a corrupted value was NaN/Inf before any clamping.
     """
@@ -68,9 +69,9 @@ def top1(logits: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy in float32; NaN or Inf logits give NaN or Inf, not an error."""
-    lse = torch.logsumexp(logits, -1)
-    return lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    """Per-row cross-entropy as torch computes it: NaN if any logit is NaN or +Inf, +Inf if
+    the label's logit alone is -Inf."""
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def top2diff(logits: torch.Tensor) -> torch.Tensor:
