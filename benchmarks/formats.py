@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import struct
 import time
 
@@ -103,6 +104,7 @@ def main() -> None:
         tfi[name] = lambda pos=pos: per_scalar_tensorfi2(x, sample, pos)
         # (TorchEI's string counts bits from the most significant end.)
         tei[name] = lambda pos=pos: per_scalar_torchei(x, sample, 31 - pos)
+    load = os.getloadavg()[0]
     t_vec = interleaved_best(vec, args.repeats)
     t_tfi = interleaved_best(tfi, args.scalar_repeats)
     t_tei = interleaved_best(tei, args.scalar_repeats)
@@ -113,6 +115,9 @@ def main() -> None:
         r_tfi, r_tei = len(sample) / t_tfi[name], len(sample) / t_tei[name]
         print(f"{name:<15}{rate / 1e6:>9.1f}{r_tfi:>15,.0f}{rate / r_tfi:>7.0f}x"
               f"{r_tei:>16,.0f}{rate / r_tei:>7.0f}x")
+    # Other processes on the same cores slow both ways; the load tells how quiet it was.
+    print(f"1-minute load average: {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
+          f"({os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":
