@@ -1,11 +1,10 @@
-"""Benchmark the injection engine against PyTorchFI on a CIFAR-style ResNet-18.
+"""Benchmark the injection engine against PyTorchFI on a CIFAR-style ResNet-18."""
 
-Random weights, 32x32 inputs, the same fault lists for both tools, timed in the same
-run. Prints a table and, as its last line, one JSON object. PyTorchFI (PyPI
-pytorchfi==0.6.0) is a benchmark-only dependency: pip install pytorchfi==0.6.0.
-
-    python benchmarks/engine.py [--device cpu] [--threads 2] [--quick]
-"""
+# Random weights, 32x32 inputs, the same fault lists for both tools, timed in the same
+# run (interleaved rounds). Prints a table and, as its last line, one JSON object.
+# PyTorchFI is a benchmark-only dependency: pip install pytorchfi==0.6.0
+#
+#     python benchmarks/engine.py [--device cpu] [--threads 2] [--quick]
 
 from __future__ import annotations
 
@@ -145,7 +144,7 @@ class Meter:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=64, help="distinct images")

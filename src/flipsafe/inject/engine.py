@@ -699,8 +699,8 @@ class Engine:
         raw_s = take(g.raw[name], img)
         gold = self._quantize(name, raw_s)
         faulty = gold.clone()
-        faulty.reshape(faulty.shape[0], -1)[torch.arange(img.numel(), device=self.device),
-                                            take.offset] = new[:, 0]
+        faulty.view(faulty.shape[0], -1)[torch.arange(img.numel(), device=self.device),
+                                         take.offset] = new[:, 0]
         env = {a: torch.cat([take(g.nodes[a], img)] * 2) for a in others}
         with torch.no_grad():
             out = self.program.run_chain(plan, torch.cat([faulty, gold]), env)

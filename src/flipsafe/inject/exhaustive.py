@@ -1,11 +1,10 @@
-"""Every (weight, bit) fault of the classifier Linear on every image, from cached features.
+"""Every (weight, bit) fault of the classifier Linear on every image, from cached features."""
 
-A fault in weight (o, i) changes only class score o, by dw * x_i. When the format is
-element-wise and what follows the Linear acts on each class score alone (nothing, or a
-scale multiply as in text-guided heads), all faults of an image are evaluated at once
-as columns and their outcomes follow in closed form from the golden scores of the other
-classes. Otherwise every faulty score row is built and run through the rest of the graph.
-"""
+# A fault in weight (o, i) changes only class score o, by dw * x_i. When the format is
+# element-wise and what follows the Linear acts on each class score alone (nothing, or a
+# scale multiply as in text-guided heads), all faults of an image are evaluated at once
+# as columns and their outcomes follow in closed form from the golden scores of the other
+# classes. Otherwise every faulty score row is built and run through the rest of the graph.
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
-"""Layer outputs under per-image parameter faults, without copying the model.
+"""Layer outputs under per-image parameter faults, without copying the model."""
 
-Conv2d and Linear weights: a fault confined to one output channel adds the exact output
-change of that channel, dW_o convolved with (or multiplied by) the layer input, to the
-golden raw output. With one corrupted weight the change is one rounded product per
-output position, so the result differs from recomputing the layer only in float
-summation order (outcomes match; losses match to rounding). Biases add their change.
-Everything else is recomputed per image with torch.func.vmap.
-"""
+# Conv2d and Linear weights: a fault confined to one output channel adds the exact output
+# change of that channel (dW_o convolved with, or multiplied by, the layer input) to the
+# golden raw output. With one corrupted weight the change is one rounded product per
+# output position, so the result differs from recomputing the layer only in float
+# summation order (outcomes match; losses match to rounding). Biases add their change,
+# eval-mode BatchNorm reruns its kernel on the faulty channels, and any other module is
+# recomputed per image with torch.func.vmap.
 
 from __future__ import annotations
 
