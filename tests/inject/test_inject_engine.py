@@ -30,7 +30,8 @@ def assert_same_outcomes(a, b, tol=1e-4):
 
 @pytest.mark.parametrize("arch,fmt", [("resnet20", "fp32"), ("mobilenetv2", "fp32"),
                                       ("vit_tiny", "fp32"), ("resnet20", "bf16"),
-                                      ("vgg11_bn", "mxfp8_e4m3")])
+                                      ("vgg11_bn", "mxfp8_e4m3"), ("mlp", "int8"),
+                                      ("lenet", "fp8_e4m3")])
 def test_suffix_path_equals_full_forward_path(arch, fmt):
     torch.manual_seed(0)
     model = models.build(arch, 10, image_size=8).eval()
