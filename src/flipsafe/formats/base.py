@@ -105,14 +105,15 @@ CHUNK = 1 << 18
 
 
 def chunked(fn, step: int, *tensors: torch.Tensor):
-    """fn applied to slices [i:i + step] along dim 0 of every tensor, results gathered
-    along dim 0 (fn returns a tensor or a tuple of them).
+    """fn applied to slices [i:i + step * threads] along dim 0 of every tensor, results
+    gathered along dim 0 (fn returns a tensor or a tuple of them).
 
-    On CPU, elementwise chains over a few hundred thousand values keep their temporaries
-    in cache and let the allocator reuse them, which is markedly faster than one pass over
-    a large tensor; other devices get a single call.
+    On CPU, elementwise chains over a few hundred thousand values per thread keep their
+    temporaries in cache and let the allocator reuse them, which is markedly faster than
+    one pass over a large tensor; other devices get a single call.
     """
     n = tensors[0].shape[0]
+    step *= torch.get_num_threads()
     if tensors[0].device.type != "cpu" or n <= step:
         return fn(*tensors)
     outs = single = None
