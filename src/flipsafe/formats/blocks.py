@@ -33,10 +33,10 @@ class ScaledInt:
 
     def encode_codes(self, v: torch.Tensor) -> torch.Tensor:
         q = torch.round(v * 2.0**self.frac).clamp_(-self.qmax, self.qmax).nan_to_num_(nan=0.0)
-        return q.to(torch.int32) & ((1 << self.bits) - 1)
+        return q.to(torch.int32).bitwise_and_((1 << self.bits) - 1)
 
     def decode_codes(self, c: torch.Tensor) -> torch.Tensor:
-        return sign_extend(c, self.bits).to(torch.float32) * 2.0**-self.frac
+        return sign_extend(c, self.bits).to(torch.float32).mul_(2.0**-self.frac)
 
 
 class BlockFormat(Format):
@@ -108,7 +108,8 @@ class BlockFormat(Format):
         shared = ((amax >> 23) - (127 + self.emax)).clamp_(min=-127)
         # V / X as V * 2**-shared: exact, except for values so far below the block maximum
         # that they round to zero in any element format.
-        codes = self.element.encode_codes(xb * pow2(-shared).unsqueeze(-1))
+        scaled = torch.mul(xb, pow2(-shared).unsqueeze(-1), out=a.view(torch.float32))
+        codes = self.element.encode_codes(scaled)
         return codes, torch.where(bad, SCALE_NAN, shared + 127)
 
     def decode(self, enc: Encoded) -> torch.Tensor:
@@ -131,4 +132,4 @@ class BlockFormat(Format):
         scale = scale & 0xFF
         x = torch.where(scale == SCALE_NAN, float("nan"), pow2((scale - 127).clamp_(max=127)))
         # P * X is exact whenever it is a float32 (P has few bits; X is a power of two).
-        return self.element.decode_codes(cb) * x
+        return self.element.decode_codes(cb).mul_(x)

@@ -108,7 +108,6 @@ class FloatFormat(Format):
         else:
             self._top = self._value(self.nan_code)
         self._nan_value = 0.0 if self.nan_code is None else self._value(self.nan_code)
-        self._tables: dict[torch.device, torch.Tensor] = {}
 
     def _value(self, code: int) -> float:
         """The magnitude a positive code would have if it were an ordinary number."""
@@ -145,6 +144,7 @@ class FloatFormat(Format):
             return x.to(self._native).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
         if self.exp_bits == 8:
             code = self._encode_e8(bits)
+            sign = bits >> (32 - self.bits)
         else:
             ax = x.abs()
             # Adding C = 2**(exponent of |x| + s) makes the float adder round |x| to m
@@ -152,11 +152,13 @@ class FloatFormat(Format):
             # smallest normal binade for subnormals); subtracting C again is exact.
             c = (ax.view(torch.int32) & EXP32).clamp_(self._c_lo, self._c_hi)
             c = c.add_(self._shift << 23).view(torch.float32)
-            r = (ax + c).sub_(c).clamp_(max=self._top).nan_to_num_(nan=self._nan_value)
+            r = ax.add_(c).sub_(c).clamp_(max=self._top).nan_to_num_(nan=self._nan_value)
             # Scaling by 2**(bias - 127) re-biases the exponent, so the float32 bits shifted
             # down by s are the code; format subnormals land on float32 subnormals, exactly.
-            code = r.mul_(self._down).view(torch.int32) >> self._shift
-        return code.bitwise_or_((bits >> (32 - self.bits)).bitwise_and_(self._sign_code))
+            code = r.mul_(self._down).view(torch.int32).bitwise_right_shift_(self._shift)
+            # (In-place operations throughout: fresh buffers cost more than the arithmetic.)
+            sign = torch.bitwise_right_shift(bits, 32 - self.bits, out=c.view(torch.int32))
+        return code.bitwise_or_(sign.bitwise_and_(self._sign_code))
 
     def _encode_e8(self, bits: torch.Tensor) -> torch.Tensor:
         """Codes for 8-bit exponents: the float32 exponent is the format's, so rounding the
@@ -186,23 +188,16 @@ class FloatFormat(Format):
             return (c << self._shift).view(torch.float32)
         if self._native is not None:
             return c.to(torch.int16).view(self._native).to(torch.float32)
-        if self.bits > 16:
-            return self._decode_arith(c)
-        table = self._tables.get(c.device)
-        if table is None:
-            codes = torch.arange(2**self.bits, dtype=torch.int32, device=c.device)
-            table = self._tables[c.device] = self._decode_arith(codes)
-        return table.index_select(0, (c & (2**self.bits - 1)).reshape(-1)).view(c.shape)
-
-    def _decode_arith(self, c: torch.Tensor) -> torch.Tensor:
         n = self.bits
         ca = c & ((1 << (n - 1)) - 1)
         # The inverse of encoding: code bits as float32 bits, re-biased by 2**(127 - bias);
         # exact, since format subnormals are float32 subnormals there.
-        v = ((ca << self._shift).view(torch.float32) * self._up).view(torch.int32)
-        if self.specials == "ieee":
-            # INF32 plus the mantissa is inf for mantissa 0 and a NaN otherwise.
-            v = torch.where(ca >= self._inf_code, ca + (INF32 - self._inf_code), v)
-        elif self.specials == "fn":
-            v = torch.where(ca == self.nan_code, NAN32, v)
-        return v.bitwise_or_((c << (32 - n)).bitwise_and_(SIGN32)).view(torch.float32)
+        v = (ca << self._shift).view(torch.float32).mul_(self._up).view(torch.int32)
+        special = {"ieee": (self._inf_code, EXP32), "fn": (self.nan_code, NAN32)}
+        if self.specials in special:
+            # (first - 1 - ca) >> 31 is all ones exactly for codes from `first` up, so OR-ing
+            # the masked flag turns the exponent all ones: inf for a zero mantissa, else NaN.
+            first, pattern = special[self.specials]
+            v.bitwise_or_(ca.neg_().add_(first - 1).bitwise_right_shift_(31).bitwise_and_(pattern))
+        sign = torch.bitwise_left_shift(c, 32 - n, out=ca).bitwise_and_(SIGN32)
+        return v.bitwise_or_(sign).view(torch.float32)

@@ -110,7 +110,8 @@ class IntFormat(Format):
         x = as_float32(x, f"{self.name}.encode")
         s = self._scales(x)
         mask = (1 << self.bits) - 1
-        codes = self._per_row(x, s, lambda v, s: self._round(v, s).to(torch.int32) & mask)
+        fn = lambda v, s: self._round(v, s).to(torch.int32).bitwise_and_(mask)
+        codes = self._per_row(x, s, fn)
         return Encoded(codes, {"scale": s.view(torch.int32).clone()})
 
     def decode(self, enc: Encoded) -> torch.Tensor:
@@ -167,7 +168,7 @@ class FixedFormat(Format):
 
     def encode(self, x: torch.Tensor) -> Encoded:
         x = as_float32(x, f"{self.name}.encode")
-        codes = chunked(lambda v: self._ints(v) & self._mask, CHUNK, x.reshape(-1))
+        codes = chunked(lambda v: self._ints(v).bitwise_and_(self._mask), CHUNK, x.reshape(-1))
         return Encoded(codes.view(x.shape))
 
     def decode(self, enc: Encoded) -> torch.Tensor:
