@@ -76,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--elements", type=int, default=4 * 2**20)
     ap.add_argument("--scalar-sample", type=int, default=20_000)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--scalar-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--formats", nargs="*", default=FORMATS)
