@@ -86,8 +86,12 @@ def main() -> None:
     x = torch.randn(args.elements // 1024, 1024, generator=g) * 4.0
     n = x.numel()
     sample = torch.randperm(n, generator=g)[: args.scalar_sample].numpy()
-    print(f"{n:,} random float32 elements, shape {tuple(x.shape)}, {args.threads} threads; "
-          f"vectorised: encode + flip_bits + decode, fastest of {args.repeats} rounds.")
+    # PyTorch's switch for huge-page tensor allocations; with 4 KiB pages, first-touch page
+    # faults on the fresh 16 MiB outputs are a large part of the vectorised time.
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    print(f"{n:,} random float32 elements, shape {tuple(x.shape)}, {args.threads} threads, "
+          f"THP_MEM_ALLOC_ENABLE={thp}; vectorised: encode + flip_bits + decode, fastest of "
+          f"{args.repeats} rounds.")
     print(f"Per-scalar ways (TensorFI 2's struct bitflip; TorchEI's struct-string flip) timed "
           f"on {len(sample):,} of the same elements with the same bits, fastest of "
           f"{args.scalar_repeats} rounds, extrapolated per element; they flip the fp32 "
