@@ -1,11 +1,14 @@
 """Float formats against ml_dtypes: every code, a million-plus casts, and hand-worked flips."""
 
 import copy
+import itertools
+from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from fmt_reference import float_grid, nearest_even
 
 from flipsafe import formats
 from flipsafe.errors import ConfigError
@@ -199,3 +202,24 @@ def test_wrong_input_dtype_names_the_choices(bad):
 def test_decode_refuses_float_codes():
     with pytest.raises(ConfigError, match="int32, int64"):
         formats.get("fp16").decode(formats.Encoded(torch.zeros(3)))
+
+
+@pytest.mark.parametrize("name, e, m, specials", [
+    ("float_e2m2", 2, 2, "ieee"), ("float_e3m3fn", 3, 3, "fn"), ("float_e5m3fin", 5, 3, "finite"),
+    ("float_e6m1", 6, 1, "ieee"), ("float_e4m6fin", 4, 6, "finite"), ("float_e7m2fn", 7, 2, "fn"),
+])
+def test_generic_formats_match_a_scalar_reference(name, e, m, specials):
+    grid = float_grid(e, m, specials)
+    mags = [float(v) for v, _ in grid]
+    rng = np.random.default_rng(e * 10 + m)
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(mags)]
+    x = np.concatenate([mags, mids, rng.uniform(0, mags[-1], 3000),
+                        mags[-1] * 2.0 ** -rng.uniform(0, 2 ** (e - 1) + m + 2, 3000)])
+    x = np.concatenate([x, -x]).astype(np.float32)
+    fmt = formats.get(name)
+    enc = fmt.encode(torch.from_numpy(x))
+    sign = 1 << (fmt.bits - 1)
+    for v, code in zip(x.tolist(), enc.codes.tolist(), strict=True):
+        _, ref = nearest_even(grid, abs(Fraction(v)))
+        assert code == ref | (sign if np.signbit(v) else 0), (v, code, ref)
+    assert same(fmt.decode(enc).numpy(), fmt.quantize(torch.from_numpy(x)).numpy()).all()
