@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -59,6 +60,7 @@ class SentenceTransformerEncoder(TextEncoder):
              offline: bool = False) -> SentenceTransformerEncoder:
         from sentence_transformers import SentenceTransformer
 
+        offline = offline or Path(name_or_path).is_dir()
         try:
             with _offline() if offline else contextlib.nullcontext():
                 model = SentenceTransformer(str(name_or_path), device=device,
@@ -106,9 +108,14 @@ class CLIPEncoder(TextEncoder):
     @classmethod
     def load(cls, name_or_path: str, device: str = "cpu") -> CLIPEncoder:
         transformers = _transformers()
+        # A local folder never touches the network; only a hub name the user typed
+        # may download (on the user's machine, never in tests or the demo).
+        local = Path(name_or_path).is_dir()
         try:
-            tokenizer = transformers.CLIPTokenizer.from_pretrained(str(name_or_path))
-            model = transformers.CLIPTextModelWithProjection.from_pretrained(str(name_or_path))
+            tokenizer = transformers.CLIPTokenizer.from_pretrained(
+                str(name_or_path), local_files_only=local)
+            model = transformers.CLIPTextModelWithProjection.from_pretrained(
+                str(name_or_path), local_files_only=local)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot load CLIP model {str(name_or_path)!r}: {exc}") from None
         return cls(model, tokenizer, f"clip:{name_or_path}", device)
