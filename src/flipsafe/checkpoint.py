@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flipsafe import atomic
 from flipsafe.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -35,22 +34,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to `path` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_model(config: dict) -> nn.Module:
@@ -86,18 +69,12 @@ def save(model: nn.Module, out_dir, config: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, out / WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_path(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
     full = dict(config)
     full["versions"] = {"flipsafe": _flipsafe_version(), "torch": torch.__version__}
     full["files"] = {WEIGHTS: sha256_file(out / WEIGHTS)}
-    write_json_atomic(out / CONFIG, full)
+    atomic.write_json(out / CONFIG, full)
     return out
 
 

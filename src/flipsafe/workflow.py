@@ -66,13 +66,6 @@ def class_embeddings_for(head: HeadSpec, dataset_spec: str, classes: list[str]):
     return _reorder(emb, classes)
 
 
-def _match_class(name: str, available) -> str:
-    lowered = {k.lower(): k for k in available}
-    if name.lower() in lowered:
-        return lowered[name.lower()]
-    raise DataError(f"no description for class {name!r}; the description set has {sorted(available)}")
-
-
 def _reorder(emb, classes: list[str]):
     """Put embeddings in the dataset's class order, checking that every class is present."""
     if len(emb.classes) != len(classes):
@@ -80,7 +73,15 @@ def _reorder(emb, classes: list[str]):
             f"the class embeddings have {len(emb.classes)} classes but the dataset has "
             f"{len(classes)}; embed descriptions of this dataset's classes"
         )
-    order = [emb.classes.index(_match_class(c, emb.classes)) for c in classes]
+    from flipsafe.textguided import canonical_class
+
+    position = {canonical_class(c): i for i, c in enumerate(emb.classes)}
+    missing = [c for c in classes if canonical_class(c) not in position]
+    if missing:
+        raise DataError(
+            f"the class embeddings have no vector for {missing}; they cover {emb.classes}"
+        )
+    order = [position[canonical_class(c)] for c in classes]
     emb.vectors = emb.vectors[order]
     emb.classes = list(classes)
     return emb

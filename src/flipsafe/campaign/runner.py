@@ -17,8 +17,6 @@ from flipsafe.campaign.store import ROW_SCHEMA, ResultsStore
 from flipsafe.errors import CampaignError, ConfigError
 from flipsafe.progress import progress_bar
 
-# Plan site -> engine site.
-_ENGINE_SITE = {"activations": "activations", "weights": "weights", "metadata": "metadata"}
 # Fault models whose effect does not depend on which bits they pick: one stratum per layer.
 _WHOLE_VALUE = ("random", "zero")
 RANGES_FILE = "ranges-{format}.json"
@@ -101,9 +99,9 @@ def _profiled_ranges(ckpt, bundle, engine, fmt: str) -> dict:
             pass  # recomputed and rewritten below
     images, _ = bundle.train.tensors()
     ranges = engine.profile(images.split(256))
-    from flipsafe.checkpoint import write_json_atomic
+    from flipsafe import atomic
 
-    write_json_atomic(path, {"model_sha": sha, "split": "train", "ranges": ranges})
+    atomic.write_json(path, {"model_sha": sha, "split": "train", "ranges": ranges})
     return ranges
 
 
@@ -144,7 +142,7 @@ def prepare(plan: CampaignPlan) -> Prepared:
     # "all" follows GoldenEye: the Conv and Linear layers (normalisations are usually
     # folded into them on deployment); a regex selects anything else.
     select = "conv|linear" if plan.layers == "all" else plan.layers
-    layers = engine.layers(_ENGINE_SITE[plan.site], select)
+    layers = engine.layers(plan.site, select)
     strata = plan_strata(plan, _strata_sizes(plan, layers, int(image_ids.numel())))
     return Prepared(plan, engine, images, labels, image_ids, engine.classifier(), layers, strata)
 
@@ -279,16 +277,13 @@ def _run_parts_locally(prep, faults, fields, store, todo, show_progress) -> None
     with progress_bar(desc, total=total, unit="inj", enabled=show_progress) as bar:
         for k in todo:
             start, stop = part_bounds(store, k, prep.plan.part_size)
-            # Sub-batches keep the progress bar moving within large parts.
-            tables = []
-            step = max(256, prep.engine.chunk * 4)
-            for s in range(start, stop, step):
-                t = run_part(prep, faults, fields, s, min(stop, s + step))
-                tables.append(t)
-                done += t.num_rows
-                sdc += int(np.count_nonzero(t.column("sdc").to_numpy()))
-                bar.advance(t.num_rows, info=f"{bar.rate:,.0f} inj/s  SDC {100 * sdc / done:.2f}%")
-            store.write_part(k, pa.concat_tables(tables))
+            # One engine call per part: its golden run is shared by every fault in it
+            # (measured: twice the rate of 256-fault slices, each with its own golden run).
+            table = run_part(prep, faults, fields, start, stop)
+            store.write_part(k, table)
+            done += table.num_rows
+            sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))
+            bar.advance(table.num_rows, info=f"{bar.rate:,.0f} inj/s  SDC {100 * sdc / done:.2f}%")
 
 
 def estimate_seconds(prep: Prepared, sample: int = 64) -> float:

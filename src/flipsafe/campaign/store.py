@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flipsafe import atomic
 from flipsafe.campaign.plan import CampaignPlan
 from flipsafe.errors import CampaignError
 
@@ -49,39 +50,6 @@ _META_ROWS = b"flipsafe.rows"
 _META_FINGERPRINT = b"flipsafe.fingerprint"
 _META_PART = b"flipsafe.part"
 _META_CHECKSUM = b"flipsafe.checksum"
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(binary file) on a temp file next to path, fsync it, then rename over path."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def content_checksum(table: pa.Table) -> str:
@@ -152,7 +120,7 @@ class ResultsStore:
             "part_size": plan.part_size,
             "parts": self._n_parts(total_rows, plan.part_size),
         }
-        _atomic_write_text(self.out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        atomic.write_text(self.out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
 
     def create_or_resume(self, plan: CampaignPlan, total_rows: int) -> bool:
         """Start a campaign in out_dir, or resume the same one; returns True when resuming.
@@ -201,7 +169,7 @@ class ResultsStore:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         # The manifest goes first: plan.json is what marks the folder as a campaign.
         self._write_manifest(plan, total_rows)
-        _atomic_write_text(plan_path, plan.to_json())
+        atomic.write_text(plan_path, plan.to_json())
         self.plan, self.total_rows = plan, total_rows
         return False
 
@@ -267,7 +235,7 @@ class ResultsStore:
         }
         table = table.replace_schema_metadata(metadata)
         path = self.part_path(k)
-        _atomic_write(path, lambda f: pq.write_table(table, f, write_page_checksum=True))
+        atomic.write_bytes(path, lambda f: pq.write_table(table, f, write_page_checksum=True))
         return path
 
     @staticmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from flipsafe import atomic
 from flipsafe.errors import ConfigError, DataError, unknown
 
 BUNDLED_SETS = ("digits", "cifar10", "cifar100")
@@ -184,18 +184,6 @@ def load_descriptions(path, classes: Iterable[str] | None = None) -> Description
     return _select(_validated(data, where), classes, f"file:{path}", where)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_descriptions(descriptions: Mapping[str, list[str]], path) -> Path:
     """Write descriptions as JSON (or YAML for a .yaml/.yml path); returns the path."""
     path = Path(path)
@@ -204,7 +192,7 @@ def save_descriptions(descriptions: Mapping[str, list[str]], path) -> Path:
         text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=100)
     else:
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    _write_atomic(path, text)
+    atomic.write_text(path, text)
     return path
 
 
@@ -318,7 +306,7 @@ def llm_descriptions(
                 answers[question] = _ask(base_url, model, api_key, question, timeout)
                 # Saved after every answer so an interrupted run keeps what it paid for.
                 if cache_path:
-                    _write_atomic(cache_path, json.dumps(store, indent=2, ensure_ascii=False) + "\n")
+                    atomic.write_text(cache_path, json.dumps(store, indent=2, ensure_ascii=False) + "\n")
             texts.append(answers[question])
         out[c] = texts
     return out

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from flipsafe import atomic
 from flipsafe.errors import ConfigError, DataError
 
 FORMAT = "flipsafe.class_embeddings/1"
@@ -64,14 +63,8 @@ def save_embeddings(emb: ClassEmbeddings, path) -> Path:
         "provenance": json.dumps(emb.provenance, ensure_ascii=False),
     }
     tensors = {"vectors": emb.vectors.detach().float().cpu().contiguous()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
