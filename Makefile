@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/flipsafe demo
 
+# The numerics tests run again on oneDNN's AVX2 kernels and on ATen's portable kernels:
+# other CPUs round convolutions differently, and the suite must hold on every x86-64.
+NUMERICS := tests/inject tests/formats tests/campaign
+
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
+	ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -n 2 $(NUMERICS)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -n 2 $(NUMERICS)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'

@@ -106,6 +106,26 @@ def test_n_all_enumerates_the_last_layer_fault_space(mlp_checkpoint, tmp_path):
     pairs = set(zip(table.column("index").to_pylist(),
                     [b[0] for b in table.column("bits").to_pylist()]))
     assert pairs == {(i, b) for i in range(info.numel) for b in range(32)}
+    # The manifest records each stratum's fault space: exhaustive, so images are not counted.
+    strata = _store(tmp_path / "all").strata
+    assert [(s.layer, s.field, s.size, s.n, s.elements, s.width) for s in strata] == [
+        (info.name, f, info.numel * w, info.numel * w, info.numel, w)
+        for f, w in (("sign", 1), ("exponent", 8), ("mantissa", 23))]
+
+
+def test_manifest_records_sampled_fault_space_with_images(mlp_checkpoint, tmp_path):
+    plan = _plan(mlp_checkpoint, n=30)
+    run_campaign(plan, tmp_path / "r", show_progress=False)
+    prep = prepare(plan)
+    images = prep.image_ids.numel()
+    got = {(s.layer, s.field): (s.size, s.n, s.elements, s.width)
+           for s in _store(tmp_path / "r").strata}
+    numel = {info.name: info.numel for info in prep.layers}
+    assert len(got) == 3 * len(numel)
+    for (layer, field), (size, n, elements, width) in got.items():
+        assert width == {"sign": 1, "exponent": 8, "mantissa": 23}[field]
+        assert elements == numel[layer] and size == elements * width * images
+    assert sum(v[1] for v in got.values()) == 30 * len(numel)
 
 
 def test_different_plan_on_same_folder_is_refused(mlp_checkpoint, tmp_path):

@@ -18,14 +18,54 @@ def data(n=6, side=8, classes=10, seed=0):
     return torch.randn(n, 3, side, side, generator=g), torch.randint(classes, (n,), generator=g)
 
 
-def assert_same_outcomes(a, b, tol=1e-4):
-    for f in ("golden_top1", "faulty_top1", "sdc", "due", "nonfinite"):
+# fp32 kernels may sum in another order for another batch shape (oneDNN picks its algorithm
+# by shape and CPU): a few hundred terms per output, so a relative error of ~1e3 * 2^-24.
+FP32_REASSOCIATION = 1e-4
+
+
+def format_tolerance(fmt) -> float:
+    """Relative tolerance for outcomes of two runs that compute the same model in `fmt`.
+
+    Reassociated fp32 sums can land on either side of a rounding boundary of the emulated
+    format, which then moves one value by one unit in the last place (2 u, u = 2^-(p+1) for
+    p stored mantissa or magnitude bits); allow 4 such steps along the network, never less
+    than fp32 reassociation alone.
+    """
+    if fmt is None:
+        return FP32_REASSOCIATION
+    fields = fmt.fields
+    p = len(fields.get("mantissa", fields.get("magnitude", ())))
+    return max(FP32_REASSOCIATION, 8 * 2.0 ** -(p + 1))
+
+
+def assert_same_outcomes(a, b, tol=FP32_REASSOCIATION):
+    """Two runs of the same faults agree: values within `tol` (relative; absolute near 0;
+    top2diff is in percentage points, so 100 * tol there), and top-1 / SDC wherever both runs
+    see a top-1/top-2 margin wider than that tolerance (inside it a rounding may pick either
+    class). Non-finite outcomes must agree exactly."""
+    for f in ("due", "nonfinite"):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
+    margin = 100 * tol
+    for top1, diff in (("golden_top1", "golden_top2diff"), ("faulty_top1", "faulty_top2diff")):
+        wide = ~((getattr(a, diff) <= margin) | (getattr(b, diff) <= margin))
+        assert torch.equal(getattr(a, top1)[wide], getattr(b, top1)[wide]), top1
+        if top1 == "faulty_top1":
+            assert torch.equal(a.sdc[wide], b.sdc[wide]), "sdc"
     for f in ("golden_loss", "faulty_loss", "delta_loss", "golden_top2diff", "faulty_top2diff"):
         x, y = getattr(a, f), getattr(b, f)
         assert torch.equal(torch.isnan(x), torch.isnan(y)), f
         ok = ~torch.isnan(x)
-        assert torch.allclose(x[ok], y[ok], rtol=tol, atol=tol), f
+        scale = 100 * tol if f.endswith("top2diff") else tol
+        assert torch.allclose(x[ok], y[ok], rtol=tol, atol=scale), f
+
+
+def test_format_tolerance_follows_the_formats_precision():
+    from flipsafe import formats
+
+    assert format_tolerance(formats.get("fp32")) == FP32_REASSOCIATION
+    assert format_tolerance(formats.get("bf16")) == 8 * 2.0 ** -8
+    assert format_tolerance(formats.get("fp16")) == 8 * 2.0 ** -11
+    assert format_tolerance(formats.get("int8")) == 8 * 2.0 ** -8
 
 
 @pytest.mark.parametrize("arch,fmt", [("resnet20", "fp32"), ("mobilenetv2", "fp32"),
@@ -47,7 +87,9 @@ def test_suffix_path_equals_full_forward_path(arch, fmt):
                            for s in sites for m in ("bitflip", "random")])
     a = fast.run(faults, x, y)
     b = full.run(faults, x, y)
-    assert_same_outcomes(a, b)
+    # The suffix runs convolutions on other batch shapes than the full run, so fp32 sums
+    # may reassociate; bit-identity is not promised, agreement within the format's precision is.
+    assert_same_outcomes(a, b, tol=format_tolerance(fast.fmt))
     assert (a.delta_loss > 1e-6).any()
 
 

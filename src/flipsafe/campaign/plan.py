@@ -157,12 +157,35 @@ class CampaignPlan:
 
 @dataclass(frozen=True)
 class Stratum:
-    """One (layer, field) cell of the fault space: size (element, bit) pairs, n faults allocated."""
+    """One (layer, field) cell of the fault space: size faults in it, n faults allocated.
+
+    size counts (element, bit, image) triples for sampled plans and (element, bit) pairs for
+    exhaustive ones (`n="all"`). elements and width, when known, say what is at risk in the
+    hardware: `elements` codes of `width` bits each in this field (images not counted).
+    """
 
     layer: str
     field: str
     size: int
     n: int
+    elements: int | None = None
+    width: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data) -> Stratum:
+        """A Stratum from a results manifest entry; CampaignError if it is malformed."""
+        try:
+            s = cls(**data)
+        except TypeError as exc:
+            raise CampaignError(f"a stratum record is malformed ({exc})") from None
+        ints = (s.size, s.n) + tuple(v for v in (s.elements, s.width) if v is not None)
+        if not (isinstance(s.layer, str) and isinstance(s.field, str)
+                and all(_is_int(v) and v >= 0 for v in ints)):
+            raise CampaignError(f"a stratum record is malformed: {data!r}")
+        return s
 
 
 def _largest_remainder(n: int, sizes: list[int]) -> list[int]:

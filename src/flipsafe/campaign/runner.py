@@ -81,9 +81,26 @@ def _strata_sizes(plan: CampaignPlan, layers, n_images: int) -> dict[tuple[str, 
             sizes[(info.name, "value")] = info.numel * per_image
             continue
         for field, bits in info.fields.items():
-            width = bits if isinstance(bits, int) else len(bits)
-            sizes[(info.name, field)] = info.numel * width * per_image
+            sizes[(info.name, field)] = info.numel * _width(bits) * per_image
     return sizes
+
+
+def _with_exposure(plan: CampaignPlan, layers, strata: list[Stratum]) -> list[Stratum]:
+    """The strata with what each puts at risk: the layer's codes and the field's bit width."""
+    import dataclasses
+
+    info = {layer.name: layer for layer in layers}
+    out = []
+    for s in strata:
+        fields = info[s.layer].fields
+        width = (sum(_width(bits) for bits in fields.values()) if s.field == "value"
+                 else _width(fields[s.field]))
+        out.append(dataclasses.replace(s, elements=info[s.layer].numel, width=width))
+    return out
+
+
+def _width(bits) -> int:
+    return bits if isinstance(bits, int) else len(bits)
 
 
 def _profiled_ranges(ckpt, bundle, engine, fmt: str) -> dict:
@@ -143,7 +160,8 @@ def prepare(plan: CampaignPlan) -> Prepared:
     # folded into them on deployment); a regex selects anything else.
     select = "conv|linear" if plan.layers == "all" else plan.layers
     layers = engine.layers(plan.site, select)
-    strata = plan_strata(plan, _strata_sizes(plan, layers, int(image_ids.numel())))
+    strata = _with_exposure(plan, layers,
+                            plan_strata(plan, _strata_sizes(plan, layers, int(image_ids.numel()))))
     return Prepared(plan, engine, images, labels, image_ids, engine.classifier(), layers, strata)
 
 
@@ -249,7 +267,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     prep = prepare(plan)
     faults, fields = fault_list(prep)
     store = ResultsStore(out)
-    store.create_or_resume(plan, total_rows=len(faults))
+    store.create_or_resume(plan, total_rows=len(faults), strata=prep.strata)
     todo = store.missing_parts()
     kept = store.n_parts - len(todo)
     started = time.perf_counter()

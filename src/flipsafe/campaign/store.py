@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flipsafe import atomic
-from flipsafe.campaign.plan import CampaignPlan
+from flipsafe.campaign.plan import CampaignPlan, Stratum
 from flipsafe.errors import CampaignError
 
 ROW_SCHEMA = pa.schema(
@@ -83,6 +83,9 @@ class ResultsStore:
         self.parts_dir = self.out_dir / PARTS_DIR
         self.plan: CampaignPlan | None = None
         self.total_rows: int | None = None
+        # The plan's strata with their fault-space sizes; None for folders written before
+        # flipsafe recorded them (their overall rates can only pool the rows).
+        self.strata: list[Stratum] | None = None
 
     # -- opening -------------------------------------------------------------
 
@@ -113,21 +116,41 @@ class ResultsStore:
             )
         return manifest
 
-    def _write_manifest(self, plan: CampaignPlan, total_rows: int) -> None:
+    @staticmethod
+    def _read_strata(manifest: dict, path: Path) -> list[Stratum] | None:
+        records = manifest.get("strata")
+        if records is None:
+            return None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise CampaignError(f"{path} has a damaged strata list; resume the campaign with "
+                                "its original settings to rewrite it")
+        try:
+            return [Stratum.from_dict(r) for r in records]
+        except CampaignError as exc:
+            raise CampaignError(f"{path}: {exc}; resume the campaign with its original "
+                                "settings to rewrite it") from None
+
+    def _write_manifest(self, plan: CampaignPlan, total_rows: int,
+                        strata: list[Stratum] | None = None) -> None:
         manifest = {
             "fingerprint": plan.fingerprint(),
             "total_rows": total_rows,
             "part_size": plan.part_size,
             "parts": self._n_parts(total_rows, plan.part_size),
         }
+        if strata is not None:
+            manifest["strata"] = [s.to_dict() for s in strata]
         atomic.write_text(self.out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
 
-    def create_or_resume(self, plan: CampaignPlan, total_rows: int) -> bool:
+    def create_or_resume(self, plan: CampaignPlan, total_rows: int,
+                         strata: list[Stratum] | None = None) -> bool:
         """Start a campaign in out_dir, or resume the same one; returns True when resuming.
 
         A folder holding a different plan (other fingerprint) is refused with the
         differing fields named. total_rows is the number of outcome rows the whole
-        campaign will produce; on resume it must match what was recorded.
+        campaign will produce; on resume it must match what was recorded. strata (the
+        plan's strata with fault-space sizes) are recorded in the manifest for the
+        whole-model estimates; a folder from before they were recorded gains them on resume.
         """
         if isinstance(total_rows, bool) or not isinstance(total_rows, int) or total_rows < 0:
             raise CampaignError(f"total_rows must be an integer >= 0, got {total_rows!r}")
@@ -145,7 +168,7 @@ class ResultsStore:
                 )
             manifest = self._read_manifest()
             if manifest is None:
-                self._write_manifest(plan, total_rows)
+                self._write_manifest(plan, total_rows, strata)
             elif manifest["fingerprint"] != plan.fingerprint():
                 raise CampaignError(
                     f"{self.out_dir / MANIFEST_FILE} belongs to another plan than {plan_path}; "
@@ -157,7 +180,11 @@ class ResultsStore:
                     f"this run expects {total_rows} with the same plan; the model or dataset "
                     "must have changed, so choose another --out"
                 )
+            elif strata is not None and manifest.get("strata") is None:
+                self._write_manifest(plan, total_rows, strata)
             self.plan, self.total_rows = plan, total_rows
+            self.strata = strata if strata is not None else (
+                None if manifest is None else self._read_strata(manifest, self.out_dir))
             self.parts_dir.mkdir(exist_ok=True)
             self._remove_stale_temps()
             return True
@@ -168,9 +195,9 @@ class ResultsStore:
             )
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         # The manifest goes first: plan.json is what marks the folder as a campaign.
-        self._write_manifest(plan, total_rows)
+        self._write_manifest(plan, total_rows, strata)
         atomic.write_text(plan_path, plan.to_json())
-        self.plan, self.total_rows = plan, total_rows
+        self.plan, self.total_rows, self.strata = plan, total_rows, strata
         return False
 
     def open(self) -> CampaignPlan:
@@ -187,6 +214,7 @@ class ResultsStore:
                 "resume the campaign with its original settings to rebuild it"
             )
         self.plan, self.total_rows = plan, int(manifest["total_rows"])
+        self.strata = self._read_strata(manifest, self.out_dir / MANIFEST_FILE)
         return plan
 
     def _remove_stale_temps(self) -> None:

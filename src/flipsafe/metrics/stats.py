@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
@@ -113,7 +114,12 @@ def sample_size(
 
 @dataclass(frozen=True)
 class RateEstimate:
-    """A proportion k/n with its confidence interval (rate is nan when n == 0)."""
+    """A proportion with its confidence interval (rate is nan when n == 0).
+
+    method "wilson" or "clopper-pearson": rate = k / n over n rows. method "stratified":
+    rate = sum_h W_h k_h / n_h with W_h the stratum's share of the fault space (see
+    stratified_rate); k and n are then the raw totals, and variance its estimated variance.
+    """
 
     k: int
     n: int
@@ -121,6 +127,8 @@ class RateEstimate:
     low: float
     high: float
     confidence: float
+    method: str = "wilson"
+    variance: float = math.nan
 
 
 def rate_estimate(k: int, n: int, confidence: float = 0.99, method: str = "wilson") -> RateEstimate:
@@ -134,7 +142,53 @@ def rate_estimate(k: int, n: int, confidence: float = 0.99, method: str = "wilso
             f"unknown interval method {method!r}; choose one of: clopper-pearson, wilson"
         )
     rate = k / n if n else math.nan
-    return RateEstimate(int(k), int(n), rate, low, high, confidence)
+    variance = rate * (1.0 - rate) / n if n else math.nan
+    return RateEstimate(int(k), int(n), rate, low, high, confidence, method, variance)
+
+
+STRATIFIED_METHOD = (
+    "stratified estimate (each layer x bit-field stratum weighted by its share of the fault "
+    "space), Wilson interval on the Kish effective sample size"
+)
+
+
+def stratified_rate(k, n, size, confidence: float = 0.99, exhaustive=False) -> RateEstimate:
+    """The fault-space-average rate from per-stratum counts, with its interval.
+
+    Stratum h has size[h] faults in its fault space, n[h] of them injected (drawn
+    uniformly, with replacement) and k[h] events. The estimate is p = sum W_h p_h with
+    W_h = size_h / sum(size) and p_h = k_h / n_h; its variance is
+    sum W_h^2 p_h (1 - p_h) / n_h, zero for strata injected exhaustively
+    (exhaustive[h], every fault once). The interval is Wilson's on the effective sample
+    n_eff = p (1 - p) / variance with p * n_eff events (Kish; Korn and Graubard 1998),
+    n_eff = sum n when the variance is 0 (no event, or every stratum all events), and
+    exactly [p, p] when every stratum is exhaustive. Strata with n_h == 0 must not be given:
+    the estimate says nothing about them.
+    """
+    k = np.asarray(k, dtype=np.float64).ravel()
+    n = np.asarray(n, dtype=np.float64).ravel()
+    size = np.asarray(size, dtype=np.float64).ravel()
+    exhaustive = np.broadcast_to(np.asarray(exhaustive, dtype=bool), n.shape)
+    _check_counts(k, n)
+    if not (k.shape == n.shape == size.shape):
+        raise ConfigError(f"k, n and size must have one entry per stratum, got "
+                          f"{k.size}, {n.size}, {size.size}")
+    if n.size == 0:
+        return RateEstimate(0, 0, math.nan, 0.0, 1.0, _check_confidence(confidence),
+                            "stratified", math.nan)
+    if np.any(n <= 0) or np.any(size <= 0):
+        raise ConfigError("every stratum needs n > 0 injected faults and a positive size")
+    w = size / size.sum()
+    p_h = k / n
+    p = float(np.sum(w * p_h))
+    variance = float(np.sum(np.where(exhaustive, 0.0, w * w * p_h * (1.0 - p_h) / n)))
+    if exhaustive.all():
+        low = high = p
+    else:
+        n_eff = p * (1.0 - p) / variance if variance > 0 else float(n.sum())
+        low, high = wilson_interval(p * n_eff, n_eff, confidence)
+    return RateEstimate(int(k.sum()), int(n.sum()), p, float(low), float(high),
+                        _check_confidence(confidence), "stratified", variance)
 
 
 @dataclass(frozen=True)
@@ -150,6 +204,13 @@ class RateRatio:
     high: float
     confidence: float
     corrected: bool
+    p_value: float = math.nan
+
+
+def _two_sided_p(log_ratio: float, se: float) -> float:
+    if se == 0:
+        return 0.0 if log_ratio != 0 else 1.0
+    return 2.0 * (1.0 - NormalDist().cdf(abs(log_ratio) / se))
 
 
 def rate_ratio(k1: int, n1: int, k2: int, n2: int, confidence: float = 0.99) -> RateRatio:
@@ -166,7 +227,51 @@ def rate_ratio(k1: int, n1: int, k2: int, n2: int, confidence: float = 0.99) -> 
     ratio = (k1 / n1) / (k2 / n2)
     se = math.sqrt(1.0 / k1 - 1.0 / n1 + 1.0 / k2 - 1.0 / n2)
     return RateRatio(ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se), confidence,
-                     corrected)
+                     corrected, _two_sided_p(math.log(ratio), se))
+
+
+def estimate_ratio(a: RateEstimate, b: RateEstimate, confidence: float | None = None) -> RateRatio:
+    """a.rate / b.rate with a log-scale interval from the estimates' variances.
+
+    Var(log a.rate) ~= a.variance / a.rate^2 (delta method); for plain k/n estimates this is
+    exactly Katz's interval (rate_ratio). When either side has no event the ratio and its
+    interval come from rate_ratio on the effective counts (rate * n_eff events of n_eff)
+    with its 0.5 correction. The p-value tests ratio == 1 on the same scale.
+    """
+    confidence = a.confidence if confidence is None else _check_confidence(confidence)
+    if a.n <= 0 or b.n <= 0:
+        raise ConfigError(f"a ratio needs rows on both sides, got n={a.n} and n={b.n}")
+    if a.rate > 0 and b.rate > 0:
+        ratio = a.rate / b.rate
+        se = math.sqrt(a.variance / a.rate ** 2 + b.variance / b.rate ** 2)
+        z = z_value(confidence)
+        return RateRatio(ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se), confidence,
+                         False, _two_sided_p(math.log(ratio), se))
+
+    def effective(e: RateEstimate) -> tuple[float, float]:
+        spread = e.rate * (1.0 - e.rate)
+        n_eff = spread / e.variance if e.variance > 0 and spread > 0 else float(e.n)
+        return e.rate * n_eff, n_eff
+
+    return rate_ratio(*effective(a), *effective(b), confidence)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control), in input order.
+
+    Sorted ascending, the i-th smallest (i from 0) becomes max over j <= i of
+    min(1, (m - j) p_(j)); reject where the adjusted value is below alpha.
+    """
+    p = np.asarray(p_values, dtype=np.float64).ravel()
+    if np.any(np.isnan(p)) or np.any((p < 0) | (p > 1)):
+        raise ConfigError(f"p-values must lie in [0, 1], got {p.tolist()!r}")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted = np.maximum.accumulate(adjusted)
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
 
 
 @dataclass(frozen=True)
@@ -274,17 +379,74 @@ class GroupSummary:
 
 
 OVERALL = "(all)"
+STRATUM = ("layer", "field")
+
+
+@dataclass(frozen=True)
+class Strata:
+    """A campaign's counts per (layer, field) stratum with each stratum's fault-space size.
+
+    Only strata with injected rows are held; exhaustive is True when every fault of each
+    stratum was injected once (`--n all`), so its rates carry no sampling error.
+    """
+
+    keys: tuple[tuple, ...]
+    size: np.ndarray
+    n: np.ndarray
+    sdc: np.ndarray
+    due: np.ndarray
+    exhaustive: bool = False
+
+    def select(self, keys) -> Strata:
+        """The strata whose key is in `keys`, in this object's order."""
+        wanted = set(keys)
+        idx = [i for i, key in enumerate(self.keys) if key in wanted]
+        return Strata(tuple(self.keys[i] for i in idx), self.size[idx], self.n[idx],
+                      self.sdc[idx], self.due[idx], self.exhaustive)
+
+    def estimate(self, outcome: str, confidence: float) -> RateEstimate:
+        """The stratified fault-space-average rate of outcome "sdc" or "due"."""
+        return stratified_rate(getattr(self, outcome), self.n, self.size, confidence,
+                               self.exhaustive)
+
+
+def _strata(cols: dict, sdc, due, sizes: Mapping, exhaustive: bool) -> Strata:
+    layer, field_ = cols["layer"], cols["field"]
+    counts: dict[tuple, list[int]] = {}
+    for lay, fld, s, d in zip(layer.tolist(), field_.tolist(), sdc.tolist(), due.tolist()):
+        c = counts.setdefault((lay, fld), [0, 0, 0])
+        c[0] += 1
+        c[1] += s
+        c[2] += d
+    unknown_ = [key for key in counts if key not in sizes]
+    if unknown_:
+        raise ConfigError(f"rows of stratum {unknown_[0]} have no fault-space size; give sizes "
+                          "for every (layer, field) that has rows")
+    keys = tuple(key for key in sizes if key in counts)
+    return Strata(
+        keys,
+        np.array([sizes[key] for key in keys], dtype=np.float64),
+        np.array([counts[key][0] for key in keys], dtype=np.int64),
+        np.array([counts[key][1] for key in keys], dtype=np.int64),
+        np.array([counts[key][2] for key in keys], dtype=np.int64),
+        bool(exhaustive),
+    )
 
 
 @dataclass(frozen=True)
 class Summary:
-    """Per-group summaries in order of first appearance, plus one over all rows."""
+    """Per-group summaries in order of first appearance, plus one over all rows.
+
+    With strata (fault-space sizes given to summarise), the overall SDC and DUE rates are
+    stratified estimates of the fault-space-average rate; without, they pool the rows.
+    """
 
     by: tuple[str, ...]
     confidence: float
     groups: dict[tuple, GroupSummary]
     overall: GroupSummary
     qs: tuple[float, ...] = field(default=DEFAULT_QUANTILES)
+    strata: Strata | None = None
 
     def rows(self) -> list[GroupSummary]:
         """Group rows followed by the overall row (whose key is OVERALL in every column)."""
@@ -346,16 +508,22 @@ def summarise(
     by: Sequence[str] = ("layer",),
     confidence: float = 0.99,
     qs: Sequence[float] = DEFAULT_QUANTILES,
+    sizes: Mapping[tuple, int] | None = None,
+    exhaustive: bool = False,
 ) -> Summary:
     """Summarise campaign rows (a pyarrow Table or a dict of columns) per group.
 
     Needs the columns in `by` (without missing values) plus sdc (bool), due (bool) and
     delta_loss (float). Groups come in order of first appearance.
     Rates get Wilson intervals; delta-loss gets a t interval over its finite values.
+    `sizes` maps each (layer, field) stratum to its fault-space size (needs the layer and
+    field columns): the overall SDC and DUE rates are then stratified_rate estimates, and
+    group rates stay pooled within the group.
     """
     _check_confidence(confidence)
     by = tuple(by)
-    cols = _columns(table, (*by, "sdc", "due", "delta_loss"))
+    extra = tuple(c for c in STRATUM if c not in by) if sizes is not None else ()
+    cols = _columns(table, (*by, *extra, "sdc", "due", "delta_loss"))
     sdc = cols["sdc"].astype(bool)
     due = cols["due"].astype(bool)
     dloss = cols["delta_loss"].astype(np.float64)
@@ -376,7 +544,13 @@ def summarise(
             key = tuple(_plain(cols[name][rows[0]]) for name in by)
             groups[key] = _group_summary(key, sdc[rows], due[rows], dloss[rows], confidence, qs)
     overall = _group_summary((OVERALL,) * len(by), sdc, due, dloss, confidence, qs)
-    return Summary(by, confidence, groups, overall, qs)
+    strata = None
+    if sizes is not None:
+        strata = _strata(cols, sdc, due, sizes, exhaustive)
+        if strata.keys:
+            overall = dataclasses.replace(overall, sdc=strata.estimate("sdc", confidence),
+                                          due=strata.estimate("due", confidence))
+    return Summary(by, confidence, groups, overall, qs, strata)
 
 
 def _plain(value):
@@ -392,11 +566,16 @@ class GroupComparison:
     n_b: int
     sdc: RateRatio
     delta_loss: RatioEstimate
+    due: RateRatio | None = None
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Matched-group comparisons, the overall one, and the keys found on one side only."""
+    """Matched-group comparisons, the overall one, and the keys found on one side only.
+
+    overall compares the two models over the matched groups only (and, with strata, over
+    the strata both have rows in): overall_a and overall_b are those like-for-like rates.
+    """
 
     by: tuple[str, ...]
     confidence: float
@@ -404,6 +583,8 @@ class Comparison:
     overall: GroupComparison
     only_a: list[tuple]
     only_b: list[tuple]
+    overall_a: GroupSummary | None = None
+    overall_b: GroupSummary | None = None
 
 
 def _compare_groups(key, a: GroupSummary, b: GroupSummary, confidence) -> GroupComparison:
@@ -412,21 +593,57 @@ def _compare_groups(key, a: GroupSummary, b: GroupSummary, confidence) -> GroupC
         key=key,
         n_a=a.n,
         n_b=b.n,
-        sdc=rate_ratio(a.sdc.k, a.sdc.n, b.sdc.k, b.sdc.n, confidence),
+        sdc=estimate_ratio(a.sdc, b.sdc, confidence),
         delta_loss=_ratio_from_moments(ma.mean, ma.std, ma.n, mb.mean, mb.std, mb.n, confidence),
+        due=estimate_ratio(a.due, b.due, confidence),
     )
+
+
+def _relabel_key(key: tuple, pos: int, last_name: str | None) -> tuple:
+    if last_name is not None and key[pos] == last_name:
+        return (*key[:pos], "last", *key[pos + 1:])
+    return key
 
 
 def _relabel(summary: Summary, last_name: str | None) -> dict[tuple, GroupSummary]:
     if last_name is None:
         return dict(summary.groups)
     pos = summary.by.index("layer")
-    out = {}
-    for key, g in summary.groups.items():
-        if key[pos] == last_name:
-            key = (*key[:pos], "last", *key[pos + 1:])
-        out[key] = g
-    return out
+    return {_relabel_key(key, pos, last_name): g for key, g in summary.groups.items()}
+
+
+def _pooled_mean(parts: Sequence[MeanEstimate], confidence: float) -> MeanEstimate:
+    """The mean and t interval of the union of groups, from each group's mean, std and n."""
+    parts = [m for m in parts if m.n > 0]
+    n = sum(m.n for m in parts)
+    excluded = sum(m.excluded for m in parts)
+    if n == 0:
+        return MeanEstimate(math.nan, math.nan, math.nan, math.nan, 0, excluded, confidence)
+    mean = sum(m.n * m.mean for m in parts) / n
+    if n == 1:
+        return MeanEstimate(mean, math.nan, math.nan, math.nan, 1, excluded, confidence)
+    ss = sum((m.n - 1) * (m.std * m.std if m.n > 1 else 0.0) + m.n * (m.mean - mean) ** 2
+             for m in parts)
+    std = math.sqrt(ss / (n - 1))
+    from scipy.stats import t
+
+    half = float(t.ppf(1.0 - (1.0 - confidence) / 2.0, n - 1)) * std / math.sqrt(n)
+    return MeanEstimate(mean, mean - half, mean + half, std, n, excluded, confidence)
+
+
+def _matched_overall(summary: Summary, groups: dict, matched: list, strata: Strata | None,
+                     confidence: float) -> GroupSummary:
+    """The overall row of `summary` restricted to the matched groups (and strata)."""
+    parts = [groups[key] for key in matched]
+    n = sum(g.n for g in parts)
+    if strata is not None and strata.keys:
+        sdc, due = strata.estimate("sdc", confidence), strata.estimate("due", confidence)
+    else:
+        k_sdc, k_due = sum(g.sdc.k for g in parts), sum(g.due.k for g in parts)
+        sdc, due = rate_estimate(k_sdc, n, confidence), rate_estimate(k_due, n, confidence)
+    return GroupSummary(summary.overall.key, n, sdc, due,
+                        _pooled_mean([g.delta_loss for g in parts], confidence),
+                        summary.overall.delta_loss_quantiles)
 
 
 def compare(
@@ -435,11 +652,14 @@ def compare(
     confidence: float | None = None,
     last_layer: tuple[str, str] | None = None,
 ) -> Comparison:
-    """Compare two campaigns group by group: SDC rate ratio and mean delta-loss ratio a / b.
+    """Compare two campaigns group by group: SDC and DUE rate ratios, mean delta-loss ratio a / b.
 
-    A ratio above 1 means b has the lower SDC rate (b improves on a). Groups match
-    by key, so layers match by name; `last_layer=(name_in_a, name_in_b)` relabels
-    each model's classification layer as "last" so the two heads match.
+    A ratio above 1 means b has the lower rate (b improves on a). Groups match by key, so
+    layers match by name; `last_layer=(name_in_a, name_in_b)` relabels each model's
+    classification layer as "last" so the two heads match. The overall comparison uses only
+    the matched groups; when both summaries carry strata it compares their stratified
+    fault-space-average rates over the (layer, field) strata both sides have rows in
+    (estimate_ratio), otherwise the pooled rows of the matched groups (Katz).
     """
     if summary_a.by != summary_b.by:
         raise ConfigError(
@@ -452,13 +672,29 @@ def compare(
     name_a, name_b = last_layer if last_layer is not None else (None, None)
     groups_a = _relabel(summary_a, name_a)
     groups_b = _relabel(summary_b, name_b)
-    matched = {
-        key: _compare_groups(key, g, groups_b[key], confidence)
-        for key, g in groups_a.items()
-        if key in groups_b
-    }
-    overall = _compare_groups(summary_a.overall.key, summary_a.overall, summary_b.overall,
-                              confidence)
+    matched_keys = [key for key in groups_a if key in groups_b]
+    matched = {key: _compare_groups(key, groups_a[key], groups_b[key], confidence)
+               for key in matched_keys}
+    strata_a = strata_b = None
+    if summary_a.strata is not None and summary_b.strata is not None and "layer" in summary_a.by:
+        pos = summary_a.by.index("layer")
+        layers = {key[pos] for key in matched_keys}
+
+        def relabelled(strata: Strata, last_name) -> Strata:
+            keys = tuple(_relabel_key(key, 0, last_name) for key in strata.keys)
+            return dataclasses.replace(strata, keys=keys)
+
+        ra, rb = relabelled(summary_a.strata, name_a), relabelled(summary_b.strata, name_b)
+        common = [key for key in ra.keys if key[0] in layers and key in set(rb.keys)]
+        strata_a, strata_b = ra.select(common), rb.select(common)
+    overall_a = _matched_overall(summary_a, groups_a, matched_keys, strata_a, confidence)
+    overall_b = _matched_overall(summary_b, groups_b, matched_keys, strata_b, confidence)
+    if overall_a.n and overall_b.n:
+        overall = _compare_groups(summary_a.overall.key, overall_a, overall_b, confidence)
+    else:
+        nan = RateRatio(math.nan, math.nan, math.nan, confidence, False, math.nan)
+        overall = GroupComparison(summary_a.overall.key, overall_a.n, overall_b.n, nan,
+                                  RatioEstimate(math.nan, math.nan, math.nan, confidence), nan)
     return Comparison(
         by=summary_a.by,
         confidence=confidence,
@@ -466,5 +702,6 @@ def compare(
         overall=overall,
         only_a=[key for key in groups_a if key not in groups_b],
         only_b=[key for key in groups_b if key not in groups_a],
+        overall_a=overall_a,
+        overall_b=overall_b,
     )
-
