@@ -130,6 +130,8 @@ class BlockFormat(Format):
 
     def _decode_rows(self, cb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         scale = scale & 0xFF
-        x = torch.where(scale == SCALE_NAN, float("nan"), pow2((scale - 127).clamp_(max=127)))
         # P * X is exact whenever it is a float32 (P has few bits; X is a power of two).
-        return self.element.decode_codes(cb).mul_(x)
+        out = self.element.decode_codes(cb).mul_(pow2((scale - 127).clamp_(max=127)))
+        # A NaN scale makes the whole block the canonical quiet NaN; a NaN * NaN product
+        # would carry whichever payload the CPU's kernel picks (vector and scalar differ).
+        return out.masked_fill_((scale == SCALE_NAN).expand_as(out), float("nan"))
