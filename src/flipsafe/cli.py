@@ -184,10 +184,9 @@ def cmd_campaign(args) -> None:
 
 
 def cmd_summary(args) -> None:
-    from flipsafe.report import load_results, summary_table
+    from flipsafe.report import load_results, summary_table, with_unique_names
 
-    base = load_results(args.results_dir)
-    others = [load_results(d) for d in args.vs]
+    base, *others = with_unique_names([load_results(d) for d in [args.results_dir, *args.vs]])
     print(summary_table(base, vs=others))
 
 

@@ -273,3 +273,80 @@ def test_compare_reports_unmatched_layers():
     with pytest.raises(ConfigError, match="same `by`"):
         compare(a, summarise({"field": ["m"], "sdc": [1], "due": [0], "delta_loss": [0.0]},
                              by=("field",)))
+
+
+def test_stratified_rate_weights_strata_by_fault_space_by_hand():
+    from flipsafe.metrics.stats import stratified_rate
+
+    # Two strata: 3 of 100 faults in a space of 9,000 and 10 of 100 in a space of 1,000.
+    est = stratified_rate([3, 10], [100, 100], [9000, 1000], confidence=0.99)
+    p = 0.9 * 0.03 + 0.1 * 0.10  # 0.037, where pooling would say 13/200 = 0.065
+    var = 0.81 * 0.03 * 0.97 / 100 + 0.01 * 0.10 * 0.90 / 100
+    n_eff = p * (1 - p) / var
+    low, high = wilson_interval(p * n_eff, n_eff, 0.99)
+    assert est.rate == pytest.approx(p) and est.variance == pytest.approx(var)
+    assert (est.low, est.high) == pytest.approx((low, high))
+    assert (est.k, est.n, est.method) == (13, 200, "stratified")
+    # Equal weights and equal n reduce to the pooled Wilson interval's point estimate.
+    same = stratified_rate([3, 10], [100, 100], [50, 50])
+    assert same.rate == pytest.approx(13 / 200)
+    # Every stratum exhaustive: the rate is exact.
+    exact = stratified_rate([3, 10], [100, 100], [100, 100], exhaustive=True)
+    assert exact.low == exact.high == exact.rate == pytest.approx(0.065)
+    # No event anywhere: the interval falls back to the raw sample size.
+    zero = stratified_rate([0, 0], [100, 300], [10, 90])
+    assert zero.rate == 0 and (zero.low, zero.high) == pytest.approx(wilson_interval(0, 400))
+    with pytest.raises(ConfigError, match="n > 0"):
+        stratified_rate([0], [0], [10])
+
+
+def test_estimate_ratio_reduces_to_katz_and_tests_against_one():
+    from flipsafe.metrics.stats import estimate_ratio, rate_estimate, rate_ratio
+
+    a, b = rate_estimate(20, 100), rate_estimate(10, 100)
+    katz = rate_ratio(20, 100, 10, 100)
+    got = estimate_ratio(a, b)
+    assert (got.ratio, got.low, got.high) == pytest.approx((katz.ratio, katz.low, katz.high))
+    se = math.sqrt(1 / 20 - 1 / 100 + 1 / 10 - 1 / 100)
+    p = math.erfc(abs(math.log(2.0)) / se / math.sqrt(2))
+    assert got.p_value == pytest.approx(p) and katz.p_value == pytest.approx(p)
+    # A side without events uses the 0.5-corrected Katz interval.
+    zero = estimate_ratio(rate_estimate(0, 100), b)
+    assert zero.corrected and zero.ratio == pytest.approx((0.5 / 101) / (10.5 / 101))
+
+
+def test_holm_adjusts_by_hand():
+    from flipsafe.metrics.stats import holm
+
+    # Sorted 0.01, 0.02, 0.04, 0.5 -> 4*0.01, 3*0.02, max(0.06, 2*0.04), max(0.08, 0.5).
+    got = holm([0.04, 0.01, 0.5, 0.02])
+    assert got.tolist() == pytest.approx([0.08, 0.04, 0.5, 0.06])
+    assert holm([0.6, 0.9]).tolist() == [1.0, 1.0]
+    with pytest.raises(ConfigError):
+        holm([float("nan")])
+
+
+def test_overall_comparison_uses_only_matched_layers_and_strata():
+    def rows(spec):
+        cols = {"layer": [], "field": [], "sdc": [], "due": [], "delta_loss": []}
+        for (layer, field_), (n, k) in spec.items():
+            cols["layer"] += [layer] * n
+            cols["field"] += [field_] * n
+            cols["sdc"] += [True] * k + [False] * (n - k)
+            cols["due"] += [False] * n
+            cols["delta_loss"] += [1.0] * n
+        return cols
+
+    sizes = {("conv", "exp"): 800, ("conv", "man"): 200, ("fc", "exp"): 80, ("fc", "man"): 20,
+             ("extra", "exp"): 10}
+    a = summarise(rows({("conv", "exp"): (100, 10), ("conv", "man"): (100, 1)}), sizes=sizes)
+    b = summarise(rows({("conv", "exp"): (100, 5), ("conv", "man"): (100, 1),
+                        ("extra", "exp"): (50, 50)}), sizes=sizes)
+    out = compare(a, b)
+    assert out.only_b == [("extra",)]
+    # Both sides over conv only: 0.8 * 0.10 + 0.2 * 0.01 against 0.8 * 0.05 + 0.2 * 0.01.
+    assert out.overall_a.sdc.rate == pytest.approx(0.082)
+    assert out.overall_b.sdc.rate == pytest.approx(0.042)
+    assert out.overall.sdc.ratio == pytest.approx(0.082 / 0.042)
+    # b's own overall (its "extra" layer included) is another number.
+    assert b.overall.sdc.rate == pytest.approx((800 * 0.05 + 200 * 0.01 + 10 * 1.0) / 1010)

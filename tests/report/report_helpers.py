@@ -22,6 +22,34 @@ def katz(k1, n1, k2, n2, z=Z99):
     return ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se)
 
 
+def stratified(strata, z=Z99):
+    """Hand reference for a stratified rate: strata is a list of (k, n, size).
+
+    p = sum W p_h with W = size / total size; var = sum W^2 p_h (1 - p_h) / n_h; Wilson on
+    the effective sample n_eff = p (1 - p) / var (sum of n when var is 0)."""
+    total = sum(size for _, _, size in strata)
+    p = var = 0.0
+    for k, n, size in strata:
+        w = size / total
+        p += w * k / n
+        var += w * w * (k / n) * (1 - k / n) / n
+    n_eff = p * (1 - p) / var if var > 0 else sum(n for _, n, _ in strata)
+    low, high = wilson(p * n_eff, n_eff, z)
+    return p, low, high, var
+
+
+def stratified_rows(table, strata, outcome="sdc"):
+    """stratified() over a results table's rows, sizes from a folder's Stratum records."""
+    rows = table.select(["layer", "field", outcome]).to_pylist()
+    counts = {}
+    for r in rows:
+        c = counts.setdefault((r["layer"], r["field"]), [0, 0])
+        c[0] += r[outcome]
+        c[1] += 1
+    return stratified([(*counts[(s.layer, s.field)], s.size) for s in strata
+                       if (s.layer, s.field) in counts])
+
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOID = {"img", "meta", "br", "hr", "input", "link", "source", "wbr"}
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from flipsafe.campaign import ROW_SCHEMA, CampaignPlan, ResultsStore
+from flipsafe.campaign import ROW_SCHEMA, CampaignPlan, ResultsStore, Stratum
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,30 @@ def make_rows(layers: dict[str, Behaviour], n: int, seed: int) -> pa.Table:
     return pa.table(cols).cast(ROW_SCHEMA)
 
 
-def write_campaign(out, plan: CampaignPlan, table: pa.Table | None) -> None:
-    """A results folder as the runner leaves it; table None leaves every part unwritten."""
+ELEMENTS, IMAGES = 64, 360  # what make_rows draws index and image_id from
+WIDTHS = {"sign": 1, "exponent": 8, "mantissa": 23}
+
+
+def strata_of(table: pa.Table) -> list[Stratum]:
+    """The strata the runner would record for make_rows' rows: each layer's 64 fp32 outputs
+    on 360 images, n the rows drawn in each (layer, field)."""
+    rows = table.select(["layer", "field"]).to_pylist()
+    counts: dict[tuple[str, str], int] = {}
+    for r in rows:
+        counts[(r["layer"], r["field"])] = counts.get((r["layer"], r["field"]), 0) + 1
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    return [Stratum(layer, f, ELEMENTS * w * IMAGES, counts.get((layer, f), 0), ELEMENTS, w)
+            for layer in layers for f, w in WIDTHS.items()]
+
+
+def write_campaign(out, plan: CampaignPlan, table: pa.Table | None,
+                   legacy: bool = False) -> None:
+    """A results folder as the runner leaves it; table None leaves every part unwritten.
+    legacy=True writes it as flipsafe did before strata were recorded."""
     store = ResultsStore(out)
     total = 1000 if table is None else table.num_rows
-    store.create_or_resume(plan, total_rows=total)
+    strata = None if legacy or table is None else strata_of(table)
+    store.create_or_resume(plan, total_rows=total, strata=strata)
     if table is None:
         return
     for k in range(store.n_parts):

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from report_helpers import PNG_MAGIC, hand_ece, parse, text_cells
+from report_helpers import PNG_MAGIC, hand_ece, parse, stratified_rows, text_cells
 from report_rows import BASELINE_LAYERS, N_PER_LAYER, make_rows, write_campaign
 
 import flipsafe
@@ -69,7 +69,7 @@ def test_html_summary_numbers_match_the_rows_and_checkpoints(html_report, models
         sdc = r.table["sdc"].to_numpy()
         assert rows[name][3] == fmt_rate(accuracy)
         assert rows[name][4] == f"{len(sdc):,}"
-        assert rows[name][5] == fmt_rate(sdc.sum() / len(sdc))
+        assert rows[name][5] == fmt_rate(stratified_rows(r.table, r.strata)[0])
 
 
 def test_html_has_every_section_and_warns_when_mean_loss_misleads(html_report):
@@ -140,7 +140,8 @@ def test_single_model_without_bit_faults_reports_rates_and_skips_bit_plots(tmp_p
     doc = parse(write_report([tmp_path / "zero"], tmp_path / "zero.html"))
     assert len(doc.images) == 4  # layers, delta loss, margin, calibration
     assert any("does not flip individual bits" in p for _, p in doc.paragraphs)
-    sdc = rows["sdc"].to_numpy()
+    rate, low, high, _ = stratified_rows(rows, load_results(tmp_path / "zero").strata)
     verdict = [p for cls, p in doc.paragraphs if cls == "verdict"]
     assert len(verdict) == 1
-    assert f"in {fmt_rate(sdc.mean())} of {len(sdc):,} injections" in verdict[0]
+    assert (f"in {fmt_rate(rate)} [{fmt_rate(low)}, {fmt_rate(high)}] of the injected fault "
+            f"space (estimated from {rows.num_rows:,} injections)") in verdict[0]

@@ -1,10 +1,11 @@
 """The summary table `flipsafe summary` prints, checked against hand-computed statistics."""
 
+import math
 import shutil
 
 import pytest
-from report_helpers import katz, text_cells, wilson
-from report_rows import BASELINE_LAYERS, COSINE_LAYERS, N_PER_LAYER, make_rows
+from report_helpers import Z99, katz, stratified, text_cells
+from report_rows import BASELINE_LAYERS, COSINE_LAYERS, N_PER_LAYER, make_rows, strata_of
 
 from flipsafe.report import (
     fmt_factor,
@@ -16,12 +17,37 @@ from flipsafe.report import (
     summary_table,
     summary_tables,
 )
+from flipsafe.report.tables import fmt_factor_interval
 
 
 def counts(layers, seed, layer=None):
     rows = make_rows(layers, N_PER_LAYER, seed).to_pydict()
     keep = [layer is None or lay == layer for lay in rows["layer"]]
     return sum(s for s, k in zip(rows["sdc"], keep) if k), sum(keep)
+
+
+def strata_counts(layers, seed, keep=None, outcome="sdc"):
+    """(k, n, size) per (layer, field) stratum of make_rows' rows, for layers in keep."""
+    table = make_rows(layers, N_PER_LAYER, seed)
+    rows = table.to_pydict()
+    out = []
+    for s in strata_of(table):
+        if keep is not None and s.layer not in keep:
+            continue
+        hits = [o for o, lay, f in zip(rows[outcome], rows["layer"], rows["field"])
+                if (lay, f) == (s.layer, s.field)]
+        if hits:
+            out.append((sum(hits), len(hits), s.size))
+    return out
+
+
+def stratified_katz(a, b, z=Z99):
+    """Ratio of two stratified rates with the delta-method log interval, by hand."""
+    pa_, _, _, va = stratified(a)
+    pb, _, _, vb = stratified(b)
+    ratio = pa_ / pb
+    se = math.sqrt(va / pa_ ** 2 + vb / pb ** 2)
+    return ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se)
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +76,19 @@ def test_fmt_value_keeps_huge_losses_readable():
         "1.23e+35", "0.5", "0", "inf")
 
 
-def test_overall_rates_equal_hand_computed_wilson_intervals(models):
+def test_overall_rates_are_hand_computed_stratified_estimates(models):
     base, _ = models
-    k, n = counts(BASELINE_LAYERS, 1)
+    _, n = counts(BASELINE_LAYERS, 1)
+    p, low, high, _ = stratified(strata_counts(BASELINE_LAYERS, 1))
     text = summary_table(base)
     overall = next(row for row in text_cells(text.split("\n\n")[2]) if row[0] == "(all)")
-    assert overall[:4] == ["(all)", f"{n:,}", fmt_rate(k / n), fmt_interval(*wilson(k, n))]
+    assert overall[:4] == ["(all)", f"{n:,}", fmt_rate(p), fmt_interval(low, high)]
     models_row = text_cells(text.split("\n\n")[1])[1]
     assert models_row[0] == "baseline" and models_row[5:7] == [
-        fmt_rate(k / n), fmt_interval(*wilson(k, n))]
+        fmt_rate(p), fmt_interval(low, high)]
+    pd, dlow, dhigh, _ = stratified(strata_counts(BASELINE_LAYERS, 1, outcome="due"))
+    assert models_row[7:9] == [fmt_rate(pd), fmt_interval(dlow, dhigh)]
+    assert "proportional allocation" in text and "stratified estimates" in text
     assert f"{n:,} injections" in text and "images correct" in text
 
 
@@ -70,15 +100,35 @@ def test_improvement_per_layer_uses_katz_intervals_with_last_layers_matched(mode
     k1, n1 = counts(BASELINE_LAYERS, 1, "fc")
     k2, n2 = counts(COSINE_LAYERS, 2, "head.fc")
     ratio, low, high = katz(k1, n1, k2, n2)
-    assert rows["last"][3:] == [fmt_factor(ratio), f"[{fmt_factor(low)}, {fmt_factor(high)}]",
-                                "LESS resilient"]
+    # Holm across the 3 matched layers, by hand: unadjusted two-sided Katz p-values, sorted,
+    # the i-th smallest times (3 - i), made non-decreasing.
+    pvals = {}
+    for a, b in (("features.1", "backbone.features.1"), ("features.3", "backbone.features.3"),
+                 ("fc", "head.fc")):
+        ka, na = counts(BASELINE_LAYERS, 1, a)
+        kb, nb = counts(COSINE_LAYERS, 2, b)
+        z = abs(math.log((ka / na) / (kb / nb))) / math.sqrt(1 / ka - 1 / na + 1 / kb - 1 / nb)
+        pvals[a] = math.erfc(z / math.sqrt(2))
+    ordered = sorted(pvals, key=pvals.get)
+    holm, running = {}, 0.0
+    for i, name in enumerate(ordered):
+        running = max(running, min(1.0, (3 - i) * pvals[name]))
+        holm[name] = running
+    assert rows["last"][3:7] == [fmt_factor(ratio), f"[{fmt_factor(low)}, {fmt_factor(high)}]",
+                                 f"{holm['fc']:.2g}", "LESS resilient"]
+    for name in ("features.1", "features.3"):
+        assert rows[name][5] == f"{holm[name]:.2g}"
+        assert (rows[name][6] == "no clear difference") == (holm[name] >= 0.01)
     assert rows["last"][1] == f"{fmt_rate(k1 / n1)} ({k1}/{n1})"
-    k1, n1 = counts(BASELINE_LAYERS, 1)
-    k2, n2 = counts(COSINE_LAYERS, 2)
-    ratio, low, high = katz(k1, n1, k2, n2)
-    assert rows["(all)"][3] == fmt_factor(ratio) and high < 1
+    # (all) compares the layers both have: the cosine model's backbone.fc is left out.
+    ratio, low, high = stratified_katz(
+        strata_counts(BASELINE_LAYERS, 1),
+        strata_counts(COSINE_LAYERS, 2, keep={"backbone.features.1", "backbone.features.3",
+                                              "head.fc"}))
+    assert rows["(all)"][3:5] == [fmt_factor(ratio), fmt_factor_interval(low, high)]
+    assert high < 1
     # The projection layer a cosine head adds has no baseline counterpart.
-    assert "only in cosine, not compared: backbone.fc." in table
+    assert "only in cosine, not compared (left out of (all) too): backbone.fc." in table
     assert set(rows) == {"layer", "features.1", "features.3", "last", "(all)"}
 
 
@@ -86,11 +136,15 @@ def test_verdicts_say_which_way_and_how_sure(models, campaigns, tmp_path):
     base, cos = models
     worse = headline(base, cos)
     assert len(worse) == 2 and all("LESS resilient than baseline" in s for s in worse)
-    k1, n1 = counts(BASELINE_LAYERS, 1)
-    k2, n2 = counts(COSINE_LAYERS, 2)
-    assert f"{fmt_factor(n1 * k2 / (k1 * n2))} LESS resilient" in worse[0]
+    ratio, _, _ = stratified_katz(
+        strata_counts(BASELINE_LAYERS, 1),
+        strata_counts(COSINE_LAYERS, 2, keep={"backbone.features.1", "backbone.features.3",
+                                              "head.fc"}))
+    assert f"{fmt_factor(1 / ratio)} LESS resilient" in worse[0]
+    assert worse[0].startswith("Over the 3 layers both campaigns injected, cosine is")
+    assert "DUE rate (NaN/Inf, detectable)" in worse[0] and "DUE" not in worse[1]
     better = headline(cos, base)
-    assert better[0].startswith("Over all injected layers, baseline is ")
+    assert better[0].startswith("Over the 3 layers both campaigns injected, baseline is ")
     assert "more resilient than cosine" in better[0]
     shutil.copytree(campaigns["baseline"], tmp_path / "again")
     same = headline(base, load_results(tmp_path / "again"))

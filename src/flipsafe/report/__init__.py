@@ -1,7 +1,13 @@
 """Campaign reports: summary tables, comparisons and self-contained HTML/Markdown reports."""
 
 from flipsafe.report.render import write_report
-from flipsafe.report.results import CleanEval, Results, check_same_plan, load_results
+from flipsafe.report.results import (
+    CleanEval,
+    Results,
+    check_same_plan,
+    load_results,
+    with_unique_names,
+)
 from flipsafe.report.tables import (
     TextTable,
     comparison,
@@ -32,5 +38,6 @@ __all__ = [
     "summary_lines",
     "summary_table",
     "summary_tables",
+    "with_unique_names",
     "write_report",
 ]

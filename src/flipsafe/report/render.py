@@ -14,7 +14,7 @@ from flipsafe.campaign.plan import FAULTS, SITES
 from flipsafe.errors import ConfigError
 from flipsafe.metrics.calibration import expected_calibration_error
 from flipsafe.report import plots
-from flipsafe.report.results import Results, load_results
+from flipsafe.report.results import Results, load_results, with_unique_names
 from flipsafe.report.tables import (
     TextTable,
     comparison,
@@ -62,18 +62,7 @@ class Table:
 
 
 def _named(models: Sequence[Results], names: Sequence[str] | None) -> list[Results]:
-    """Copies of the results carrying the given names, made unique so tables stay readable."""
-    if names is not None and len(names) != len(models):
-        raise ConfigError(
-            f"got {len(names)} names for {len(models)} results folders; give one per folder"
-        )
-    wanted = [r.name for r in models] if names is None else [str(n) for n in names]
-    seen: dict[str, int] = {}
-    out = []
-    for r, name in zip(models, wanted):
-        seen[name] = seen.get(name, 0) + 1
-        out.append(replace(r, name=name if seen[name] == 1 else f"{name}-{seen[name]}"))
-    return out
+    return with_unique_names(models, names)
 
 
 # -- sections ------------------------------------------------------------------
@@ -87,10 +76,10 @@ def summary_section(models: Sequence[Results]) -> list:
     if not others:
         o = ref.by_layer.overall
         verdicts = [
-            (f"{ref.name}: a fault changed the top-1 class (SDC) in {fmt_rate(o.sdc.rate)} of "
-            f"{fmt_count(o.n)} injections {fmt_interval(o.sdc.low, o.sdc.high)} and was "
-            f"detectable (DUE: NaN/Inf) in {fmt_rate(o.due.rate)} "
-            f"{fmt_interval(o.due.low, o.due.high)}.")
+            (f"{ref.name}: a fault changed the top-1 class (SDC) in {fmt_rate(o.sdc.rate)} "
+            f"{fmt_interval(o.sdc.low, o.sdc.high)} of the injected fault space (estimated "
+            f"from {fmt_count(o.n)} injections) and was detectable (DUE: NaN/Inf) in "
+            f"{fmt_rate(o.due.rate)} {fmt_interval(o.due.low, o.due.high)}.")
         ]
     blocks += [Paragraph(v, "verdict") for v in verdicts]
     blocks.append(Paragraph(lines[0]))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flipsafe.campaign.plan import CampaignPlan
+from flipsafe.campaign.plan import CampaignPlan, Stratum
 from flipsafe.campaign.store import PLAN_FILE, ResultsStore
-from flipsafe.errors import CampaignError, FlipsafeError
+from flipsafe.errors import CampaignError, ConfigError, FlipsafeError
 from flipsafe.metrics.stats import Summary, summarise
 
 # Fields that may differ between campaigns being compared: which model, and how the
@@ -55,6 +56,9 @@ class Results:
     classifier_layer: str | None
     clean: CleanEval | None = None
     notes: list[str] = field(default_factory=list)
+    strata: list[Stratum] | None = None
+    complete: bool = True
+    planned_rows: int = 0
 
     @property
     def n(self) -> int:
@@ -94,10 +98,24 @@ class Results:
         layers = names.take(column.indices)
         return self.table.set_column(self.table.schema.get_field_index("layer"), "layer", layers)
 
+    def sizes(self, matched: bool = False) -> dict[tuple[str, str], int] | None:
+        """Fault-space size of each (layer, field) stratum (layers by match_name if matched);
+        None for folders written before flipsafe recorded them."""
+        if self.strata is None:
+            return None
+        name = self.match_name if matched else (lambda layer: layer)
+        return {(name(s.layer), s.field): s.size for s in self.strata}
+
+    @property
+    def exhaustive(self) -> bool:
+        """True when every fault of every stratum was injected once (`--n all`)."""
+        return self.plan.n == "all"
+
     @cached_property
     def matched(self) -> Summary:
         """Summary by matched layer name (see match_name), at the same confidence as by_layer."""
-        return summarise(self.matched_table(), ("layer",), self.by_layer.confidence)
+        return summarise(self.matched_table(), ("layer",), self.by_layer.confidence,
+                         sizes=self.sizes(matched=True), exhaustive=self.exhaustive)
 
 
 def bit_positions(table: pa.Table) -> np.ndarray:
@@ -178,11 +196,22 @@ def load_results(
             f"{folder} holds no result rows yet; run or resume the campaign before reporting"
         )
     notes: list[str] = []
-    if table.num_rows < store.total_rows:
+    complete = table.num_rows >= store.total_rows
+    if not complete:
         notes.append(
             f"The campaign is incomplete: {table.num_rows:,} of {store.total_rows:,} planned "
-            "rows; resume it for the planned precision."
+            "rows; resume it for the planned precision. Its overall rates cover only the "
+            "strata it has rows in, and comparisons use only what both sides have."
         )
+    strata = store.strata
+    if strata is None:
+        notes.append(
+            "This folder was written before flipsafe recorded the fault-space size of each "
+            "stratum, so its overall rates pool the rows instead of weighting each stratum by "
+            "its share of the fault space; resume the campaign once to record them."
+        )
+    sizes = None if strata is None else {(s.layer, s.field): s.size for s in strata}
+    exhaustive = plan.n == "all"
     confidence = plan.confidence if confidence is None else confidence
     ckpt, classifier = _read_checkpoint(plan, notes)
     with_bits = with_bit_column(table)
@@ -192,14 +221,36 @@ def load_results(
         name=name or folder.resolve().name,
         plan=plan,
         table=table,
-        by_layer=summarise(table, ("layer",), confidence),
-        by_field=summarise(table, ("layer", "field"), confidence),
+        by_layer=summarise(table, ("layer",), confidence, sizes=sizes, exhaustive=exhaustive),
+        by_field=summarise(table, ("layer", "field"), confidence, sizes=sizes,
+                           exhaustive=exhaustive),
         by_bit=summarise(with_bits, ("layer", "bit"), confidence),
         config=None if ckpt is None else ckpt.config,
         classifier_layer=classifier,
         clean=_clean_eval(ckpt.model, plan) if evaluate and ckpt is not None else None,
         notes=notes,
+        strata=strata,
+        complete=complete,
+        planned_rows=int(store.total_rows),
     )
+
+
+def with_unique_names(models: Sequence[Results], names: Sequence[str] | None = None
+                      ) -> list[Results]:
+    """Copies of the results carrying the given names (default: their own), made unique by
+    numbering repeats ("base", "base-2") so tables and verdicts never compare "base" with
+    "base"."""
+    if names is not None and len(names) != len(models):
+        raise ConfigError(
+            f"got {len(names)} names for {len(models)} results folders; give one per folder"
+        )
+    wanted = [r.name for r in models] if names is None else [str(n) for n in names]
+    seen: dict[str, int] = {}
+    out = []
+    for r, name in zip(models, wanted):
+        seen[name] = seen.get(name, 0) + 1
+        out.append(replace(r, name=name if seen[name] == 1 else f"{name}-{seen[name]}"))
+    return out
 
 
 def check_same_plan(reference: Results, other: Results) -> None:

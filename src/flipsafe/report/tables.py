@@ -15,6 +15,7 @@ from flipsafe.metrics.stats import (
     GroupSummary,
     RateRatio,
     compare,
+    holm,
 )
 from flipsafe.report.results import LAST, Results, check_same_plan
 
@@ -90,13 +91,18 @@ class TextTable:
 
 @dataclass(frozen=True)
 class Verdict:
-    """How model `other` compares with `reference` on one group, in words."""
+    """How model `other` compares with `reference` on one group, in words.
+
+    p_adjusted, when given, is the Holm-adjusted p-value of the ratio among a family of
+    per-layer tests; the direction then follows it instead of the unadjusted interval.
+    """
 
     reference: str
     other: str
     group: str
     ratio: RateRatio
     direction: str  # "more", "less" or "unclear"
+    p_adjusted: float | None = None
 
     @property
     def reading(self) -> str:
@@ -104,60 +110,121 @@ class Verdict:
                 "unclear": "no clear difference"}[self.direction]
 
 
-def verdict(reference: str, other: str, group: str, ratio: RateRatio) -> Verdict:
-    if ratio.low > 1:
+def verdict(reference: str, other: str, group: str, ratio: RateRatio,
+            p_adjusted: float | None = None) -> Verdict:
+    if p_adjusted is not None and not p_adjusted < 1.0 - ratio.confidence:
+        direction = "unclear"
+    elif ratio.low > 1:
         direction = "more"
     elif ratio.high < 1:
         direction = "less"
     else:
         direction = "unclear"
-    return Verdict(reference, other, group, ratio, direction)
+    return Verdict(reference, other, group, ratio, direction, p_adjusted)
 
 
-def _rate_words(g: GroupSummary) -> str:
-    return f"{fmt_rate(g.sdc.rate)} ({fmt_count(g.sdc.k)} of {fmt_count(g.sdc.n)})"
+def _rate_words(g: GroupSummary, outcome: str = "sdc") -> str:
+    r = getattr(g, outcome)
+    return f"{fmt_rate(r.rate)} ({fmt_count(r.k)} of {fmt_count(r.n)})"
 
 
 def _matched_group(results: Results, key: str) -> GroupSummary:
     return results.matched.overall if key == OVERALL else results.matched.groups[(key,)]
 
 
-def sentence(v: Verdict, reference: Results, other: Results) -> str:
-    """One sentence a manager can read: which model is more resilient, by how much, how sure."""
+def _scope(comp: Comparison, group: str) -> str:
+    """Where a verdict applies, in words: the layer, or the layers both sides have."""
+    if group == LAST:
+        return "In the classifier (last) layer"
+    if group != OVERALL:
+        return f"In layer {group}"
+    keys = [key[0] for key in comp.groups]
+    if len(keys) == 1:
+        return ("In the classifier (last) layer, the only one injected" if keys[0] == LAST
+                else f"In layer {keys[0]}, the only one injected")
+    shared = "both campaigns injected" if comp.only_a or comp.only_b else "injected"
+    return f"Over the {len(keys)} layers {shared}"
+
+
+def _incomplete_words(*models: Results) -> str:
+    partial = [r for r in models if not r.complete]
+    if not partial:
+        return ""
+    names = " and ".join(f"{r.name} ({fmt_count(r.n)} of {fmt_count(r.planned_rows)} planned "
+                         "rows)" for r in partial)
+    return (f" Caution: {names} {'is' if len(partial) == 1 else 'are'} incomplete; only the "
+            "strata both sides have rows in are compared.")
+
+
+def _factor_words(r: RateRatio) -> str:
+    corrected = ", 0.5 added to every count because one side had none" if r.corrected else ""
+    return (f"{fmt_confidence(r.confidence)} interval {fmt_factor(r.low)} to "
+            f"{fmt_factor(r.high)}{corrected}")
+
+
+def _due_words(comp: Comparison, ref: Results, other: Results) -> str:
+    """The DUE (detectable NaN/Inf) half of a verdict: how often, and whether it differs."""
+    r = comp.overall.due
+    rates = (f"DUE rate (NaN/Inf, detectable) {_rate_words(comp.overall_b, 'due')} for "
+             f"{other.name} against {_rate_words(comp.overall_a, 'due')} for {ref.name}")
+    if r is None or not math.isfinite(r.ratio):
+        return f"{rates}."
+    if r.low > 1:
+        return (f"{rates}: {other.name} has {fmt_factor(r.ratio)} FEWER DUEs "
+                f"({_factor_words(r)}).")
+    if r.high < 1:
+        return (f"{rates}: {other.name} has {fmt_factor(1 / r.ratio)} MORE DUEs "
+                f"({_factor_words(r)}).")
+    return (f"{rates}: no clear difference (factor {fmt_factor(r.ratio)}, {_factor_words(r)}, "
+            "which includes 1).")
+
+
+def sentence(v: Verdict, reference: Results, other: Results,
+             comp: Comparison | None = None) -> str:
+    """A manager-readable verdict: which model has fewer SDCs, by how much, how sure, and
+    how their DUE rates compare (for the overall group)."""
+    comp = comparison(reference, other) if comp is None else comp
     r = v.ratio
-    where = "Over all injected layers" if v.group == OVERALL else "In the classifier (last) layer"
-    rates = (f"SDC rate {_rate_words(_matched_group(other, v.group))} for {v.other} against "
-             f"{_rate_words(_matched_group(reference, v.group))} for {v.reference}")
-    level = fmt_confidence(r.confidence)
-    corrected = " (0.5 added to every count because one side had no SDCs)" if r.corrected else ""
+    where = _scope(comp, v.group)
+    if v.group == OVERALL:
+        a, b = comp.overall_a, comp.overall_b
+    else:
+        a, b = _matched_group(reference, v.group), _matched_group(other, v.group)
+    rates = (f"SDC rate {_rate_words(b)} for {v.other} against {_rate_words(a)} for "
+             f"{v.reference}")
     if v.direction == "more":
-        return (f"{where}, {v.other} is {fmt_factor(r.ratio)} more resilient than "
-                f"{v.reference} ({level} interval {fmt_factor(r.low)} to {fmt_factor(r.high)})"
-                f"{corrected}: {rates}.")
-    if v.direction == "less":
-        return (f"{where}, {v.other} is {fmt_factor(1 / r.ratio)} LESS resilient "
-                f"than {v.reference} (improvement factor {fmt_factor(r.ratio)}, {level} interval "
-                f"{fmt_factor(r.low)} to {fmt_factor(r.high)}, below 1){corrected}: {rates}.")
-    return (f"{where}, the campaign shows no clear difference between {v.other} and "
-            f"{v.reference}: the improvement factor {fmt_factor(r.ratio)} has a {level} interval "
-            f"{fmt_factor(r.low)} to {fmt_factor(r.high)}, which includes 1{corrected}; {rates}.")
+        text = (f"{where}, {v.other} is {fmt_factor(r.ratio)} more resilient than "
+                f"{v.reference} ({_factor_words(r)}): {rates}.")
+    elif v.direction == "less":
+        text = (f"{where}, {v.other} is {fmt_factor(1 / r.ratio)} LESS resilient "
+                f"than {v.reference} (improvement factor {fmt_factor(r.ratio)}, "
+                f"{_factor_words(r)}, below 1): {rates}.")
+    else:
+        text = (f"{where}, the campaign shows no clear difference in SDCs between {v.other} "
+                f"and {v.reference}: the improvement factor {fmt_factor(r.ratio)} has a "
+                f"{_factor_words(r)}, which includes 1; {rates}.")
+    if v.group == OVERALL:
+        text += " " + _due_words(comp, reference, other)
+    return text + _incomplete_words(reference, other)
 
 
 def comparison(reference: Results, other: Results) -> Comparison:
-    """SDC rate ratios reference / other per matched layer (classifier layers as "last")."""
+    """SDC and DUE rate ratios reference / other per matched layer (classifier layers as
+    "last"), and overall over the matched layers' common strata."""
     check_same_plan(reference, other)
     return compare(reference.matched, other.matched)
 
 
 def headline(reference: Results, other: Results) -> list[str]:
-    """The overall verdict sentence for other against reference, and the last layer's when
-    more than the last layer was injected."""
+    """The overall verdict sentence for other against reference (SDC and DUE), and the last
+    layer's when more than the last layer was injected."""
     comp = comparison(reference, other)
     out = [sentence(verdict(reference.name, other.name, OVERALL, comp.overall.sdc),
-                    reference, other)]
+                    reference, other, comp)]
     last = comp.groups.get((LAST,))
     if last is not None and len(comp.groups) > 1:
-        out.append(sentence(verdict(reference.name, other.name, LAST, last.sdc), reference, other))
+        out.append(sentence(verdict(reference.name, other.name, LAST, last.sdc), reference,
+                            other, comp))
     return out
 
 
@@ -165,11 +232,16 @@ def plan_line(results: Results) -> str:
     p = results.plan
     images = pc.count_distinct(results.table["image_id"]).as_py()
     n = f"n sized for +-{fmt_rate(p.margin)}" if p.n is None else f"n={p.n}"
+    overall = ("(all) rows are stratified estimates of the fault-space-average rate, each "
+               "layer x field stratum weighted by its share of the fault space, with Wilson "
+               "intervals on the effective sample size" if results.strata is not None else
+               "(all) rows pool the rows (fault-space sizes not recorded)")
     return (f"plan: dataset {p.dataset}, site {p.site}, format {p.format}, fault {p.fault}, "
-            f"clamp {p.clamp}, layers {p.layers} ({n} per layer), images {p.images} "
-            f"({fmt_count(images)} distinct), seed {p.seed}, {fmt_count(results.n)} injections; "
-            f"intervals are {fmt_confidence(results.by_layer.confidence)} Wilson (rates) and "
-            "Katz (ratios)")
+            f"clamp {p.clamp}, layers {p.layers} ({n} per layer, {p.allocation} allocation "
+            f"across bit fields), images {p.images} ({fmt_count(images)} distinct), seed "
+            f"{p.seed}, {fmt_count(results.n)} injections; intervals are "
+            f"{fmt_confidence(results.by_layer.confidence)} Wilson (rates) and Katz (ratios); "
+            f"{overall}")
 
 
 def models_table(all_results: Sequence[Results]) -> TextTable:
@@ -182,8 +254,11 @@ def models_table(all_results: Sequence[Results]) -> TextTable:
         rows.append([r.name, arch, r.head, acc, fmt_count(o.n), fmt_rate(o.sdc.rate),
                      fmt_interval(o.sdc.low, o.sdc.high), fmt_rate(o.due.rate),
                      fmt_interval(o.due.low, o.due.high)])
+    notes = ["SDC and DUE: whole-model rates, each layer x field stratum weighted by its share "
+             "of the fault space (see the plan line)."] if any(
+        r.strata is not None for r in all_results) else []
     return TextTable("Models", ["model", "arch", "head", "accuracy", "injections", "SDC",
-                                f"SDC {conf} CI", "DUE", f"DUE {conf} CI"], rows)
+                                f"SDC {conf} CI", "DUE", f"DUE {conf} CI"], rows, notes)
 
 
 def layer_table(results: Results) -> TextTable:
@@ -204,19 +279,37 @@ def layer_table(results: Results) -> TextTable:
                       "dLoss median", "dLoss non-finite"], rows)
 
 
-def _comparison_row(key: str, g: GroupComparison, ref: Results, other: Results) -> list[str]:
-    a, b = _matched_group(ref, key), _matched_group(other, key)
+def _comparison_row(key: str, g: GroupComparison, a: GroupSummary, b: GroupSummary,
+                    v: Verdict) -> list[str]:
+    due = "n/a" if g.due is None else fmt_factor(g.due.ratio)
+    p = "-" if v.p_adjusted is None else f"{v.p_adjusted:.2g}"
     return [key, f"{fmt_rate(a.sdc.rate)} ({a.sdc.k}/{a.n})",
             f"{fmt_rate(b.sdc.rate)} ({b.sdc.k}/{b.n})", fmt_factor(g.sdc.ratio),
-            fmt_factor_interval(g.sdc.low, g.sdc.high),
-            verdict(ref.name, other.name, key, g.sdc).reading]
+            fmt_factor_interval(g.sdc.low, g.sdc.high), p, v.reading, due]
+
+
+def layer_verdicts(reference: Results, other: Results,
+                   comp: Comparison | None = None) -> dict[tuple, Verdict]:
+    """Per matched layer SDC verdicts, Holm-adjusted across the layers of this comparison."""
+    comp = comparison(reference, other) if comp is None else comp
+    keys = list(comp.groups)
+    pvals = [comp.groups[k].sdc.p_value for k in keys]
+    adjusted = holm([1.0 if math.isnan(p) else p for p in pvals]) if keys else []
+    return {k: verdict(reference.name, other.name, k[0], comp.groups[k].sdc, float(q))
+            for k, q in zip(keys, adjusted)}
 
 
 def comparison_table(reference: Results, other: Results) -> TextTable:
-    """Per matched layer and overall: both SDC rates, factor reference / other, its interval."""
+    """Per matched layer and overall: both SDC rates, factor reference / other, its interval,
+    the Holm-adjusted p-value and reading, and the DUE factor."""
     comp = comparison(reference, other)
-    rows = [_comparison_row(key[0], g, reference, other) for key, g in comp.groups.items()]
-    rows.append(_comparison_row(OVERALL, comp.overall, reference, other))
+    verdicts = layer_verdicts(reference, other, comp)
+    rows = [_comparison_row(key[0], g, _matched_group(reference, key[0]),
+                            _matched_group(other, key[0]), verdicts[key])
+            for key, g in comp.groups.items()]
+    overall = verdict(reference.name, other.name, OVERALL, comp.overall.sdc)
+    rows.append(_comparison_row(OVERALL, comp.overall, comp.overall_a, comp.overall_b, overall))
+    conf = fmt_confidence(comp.confidence)
     notes = []
     if (LAST,) in comp.groups:
         notes.append(f"last = the classifier layer ({reference.classifier_layer} in "
@@ -224,12 +317,16 @@ def comparison_table(reference: Results, other: Results) -> TextTable:
     for side, keys in ((reference, comp.only_a), (other, comp.only_b)):
         if keys:
             names = ", ".join(side.real_name(k[0]) for k in keys)
-            notes.append(f"only in {side.name}, not compared: {names}.")
-    notes.append(f"factor = SDC rate of {reference.name} / SDC rate of {other.name}; "
-                 f"above 1 means {other.name} has fewer SDCs.")
+            notes.append(f"only in {side.name}, not compared (left out of (all) too): {names}.")
+    notes.append(f"factor = rate of {reference.name} / rate of {other.name}; above 1 means "
+                 f"{other.name} has fewer.")
+    notes.append(f"Per-layer readings: {len(comp.groups)} tests of factor = 1 with Holm's "
+                 f"correction (family-wise error at most {fmt_rate(1 - comp.confidence)}); "
+                 "the intervals are per layer, unadjusted. (all) compares the stratified "
+                 "rates over the layers both sides have.")
     return TextTable(f"Improvement: {reference.name} / {other.name}",
                      ["layer", f"{reference.name} SDC", f"{other.name} SDC", "factor",
-                      f"factor {fmt_confidence(comp.confidence)} CI", "reading"], rows, notes)
+                      f"factor {conf} CI", "Holm p", "reading", "DUE factor"], rows, notes)
 
 
 def summary_tables(results: Results, vs: Sequence[Results] = ()) -> list[TextTable]:
