@@ -7,7 +7,7 @@ import html
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from flipsafe.campaign.plan import FAULTS, SITES

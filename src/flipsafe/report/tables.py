@@ -254,9 +254,9 @@ def models_table(all_results: Sequence[Results]) -> TextTable:
         rows.append([r.name, arch, r.head, acc, fmt_count(o.n), fmt_rate(o.sdc.rate),
                      fmt_interval(o.sdc.low, o.sdc.high), fmt_rate(o.due.rate),
                      fmt_interval(o.due.low, o.due.high)])
-    notes = ["SDC and DUE: whole-model rates, each layer x field stratum weighted by its share "
-             "of the fault space (see the plan line)."] if any(
-        r.strata is not None for r in all_results) else []
+    weighted = ("SDC and DUE: whole-model rates, each layer x field stratum weighted by its "
+                "share of the fault space (see the plan line).")
+    notes = [weighted] if any(r.strata is not None for r in all_results) else []
     return TextTable("Models", ["model", "arch", "head", "accuracy", "injections", "SDC",
                                 f"SDC {conf} CI", "DUE", f"DUE {conf} CI"], rows, notes)
 
