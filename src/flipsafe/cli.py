@@ -187,7 +187,12 @@ def cmd_summary(args) -> None:
     from flipsafe.report import load_results, summary_table, with_unique_names
 
     base, *others = with_unique_names([load_results(d) for d in [args.results_dir, *args.vs]])
-    print(summary_table(base, vs=others))
+    if getattr(args, "json", False):
+        from flipsafe.report import summary_json
+
+        print(json.dumps(summary_json(base, vs=others), indent=2, allow_nan=False))
+    else:
+        print(summary_table(base, vs=others))
 
 
 def cmd_report(args) -> None:
@@ -278,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dir")
     p.add_argument("--vs", nargs="+", action="extend", default=[],
                    help="results folders of other models run with the same plan")
+    p.add_argument("--json", action="store_true",
+                   help="print the same figures as one JSON object (null where undefined)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("report", help="write an HTML (or Markdown) report")

@@ -13,6 +13,7 @@ from flipsafe.metrics.stats import (
     Comparison,
     GroupComparison,
     GroupSummary,
+    STRATIFIED_METHOD,
     RateRatio,
     compare,
     holm,
@@ -354,3 +355,96 @@ def summary_table(results: Results, vs: Sequence[Results] = ()) -> str:
     lines = summary_lines(results, vs)
     blocks = [lines[0], *(t.render_text() for t in summary_tables(results, vs)), *lines[1:]]
     return "\n\n".join(blocks) + "\n"
+
+
+def _number(x):
+    """A JSON-safe number: NaN and infinities become None (null)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _rate_json(r) -> dict:
+    return {"k": int(r.k), "n": int(r.n), "rate": _number(r.rate), "low": _number(r.low),
+            "high": _number(r.high), "method": r.method}
+
+
+def _ratio_json(r: RateRatio | None, reading: str | None = None,
+                p_holm: float | None = None) -> dict | None:
+    if r is None:
+        return None
+    out = {"ratio": _number(r.ratio), "low": _number(r.low), "high": _number(r.high),
+           "p_value": _number(r.p_value), "corrected": bool(r.corrected)}
+    if p_holm is not None:
+        out["p_holm"] = _number(p_holm)
+    if reading is not None:
+        out["reading"] = reading
+    return out
+
+
+def _group_json(g: GroupSummary) -> dict:
+    return {"n": int(g.n), "sdc": _rate_json(g.sdc), "due": _rate_json(g.due),
+            "delta_loss": {"mean_finite": _number(g.delta_loss.mean),
+                           "low": _number(g.delta_loss.low), "high": _number(g.delta_loss.high),
+                           "non_finite": int(g.delta_loss.excluded),
+                           "quantiles": {f"{q:g}": _number(v)
+                                         for q, v in g.delta_loss_quantiles.items()}}}
+
+
+def _model_json(r: Results) -> dict:
+    by_field = r.by_field.groups
+    return {
+        "name": r.name, "dir": str(r.dir),
+        "arch": None if r.config is None else r.config.get("arch"),
+        "head": r.head, "accuracy": _number(r.accuracy), "classifier_layer": r.classifier_layer,
+        "rows": int(r.n), "planned_rows": int(r.planned_rows), "complete": bool(r.complete),
+        "overall": _group_json(r.by_layer.overall),
+        "layers": [{"layer": key[0], **_group_json(g)} for key, g in r.by_layer.groups.items()],
+        "strata": [
+            {"layer": s.layer, "field": s.field, "fault_space": int(s.size),
+             "planned": int(s.n), "elements": s.elements, "width": s.width,
+             **({"n": 0} if (s.layer, s.field) not in by_field else
+                _group_json(by_field[(s.layer, s.field)]))}
+            for s in (r.strata or [])],
+        "notes": list(r.notes),
+    }
+
+
+def _comparison_json(reference: Results, other: Results) -> dict:
+    comp = comparison(reference, other)
+    verdicts = layer_verdicts(reference, other, comp)
+    overall = verdict(reference.name, other.name, OVERALL, comp.overall.sdc)
+    return {
+        "reference": reference.name, "other": other.name,
+        "factor": f"rate of {reference.name} / rate of {other.name}; above 1: {other.name} "
+                  "has fewer",
+        "layers": [{"layer": key[0], "n_reference": int(g.n_a), "n_other": int(g.n_b),
+                    "sdc": _ratio_json(g.sdc, verdicts[key].reading, verdicts[key].p_adjusted),
+                    "due": _ratio_json(g.due)}
+                   for key, g in comp.groups.items()],
+        "overall": {"reference": _group_json(comp.overall_a), "other": _group_json(comp.overall_b),
+                    "sdc": _ratio_json(comp.overall.sdc, overall.reading),
+                    "due": _ratio_json(comp.overall.due)},
+        "only_reference": [reference.real_name(k[0]) for k in comp.only_a],
+        "only_other": [other.real_name(k[0]) for k in comp.only_b],
+        "verdicts": headline(reference, other),
+    }
+
+
+def summary_json(results: Results, vs: Sequence[Results] = ()) -> dict:
+    """What `flipsafe summary --json` prints: the same figures as the text, as one object.
+
+    Rates carry k, n, rate, interval and method ("wilson" per layer and stratum,
+    "stratified" for whole-model rates); comparisons carry ratio, interval, p-value and, per
+    layer, the Holm-adjusted p-value and reading. Undefined numbers are null.
+    """
+    lines = summary_lines(results, vs)
+    return {
+        "confidence": results.by_layer.confidence,
+        "plan": results.plan.to_dict(),
+        "plan_line": lines[0],
+        "overall_method": STRATIFIED_METHOD if results.strata is not None else "pooled rows",
+        "models": [_model_json(r) for r in (results, *vs)],
+        "comparisons": [_comparison_json(results, other) for other in vs],
+    }
