@@ -10,10 +10,10 @@ import pyarrow.compute as pc
 
 from flipsafe.metrics.stats import (
     OVERALL,
+    STRATIFIED_METHOD,
     Comparison,
     GroupComparison,
     GroupSummary,
-    STRATIFIED_METHOD,
     RateRatio,
     compare,
     holm,
