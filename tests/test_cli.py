@@ -43,3 +43,17 @@ def test_train_then_evaluate(tmp_path, capsys):
     acc_train = trained.split("test accuracy ")[1].split("%")[0]
     acc_eval = evaluated.split("accuracy on digits ")[1].split("%")[0]
     assert acc_train == acc_eval
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--lr", "nan"], "lr must be a finite number, got nan"),
+    (["--weight-decay", "-1"], "weight_decay must be >= 0"),
+    (["--lr", "1e30"], "training diverged: the loss became nan"),
+])
+def test_broken_recipes_exit_2_and_save_no_checkpoint(tmp_path, capsys, args, needle):
+    out = tmp_path / "m"
+    code = main(["train", "--arch", "mlp", "--epochs", "2", "--out", str(out), "--quiet", *args])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flipsafe: error:") and needle in lines[0]
+    assert not out.exists() or not any(out.iterdir())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flipsafe import ConfigError, UnknownNameError
+from flipsafe import ConfigError, TrainingError, UnknownNameError
 from flipsafe.train import TrainConfig, evaluate, train
 from flipsafe.workflow import HeadSpec, build_classifier
 
@@ -49,3 +49,27 @@ def test_bad_recipe_values():
         TrainConfig(epochs=0)
     with pytest.raises(ConfigError, match="text:minilm"):
         HeadSpec.parse("texty")
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"lr": float("inf")}, "lr must be a finite number"),
+    ({"lr": 0.0}, "lr must be greater than 0"),
+    ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+    ({"weight_decay": float("nan")}, "weight_decay must be a finite number"),
+    ({"label_smoothing": 1.0}, "label_smoothing must be in"),
+    ({"label_smoothing": float("nan")}, "label_smoothing must be a finite number"),
+    ({"momentum": 1.5}, "momentum must be in"),
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+    ({"epochs": 2.5}, "epochs must be a whole number"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be a whole number >= 0"),
+])
+def test_impossible_recipe_values_are_refused(changes, needle):
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig(**changes)
+
+
+def test_diverging_training_stops_with_an_error(digits):
+    model, _ = build_classifier("mlp", HeadSpec.parse("linear"), "digits", digits.classes, 1, 8)
+    with pytest.raises(TrainingError, match="training diverged: the loss became nan"):
+        train(model, digits.train, None, TrainConfig(epochs=1, lr=1e30), show_progress=False)

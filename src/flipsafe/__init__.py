@@ -7,6 +7,7 @@ from flipsafe.errors import (
     DataError,
     FlipsafeError,
     InjectionError,
+    TrainingError,
     UnknownNameError,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "DataError",
     "FlipsafeError",
     "InjectionError",
+    "TrainingError",
     "UnknownNameError",
     "__version__",
     "load",

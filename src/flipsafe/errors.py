@@ -25,6 +25,10 @@ class InjectionError(FlipsafeError):
     """A fault request the engine cannot carry out on this model."""
 
 
+class TrainingError(FlipsafeError):
+    """Training that failed on the user's recipe or data (e.g. a loss that diverged)."""
+
+
 class CampaignError(FlipsafeError):
     """A campaign plan or results folder that cannot be used as asked."""
 

@@ -9,11 +9,26 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from flipsafe.errors import ConfigError, unknown
+from flipsafe.errors import ConfigError, TrainingError, unknown
 from flipsafe.progress import progress_bar
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _diverged(what: str, config: TrainConfig) -> TrainingError:
+    return TrainingError(
+        f"training diverged: {what} with lr {config.lr:g}, so the model is unusable and no "
+        "checkpoint is saved; lower --lr (or check the data for NaN/Inf values)"
+    )
 
 
 @dataclass(frozen=True)
@@ -38,12 +53,22 @@ class TrainConfig:
             raise unknown("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule not in SCHEDULES:
             raise unknown("schedule", self.schedule, SCHEDULES)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("epochs and batch_size must be at least 1")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("label_smoothing must be in [0, 1)")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.lr <= 0:
-            raise ConfigError("lr must be positive")
+            raise ConfigError(f"lr must be greater than 0 (e.g. 0.05), got {self.lr!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0 (e.g. 5e-4), got {self.weight_decay!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +114,11 @@ def train(
     show_progress: bool = True,
     description: str = "train",
 ) -> TrainResult:
-    """Train `model` in place with the shared recipe and return losses and test accuracy."""
+    """Train `model` in place with the shared recipe and return losses and test accuracy.
+
+    Raises TrainingError as soon as the loss (or, at the end, a parameter) is NaN or
+    infinite, so a diverged run is never mistaken for a trained model.
+    """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(
@@ -105,12 +134,15 @@ def train(
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     result = TrainResult()
     with progress_bar(description, total=config.epochs, unit="epoch", enabled=show_progress) as bar:
-        for _ in range(config.epochs):
+        for epoch in range(config.epochs):
             model.train()
             running, seen = 0.0, 0
-            for images, labels in loader:
+            for step, (images, labels) in enumerate(loader):
                 optimizer.zero_grad(set_to_none=True)
                 loss = criterion(model(images), labels)
+                if not torch.isfinite(loss):
+                    raise _diverged(f"the loss became {loss.item()} at epoch {epoch + 1}, "
+                                    f"step {step + 1}", config)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -118,6 +150,8 @@ def train(
                 seen += len(labels)
             result.losses.append(running / max(seen, 1))
             bar.advance(info=f"loss {result.losses[-1]:.4f}")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise _diverged("the last update made parameters NaN or infinite", config)
     if test_set is not None:
         result.accuracy = evaluate(model, test_set)
     model.eval()

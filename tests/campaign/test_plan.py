@@ -2,11 +2,13 @@
 
 import dataclasses
 import hashlib
+import json
+import re
 
 import pytest
 
 from flipsafe.campaign import CampaignPlan, Stratum, allocate, n_from_plan, plan_strata
-from flipsafe.errors import CampaignError, ConfigError
+from flipsafe.errors import CampaignError, ConfigError, FlipsafeError
 
 
 def _plan(**changes):
@@ -27,7 +29,8 @@ def test_defaults():
 @pytest.mark.parametrize(
     "changes, listed",
     [
-        ({"fault": "flip"}, "bitflip, bitflip2, burst2, stuck0, stuck1, random, zero"),
+        # The faults module owns the names (and accepts bitflipK / burstK).
+        ({"fault": "flip"}, "bitflip, bitflip2, bitflip<K>, burst2, burst<K>, random, stuck0"),
         ({"site": "inputs"}, "activations, weights, metadata"),
         ({"images": "some"}, "correct, all"),
         ({"clamp": "relu"}, "none, profiled, goldeneye"),
@@ -35,7 +38,7 @@ def test_defaults():
     ],
 )
 def test_bad_choices_list_the_valid_ones(changes, listed):
-    with pytest.raises(ConfigError, match=listed):
+    with pytest.raises(FlipsafeError, match=re.escape(listed)):
         _plan(**changes)
 
 
@@ -103,6 +106,49 @@ def test_fingerprint_ignores_the_checkpoint_path_only():
         other = dataclasses.replace(base, **{name: value})
         assert other.fingerprint() != base.fingerprint(), name
         assert base.differing_fields(other) == [name]
+
+
+SHA = "0123456789abcdef" * 4
+
+
+def test_data_sha_is_fingerprinted_once_recorded():
+    with_data = _plan(data_sha=SHA)
+    canonical = (
+        '{"allocation":"proportional","clamp":"none","confidence":0.99,"data_sha":"' + SHA
+        + '","dataset":"cifar10","fault":"bitflip","format":"fp16","images":"correct",'
+        '"layers":"all","margin":0.01,"model_sha":"abc123","n":100,"part_size":4096,"seed":3,'
+        '"site":"activations","version":1}'
+    )
+    assert with_data.fingerprint() == hashlib.sha256(canonical.encode()).hexdigest()
+    assert _plan().differing_fields(with_data) == ["data_sha"]
+    assert with_data.differing_fields(_plan(data_sha="f" * 64)) == ["data_sha"]
+    with pytest.raises(ConfigError, match="sha256"):
+        _plan(data_sha="abc")
+
+
+def test_plans_written_before_data_sha_keep_their_fingerprint():
+    old = {k: v for k, v in _plan().to_dict().items() if k != "data_sha"}
+    plan = CampaignPlan.from_json(json.dumps(old))
+    assert plan.data_sha is None
+    # The fingerprint a folder recorded before data_sha existed (test above, by hand).
+    assert plan.fingerprint() == _plan().fingerprint()
+    assert "data_sha" not in plan.fingerprinted()
+
+
+def test_format_and_fault_names_have_one_spelling():
+    upper = _plan(format=" FP16", fault="BitFlip2")
+    assert (upper.format, upper.fault) == ("fp16", "bitflip2")
+    assert upper.fingerprint() == _plan(fault="bitflip2").fingerprint()
+    assert _plan(format="Float_E4M3FN").format == "float_e4m3fn"
+    with pytest.raises(FlipsafeError, match="unknown format 'fp17'"):
+        _plan(format="fp17")
+
+
+@pytest.mark.parametrize("fault", ["bitflip3", "burst4", "burst2", "stuck1", "bitflip1"])
+def test_plan_accepts_what_the_faults_module_parses(fault):
+    from flipsafe.faults import parse
+
+    assert _plan(fault=fault).fault == parse(fault).name
 
 
 def test_proportional_allocation_largest_remainder():

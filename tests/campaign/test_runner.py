@@ -182,3 +182,125 @@ def test_clamped_campaign_uses_cached_ranges_identically(mlp_checkpoint, tmp_pat
     assert cache.is_file()
     run_campaign(plan, tmp_path / "second", show_progress=False)  # reads the cache
     _assert_same_rows(_store(tmp_path / "first").read(), _store(tmp_path / "second").read())
+
+
+def _field_of(fmt_name="fp32"):
+    from flipsafe import formats
+
+    return {b: name for name, bits in formats.get(fmt_name).fields.items() for b in bits}
+
+
+@pytest.mark.parametrize("fault, per_element", [("stuck1", 32), ("stuck0", 32), ("zero", 1)])
+def test_n_all_lists_every_fault_once_for_every_model(mlp_checkpoint, tmp_path, fault,
+                                                      per_element):
+    plan = _plan(mlp_checkpoint, layers="last", n="all", fault=fault, part_size=4096)
+    run_campaign(plan, tmp_path / "all", show_progress=False)
+    table = _store(tmp_path / "all").read()
+    (info,) = prepare(plan).layers
+    assert table.num_rows == info.numel * per_element
+    bits = table.column("bits").to_pylist()
+    if fault == "zero":
+        assert all(b == list(range(32)) for b in bits)
+        assert sorted(table.column("index").to_pylist()) == list(range(info.numel))
+    else:
+        pairs = list(zip(table.column("index").to_pylist(), [b[0] for b in bits]))
+        assert len(set(pairs)) == len(pairs)
+        assert set(pairs) == {(i, b) for i in range(info.numel) for b in range(32)}
+
+
+@pytest.mark.parametrize("fault", ["bitflip2", "burst2"])
+def test_multi_bit_campaigns_stratify_by_the_highest_bit(mlp_checkpoint, tmp_path, fault):
+    plan = _plan(mlp_checkpoint, fault=fault, n=60)
+    prep = prepare(plan)
+    # Per element: C(32, 2) = 496 pairs or 31 runs of two, over the selected images.
+    per_element = 496 if fault == "bitflip2" else 31
+    for info in prep.layers:
+        space = sum(s.size for s in prep.strata if s.layer == info.name)
+        assert space == info.numel * per_element * prep.image_ids.numel()
+    run_campaign(plan, tmp_path / "r", show_progress=False)
+    rows = _store(tmp_path / "r").read().to_pylist()
+    assert len(rows) == 60 * len(prep.layers)
+    field_of = _field_of()
+    for r in rows:
+        assert len(r["bits"]) == 2 and r["bits"][0] < r["bits"][1]
+        if fault == "burst2":
+            assert r["bits"][1] == r["bits"][0] + 1
+        assert r["field"] == field_of[max(r["bits"])]
+    if fault == "bitflip2":  # most exponent-topped pairs reach into the mantissa
+        assert any(len({field_of[b] for b in r["bits"]}) == 2 for r in rows)
+
+
+def test_n_all_burst2_lists_every_run_once(mlp_checkpoint):
+    prep = prepare(_plan(mlp_checkpoint, layers="last", n="all", fault="burst2"))
+    faults, fields = fault_list(prep)
+    (info,) = prep.layers
+    assert len(faults) == info.numel * 31
+    rows = set(zip(faults.index.tolist(), map(tuple, faults.bits())))
+    assert rows == {(i, (b, b + 1)) for i in range(info.numel) for b in range(31)}
+    field_of = _field_of()
+    assert fields == [field_of[max(b)] for b in faults.bits()]
+
+
+def test_format_names_are_normalised_in_plans_and_range_caches(mlp_checkpoint):
+    from flipsafe.campaign.runner import RANGES_FILE
+
+    upper, lower = _plan(mlp_checkpoint, format="FP16"), _plan(mlp_checkpoint, format="fp16")
+    assert upper.format == "fp16" and upper.fingerprint() == lower.fingerprint()
+    prepare(upper)
+    caches = {p.name for p in mlp_checkpoint.iterdir() if p.name.startswith("ranges-")}
+    assert RANGES_FILE.format(format="fp16") in caches
+    assert RANGES_FILE.format(format="FP16") not in caches
+
+
+def _image_folder(root, per_class):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels, "L").save(root / cls / f"{i}.png")
+
+
+def test_resume_on_changed_data_is_refused_naming_the_dataset(tmp_path, capsys):
+    from flipsafe.cli import main
+    from flipsafe.train import TrainConfig
+    from flipsafe.workflow import train_classifier
+
+    _image_folder(tmp_path / "imgs", 5)
+    spec = f"imagefolder:{tmp_path / 'imgs'}?size=8&channels=1"
+    train_classifier(spec, arch="mlp", out=tmp_path / "m", config=TrainConfig(epochs=1),
+                     show_progress=False)
+    args = ["campaign", str(tmp_path / "m"), "--n", "6", "--layers", "last", "--images", "all",
+            "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(args) == 0
+    before = _store(tmp_path / "r").read()
+    assert _store(tmp_path / "r").plan.data_sha is not None
+    assert main(args) == 0  # same data: resumes
+    capsys.readouterr()
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8), 200, np.uint8), "L").save(tmp_path / "imgs/cat/new.png")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the dataset's contents changed" in err[0] and spec in err[0]
+    _assert_same_rows(_store(tmp_path / "r").read(), before)
+
+
+def test_folders_without_a_data_hash_are_read_but_not_resumed(mlp_checkpoint, tmp_path):
+    plan = _plan(mlp_checkpoint, n=20)
+    assert plan.data_sha is None  # as every plan written before the hash was recorded
+    ResultsStore(tmp_path / "old").create_or_resume(plan, total_rows=60)
+    assert _store(tmp_path / "old").plan == plan
+    with pytest.raises(CampaignError, match="older flipsafe"):
+        run_campaign(plan, tmp_path / "old", show_progress=False)
+
+
+def test_prepare_refuses_a_plan_made_for_other_data(mlp_checkpoint):
+    import dataclasses
+
+    plan = prepare(_plan(mlp_checkpoint, n=20)).plan
+    assert len(plan.data_sha) == 64
+    with pytest.raises(CampaignError, match="dataset's contents changed.*digits"):
+        prepare(dataclasses.replace(plan, data_sha="0" * 64))

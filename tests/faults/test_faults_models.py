@@ -1,5 +1,8 @@
 """Fault models: bit masks, op codes and replacement values, checked bit by bit."""
 
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -15,9 +18,11 @@ from flipsafe.faults import (
     apply,
     bits_mask,
     draw,
+    every_fault,
     mask_bits,
     parse,
     positions,
+    stratum_size,
 )
 
 FORMATS = ["fp32", "bf16", "fp8_e4m3", "int8", "mxfp8_e4m3"]
@@ -123,3 +128,83 @@ def test_mask_bits_round_trip_and_parse_errors():
         parse("flipflop")
     with pytest.raises(FlipsafeError):
         parse("bitflip0")
+
+
+def test_parse_gives_one_spelling_per_fault_model():
+    assert [parse(n).name for n in (" BitFlip2 ", "BURST3", "bitflip1", "burst1", "Stuck1")] == [
+        "bitflip2", "burst3", "bitflip", "bitflip", "stuck1"]
+    assert parse("burst1").kind == "flip" and parse("burst1").k == 1
+
+
+def _brute_force_strata(fmt, model):
+    """Every distinct mask of `model` on one element, by the field of its highest bit,
+    from the format's field table alone."""
+    k = parse(model).k
+    field_of = {b: name for name, bits in fmt.fields.items() for b in bits}
+    if model.startswith("burst"):
+        sets = [tuple(range(s, s + k)) for s in range(fmt.bits - k + 1)]
+    else:
+        sets = list(itertools.combinations(range(fmt.bits), k))
+    strata = {name: set() for name in fmt.fields}
+    for bits in sets:
+        strata[field_of[max(bits)]].add(sum(1 << b for b in bits))
+    return strata
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+@pytest.mark.parametrize("model", ["bitflip", "stuck1", "bitflip2", "burst2", "bitflip3", "burst3"])
+def test_strata_by_highest_bit_match_brute_force(fmt_name, model):
+    fmt = formats.get(fmt_name)
+    strata = _brute_force_strata(fmt, model)
+    # The strata partition the whole space: C(bits, K) sets, bits-K+1 runs.
+    k = parse(model).k
+    whole = fmt.bits - k + 1 if model.startswith("burst") else math.comb(fmt.bits, k)
+    assert sum(len(m) for m in strata.values()) == whole == stratum_size(model, fmt)
+    for field, masks in strata.items():
+        assert stratum_size(model, fmt, field) == len(masks)
+        index, d = every_fault(model, fmt, 3, field, gen())
+        # Every fault of the stratum once on every element, element-major.
+        assert index.tolist() == [i for i in range(3) for _ in masks]
+        rows = list(zip(index.tolist(), d.mask.tolist()))
+        assert len(set(rows)) == len(rows) and {m for _, m in rows} == masks
+        if not masks:
+            with pytest.raises(ConfigError, match="highest bit"):
+                draw(model, fmt, 5, generator=gen(), top=field)
+            continue
+        drawn = draw(model, fmt, 300, generator=gen(5), top=field)
+        assert set(drawn.mask.tolist()) <= masks
+        assert set(drawn.op.tolist()) == {parse(model).op}
+        if model == "stuck1":
+            assert torch.equal(drawn.value, drawn.mask) and torch.equal(d.value, d.mask)
+
+
+def test_multi_bit_draws_cross_fields_and_are_uniform_in_their_stratum():
+    fmt = formats.get("fp8_e4m3")  # sign 7, exponent 3..6, mantissa 0..2
+    # bitflip2 topped by an exponent bit: 3 + 4 + 5 + 6 = 18 pairs, 12 reach the mantissa.
+    masks = _brute_force_strata(fmt, "bitflip2")["exponent"]
+    assert len(masks) == 18
+    d = draw("bitflip2", fmt, 18000, generator=gen(11), top="exponent")
+    counts = torch.bincount(d.mask, minlength=256)[sorted(masks)]
+    assert int(counts.sum()) == 18000
+    assert int(counts.min()) > 850 and int(counts.max()) < 1150  # 1000 expected, sd ~31
+    # burst2 topped by the lowest exponent bit is bits 2 and 3: mantissa into exponent.
+    d = draw("burst2", fmt, 400, generator=gen(12), top="exponent")
+    assert set(d.mask.tolist()) == {0b1100, 0b11000, 0b110000, 0b1100000}
+    # The one-bit draw of a stratum is the field-restricted draw, fault for fault.
+    a = draw("bitflip", fmt, 100, generator=gen(13), top="mantissa")
+    b = draw("bitflip", fmt, 100, field="mantissa", generator=gen(13))
+    assert torch.equal(a.mask, b.mask)
+    # field still restricts every bit: no burst2 within sign+mantissa is topped by the sign.
+    with pytest.raises(ConfigError, match="highest bit in field 'sign'"):
+        draw("burst2", formats.get("fp32"), 3, field=["sign", "mantissa"], generator=gen(),
+             top="sign")
+
+
+def test_whole_value_models_have_one_fault_per_element():
+    fmt = formats.get("bf16")
+    for model in ("random", "zero"):
+        assert stratum_size(model, fmt) == 1
+        index, d = every_fault(model, fmt, 4, generator=gen())
+        assert index.tolist() == [0, 1, 2, 3] and set(d.mask.tolist()) == {0xFFFF}
+        with pytest.raises(ConfigError, match="no highest bit"):
+            draw(model, fmt, 3, generator=gen(), top="sign")

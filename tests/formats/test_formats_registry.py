@@ -29,6 +29,19 @@ def test_every_element_bit_is_in_exactly_one_field(name):
     assert bool(fmt.meta_fields) == (block or name.startswith("int"))
 
 
+@pytest.mark.parametrize("name", CONCRETE)
+def test_canonical_is_the_one_spelling_get_uses(name):
+    for spelling in (name, name.upper(), f"  {name.title()} "):
+        assert formats.canonical(spelling) == name == formats.get(spelling).name
+
+
+def test_canonical_refuses_unknown_names():
+    with pytest.raises(UnknownNameError, match="fp16"):
+        formats.canonical("fp17")
+    with pytest.raises(UnknownNameError):
+        formats.canonical(16)
+
+
 def test_layouts():
     assert formats.get("fp32").fields == {"sign": (31,), "exponent": tuple(range(23, 31)),
                                           "mantissa": tuple(range(23))}

@@ -11,18 +11,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flipsafe.errors import CampaignError, ConfigError
+from flipsafe.faults import FAULT_MODELS
+from flipsafe.faults import parse as parse_fault
+from flipsafe.formats import canonical as canonical_format
 from flipsafe.metrics.stats import sample_size, z_value
 
 PLAN_VERSION = 1
 
 IMAGES = ("correct", "all")
 SITES = ("activations", "weights", "metadata")
-FAULTS = ("bitflip", "bitflip2", "burst2", "stuck0", "stuck1", "random", "zero")
+# The named fault models (faults owns them; bitflipK and burstK are accepted too).
+FAULTS = FAULT_MODELS
 CLAMPS = ("none", "profiled", "goldeneye")
 ALLOCATIONS = ("proportional", "equal")
 
 # The checkpoint folder may be moved between runs; model_sha identifies the model instead.
 NOT_FINGERPRINTED = ("model",)
+# Fields added after plans were first written: left out of the fingerprint while None, so
+# the fingerprints of folders written before them stay valid.
+OPTIONAL_FINGERPRINTED = ("data_sha",)
 
 
 def _choice(name: str, value, choices) -> None:
@@ -44,6 +51,9 @@ class CampaignPlan:
 
     n is the number of faults per layer: an int, "all" (the whole fault space),
     or None to size it per layer with sample_size(confidence, margin, layer size).
+    format and fault are stored in their one spelling ("FP16" becomes "fp16").
+    data_sha is the sha256 of the evaluation images and labels (runner.prepare fills
+    it in); None only in plans written before it was recorded, or not yet prepared.
     """
 
     model: str
@@ -61,6 +71,7 @@ class CampaignPlan:
     seed: int = 0
     allocation: str = "proportional"
     part_size: int = 4096
+    data_sha: str | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self):
@@ -68,9 +79,15 @@ class CampaignPlan:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        # One spelling per name, so plans, fingerprints and range caches agree.
+        object.__setattr__(self, "format", canonical_format(self.format))
+        object.__setattr__(self, "fault", parse_fault(self.fault).name)
+        if self.data_sha is not None and not (
+            isinstance(self.data_sha, str) and re.fullmatch(r"[0-9a-f]{64}", self.data_sha)
+        ):
+            raise ConfigError(f"data_sha must be a sha256 hex digest or None, got {self.data_sha!r}")
         _choice("images", self.images, IMAGES)
         _choice("site", self.site, SITES)
-        _choice("fault", self.fault, FAULTS)
         _choice("clamp", self.clamp, CLAMPS)
         _choice("allocation", self.allocation, ALLOCATIONS)
         if self.layers not in ("all", "last"):
@@ -138,10 +155,14 @@ class CampaignPlan:
         return cls.from_dict(data)
 
     def fingerprinted(self) -> dict:
-        """The fields that define results (all but the checkpoint path)."""
+        """The fields that define results (all but the checkpoint path, and the optional
+        fields that are None)."""
         data = self.to_dict()
         for name in NOT_FINGERPRINTED:
             del data[name]
+        for name in OPTIONAL_FINGERPRINTED:
+            if data[name] is None:
+                del data[name]
         return data
 
     def fingerprint(self) -> str:
@@ -152,7 +173,7 @@ class CampaignPlan:
     def differing_fields(self, other: CampaignPlan) -> list[str]:
         """Names of the fingerprinted fields whose values differ between two plans."""
         mine, theirs = self.fingerprinted(), other.fingerprinted()
-        return [name for name in mine if mine[name] != theirs[name]]
+        return [name for name in {**mine, **theirs} if mine.get(name) != theirs.get(name)]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -13,12 +14,10 @@ import pyarrow as pa
 import torch
 
 from flipsafe.campaign.plan import CampaignPlan, Stratum, plan_strata
-from flipsafe.campaign.store import ROW_SCHEMA, ResultsStore
+from flipsafe.campaign.store import PLAN_FILE, ROW_SCHEMA, ResultsStore
 from flipsafe.errors import CampaignError, ConfigError
 from flipsafe.progress import progress_bar
 
-# Fault models whose effect does not depend on which bits they pick: one stratum per layer.
-_WHOLE_VALUE = ("random", "zero")
 RANGES_FILE = "ranges-{format}.json"
 
 
@@ -41,7 +40,10 @@ def make_plan(model_dir, **fields) -> CampaignPlan:
 
 @dataclass
 class Prepared:
-    """Everything the plan implies before any fault runs; cheap to rebuild on any worker."""
+    """Everything the plan implies before any fault runs; cheap to rebuild on any worker.
+
+    `plan` is the plan given, completed with the data_sha of the images and labels.
+    """
 
     plan: CampaignPlan
     engine: object
@@ -56,6 +58,10 @@ class Prepared:
     def total(self) -> int:
         return sum(s.n for s in self.strata)
 
+    @property
+    def data_sha(self) -> str:
+        return self.plan.data_sha
+
 
 def _stratum_seed(seed: int, layer: str, field: str) -> int:
     """A seed per stratum that depends on nothing but the plan, so any worker agrees."""
@@ -63,32 +69,34 @@ def _stratum_seed(seed: int, layer: str, field: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _field_bits(fields: dict, field: str) -> int:
-    return len(fields[field]) if field in fields else 1
-
-
-def _strata_sizes(plan: CampaignPlan, layers, n_images: int) -> dict[tuple[str, str], int]:
+def _strata_sizes(plan: CampaignPlan, layers, n_images: int, fmt) -> dict[tuple[str, str], int]:
     """Fault-space size of each (layer, field) stratum.
 
-    A fault is an (element, bit, image) triple, so sampled plans size the population
-    with the images included. `--n all` enumerates every (element, bit) pair once, each
-    on a seeded random image, so there the images are left out.
+    A bit fault belongs to the field of its highest bit (a burst2 on the top mantissa
+    and lowest exponent bits is an exponent fault); random and zero act on whole values,
+    one 'value' stratum per layer. A fault is a (fault, element, image) triple, so
+    sampled plans size the population with the images included. `--n all` enumerates
+    every fault of every element once, each on a seeded random image, so there the
+    images are left out.
     """
+    from flipsafe.faults import parse, stratum_size
+
     per_image = 1 if plan.n == "all" else n_images
+    meta = plan.site == "metadata"
+    whole_value = parse(plan.fault).whole_value
     sizes = {}
     for info in layers:
-        if plan.fault in _WHOLE_VALUE:
+        if whole_value:
             sizes[(info.name, "value")] = info.numel * per_image
             continue
-        for field, bits in info.fields.items():
-            sizes[(info.name, field)] = info.numel * _width(bits) * per_image
+        for field in info.fields:
+            per_element = stratum_size(plan.fault, fmt, field, meta)
+            sizes[(info.name, field)] = info.numel * per_element * per_image
     return sizes
 
 
 def _with_exposure(plan: CampaignPlan, layers, strata: list[Stratum]) -> list[Stratum]:
     """The strata with what each puts at risk: the layer's codes and the field's bit width."""
-    import dataclasses
-
     info = {layer.name: layer for layer in layers}
     out = []
     for s in strata:
@@ -101,6 +109,25 @@ def _with_exposure(plan: CampaignPlan, layers, strata: list[Stratum]) -> list[St
 
 def _width(bits) -> int:
     return bits if isinstance(bits, int) else len(bits)
+
+
+def data_sha(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of evaluation images and labels as the model sees them (shapes, dtypes,
+    bytes), so a campaign notices when its dataset's contents change."""
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.dtype.str}{list(array.shape)}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _data_changed(dataset: str, was: str, now: str, where: str) -> CampaignError:
+    return CampaignError(
+        f"the dataset's contents changed since {where}: {dataset} now hashes to {now[:12]}, "
+        f"not {was[:12]}; restore the data to resume, or choose another --out for a new "
+        "campaign"
+    )
 
 
 def _profiled_ranges(ckpt, bundle, engine, fmt: str) -> dict:
@@ -141,6 +168,11 @@ def prepare(plan: CampaignPlan) -> Prepared:
             f"{ckpt.config['num_classes']}; run the campaign on the model's own dataset"
         )
     images, labels = bundle.test.tensors()
+    sha = data_sha(images, labels)
+    if plan.data_sha is None:
+        plan = dataclasses.replace(plan, data_sha=sha)
+    elif plan.data_sha != sha:
+        raise _data_changed(plan.dataset, plan.data_sha, sha, "this campaign's plan was made")
     engine = Engine(ckpt.model, format=plan.format, clamp=plan.clamp,
                     input_shape=tuple(images.shape[1:]))
     engine.set_ranges(_profiled_ranges(ckpt, bundle, engine, plan.format))
@@ -160,8 +192,8 @@ def prepare(plan: CampaignPlan) -> Prepared:
     # folded into them on deployment); a regex selects anything else.
     select = "conv|linear" if plan.layers == "all" else plan.layers
     layers = engine.layers(plan.site, select)
-    strata = _with_exposure(plan, layers,
-                            plan_strata(plan, _strata_sizes(plan, layers, int(image_ids.numel()))))
+    sizes = _strata_sizes(plan, layers, int(image_ids.numel()), engine.fmt)
+    strata = _with_exposure(plan, layers, plan_strata(plan, sizes))
     return Prepared(plan, engine, images, labels, image_ids, engine.classifier(), layers, strata)
 
 
@@ -169,9 +201,11 @@ def fault_list(prep: Prepared):
     """The plan's whole fault list (a FaultSet) and each fault's stratum field, in order.
 
     Each stratum draws from its own generator seeded by (seed, layer, field), so the list
-    is the same on any machine and however the work is later split.
+    is the same on any machine and however the work is later split. A stratum holds the
+    faults whose highest bit lies in its field; `--n all` lists each of them once per
+    element (random and zero: each element once).
     """
-    from flipsafe.faults import FaultSet, draw
+    from flipsafe.faults import FaultSet, draw, every_fault
 
     plan, engine = prep.plan, prep.engine
     numel = {info.name: info.numel for info in prep.layers}
@@ -182,14 +216,15 @@ def fault_list(prep: Prepared):
         if s.n == 0:
             continue
         gen = torch.Generator().manual_seed(_stratum_seed(plan.seed, s.layer, s.field))
-        field = None if s.field == "value" else s.field
-        if plan.n == "all" and plan.fault == "bitflip":
-            index, mask = _every_fault(engine.fmt, numel[s.layer], field, meta)
-            d = draw(plan.fault, engine.fmt, s.n, field, gen, meta=meta)
-            d.mask = mask
+        top = None if s.field == "value" else s.field
+        if plan.n == "all":
+            index, d = every_fault(plan.fault, engine.fmt, numel[s.layer], top, gen, meta=meta)
+            if len(index) != s.n:
+                raise CampaignError(  # the stratum sizes and the enumeration disagree
+                    f"internal error: {s.layer} {s.field} lists {len(index)} faults, not {s.n}")
         else:
             index = torch.randint(numel[s.layer], (s.n,), generator=gen)
-            d = draw(plan.fault, engine.fmt, s.n, field, gen, meta=meta)
+            d = draw(plan.fault, engine.fmt, s.n, None, gen, meta=meta, top=top)
         image = prep.image_ids[torch.randint(prep.image_ids.numel(), (s.n,), generator=gen)]
         sets.append(FaultSet(names, layer=torch.full((s.n,), names.index(s.layer)), index=index,
                              mask=d.mask, op=d.op, value=d.value, image=image,
@@ -201,16 +236,6 @@ def fault_list(prep: Prepared):
 
 
 _ENGINE_PARAM = {"activations": "output", "weights": "weight", "metadata": "meta"}
-
-
-def _every_fault(fmt, numel: int, field, meta: bool):
-    """Every (element, bit) pair of a stratum: the exhaustive fault space, element-major."""
-    from flipsafe.faults import positions
-
-    bits = torch.tensor(positions(fmt, field, meta), dtype=torch.int64)
-    index = torch.arange(numel).repeat_interleave(bits.numel())
-    mask = (torch.ones((), dtype=torch.int64) << bits).repeat(numel)
-    return index, mask
 
 
 def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int) -> pa.Table:
@@ -265,6 +290,8 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     if backend not in ("local", "ray"):
         raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
     prep = prepare(plan)
+    plan = prep.plan  # with the data hash
+    _refuse_other_data(plan, out)
     faults, fields = fault_list(prep)
     store = ResultsStore(out)
     store.create_or_resume(plan, total_rows=len(faults), strata=prep.strata)
@@ -281,6 +308,24 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     seconds = time.perf_counter() - started
     ran = sum(store.expected_rows(k) for k in todo)
     return CampaignRun(Path(out), len(faults), len(todo), kept, seconds, ran / max(seconds, 1e-9))
+
+
+def _refuse_other_data(plan: CampaignPlan, out) -> None:
+    """Refuse to resume a campaign in `out` on data other than that it started on."""
+    path = Path(out) / PLAN_FILE
+    try:
+        recorded = CampaignPlan.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, CampaignError):
+        return  # no campaign there yet, or one the store refuses with its own message
+    if recorded.data_sha is None:
+        raise CampaignError(
+            f"{out} was started by an older flipsafe that did not record a hash of the "
+            "dataset, so a resume cannot check the data is unchanged; summary and report "
+            "still read it; choose another --out to run the campaign again"
+        )
+    if recorded.dataset == plan.dataset and recorded.data_sha != plan.data_sha:
+        raise _data_changed(plan.dataset, recorded.data_sha, plan.data_sha,
+                            f"the campaign in {out} started")
 
 
 def part_bounds(store: ResultsStore, k: int, part_size: int) -> tuple[int, int]:

@@ -14,9 +14,11 @@ from flipsafe.faults.models import (
     apply,
     bits_mask,
     draw,
+    every_fault,
     mask_bits,
     parse,
     positions,
+    stratum_size,
 )
 
 __all__ = [
@@ -34,7 +36,9 @@ __all__ = [
     "apply",
     "bits_mask",
     "draw",
+    "every_fault",
     "mask_bits",
     "parse",
     "positions",
+    "stratum_size",
 ]

@@ -5,7 +5,7 @@ from flipsafe.formats.bits import bit_mask, flip_bits, force_bits
 from flipsafe.formats.blocks import BlockFormat, ScaledInt
 from flipsafe.formats.floats import FloatFormat
 from flipsafe.formats.integers import FixedFormat, IntFormat
-from flipsafe.formats.registry import get, names
+from flipsafe.formats.registry import canonical, get, names
 
 __all__ = [
     "BlockFormat",
@@ -16,6 +16,7 @@ __all__ = [
     "IntFormat",
     "ScaledInt",
     "bit_mask",
+    "canonical",
     "flip_bits",
     "force_bits",
     "get",

@@ -1,4 +1,4 @@
-"""Format names: ``get(name, **options)`` and ``names()``."""
+"""Format names: ``get(name, **options)``, ``canonical(name)`` and ``names()``."""
 
 from __future__ import annotations
 
@@ -96,6 +96,28 @@ def names() -> list[str]:
     return [*_NAMED, *_PATTERN_NAMES]
 
 
+def _factory(name):
+    """A format name's canonical spelling, its factory and that factory's regex match."""
+    if not isinstance(name, str):
+        raise unknown("format", repr(name), names())
+    key = name.strip().lower()
+    if key in _NAMED:
+        return key, _NAMED[key], ()
+    for regex, factory in _PATTERNS:
+        match = regex.fullmatch(key)
+        if match:
+            return key, factory, (match,)
+    raise unknown("format", name, names())
+
+
+def canonical(name: str) -> str:
+    """The one spelling of a format name (``"FP16 "`` -> ``"fp16"``); unknown names raise.
+
+    Plans, caches and reports store this, so names that ``get`` treats alike compare equal.
+    """
+    return _factory(name)[0]
+
+
 def get(name: str, **options) -> Format:
     """The format called ``name`` (see :func:`names`).
 
@@ -103,19 +125,7 @@ def get(name: str, **options) -> Format:
     ``amax`` (int8, int4, int8_channel: calibration range, as ``calibrate``),
     ``block_size`` (bfp, default 16; MX, default 32).
     """
-    if not isinstance(name, str):
-        raise unknown("format", repr(name), names())
-    key = name.strip().lower()
-    if key in _NAMED:
-        make, args = _NAMED[key], ()
-    else:
-        for regex, factory in _PATTERNS:
-            match = regex.fullmatch(key)
-            if match:
-                make, args = factory, (match,)
-                break
-        else:
-            raise unknown("format", name, names())
+    key, make, args = _factory(name)
     allowed = list(inspect.signature(make).parameters)[1 + len(args):]
     bad = sorted(set(options) - set(allowed))
     if bad:
