@@ -25,7 +25,9 @@ from flipsafe.safety import (
     residual_upper,
 )
 
-approx = lambda x: pytest.approx(x, rel=1e-12, abs=1e-15)  # noqa: E731
+
+def approx(x):
+    return pytest.approx(x, rel=1e-12, abs=1e-15)
 
 # Two layers of weights: l1 with an exponent and a mantissa stratum, l2 with an exponent one.
 W_CELLS = [
@@ -316,3 +318,16 @@ def test_models_are_estimated_separately(tmp_path, weights):
     assert es[1].total.raw_fit == approx(80 * LAMBDA)
     with pytest.raises(ConfigError):
         FitAssumptions(None)
+
+
+def test_report_section_puts_assumptions_before_the_table(tmp_path, weights):
+    from flipsafe.report import write_report
+
+    out = write_report([weights], tmp_path / "r.md", fmt="md", fit=FitAssumptions(20))
+    text = out.read_text()
+    assert "## Safety estimate" in text
+    section = text[text.index("## Safety estimate"):text.index("## Model card")]
+    assert section.index("Raw fault rate") < section.index("FIT of") < section.index("ASIL-D")
+    assert "Not modelled" in section
+    plain = write_report([weights], tmp_path / "plain.md", fmt="md")
+    assert "Safety estimate" not in plain.read_text()

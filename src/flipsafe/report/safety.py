@@ -39,29 +39,31 @@ def assumption_lines(e: FitEstimate) -> list[str]:
     a = e.assumptions
     datapath = ("same as memory" if a.raw_fit_per_mbit_datapath is None
                 else f"{fmt_value(a.raw_fit_per_mbit_datapath)} FIT/Mbit")
+    n_sampled = sum(not s.exhaustive for s in e.strata)
+    due = ("." if a.due_detected else
+           "; here DUE is NOT counted as detected: it adds to the residual.")
     lines = [
-        f"Raw fault rate of memory bits ({_sites_with('memory')}): "
-        f"{fmt_value(a.raw_fit_per_mbit)} FIT/Mbit; of datapath bits "
-        f"({_sites_with('datapath')}): {datapath}. 1 Mbit = 10^6 bits; stated by the user "
-        f"({SOURCES}).",
-        f"Residency of {' and '.join(TRANSIENT_SITES)}: {a.residency:g} (fraction of the time "
-        "their bits are live); weights are resident all the time.",
-        "Bits at risk per stratum = codes x bits of the field x residency; FIT = bits at risk x "
-        "raw rate per bit x P(outcome | a fault there), summed per layer, site and in total.",
-        f"Campaigns: {', '.join(e.folders)}; format {e.format}; fault model {e.fault}; "
-        f"images {e.images}; protection: none (corrected FIT is 0).",
-        f"Intervals: {fmt_confidence(e.confidence)} for every figure at once. Each stratum's "
-        f"probability has a Wilson interval at {100 * e.stratum_confidence:.4g}% (Bonferroni "
-        f"over the {sum(not s.exhaustive for s in e.strata)} strata with sampling error), so "
-        "all hold together; a FIT summed over strata takes the sums of their bounds. This "
-        "is conservative: the intervals are wider than they need to be.",
-        SPFM_DEFINITION[0].upper() + SPFM_DEFINITION[1:]
-        + ("." if a.due_detected else "; here DUE is NOT counted as detected (it adds to the "
-           "residual)."),
-        "Verdicts are judged on the interval ends, never on the point estimate: meets when "
-        "the upper FIT and lower SPFM ends satisfy the target, does not meet when even the "
-        "lower FIT or upper SPFM end fails it. ASIL targets are ISO 26262-5's for a whole "
-        "item; this estimate covers only the injected sites.",
+        (f"Raw fault rate of memory bits ({_sites_with('memory')}): "
+         f"{fmt_value(a.raw_fit_per_mbit)} FIT/Mbit; of datapath bits "
+         f"({_sites_with('datapath')}): {datapath}. 1 Mbit = 10^6 bits. These rates are the "
+         f"user's ({SOURCES})."),
+        (f"Residency of {' and '.join(TRANSIENT_SITES)}: {a.residency:g} (fraction of the "
+         "time their bits are live); weights are resident all the time."),
+        ("Bits at risk per stratum = codes x bits of the field x residency; FIT = bits at "
+         "risk x raw rate per bit x P(outcome | a fault there), summed per layer, site and "
+         "in total."),
+        (f"Campaigns: {', '.join(e.folders)}; format {e.format}; fault model {e.fault}; "
+         f"images {e.images}; protection: none (corrected FIT is 0)."),
+        (f"Intervals: {fmt_confidence(e.confidence)} for every figure at once. Each "
+         f"stratum's probability has a Wilson interval at {100 * e.stratum_confidence:.4g}% "
+         f"(Bonferroni over the {n_sampled} strata with sampling error), so all hold "
+         "together; a FIT summed over strata takes the sums of their bounds. This is "
+         "conservative: the intervals are wider than they need to be."),
+        SPFM_DEFINITION[0].upper() + SPFM_DEFINITION[1:] + due,
+        ("Verdicts are judged on the interval ends, never on the point estimate: meets "
+         "when the upper FIT and lower SPFM ends satisfy the target, does not meet when "
+         "even the lower FIT or upper SPFM end fails it. ASIL targets are ISO 26262-5's "
+         "for a whole item; this estimate covers only the injected sites."),
         "Not modelled: " + NOT_MODELLED + ".",
     ]
     return lines + list(e.notes)
@@ -104,12 +106,12 @@ def verdict_table(e: FitEstimate) -> TextTable:
     rows = [[v.asil, f"< {v.fit_target:g}", f">= {fmt_rate(v.spfm_target)}", v.verdict,
              _needed_words(e, v)] for v in e.verdicts]
     notes = [
-        f"residual FIT {fmt_fit(r.value)} {fmt_fit_interval(r)}; detected FIT "
-        f"{fmt_fit(e.detected.value)} {fmt_fit_interval(e.detected)}; corrected FIT 0; "
-        f"raw FIT {fmt_fit(e.total.raw_fit)}; SPFM {fmt_rate(s.value)} "
-        f"[{fmt_rate(s.low)}, {fmt_rate(s.high)}]",
-        "injections to show it: if the true rates equal today's, the campaign size (every "
-        "stratum scaled by one factor) whose intervals would meet the target.",
+        (f"residual FIT {fmt_fit(r.value)} {fmt_fit_interval(r)}; detected FIT "
+         f"{fmt_fit(e.detected.value)} {fmt_fit_interval(e.detected)}; corrected FIT 0; "
+         f"raw FIT {fmt_fit(e.total.raw_fit)}; SPFM {fmt_rate(s.value)} "
+         f"[{fmt_rate(s.low)}, {fmt_rate(s.high)}]"),
+        ("injections to show it: if the true rates equal today's, the campaign size (every "
+         "stratum scaled by one factor) whose intervals would meet the target."),
     ]
     return TextTable(f"ISO 26262-5 verdict for {e.model} (simplified model)", [
         "target", "residual FIT", "SPFM", "verdict", "injections to show it"], rows, notes)
