@@ -45,7 +45,8 @@ NOT_MODELLED = (
     "injected sites count); sites and layers that were not injected; multi-bit upsets and "
     "faults lasting longer than one inference, unless the campaign injected them; derating "
     "beyond the residency fraction (timing and logical masking in the hardware itself); "
-    "latent multiple-point faults, so the PMHF is taken to be the residual FIT"
+    "latent multiple-point faults, so the PMHF is taken to be the residual FIT and the "
+    "latent-fault metric (LFM) is not computed"
 )
 
 
