@@ -285,19 +285,17 @@ def _read_campaign(folder) -> _Campaign:
                             "each stratum; rerun the same `flipsafe campaign` command on it "
                             "(finished parts are kept) to record them, then retry")
     table = store.read()
-    counts: dict[tuple[str, str], list[int]] = {}
-    for lay, fld, s, d in zip(table["layer"].to_pylist(), table["field"].to_pylist(),
-                              table["sdc"].to_pylist(), table["due"].to_pylist()):
-        c = counts.setdefault((lay, fld), [0, 0, 0])
-        c[0] += 1
-        c[1] += bool(s)
-        c[2] += bool(d)
+    grouped = table.group_by(["layer", "field"]).aggregate(
+        [("sdc", "count"), ("sdc", "sum"), ("due", "sum")]).to_pydict()
+    counts = {(lay, fld): (int(n), int(sdc or 0), int(due or 0)) for lay, fld, n, sdc, due in zip(
+        grouped["layer"], grouped["field"], grouped["sdc_count"], grouped["sdc_sum"],
+        grouped["due_sum"])}
     known = {(s.layer, s.field) for s in store.strata}
     stray = [key for key in counts if key not in known]
     if stray:
         raise CampaignError(f"{folder} has rows for stratum {stray[0]} that its manifest does "
                             "not list; the folder was altered, rerun the campaign elsewhere")
-    return _Campaign(folder, plan, list(store.strata), {k: tuple(v) for k, v in counts.items()},
+    return _Campaign(folder, plan, list(store.strata), counts,
                      table.num_rows < store.total_rows)
 
 
@@ -328,8 +326,8 @@ def spfm_of(residual: Interval, raw_fit: float) -> Interval:
 
 
 def judge(residual: Interval, spfm: Interval, fit_target: float, spfm_target: float) -> str:
-    """meets: the favourable-for-nobody end (upper FIT, lower SPFM) satisfies the target;
-    does not meet: even the favourable end (lower FIT, upper SPFM) fails; else not shown."""
+    """MEETS when the unfavourable ends (upper FIT, lower SPFM) satisfy both targets, FAILS
+    when even a favourable end (lower FIT, upper SPFM) misses one, else NOT_SHOWN."""
     if residual.high < fit_target and spfm.low >= spfm_target:
         return MEETS
     if residual.low >= fit_target or spfm.high < spfm_target:
