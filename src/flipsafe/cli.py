@@ -306,12 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dirs", nargs="+", metavar="RESULTS",
                    help="campaign results folders; those of one model are summed")
     # Rates are parsed (with units) and checked by flipsafe.safety, so a bad one is one line.
-    p.add_argument("--raw-fit-per-mbit", default=None,
+    p.add_argument("--raw-fit-per-mbit", default=None, metavar="RATE",
                    help="raw fault rate of memory bits (weights, metadata), FIT per 10^6 bits; "
                         "required, no default (e.g. 20.49, or with a unit: 600/MB)")
-    p.add_argument("--raw-fit-per-mbit-datapath", default=None,
+    p.add_argument("--raw-fit-per-mbit-datapath", default=None, metavar="RATE",
                    help="raw fault rate of activation (datapath) bits (default: the memory rate)")
-    p.add_argument("--residency", default="1",
+    p.add_argument("--residency", default="1", metavar="FRACTION",
                    help="fraction of the time activations are live, in (0, 1] (default 1)")
     p.add_argument("--confidence", type=float, default=None,
                    help="confidence of every interval (default: the campaign's)")

@@ -425,6 +425,9 @@ def _estimate(campaigns: list[_Campaign], a: FitAssumptions) -> FitEstimate:
             rows.append((c, site, s, n, sdc, due, exhaustive))
         if c.incomplete:
             notes.append(f"{c.folder} is incomplete; the estimate uses the rows written so far.")
+    if not rows:
+        raise CampaignError(f"{', '.join(str(c.folder) for c in campaigns)} record no bits at "
+                            "risk; run a campaign on layers that have some")
     h = sum(1 for r in rows if not r[-1])
     stratum_confidence = 1.0 - (1.0 - confidence) / h if h else confidence
     strata = []
