@@ -202,6 +202,19 @@ def cmd_report(args) -> None:
     print(f"report written to {path}")
 
 
+def cmd_fit(args) -> None:
+    from flipsafe.report.safety import fit_json, fit_text
+    from flipsafe.safety import FitAssumptions, estimate_fit
+
+    assumptions = FitAssumptions(
+        raw_fit_per_mbit=args.raw_fit_per_mbit,
+        raw_fit_per_mbit_datapath=args.raw_fit_per_mbit_datapath, residency=args.residency,
+        confidence=args.confidence, due_detected=not args.due_undetected,
+        allow_mixed_formats=args.allow_mixed_formats)
+    estimates = estimate_fit(args.results_dirs, assumptions)
+    print(fit_json(estimates) if args.json else fit_text(estimates))
+
+
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
     p.add_argument("--dataset", help="dataset spec (default: the model's own)")
@@ -294,6 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report.html")
     p.add_argument("--format", default="html", help="html or md")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("fit", help="failure rates in FIT and ISO 26262 verdicts from campaigns")
+    p.add_argument("results_dirs", nargs="+", metavar="RESULTS",
+                   help="campaign results folders; those of one model are summed")
+    # Rates are parsed (with units) and checked by flipsafe.safety, so a bad one is one line.
+    p.add_argument("--raw-fit-per-mbit", default=None, metavar="RATE",
+                   help="raw fault rate of memory bits (weights, metadata), FIT per 10^6 bits; "
+                        "required, no default (e.g. 20.49, or with a unit: 600/MB)")
+    p.add_argument("--raw-fit-per-mbit-datapath", default=None, metavar="RATE",
+                   help="raw fault rate of activation (datapath) bits (default: the memory rate)")
+    p.add_argument("--residency", default="1", metavar="FRACTION",
+                   help="fraction of the time activations are live, in (0, 1] (default 1)")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="confidence of every interval (default: the campaign's)")
+    p.add_argument("--due-undetected", action="store_true",
+                   help="nothing checks outputs for NaN/Inf: count DUE as residual, not detected")
+    p.add_argument("--allow-mixed-formats", action="store_true",
+                   help="sum campaigns of one model run in different number formats")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("demo", help="offline end-to-end demo on digits")
     p.add_argument("--quick", action="store_true", help="fewer epochs and injections")

@@ -275,7 +275,19 @@ def model_card_section(models: Sequence[Results]) -> list:
     ]
 
 
-def build_blocks(models: Sequence[Results]) -> list:
+def safety_section(models: Sequence[Results], fit) -> list:
+    """"Safety estimate": per model, the assumptions, then FIT table and verdicts."""
+    from flipsafe.report.safety import assumption_lines, fit_table, verdict_table
+    from flipsafe.safety import estimate_fit
+
+    blocks: list = [Heading("Safety estimate")]
+    for e in estimate_fit([r.dir for r in models], fit):
+        blocks += [Heading(f"{e.model}: assumptions", 3), Bullets(assumption_lines(e)),
+                   Table(fit_table(e)), Table(verdict_table(e))]
+    return blocks
+
+
+def build_blocks(models: Sequence[Results], fit=None) -> list:
     return [
         Heading("flipsafe fault-injection report", 1),
         *summary_section(models),
@@ -283,6 +295,7 @@ def build_blocks(models: Sequence[Results]) -> list:
         *bit_section(models),
         *delta_loss_section(models),
         *calibration_section(models),
+        *(safety_section(models, fit) if fit is not None else []),
         *model_card_section(models),
     ]
 
@@ -378,7 +391,7 @@ def render_markdown(blocks: list, out: Path) -> str:
 
 
 def write_report(
-    dirs: Sequence, out, fmt: str = "html", names: Sequence[str] | None = None
+    dirs: Sequence, out, fmt: str = "html", names: Sequence[str] | None = None, fit=None
 ) -> Path:
     """Write the report for one or more campaign results folders; returns the file written.
 
@@ -386,6 +399,7 @@ def write_report(
     each other model's (above 1: the other model is more resilient). dirs may also hold
     Results from load_results(..., evaluate=True). fmt "html" writes one self-contained
     file; "md" writes Markdown with its PNG figures beside it, named <stem>-<figure>.png.
+    fit (a flipsafe.safety.FitAssumptions) adds the "Safety estimate" section.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown report format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -399,7 +413,7 @@ def write_report(
     if out.is_dir():
         raise ConfigError(f"{out} is a folder; give a file name such as {out / ('report.' + fmt)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    blocks = build_blocks(models)
+    blocks = build_blocks(models, fit)
     if fmt == "html":
         title = "flipsafe report: " + " vs ".join(r.name for r in models)
         out.write_text(render_html(blocks, title), encoding="utf-8")
