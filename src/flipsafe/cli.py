@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from flipsafe.errors import FlipsafeError
+from flipsafe.errors import EnvironmentFailure, FlipsafeError, is_disk_full
 
 
 def _add_train_recipe(p: argparse.ArgumentParser) -> None:
@@ -105,6 +105,7 @@ def cmd_train(args) -> None:
     _, meta, result = train_classifier(
         dataset=args.dataset, arch=args.arch, head=args.head, out=args.out,
         config=_recipe(args), freeze_head=args.freeze_head, show_progress=not args.quiet,
+        overwrite=args.force,
     )
     print(f"{args.arch} with {meta['head']} head: test accuracy {100 * result.accuracy:.2f}%  -> {args.out}")
 
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="linear", help="linear, cosine, text:minilm or text:<classes.safetensors>")
     p.add_argument("--freeze-head", action="store_true", help="keep the head's class vectors fixed")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true",
+                   help="replace a checkpoint already in --out (campaigns run on it no longer resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_recipe(p)
     p.set_defaults(func=cmd_train)
@@ -304,6 +307,17 @@ def main(argv=None) -> int:
     except FlipsafeError as exc:
         print(f"flipsafe: error: {exc}", file=sys.stderr)
         return 2
+    except EnvironmentFailure as exc:
+        print(f"flipsafe: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"flipsafe: error: no space left on the disk{where} ({exc.strerror}); files "
+              "finished before are kept: free some space and run the command again",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("flipsafe: interrupted; results already written are kept", file=sys.stderr)
         return 130

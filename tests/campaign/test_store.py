@@ -329,3 +329,13 @@ def test_damaged_plan_or_manifest_is_refused(store):
     (store.out_dir / "plan.json").write_text('{"model": "m"')
     with pytest.raises(CampaignError, match="plan.json cannot be used.*another --out"):
         ResultsStore(store.out_dir).create_or_resume(_plan(), 7)
+
+
+def test_campaign_whose_checkpoint_changed_says_so(store):
+    # The same plan on a retrained checkpoint: only the weights hash differs.
+    with pytest.raises(CampaignError) as info:
+        ResultsStore(store.out_dir).create_or_resume(_plan(model_sha="def456"), 7)
+    message = str(info.value)
+    assert "checkpoint at runs/a changed since" in message
+    assert "now def456" in message and "ran on abc123" in message
+    assert "restore the original checkpoint" in message
