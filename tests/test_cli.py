@@ -43,3 +43,28 @@ def test_train_then_evaluate(tmp_path, capsys):
     acc_train = trained.split("test accuracy ")[1].split("%")[0]
     acc_eval = evaluated.split("accuracy on digits ")[1].split("%")[0]
     assert acc_train == acc_eval
+
+
+def test_train_refuses_an_existing_checkpoint_unless_forced(tmp_path, capsys, monkeypatch):
+    import flipsafe.workflow
+
+    out = tmp_path / "mlp"
+    assert main(["train", "--arch", "mlp", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    saved = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the checkpoint is refused")
+
+    with monkeypatch.context() as m:
+        m.setattr(flipsafe.workflow, "train", no_training)
+        # Even another architecture: refused before any training, the checkpoint untouched.
+        assert main(["train", "--arch", "resnet20", "--epochs", "1", "--out", str(out),
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a trained checkpoint" in err[0], err
+    assert "--force" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
+    assert main(["train", "--arch", "mlp", "--epochs", "1", "--seed", "1", "--out", str(out),
+                 "--quiet", "--force"]) == 0
+    assert (out / "model.safetensors").read_bytes() != saved["model.safetensors"]

@@ -64,6 +64,12 @@ def build_model(config: dict) -> nn.Module:
     )
 
 
+def exists(path) -> bool:
+    """True when folder `path` holds (part of) a checkpoint: its weights or its config."""
+    folder = Path(path)
+    return (folder / WEIGHTS).exists() or (folder / CONFIG).exists()
+
+
 def save(model: nn.Module, out_dir, config: dict) -> Path:
     """Save `model` and `config` to `out_dir` (created if needed); returns the folder."""
     out = Path(out_dir)
