@@ -219,7 +219,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args) -> None:
     from flipsafe.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick)
+    run_demo(out=args.out, quick=args.quick, threads=args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline end-to-end demo on digits")
     p.add_argument("--quick", action="store_true", help="fewer epochs and injections")
     p.add_argument("--out", default="flipsafe-demo")
+    p.add_argument("--threads", type=int, default=4,
+                   help="CPU threads for torch (default 4); training results depend on it")
     p.set_defaults(func=cmd_demo)
     return parser
 
