@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ class Prepared:
     layers: list  # engine LayerInfo, in engine order
     strata: list[Stratum]
     # Activation ranges the engine uses; empty when neither the clamp nor the format needs them.
-    ranges: dict = field(default_factory=dict)
+    ranges: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flipsafe.campaign.plan import FAULTS, SITES
 from flipsafe import atomic
+from flipsafe.campaign.plan import FAULTS, SITES
 from flipsafe.errors import ConfigError, EnvironmentFailure, is_disk_full
 from flipsafe.metrics.calibration import expected_calibration_error
 from flipsafe.report import plots
