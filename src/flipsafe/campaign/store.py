@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -130,7 +131,7 @@ class ResultsStore:
                     ) from None
             f.seek(0)
             f.truncate()
-            f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            f.write(f"pid {os.getpid()} on {platform.node()}\n")
             f.flush()
             self._lock_file = f
             yield self
