@@ -62,3 +62,23 @@ def test_run_demo_pins_and_restores_the_thread_count(tmp_path, monkeypatch):
     assert seen == [3] and torch.get_num_threads() == before
     with pytest.raises(ConfigError, match="--threads"):
         demo.run_demo(tmp_path, threads=0)
+
+
+def test_demo_rerun_with_another_thread_count_resumes(tmp_path, small_demo, monkeypatch):
+    # The audit's case: a second run with another thread count retrained, overwrote the
+    # models, then failed on its campaigns. Now it reuses the models and resumes.
+    monkeypatch.setattr(demo, "demo_campaigns", lambda quick: (
+        demo.DemoCampaign("last-layer", "last", 20, "none"),
+        demo.DemoCampaign("all-layers", "all", 5, "profiled"),
+    ))
+    import flipsafe.report
+
+    # Report rendering is tested elsewhere; a stub keeps this test short.
+    monkeypatch.setattr(flipsafe.report, "write_report",
+                        lambda dirs, out, **kw: out.write_text("report") and out)
+    first = demo.run_demo(tmp_path, quick=True, console=small_demo, threads=1)
+    models = _files(tmp_path / "models")
+    monkeypatch.setattr(flipsafe.workflow, "train", _no_training)
+    again = demo.run_demo(tmp_path, quick=True, console=small_demo, threads=2)
+    assert _files(tmp_path / "models") == models
+    assert again["report"] == first["report"] and again["report"].is_file()
