@@ -75,12 +75,14 @@ def save(model: nn.Module, out_dir, config: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic.atomic_path(out / WEIGHTS) as tmp:
-        save_file(state, str(tmp))
     full = dict(config)
     full["versions"] = {"flipsafe": _flipsafe_version(), "torch": torch.__version__}
-    full["files"] = {WEIGHTS: sha256_file(out / WEIGHTS)}
-    atomic.write_json(out / CONFIG, full)
+    # Both files are written in full before the weights replace their old copy, so a
+    # failure while writing (a full disk) leaves an earlier checkpoint whole.
+    with atomic.atomic_path(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+        full["files"] = {WEIGHTS: sha256_file(tmp)}
+        atomic.write_json(out / CONFIG, full)
     return out
 
 
