@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flipsafe-installed
+# Trained weights depend on torch's CPU thread count; pinning it makes `make demo` repeatable.
+DEMO_THREADS ?= 4
 
 .PHONY: demo test bench lint clean
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/flipsafe demo
+	$(VENV)/bin/flipsafe demo --threads $(DEMO_THREADS)
 
 # The numerics tests run again on oneDNN's AVX2 kernels and on ATen's portable kernels:
 # other CPUs round convolutions differently, and the suite must hold on every x86-64.

@@ -68,3 +68,26 @@ def test_missing_folder_and_broken_config(tmp_path):
     (folder / checkpoint.CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="arch"):
         checkpoint.load(folder)
+
+
+def test_failed_save_over_a_checkpoint_leaves_it_whole(tmp_path, monkeypatch):
+    import errno
+
+    from flipsafe import atomic
+
+    model, config = _model("linear", tmp_path)
+    folder = checkpoint.save(model, tmp_path / "ckpt", config)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(atomic, "write_json", disk_full)
+    with pytest.raises(OSError):
+        checkpoint.save(model, folder, config)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    checkpoint.load(folder)  # still loads: weights and config still agree

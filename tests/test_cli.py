@@ -57,3 +57,26 @@ def test_broken_recipes_exit_2_and_save_no_checkpoint(tmp_path, capsys, args, ne
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flipsafe: error:") and needle in lines[0]
     assert not out.exists() or not any(out.iterdir())
+def test_train_refuses_an_existing_checkpoint_unless_forced(tmp_path, capsys, monkeypatch):
+    import flipsafe.workflow
+
+    out = tmp_path / "mlp"
+    assert main(["train", "--arch", "mlp", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    saved = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the checkpoint is refused")
+
+    with monkeypatch.context() as m:
+        m.setattr(flipsafe.workflow, "train", no_training)
+        # Even another architecture: refused before any training, the checkpoint untouched.
+        assert main(["train", "--arch", "resnet20", "--epochs", "1", "--out", str(out),
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a trained checkpoint" in err[0], err
+    assert "--force" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
+    assert main(["train", "--arch", "mlp", "--epochs", "1", "--seed", "1", "--out", str(out),
+                 "--quiet", "--force"]) == 0
+    assert (out / "model.safetensors").read_bytes() != saved["model.safetensors"]

@@ -64,17 +64,25 @@ def build_model(config: dict) -> nn.Module:
     )
 
 
+def exists(path) -> bool:
+    """True when folder `path` holds (part of) a checkpoint: its weights or its config."""
+    folder = Path(path)
+    return (folder / WEIGHTS).exists() or (folder / CONFIG).exists()
+
+
 def save(model: nn.Module, out_dir, config: dict) -> Path:
     """Save `model` and `config` to `out_dir` (created if needed); returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic.atomic_path(out / WEIGHTS) as tmp:
-        save_file(state, str(tmp))
     full = dict(config)
     full["versions"] = {"flipsafe": _flipsafe_version(), "torch": torch.__version__}
-    full["files"] = {WEIGHTS: sha256_file(out / WEIGHTS)}
-    atomic.write_json(out / CONFIG, full)
+    # Both files are written in full before the weights replace their old copy, so a
+    # failure while writing (a full disk) leaves an earlier checkpoint whole.
+    with atomic.atomic_path(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+        full["files"] = {WEIGHTS: sha256_file(tmp)}
+        atomic.write_json(out / CONFIG, full)
     return out
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from flipsafe.errors import FlipsafeError
+from flipsafe.errors import EnvironmentFailure, FlipsafeError, is_disk_full
 
 
 def _add_train_recipe(p: argparse.ArgumentParser) -> None:
@@ -105,6 +105,7 @@ def cmd_train(args) -> None:
     _, meta, result = train_classifier(
         dataset=args.dataset, arch=args.arch, head=args.head, out=args.out,
         config=_recipe(args), freeze_head=args.freeze_head, show_progress=not args.quiet,
+        overwrite=args.force,
     )
     print(f"{args.arch} with {meta['head']} head: test accuracy {100 * result.accuracy:.2f}%  -> {args.out}")
 
@@ -235,7 +236,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args) -> None:
     from flipsafe.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick)
+    run_demo(out=args.out, quick=args.quick, threads=args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="linear", help="linear, cosine, text:minilm or text:<classes.safetensors>")
     p.add_argument("--freeze-head", action="store_true", help="keep the head's class vectors fixed")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true",
+                   help="replace a checkpoint already in --out (campaigns run on it no longer resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_recipe(p)
     p.set_defaults(func=cmd_train)
@@ -331,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline end-to-end demo on digits")
     p.add_argument("--quick", action="store_true", help="fewer epochs and injections")
     p.add_argument("--out", default="flipsafe-demo")
+    p.add_argument("--threads", type=int, default=4,
+                   help="CPU threads for torch (default 4); training results depend on it")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -343,6 +348,17 @@ def main(argv=None) -> int:
     except FlipsafeError as exc:
         print(f"flipsafe: error: {exc}", file=sys.stderr)
         return 2
+    except EnvironmentFailure as exc:
+        print(f"flipsafe: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"flipsafe: error: no space left on the disk{where} ({exc.strerror}); files "
+              "finished before are kept: free some space and run the command again",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("flipsafe: interrupted; results already written are kept", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@ run last-layer and all-layer campaigns with and without range clamping, write a 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from flipsafe.errors import ConfigError
 from flipsafe.train import TrainConfig
 
 DEMO_ARCH = "resnet20"
+DEMO_DATASET = "digits"
+# Training results depend on the CPU thread count (it changes how sums are split), so the
+# demo pins it: the same machine then retrains the same weights.
+DEMO_THREADS = 4
 DEMO_MODELS = (
     ("baseline", "linear"),
     ("text-guided", "text:minilm"),
@@ -40,24 +46,91 @@ def demo_campaigns(quick: bool) -> tuple[DemoCampaign, ...]:
     )
 
 
-def run_demo(out="flipsafe-demo", quick: bool = False, console: Console | None = None) -> dict:
-    """Train the demo models, run their campaigns and write report.html under `out`."""
-    from flipsafe.campaign.runner import make_plan, run_campaign
-    from flipsafe.report import load_results, summary_table, write_report
+def _recipe_differences(config: dict, head: str, recipe: TrainConfig) -> list[str]:
+    """How a saved checkpoint's config differs from what the demo would train now."""
+    wanted = {"arch": DEMO_ARCH, "dataset": DEMO_DATASET, "head_spec": head,
+              "train": json.loads(json.dumps(recipe.to_dict()))}
+    diffs = []
+    for key, now in wanted.items():
+        there = config.get(key)
+        if key == "train" and isinstance(there, dict):
+            diffs += [f"{k} {there.get(k)!r} there, {v!r} now" for k, v in now.items()
+                      if there.get(k) != v]
+        elif there != now:
+            diffs.append(f"{key} {there!r} there, {now!r} now")
+    if not isinstance(config.get("accuracy"), (int, float)):
+        diffs.append("no recorded accuracy")
+    return diffs
+
+
+def demo_models(out, config: TrainConfig, console: Console) -> dict:
+    """Train the demo's models under out/models, reusing those a previous run trained with
+    the same recipe; a model trained otherwise is refused before anything is trained."""
+    from flipsafe import checkpoint
     from flipsafe.workflow import train_classifier
 
-    console = console or Console()
     out = Path(out)
-    config = TrainConfig(epochs=3 if quick else 6, seed=0)
-    started = time.perf_counter()
+    reuse = set()
+    for name, head in DEMO_MODELS:
+        folder = out / "models" / name
+        if not checkpoint.exists(folder):
+            continue
+        diffs = _recipe_differences(checkpoint.read_config(folder), head, config)
+        if diffs:
+            raise ConfigError(
+                f"{folder} holds a model the demo trained with other settings "
+                f"({'; '.join(diffs)}); rerun with those settings, choose another --out, "
+                f"or remove {out} to start over"
+            )
+        reuse.add(name)
     models = {}
     for name, head in DEMO_MODELS:
-        _, meta, result = train_classifier(
-            dataset="digits", arch=DEMO_ARCH, head=head, out=out / "models" / name, config=config,
-        )
-        models[name] = {"dir": out / "models" / name, "accuracy": result.accuracy, "head": meta["head"]}
+        folder = out / "models" / name
+        if name in reuse:
+            meta = checkpoint.load_checkpoint(folder).config  # checks the weights' hash
+            accuracy = float(meta["accuracy"])
+            console.print(f"reusing {folder}: trained by an earlier demo run with these settings")
+        else:
+            _, meta, result = train_classifier(
+                dataset=DEMO_DATASET, arch=DEMO_ARCH, head=head, out=folder, config=config,
+            )
+            accuracy = result.accuracy
+        models[name] = {"dir": folder, "accuracy": accuracy, "head": meta["head"]}
+    return models
+
+
+def run_demo(out="flipsafe-demo", quick: bool = False, console: Console | None = None,
+             threads: int | None = DEMO_THREADS) -> dict:
+    """Train the demo models, run their campaigns and write report.html under `out`.
+
+    Models a previous run trained into `out` with the same settings are reused, so a
+    rerun resumes its campaigns. torch runs on `threads` CPU threads meanwhile (None:
+    leave torch's setting), which makes training repeatable on one machine.
+    """
+    import torch
+
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(Path(out), quick, console or Console())
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_demo(out: Path, quick: bool, console: Console) -> dict:
+    import torch
+
+    from flipsafe.campaign.runner import make_plan, run_campaign
+    from flipsafe.report import load_results, summary_table, write_report
+
+    config = TrainConfig(epochs=3 if quick else 6, seed=0)
+    started = time.perf_counter()
+    models = demo_models(out, config, console)
     trained = time.perf_counter()
-    _print_accuracies(console, models, config)
+    _print_accuracies(console, models, config, torch.get_num_threads())
 
     campaigns = {}
     for c in demo_campaigns(quick):
@@ -84,8 +157,9 @@ def run_demo(out="flipsafe-demo", quick: bool = False, console: Console | None =
     return {"models": models, "campaigns": campaigns, "report": report}
 
 
-def _print_accuracies(console: Console, models: dict, config: TrainConfig) -> None:
-    table = Table(title=f"digits, {DEMO_ARCH}, {config.epochs} epochs, seed {config.seed}")
+def _print_accuracies(console: Console, models: dict, config: TrainConfig, threads: int) -> None:
+    table = Table(title=f"{DEMO_DATASET}, {DEMO_ARCH}, {config.epochs} epochs, seed "
+                        f"{config.seed}, {threads} CPU threads")
     table.add_column("model")
     table.add_column("head")
     table.add_column("test accuracy", justify="right")

@@ -1,4 +1,10 @@
-"""Errors a user can cause; the CLI prints them on one line and exits 2."""
+"""Errors a user can cause (the CLI prints one line and exits 2) and failures of the
+machine itself, such as a full disk (one line, exit 1)."""
+
+import errno
+
+# errno values that mean "no room left to write": a full disk or an exhausted quota.
+DISK_FULL = tuple(e for e in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if e)
 
 
 class FlipsafeError(Exception):
@@ -31,6 +37,16 @@ class TrainingError(FlipsafeError):
 
 class CampaignError(FlipsafeError):
     """A campaign plan or results folder that cannot be used as asked."""
+
+
+class EnvironmentFailure(Exception):
+    """The machine refused what flipsafe asked (a full disk), not the user's input; the
+    message says what was kept and how to go on."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an OSError that means the disk (or quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
 def unknown(kind: str, name: str, choices) -> UnknownNameError:

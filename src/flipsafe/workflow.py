@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flipsafe import checkpoint
-from flipsafe.errors import ConfigError, DataError
+from flipsafe.errors import CheckpointError, ConfigError, DataError
 from flipsafe.train import TrainConfig, TrainResult, train
 
 BUNDLED_DESCRIPTION_SETS = ("digits", "cifar10", "cifar100")
@@ -145,10 +145,21 @@ def train_classifier(
     config: TrainConfig | None = None,
     freeze_head: bool = False,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> tuple[nn.Module, dict, TrainResult]:
-    """Train one classifier on `dataset` with the shared recipe; save it to `out` if given."""
+    """Train one classifier on `dataset` with the shared recipe; save it to `out` if given.
+
+    A checkpoint already in `out` is refused before any training unless overwrite=True:
+    campaigns run on it would no longer match it.
+    """
     from flipsafe.data import load as load_data
 
+    if out is not None and not overwrite and checkpoint.exists(out):
+        raise CheckpointError(
+            f"{out} already holds a trained checkpoint, and campaigns run on it would no "
+            "longer resume if it were replaced; choose another --out, or pass --force to "
+            "replace it"
+        )
     config = config or TrainConfig()
     bundle = load_data(dataset)
     spec = HeadSpec.parse(head)

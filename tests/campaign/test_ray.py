@@ -152,8 +152,8 @@ def test_interrupt_keeps_written_parts_and_resumes(plan, local_rows, ray_instanc
 
 def test_worker_error_reaches_the_driver_as_itself(plan, ray_instance, tmp_path, monkeypatch):
     class Miscounting(ray_backend._PartWorker):
-        def __init__(self, plan_json, total_rows, cwd=None):
-            super().__init__(plan_json, total_rows + 1, cwd)  # as if its model were another
+        def __init__(self, plan_json, total_rows, *args, **kwargs):
+            super().__init__(plan_json, total_rows + 1, *args, **kwargs)  # as if another model
 
     monkeypatch.setattr(ray_backend, "_PartWorker", Miscounting)
     with pytest.raises(CampaignError, match=f"generated {3 * N} faults where the driver has"):
@@ -198,3 +198,23 @@ def test_one_worker_by_cli_on_a_cluster_matches_two_workers(mlp_checkpoint, ray_
     _assert_same_rows(one, _rows(ray_run[0]))  # the fault list ignores the worker count
     _assert_same_rows(one, local_rows)
     assert ray.cluster_resources().get("CPU") == 2  # the cluster outlived that driver
+
+
+def test_workers_use_the_drivers_ranges(mlp_checkpoint, ray_instance, tmp_path):
+    import json
+
+    from flipsafe.campaign.runner import RANGES_FILE, prepare
+
+    clamped = make_plan(mlp_checkpoint, n=N, part_size=PART, seed=SEED, clamp="profiled")
+    # Cached ranges unlike what profiling gives: a worker profiling on its own would differ.
+    halved = {k: v / 2 for k, v in prepare(clamped).ranges.items()}
+    cache = {"model_sha": clamped.model_sha, "dataset": clamped.dataset, "ranges": halved}
+    for name in ("local", "ray"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / RANGES_FILE.format(format="fp32")).write_text(json.dumps(cache))
+    run_campaign(clamped, tmp_path / "local", backend="local", show_progress=False)
+    run_campaign(clamped, tmp_path / "ray", backend="ray", workers=2, show_progress=False)
+    run_campaign(clamped, tmp_path / "profiled", backend="local", show_progress=False)
+    _assert_same_rows(_rows(tmp_path / "ray"), _rows(tmp_path / "local"))
+    with pytest.raises(AssertionError):
+        _assert_same_rows(_rows(tmp_path / "profiled"), _rows(tmp_path / "local"))

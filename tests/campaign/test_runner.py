@@ -1,16 +1,21 @@
+import dataclasses
+import errno
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from flipsafe import CampaignError
+from flipsafe import CampaignError, atomic
 from flipsafe.campaign import ResultsStore
 from flipsafe.campaign.runner import fault_list, make_plan, prepare, run_campaign
+from flipsafe.inject import Engine
 
 
 def _store(folder) -> ResultsStore:
@@ -172,16 +177,32 @@ def test_killed_campaign_resumes_to_exactly_the_planned_rows(mlp_checkpoint, tmp
     assert sorted(table.column("fault_id").to_pylist()) == list(range(total))
 
 
-def test_clamped_campaign_uses_cached_ranges_identically(mlp_checkpoint, tmp_path):
+def _listing(folder):
+    return sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+
+
+def test_clamped_campaign_caches_ranges_in_its_results_folder(mlp_checkpoint, tmp_path):
     from flipsafe.campaign.runner import RANGES_FILE
 
-    cache = mlp_checkpoint / RANGES_FILE.format(format="fp32")
-    cache.unlink(missing_ok=True)
+    checkpoint_files = _listing(mlp_checkpoint)
     plan = _plan(mlp_checkpoint, n=30, clamp="profiled")
     run_campaign(plan, tmp_path / "first", show_progress=False)  # profiles and caches
+    cache = tmp_path / "first" / RANGES_FILE.format(format="fp32")
     assert cache.is_file()
-    run_campaign(plan, tmp_path / "second", show_progress=False)  # reads the cache
+    # The cached ranges are what profiling the training split gives.
+    cached = json.loads(cache.read_text())
+    profiled = prepare(plan).ranges
+    assert cached["ranges"].keys() == profiled.keys()
+    assert cached["model_sha"] == plan.model_sha
+    # A resume reads the cache instead of profiling again.
+    (cache.parent / "parts" / "part-000000.parquet").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Engine, "profile", _no_profiling)
+        run_campaign(plan, tmp_path / "first", show_progress=False)
+    run_campaign(plan, tmp_path / "second", show_progress=False)
     _assert_same_rows(_store(tmp_path / "first").read(), _store(tmp_path / "second").read())
+    # Nothing was written into the checkpoint folder (it may be read-only or shared).
+    assert _listing(mlp_checkpoint) == checkpoint_files
 
 
 def _field_of(fmt_name="fp32"):
@@ -241,13 +262,14 @@ def test_n_all_burst2_lists_every_run_once(mlp_checkpoint):
     assert fields == [field_of[max(b)] for b in faults.bits()]
 
 
-def test_format_names_are_normalised_in_plans_and_range_caches(mlp_checkpoint):
+def test_format_names_are_normalised_in_plans_and_range_caches(mlp_checkpoint, tmp_path):
     from flipsafe.campaign.runner import RANGES_FILE
 
     upper, lower = _plan(mlp_checkpoint, format="FP16"), _plan(mlp_checkpoint, format="fp16")
     assert upper.format == "fp16" and upper.fingerprint() == lower.fingerprint()
-    prepare(upper)
-    caches = {p.name for p in mlp_checkpoint.iterdir() if p.name.startswith("ranges-")}
+    out = tmp_path / "r"
+    run_campaign(dataclasses.replace(upper, clamp="profiled", n=5), out, show_progress=False)
+    caches = {p.name for p in out.iterdir() if p.name.startswith("ranges-")}
     assert RANGES_FILE.format(format="fp16") in caches
     assert RANGES_FILE.format(format="FP16") not in caches
 
@@ -304,3 +326,86 @@ def test_prepare_refuses_a_plan_made_for_other_data(mlp_checkpoint):
     assert len(plan.data_sha) == 64
     with pytest.raises(CampaignError, match="dataset's contents changed.*digits"):
         prepare(dataclasses.replace(plan, data_sha="0" * 64))
+
+
+def _no_profiling(self, batches):
+    raise AssertionError("profiled although no ranges were needed")
+
+
+def test_unclamped_fp32_campaign_neither_profiles_nor_writes_beside_the_checkpoint(
+        mlp_checkpoint, tmp_path, monkeypatch):
+    checkpoint_files = _listing(mlp_checkpoint)
+    monkeypatch.setattr(Engine, "profile", _no_profiling)
+    # A write anywhere in the checkpoint folder fails, as on a read-only folder.
+    real_write_json = atomic.write_json
+
+    def guarded(path, data):
+        if Path(path).resolve().parent == mlp_checkpoint.resolve():
+            raise PermissionError(13, "Read-only file system", str(path))
+        real_write_json(path, data)
+
+    monkeypatch.setattr(atomic, "write_json", guarded)
+    plan = _plan(mlp_checkpoint, n=20, clamp="none")
+    run_campaign(plan, tmp_path / "r", show_progress=False)
+    assert _store(tmp_path / "r").read().num_rows == 20 * 3
+    assert _listing(mlp_checkpoint) == checkpoint_files
+    assert not list((tmp_path / "r").glob("ranges-*.json"))
+
+
+def test_unwritable_ranges_cache_is_skipped(mlp_checkpoint, tmp_path, monkeypatch):
+    real_write_json = atomic.write_json
+
+    def refuse_ranges(path, data):
+        if Path(path).name.startswith("ranges-"):
+            raise PermissionError(13, "Permission denied", str(path))
+        real_write_json(path, data)
+
+    monkeypatch.setattr(atomic, "write_json", refuse_ranges)
+    plan = _plan(mlp_checkpoint, n=20, clamp="profiled")
+    run_campaign(plan, tmp_path / "r", show_progress=False)
+    assert _store(tmp_path / "r").read().num_rows == 20 * 3
+
+
+def test_disk_full_keeps_finished_parts_and_says_how_to_resume(mlp_checkpoint, tmp_path,
+                                                                 monkeypatch, capsys):
+    from flipsafe.cli import main
+
+    out = tmp_path / "full"
+    real_write_part = ResultsStore.write_part
+    written = []
+
+    def fill_up(self, k, table):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.part_path(k)))
+        written.append(k)
+        return real_write_part(self, k, table)
+
+    monkeypatch.setattr(ResultsStore, "write_part", fill_up)
+    args = ["campaign", str(mlp_checkpoint), "--n", "60", "--seed", "5", "--part-size", "50",
+            "--out", str(out), "--quiet"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flipsafe: error: no space left"), err
+    assert "kept" in err[0] and "run the same campaign again to resume" in err[0]
+    assert sorted(_store(out).completed_parts()) == sorted(written)
+    monkeypatch.undo()
+    assert main(args) == 0  # resumes: only the missing parts run
+    assert _store(out).read().num_rows == 60 * 3
+
+
+def test_second_campaign_on_a_folder_in_use_is_refused(mlp_checkpoint, tmp_path, capsys):
+    from flipsafe.cli import main
+
+    out = tmp_path / "busy"
+    plan = _plan(mlp_checkpoint, n=20)
+    run_campaign(plan, out, show_progress=False)
+    in_flight = out / "parts" / ".part-000001.parquet.tmp-4242"
+    first = ResultsStore(out)
+    with first.lock():  # the first campaign, still running
+        in_flight.write_bytes(b"half a part")
+        args = ["campaign", str(mlp_checkpoint), "--n", "20", "--seed", "5", "--part-size", "50",
+                "--out", str(out), "--quiet"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another campaign" in err[0], err
+        assert in_flight.read_bytes() == b"half a part"

@@ -161,13 +161,57 @@ def test_failed_write_leaves_no_partial_file(store, monkeypatch):
     assert store.completed_parts() == {0}
 
 
-def test_temp_left_by_a_killed_writer_is_ignored_and_cleared(store):
+def test_temp_left_by_a_killed_writer_is_ignored_and_cleared_by_the_lock_holder(store):
     store.write_part(0, _table([0, 1, 2]))
     stale = store.parts_dir / ".part-000001.parquet.tmp-999"
     stale.write_bytes(store.part_path(0).read_bytes()[:50])
     assert store.completed_parts() == {0}
+    # Without the writer lock the temp may be another writer's part in flight: kept.
     ResultsStore(store.out_dir).create_or_resume(_plan(), 7)
+    assert stale.exists()
+    writer = ResultsStore(store.out_dir)
+    with writer.lock():
+        writer.create_or_resume(_plan(), 7)
     assert not stale.exists()
+
+
+def test_second_writer_is_refused_and_leaves_the_first_ones_temps(store):
+    in_flight = store.parts_dir / f".part-000001.parquet.tmp-{os.getpid()}"
+    with store.lock():
+        in_flight.write_bytes(b"half a part")
+        second = ResultsStore(store.out_dir)
+        with pytest.raises(CampaignError, match=r"in use by another campaign \(pid \d+"), \
+                second.lock():
+            pass  # pragma: no cover - never entered
+        assert not second.is_writer
+        assert in_flight.read_bytes() == b"half a part"
+    # Released when the first writer is done: the next one gets it.
+    with second.lock():
+        assert second.is_writer
+    assert not second.is_writer
+
+
+def test_lock_is_refused_across_processes(store):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from flipsafe.campaign import ResultsStore\n"
+        "from flipsafe.errors import CampaignError\n"
+        "try:\n"
+        "    with ResultsStore(sys.argv[1]).lock():\n"
+        "        print('locked')\n"
+        "except CampaignError as exc:\n"
+        "    print(exc)\n"
+    )
+    run = [sys.executable, "-c", code, str(store.out_dir)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with store.lock():
+        held = subprocess.run(run, check=False, capture_output=True, text=True, timeout=60, env=env)
+    assert f"in use by another campaign (pid {os.getpid()}" in held.stdout, held.stderr
+    free = subprocess.run(run, check=False, capture_output=True, text=True, timeout=60, env=env)
+    assert free.stdout.strip() == "locked", free.stderr
 
 
 def _value_byte(path, column, value):
@@ -180,11 +224,7 @@ def _value_byte(path, column, value):
     return start + region.index(struct.pack("<d", value)[-2:])
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_value_byte"])
-def test_corrupt_part_is_reported_missing_and_moved_aside(store, damage):
-    store.write_part(0, _table([0, 1, 2]))
-    store.write_part(1, _table([3, 4, 5]))
-    path = store.part_path(1)
+def _damage(path, damage) -> bytes:
     data = bytearray(path.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
@@ -192,15 +232,43 @@ def test_corrupt_part_is_reported_missing_and_moved_aside(store, damage):
         # golden_loss 1.25 (row 5) is 0x3FF4000000000000; f4 -> f5 reads back as 1.3125.
         data[_value_byte(path, "golden_loss", 1.25)] ^= 0x01
     path.write_bytes(bytes(data))
-    assert store.completed_parts() == {0}
-    assert not path.exists()
+    return bytes(data)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_value_byte"])
+def test_corrupt_part_is_reported_missing_and_moved_aside_by_the_writer(store, damage):
+    store.write_part(0, _table([0, 1, 2]))
+    store.write_part(1, _table([3, 4, 5]))
+    path = store.part_path(1)
+    data = _damage(path, damage)
     aside = store.parts_dir / "corrupt-part-000001-0.parquet"
-    assert aside.read_bytes() == bytes(data)
-    assert store.read()["fault_id"].to_pylist() == [0, 1, 2]
-    # A second bad copy of the same part does not overwrite the first.
-    path.write_bytes(b"junk")
-    assert store.completed_parts() == {0}
+    with store.lock():
+        assert store.completed_parts() == {0}
+        assert store.damaged == [aside]
+        assert not path.exists()
+        assert aside.read_bytes() == data
+        assert store.read()["fault_id"].to_pylist() == [0, 1, 2]
+        # A second bad copy of the same part does not overwrite the first.
+        path.write_bytes(b"junk")
+        assert store.completed_parts() == {0}
     assert (store.parts_dir / "corrupt-part-000001-1.parquet").read_bytes() == b"junk"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_value_byte"])
+def test_readers_skip_damaged_parts_without_touching_any_file(store, damage):
+    store.write_part(0, _table([0, 1, 2]))
+    store.write_part(1, _table([3, 4, 5]))
+    path = store.part_path(1)
+    data = _damage(path, damage)
+    before = sorted(p.name for p in store.parts_dir.iterdir())
+    for _ in range(2):  # e.g. two `flipsafe summary` runs on the folder
+        reader = ResultsStore(store.out_dir)
+        reader.open()
+        assert reader.read()["fault_id"].to_pylist() == [0, 1, 2]
+        assert reader.completed_parts() == {0}
+        assert reader.damaged == [path]
+    assert sorted(p.name for p in store.parts_dir.iterdir()) == before
+    assert path.read_bytes() == data
 
 
 def test_part_whose_values_disagree_with_its_checksum_is_rejected(store):
@@ -237,7 +305,8 @@ def test_part_from_another_plan_or_slot_is_not_counted(store, tmp_path):
     # Part 0's file renamed to slot 2 has the wrong part id and row count.
     store.write_part(0, _table([0, 1, 2]))
     os.replace(store.part_path(0), store.part_path(2))
-    assert store.completed_parts() == set()
+    with store.lock():
+        assert store.completed_parts() == set()
     assert sorted(p.name for p in store.parts_dir.iterdir()) == [
         "corrupt-part-000001-0.parquet", "corrupt-part-000002-0.parquet"
     ]
@@ -260,3 +329,13 @@ def test_damaged_plan_or_manifest_is_refused(store):
     (store.out_dir / "plan.json").write_text('{"model": "m"')
     with pytest.raises(CampaignError, match="plan.json cannot be used.*another --out"):
         ResultsStore(store.out_dir).create_or_resume(_plan(), 7)
+
+
+def test_campaign_whose_checkpoint_changed_says_so(store):
+    # The same plan on a retrained checkpoint: only the weights hash differs.
+    with pytest.raises(CampaignError) as info:
+        ResultsStore(store.out_dir).create_or_resume(_plan(model_sha="def456"), 7)
+    message = str(info.value)
+    assert "checkpoint at runs/a changed since" in message
+    assert "now def456" in message and "ran on abc123" in message
+    assert "restore the original checkpoint" in message

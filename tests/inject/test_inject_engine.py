@@ -310,3 +310,23 @@ def test_layers_without_a_site_say_why():
     with pytest.raises(InjectionError, match="no floating-point weight parameter"):
         engine.layers("weights", "attn")  # it holds in_proj_weight instead
     assert [i.name for i in engine.layers("weights")] == ["proj", "fc"]
+
+
+@pytest.mark.parametrize("fmt,clamp", [("fp32", "none"), ("bf16", "none"), ("fp32", "profiled"),
+                                       ("bf16", "goldeneye"), ("int8", "none"),
+                                       ("mxfp8_e4m3", "none")])
+def test_needs_ranges_says_whether_running_without_ranges_fails(fmt, clamp):
+    torch.manual_seed(0)
+    model = models.build("mlp", 10, image_size=8).eval()
+    x, y = data()
+    engine = Engine(model, fmt, clamp=clamp, input_shape=(3, 8, 8))
+    faults = engine.sample(24, "activations", "all", "bitflip", images=6,
+                           generator=torch.Generator().manual_seed(3))
+    if engine.needs_ranges:
+        with pytest.raises(InjectionError, match="activation range"):
+            engine.run(faults, x, y)
+    else:
+        engine.run(faults, x, y)
+    # With profiled ranges every combination runs.
+    engine.profile(x)
+    engine.run(faults, x, y)

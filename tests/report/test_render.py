@@ -145,3 +145,30 @@ def test_single_model_without_bit_faults_reports_rates_and_skips_bit_plots(tmp_p
     assert len(verdict) == 1
     assert (f"in {fmt_rate(rate)} [{fmt_rate(low)}, {fmt_rate(high)}] of the injected fault "
             f"space (estimated from {rows.num_rows:,} injections)") in verdict[0]
+
+
+def test_failed_write_leaves_the_previous_report_intact(campaigns, tmp_path, monkeypatch, capsys):
+    import errno
+    import pathlib
+
+    from flipsafe.cli import main
+
+    out = tmp_path / "report.html"
+    args = ["report", str(campaigns["baseline"]), "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    previous = out.read_bytes()
+    real_write_text = pathlib.Path.write_text
+
+    def disk_fills_up(self, text, *a, **kw):
+        real_write_text(self, text[: len(text) // 2], *a, **kw)  # part of it lands
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_fills_up)
+    assert main(args) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flipsafe: error: no space left"), err
+    assert "unchanged" in err[0]
+    assert out.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temp file left

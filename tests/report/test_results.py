@@ -134,3 +134,27 @@ def test_checkpoint_with_other_weights_is_not_described(tmp_path, base_plan):
     r = load_results(tmp_path / "run", evaluate=True)
     assert r.accuracy is None and r.clean is None and r.classifier_layer is None
     assert any("other weights" in note for note in r.notes)
+
+
+def test_damaged_part_is_noted_and_left_where_it_is(tmp_path, base_plan, capsys):
+    from flipsafe.cli import main
+
+    rows = make_rows(BASELINE_LAYERS, N_PER_LAYER, 1)
+    store = ResultsStore(tmp_path / "dmg")
+    store.create_or_resume(base_plan, total_rows=rows.num_rows)
+    for k in range(store.n_parts):
+        start = k * base_plan.part_size
+        store.write_part(k, rows.slice(start, store.expected_rows(k)))
+    victim = store.part_path(1)
+    damaged = victim.read_bytes()[:100]
+    victim.write_bytes(damaged)
+    before = sorted(p.name for p in store.parts_dir.iterdir())
+    r = load_results(tmp_path / "dmg")
+    assert r.n == rows.num_rows - store.expected_rows(1)
+    assert any("damaged" in note and victim.name in note for note in r.notes)
+    # Read-only commands, run twice, report the part and change nothing.
+    for _ in range(2):
+        assert main(["summary", str(tmp_path / "dmg")]) == 0
+        assert victim.name in capsys.readouterr().out
+    assert sorted(p.name for p in store.parts_dir.iterdir()) == before
+    assert victim.read_bytes() == damaged

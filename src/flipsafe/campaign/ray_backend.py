@@ -36,7 +36,8 @@ class _PartWorker:
     task's error (with their own message) instead of as an anonymous dead actor.
     """
 
-    def __init__(self, plan_json: str, total_rows: int, cwd: str | None = None):
+    def __init__(self, plan_json: str, total_rows: int, cwd: str | None = None,
+                 ranges: dict | None = None):
         import torch
 
         from flipsafe.campaign.runner import fault_list, prepare
@@ -49,7 +50,8 @@ class _PartWorker:
         torch.set_num_threads(1)
         self._error = None
         try:
-            self.prep = prepare(CampaignPlan.from_json(plan_json))
+            # The driver's ranges: profiling again on another node could differ slightly.
+            self.prep = prepare(CampaignPlan.from_json(plan_json), ranges=ranges)
             self.faults, self.fields = fault_list(self.prep)
             if len(self.faults) != total_rows:
                 raise CampaignError(
@@ -88,7 +90,7 @@ def _connect(ray, address, workers):
 
 def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
                      address: str | None = None, workers: int | None = None,
-                     show_progress: bool = True) -> None:
+                     show_progress: bool = True, ranges: dict | None = None) -> None:
     """Run parts `todo` of `plan` on Ray actors and write each into `store` as it arrives.
 
     Uses the Ray already initialised in this process if there is one (and leaves it
@@ -99,7 +101,8 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
     dataset (relative paths are taken from the driver's working folder). Parts lost with
     a dead actor run again on a fresh one; parts already written stay written whatever
     happens, so an interrupted run resumes where it was. Actors run the engine on CPU,
-    as prepare() builds it; they request no GPUs.
+    as prepare() builds it; they request no GPUs. `ranges` (the driver's Prepared.ranges)
+    go to every actor, so none profiles activation ranges of its own.
     """
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
@@ -127,7 +130,7 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
         plan_json = plan.to_json()
 
         def new_actor():
-            return actor_cls.remote(plan_json, store.total_rows, os.getcwd())
+            return actor_cls.remote(plan_json, store.total_rows, os.getcwd(), ranges)
 
         actors = [new_actor() for _ in range(n_actors)]
         queue = deque(todo)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,11 @@ import torch
 
 from flipsafe.campaign.plan import CampaignPlan, Stratum, plan_strata
 from flipsafe.campaign.store import PLAN_FILE, ROW_SCHEMA, ResultsStore
-from flipsafe.errors import CampaignError, ConfigError
+from flipsafe.errors import CampaignError, ConfigError, EnvironmentFailure, is_disk_full
 from flipsafe.progress import progress_bar
 
+# Activation ranges a campaign profiled, kept in its results folder (never the checkpoint's,
+# which may be read-only or shared) so a resume uses the very same ranges.
 RANGES_FILE = "ranges-{format}.json"
 
 
@@ -53,6 +56,8 @@ class Prepared:
     classifier: str
     layers: list  # engine LayerInfo, in engine order
     strata: list[Stratum]
+    # Activation ranges the engine uses; empty when neither the clamp nor the format needs them.
+    ranges: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -130,27 +135,44 @@ def _data_changed(dataset: str, was: str, now: str, where: str) -> CampaignError
     )
 
 
-def _profiled_ranges(ckpt, bundle, engine, fmt: str) -> dict:
-    """Activation ranges on the training split, cached beside the checkpoint's weights."""
-    path = Path(ckpt.path) / RANGES_FILE.format(format=fmt)
-    sha = ckpt.config["files"]["model.safetensors"]
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            if cached.get("model_sha") == sha:
-                return cached["ranges"]
-        except (json.JSONDecodeError, KeyError):
-            pass  # recomputed and rewritten below
-    images, _ = bundle.train.tensors()
-    ranges = engine.profile(images.split(256))
-    from flipsafe import atomic
-
-    atomic.write_json(path, {"model_sha": sha, "split": "train", "ranges": ranges})
+def read_cached_ranges(out, plan: CampaignPlan) -> dict | None:
+    """The ranges a campaign in results folder `out` profiled for this plan's model, format
+    and dataset, or None when there are none (or they are unreadable)."""
+    path = Path(out) / RANGES_FILE.format(format=plan.format)
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cached, dict):
+        return None
+    ranges = cached.get("ranges")
+    if (
+        cached.get("model_sha") != plan.model_sha
+        or cached.get("dataset") != plan.dataset
+        or not isinstance(ranges, dict)
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ranges.values())
+    ):
+        return None
     return ranges
 
 
-def prepare(plan: CampaignPlan) -> Prepared:
-    """Load model and data, profile ranges, pick images and size every stratum."""
+def _cache_ranges(out, plan: CampaignPlan, ranges: dict) -> None:
+    from flipsafe import atomic
+
+    path = Path(out) / RANGES_FILE.format(format=plan.format)
+    try:
+        atomic.write_json(path, {"model_sha": plan.model_sha, "dataset": plan.dataset,
+                                 "split": "train", "ranges": ranges})
+    except OSError:
+        pass  # only a cache: the campaign profiles again next time
+
+
+def prepare(plan: CampaignPlan, ranges: dict | None = None) -> Prepared:
+    """Load model and data, pick images and size every stratum.
+
+    When the clamp or the format needs activation ranges they are `ranges` if given,
+    else profiled on the training split. prepare writes no file.
+    """
     from flipsafe.checkpoint import load_checkpoint
     from flipsafe.data import load
     from flipsafe.inject import Engine
@@ -175,7 +197,12 @@ def prepare(plan: CampaignPlan) -> Prepared:
         raise _data_changed(plan.dataset, plan.data_sha, sha, "this campaign's plan was made")
     engine = Engine(ckpt.model, format=plan.format, clamp=plan.clamp,
                     input_shape=tuple(images.shape[1:]))
-    engine.set_ranges(_profiled_ranges(ckpt, bundle, engine, plan.format))
+    if engine.needs_ranges:
+        if ranges is None:
+            ranges = engine.profile(bundle.train.tensors()[0].split(256))
+        engine.set_ranges(ranges)
+    else:
+        ranges = {}
     golden = engine.golden(images, labels, layers=[])
     g = golden.outcomes
     if plan.images == "correct":
@@ -194,7 +221,8 @@ def prepare(plan: CampaignPlan) -> Prepared:
     layers = engine.layers(plan.site, select)
     sizes = _strata_sizes(plan, layers, int(image_ids.numel()), engine.fmt)
     strata = _with_exposure(plan, layers, plan_strata(plan, sizes))
-    return Prepared(plan, engine, images, labels, image_ids, engine.classifier(), layers, strata)
+    return Prepared(plan, engine, images, labels, image_ids, engine.classifier(), layers, strata,
+                    dict(ranges))
 
 
 def fault_list(prep: Prepared):
@@ -286,26 +314,43 @@ class CampaignRun:
 
 def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str | None = None,
                  show_progress: bool = True, workers: int | None = None) -> CampaignRun:
-    """Run (or resume) `plan` into results folder `out`; finished parts are kept."""
+    """Run (or resume) `plan` into results folder `out`; finished parts are kept.
+
+    The run holds the folder's writer lock, so a second campaign on the same folder is
+    refused (CampaignError). A full disk raises EnvironmentFailure; the parts written
+    until then are kept and the same call resumes.
+    """
     if backend not in ("local", "ray"):
         raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
-    prep = prepare(plan)
+    cached = read_cached_ranges(out, plan)
+    prep = prepare(plan, ranges=cached)
     plan = prep.plan  # with the data hash
     _refuse_other_data(plan, out)
     faults, fields = fault_list(prep)
     store = ResultsStore(out)
-    store.create_or_resume(plan, total_rows=len(faults), strata=prep.strata)
-    todo = store.missing_parts()
-    kept = store.n_parts - len(todo)
-    started = time.perf_counter()
-    if backend == "ray":
-        from flipsafe.campaign.ray_backend import run_parts_on_ray
+    try:
+        with store.lock():
+            store.create_or_resume(plan, total_rows=len(faults), strata=prep.strata)
+            if prep.ranges and cached is None:
+                _cache_ranges(out, plan, prep.ranges)
+            todo = store.missing_parts()
+            kept = store.n_parts - len(todo)
+            started = time.perf_counter()
+            if backend == "ray":
+                from flipsafe.campaign.ray_backend import run_parts_on_ray
 
-        run_parts_on_ray(plan, store, todo, address=address, workers=workers,
-                         show_progress=show_progress)
-    else:
-        _run_parts_locally(prep, faults, fields, store, todo, show_progress)
-    seconds = time.perf_counter() - started
+                run_parts_on_ray(plan, store, todo, address=address, workers=workers,
+                                 show_progress=show_progress, ranges=prep.ranges)
+            else:
+                _run_parts_locally(prep, faults, fields, store, todo, show_progress)
+            seconds = time.perf_counter() - started
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise EnvironmentFailure(
+            f"no space left on the disk holding {out} ({exc.strerror}); the parts finished "
+            "so far are kept there: free some space and run the same campaign again to resume"
+        ) from None
     ran = sum(store.expected_rows(k) for k in todo)
     return CampaignRun(Path(out), len(faults), len(todo), kept, seconds, ran / max(seconds, 1e-9))
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -45,6 +48,7 @@ ROW_SCHEMA = pa.schema(
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
 PARTS_DIR = "parts"
+LOCK_FILE = ".lock"
 _PART_NAME = re.compile(r"^part-(\d{6})\.parquet$")
 _META_ROWS = b"flipsafe.rows"
 _META_FINGERPRINT = b"flipsafe.fingerprint"
@@ -76,6 +80,11 @@ class ResultsStore:
 
     Part k holds rows [k * part_size, (k + 1) * part_size) of the campaign's total_rows;
     the runner decides which faults those are. Parts are written whole or not at all.
+
+    One writer at a time: a campaign holds lock() while it runs. Only the lock's holder
+    changes files it did not write itself (clears temporary files left by a killed
+    writer, moves damaged parts aside); any other store only reads, skipping damaged
+    parts and listing them in `damaged`.
     """
 
     def __init__(self, out_dir):
@@ -86,6 +95,52 @@ class ResultsStore:
         # The plan's strata with their fault-space sizes; None for folders written before
         # flipsafe recorded them (their overall rates can only pool the rows).
         self.strata: list[Stratum] | None = None
+        # Part files found damaged by the last scan (moved aside when this store is the writer).
+        self.damaged: list[Path] = []
+        self._lock_file = None
+
+    # -- the writer lock -----------------------------------------------------
+
+    @property
+    def is_writer(self) -> bool:
+        """True while this store holds the folder's writer lock."""
+        return self._lock_file is not None
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the folder's writer lock (creating the folder) for the body; refuses at once
+        with a CampaignError while another process holds it."""
+        if self.is_writer:
+            yield self
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks, so run unguarded
+            fcntl = None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.out_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise  # a filesystem without locks is not a second writer
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    raise CampaignError(
+                        f"{self.out_dir} is in use by another campaign ({holder}); wait for it "
+                        "to finish, or choose another --out"
+                    ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {platform.node()}\n")
+            f.flush()
+            self._lock_file = f
+            yield self
+        finally:
+            self._lock_file = None
+            f.close()  # closing the file releases the lock
 
     # -- opening -------------------------------------------------------------
 
@@ -158,6 +213,14 @@ class ResultsStore:
         if plan_path.exists():
             existing = self._read_plan()
             if existing.fingerprint() != plan.fingerprint():
+                if existing.differing_fields(plan) == ["model_sha"]:
+                    raise CampaignError(
+                        f"{self.out_dir} holds this campaign run on other weights: the "
+                        f"checkpoint at {plan.model} changed since (retrained or replaced; its "
+                        f"weights hash is now {plan.model_sha[:12]}…, the campaign ran on "
+                        f"{existing.model_sha[:12]}…); restore the original checkpoint to "
+                        "resume, or choose another --out for the new model"
+                    )
                 diffs = ", ".join(
                     f"{name} ({getattr(existing, name)!r} there, {getattr(plan, name)!r} now)"
                     for name in existing.differing_fields(plan)
@@ -186,7 +249,8 @@ class ResultsStore:
             self.strata = strata if strata is not None else (
                 None if manifest is None else self._read_strata(manifest, self.out_dir))
             self.parts_dir.mkdir(exist_ok=True)
-            self._remove_stale_temps()
+            if self.is_writer:
+                self._remove_stale_temps()
             return True
         if self.parts_dir.exists() and any(self.parts_dir.iterdir()):
             raise CampaignError(
@@ -218,7 +282,8 @@ class ResultsStore:
         return plan
 
     def _remove_stale_temps(self) -> None:
-        # Left by a writer killed before its rename; incomplete by construction.
+        # Left by a writer killed before its rename; incomplete by construction. Only the
+        # lock's holder may do this: another writer's temporary files are in flight.
         for path in self.parts_dir.glob(".part-*.tmp-*"):
             path.unlink(missing_ok=True)
 
@@ -319,22 +384,24 @@ class ResultsStore:
 
     def _valid_parts(self) -> dict[int, tuple[Path, pa.Table]]:
         self._require_open()
-        valid = {}
+        valid, damaged = {}, []
         for path in sorted(self.parts_dir.glob("part-*.parquet")):
             match = _PART_NAME.match(path.name)
             k = int(match.group(1)) if match else -1
             table = self._load_valid(k, path) if k >= 0 else None
             if table is None:
-                self._move_aside(path)
+                damaged.append(self._move_aside(path) if self.is_writer else path)
             else:
                 valid[k] = (path, table)
+        self.damaged = damaged
         return valid
 
     def completed_parts(self) -> set[int]:
         """Ids of the parts on disk that are whole and belong to this plan.
 
-        Any other part file (truncated, corrupt, wrong row count, another plan's) is
-        moved to parts/corrupt-<name>-<i>.parquet and so counts as not done.
+        Any other part file (truncated, corrupt, wrong row count, another plan's) counts
+        as not done and is listed in `damaged`; the writer (holding lock()) also moves it
+        to parts/corrupt-<name>-<i>.parquet, keeping its bytes.
         """
         return set(self._valid_parts())
 
@@ -344,7 +411,8 @@ class ResultsStore:
         return [k for k in range(self.n_parts) if k not in done]
 
     def read(self) -> pa.Table:
-        """All valid parts as one table with ROW_SCHEMA, sorted by fault_id."""
+        """All valid parts as one table with ROW_SCHEMA, sorted by fault_id (damaged parts
+        are skipped and listed in `damaged`)."""
         tables = [table for _, (_, table) in sorted(self._valid_parts().items())]
         if not tables:
             return ROW_SCHEMA.empty_table()

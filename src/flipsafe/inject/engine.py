@@ -205,6 +205,11 @@ class Engine:
         if self.program is not None:
             self.program.set_quantize(quant)
 
+    @property
+    def needs_ranges(self) -> bool:
+        """Whether clamping or the format's output scales need activation ranges (profile)."""
+        return self.clamp != "none" or (not self.exact_fp32 and emulate.needs_scale(self.fmt))
+
     def set_ranges(self, ranges: dict):
         """Use these activation ranges (as returned by profile) from now on."""
         self.ranges.update({str(k): float(v) for k, v in ranges.items()})

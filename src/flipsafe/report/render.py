@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flipsafe import atomic
 from flipsafe.campaign.plan import FAULTS, SITES
-from flipsafe.errors import ConfigError
+from flipsafe.errors import ConfigError, EnvironmentFailure, is_disk_full
 from flipsafe.metrics.calibration import expected_calibration_error
 from flipsafe.report import plots
 from flipsafe.report.results import Results, load_results, with_unique_names
@@ -385,7 +386,7 @@ def render_markdown(blocks: list, out: Path) -> str:
             parts.append(_md_table(b.table))
         elif isinstance(b, Image):
             path = out.with_name(f"{out.stem}-{b.slug}.png")
-            path.write_bytes(b.png)
+            atomic.write_bytes(path, lambda f, png=b.png: f.write(png))
             parts.append(f"![{_md_escape(b.alt)}]({path.name})")
     return "\n\n".join(parts) + "\n"
 
@@ -414,9 +415,18 @@ def write_report(
         raise ConfigError(f"{out} is a folder; give a file name such as {out / ('report.' + fmt)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(models, fit)
-    if fmt == "html":
-        title = "flipsafe report: " + " vs ".join(r.name for r in models)
-        out.write_text(render_html(blocks, title), encoding="utf-8")
-    else:
-        out.write_text(render_markdown(blocks, out), encoding="utf-8")
+    # Written atomically: a failure part-way leaves any earlier report as it was.
+    try:
+        if fmt == "html":
+            title = "flipsafe report: " + " vs ".join(r.name for r in models)
+            atomic.write_text(out, render_html(blocks, title))
+        else:
+            atomic.write_text(out, render_markdown(blocks, out))
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise EnvironmentFailure(
+            f"no space left on the disk to write {out} ({exc.strerror}); any earlier report "
+            "there is unchanged: free some space and run the command again"
+        ) from None
     return out

@@ -192,10 +192,19 @@ def load_results(
     plan = store.open()
     table = store.read()
     if table.num_rows == 0:
+        damaged = f" ({len(store.damaged)} damaged part file(s) skipped)" if store.damaged else ""
         raise CampaignError(
-            f"{folder} holds no result rows yet; run or resume the campaign before reporting"
+            f"{folder} holds no result rows yet{damaged}; run or resume the campaign before "
+            "reporting"
         )
     notes: list[str] = []
+    if store.damaged:
+        # Reading never changes the folder; the campaign's writer sets these aside on resume.
+        names = ", ".join(p.name for p in store.damaged)
+        notes.append(
+            f"Skipped {len(store.damaged)} damaged part file(s) in {store.parts_dir} ({names}); "
+            "resume the campaign to set them aside and redo their rows."
+        )
     complete = table.num_rows >= store.total_rows
     if not complete:
         notes.append(
