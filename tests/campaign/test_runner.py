@@ -162,3 +162,26 @@ def test_clamped_campaign_uses_cached_ranges_identically(mlp_checkpoint, tmp_pat
     assert cache.is_file()
     run_campaign(plan, tmp_path / "second", show_progress=False)  # reads the cache
     _assert_same_rows(_store(tmp_path / "first").read(), _store(tmp_path / "second").read())
+
+
+def test_rgb_imagefolder_conv_model_campaign_end_to_end(tmp_path):
+    from PIL import Image
+
+    from flipsafe.report import load_results
+    from flipsafe.train import TrainConfig
+    from flipsafe.workflow import train_classifier
+
+    g = np.random.default_rng(0)
+    for cls in ("red", "blue"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(5):
+            pixels = g.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            pixels[..., 0 if cls == "red" else 2] = 255
+            Image.fromarray(pixels, "RGB").save(tmp_path / "imgs" / cls / f"{i}.png")
+    spec = f"imagefolder:{tmp_path / 'imgs'}?size=8"
+    ckpt = tmp_path / "lenet"
+    train_classifier(spec, arch="lenet", head="linear", out=ckpt,
+                     config=TrainConfig(epochs=1), show_progress=False)
+    plan = make_plan(ckpt, n=20, seed=1, images="all", layers="all")
+    run = run_campaign(plan, tmp_path / "res", show_progress=False)
+    assert run.total == load_results(tmp_path / "res").n > 0

@@ -155,3 +155,11 @@ def test_too_few_images_to_split(tmp_path):
 def test_bad_options(tmp_path, query, error):
     with pytest.raises(error):
         load(f"imagefolder:{make_flat(tmp_path)}?{query}")
+
+
+def test_rgb_pixels_are_contiguous(tmp_path):
+    # Channels-last pixels once crashed every conv-layer campaign on image folders.
+    bundle = load(f"imagefolder:{make_flat(tmp_path / 'flat')}?size=8")
+    for split in (bundle.train, bundle.test):
+        assert split.pixels.is_contiguous()
+        assert split.tensors()[0].is_contiguous()

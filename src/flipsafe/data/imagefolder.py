@@ -63,7 +63,12 @@ def _read(path: Path, size: int, channels: int) -> np.ndarray:
 
 
 def _read_all(paths: list[Path], size: int, channels: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([_read(p, size, channels) for p in paths]))
+    # Filled in place: one C-contiguous [N, C, H, W] array (np.stack of the transposed
+    # RGB arrays would be channels-last) and no second copy of the whole split.
+    pixels = np.empty((len(paths), channels, size, size), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        pixels[i] = _read(p, size, channels)
+    return torch.from_numpy(pixels)
 
 
 def load_imagefolder(root, size: int = 32, channels: int = 3, spec: str = "") -> DatasetBundle:
