@@ -43,3 +43,51 @@ def test_train_then_evaluate(tmp_path, capsys):
     acc_train = trained.split("test accuracy ")[1].split("%")[0]
     acc_eval = evaluated.split("accuracy on digits ")[1].split("%")[0]
     assert acc_train == acc_eval
+
+
+OUT_COMMANDS = {
+    "train": (["train", "--arch", "mlp", "--epochs", "1", "--quiet"], True),
+    "campaign": (["campaign", "{tmp}/no-model", "--quiet"], True),
+    "demo": (["demo", "--quick"], True),
+    "report": (["report", "{tmp}/no-results"], False),
+    "describe": (["describe", "--dataset", "digits"], False),
+    "embed": (["embed", "--descriptions", "{tmp}/d.json"], False),
+}
+
+
+def _one_error_line(capsys, code):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("flipsafe: error:"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(OUT_COMMANDS))
+def test_out_under_a_file_is_one_line(tmp_path, capsys, command):
+    args, _ = OUT_COMMANDS[command]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    line = _one_error_line(capsys, main([*args, "--out", "/dev/null/x"]))
+    assert "'/dev/null' is" in line and "not a folder" in line
+    (tmp_path / "file").write_text("keep")
+    line = _one_error_line(capsys, main([*args, "--out", str(tmp_path / "file" / "x")]))
+    assert "not a folder" in line
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+@pytest.mark.parametrize("command", sorted(OUT_COMMANDS))
+def test_out_of_the_wrong_kind_is_one_line(tmp_path, capsys, command):
+    args, folder = OUT_COMMANDS[command]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "dir").mkdir()
+    out = tmp_path / ("file" if folder else "dir")
+    line = _one_error_line(capsys, main([*args, "--out", str(out)]))
+    assert str(out) in line
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_out_under_a_file_from_a_subprocess(tmp_path):
+    proc = _run("train", "--arch", "mlp", "--epochs", "1", "--quiet", "--out", "/dev/null/x")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flipsafe: error:"), proc.stderr

@@ -66,8 +66,7 @@ def build_model(config: dict) -> nn.Module:
 
 def save(model: nn.Module, out_dir, config: dict) -> Path:
     """Save `model` and `config` to `out_dir` (created if needed); returns the folder."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = atomic.make_folder(out_dir, "checkpoint folder")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic.atomic_path(out / WEIGHTS) as tmp:
         save_file(state, str(tmp))

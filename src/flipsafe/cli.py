@@ -296,10 +296,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What each command's --out names: a folder (True) or a file (False); checked before
+# any work, so a bad path fails in a second rather than after training.
+OUT_IS_FOLDER = {"train": True, "campaign": True, "demo": True,
+                 "describe": False, "embed": False, "report": False}
+
+
+def _check_out(args) -> None:
+    from flipsafe.atomic import check_output
+
+    if args.command in OUT_IS_FOLDER:
+        check_output(args.out, folder=OUT_IS_FOLDER[args.command], what="--out")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_out(args)
         args.func(args)
     except FlipsafeError as exc:
         print(f"flipsafe: error: {exc}", file=sys.stderr)
