@@ -91,3 +91,34 @@ def test_out_under_a_file_from_a_subprocess(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flipsafe: error:"), proc.stderr
+
+
+def _fake_cifar10(root):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8),
+                         "labels": list(range(10))}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return root
+
+
+def test_dataset_of_the_wrong_image_shape_is_one_line(tmp_path, capsys):
+    # Ten classes like digits, but 3x32x32 images where the model takes 1x8x8.
+    model = tmp_path / "mlp"
+    assert main(["train", "--arch", "mlp", "--epochs", "1", "--out", str(model), "--quiet"]) == 0
+    capsys.readouterr()
+    spec = f"cifar10:{_fake_cifar10(tmp_path / 'cifar')}"
+    for command in (["evaluate", str(model)], ["plan", str(model), "--n", "5"]):
+        line = _one_error_line(capsys, main([*command, "--dataset", spec]))
+        assert "3x32x32" in line and "1x8x8" in line, line
+    proc = _run("evaluate", str(model), "--dataset", spec)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("flipsafe: error:") and "1x8x8" in proc.stderr

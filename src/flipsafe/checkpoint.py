@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flipsafe import atomic
-from flipsafe.errors import CheckpointError
+from flipsafe.errors import CheckpointError, ConfigError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -119,6 +119,27 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
         raise CheckpointError(f"{weights} does not fit the architecture in config.json: {exc}") from None
     model.eval()
     return Checkpoint(model=model, config=config, path=folder)
+
+
+def check_dataset(config: dict, bundle) -> None:
+    """Raise ConfigError unless the dataset `bundle` (a DatasetBundle) has the class count
+    and image shape (channels, size) the checkpoint with `config` was trained on."""
+    want = (config["num_classes"], config["in_channels"], config["image_size"])
+    have = (len(bundle.classes), bundle.in_channels, bundle.image_size)
+    if want == have:
+        return
+
+    def shape(n, c, s):
+        return f"{n} classes of {c}x{s}x{s} images"
+
+    hint = ""
+    if bundle.spec.startswith("imagefolder:") and want[0] == have[0]:
+        hint = f" (or load it with ?size={want[2]}&channels={want[1]})"
+    own = f" ({config['dataset']})" if config.get("dataset") else ""
+    raise ConfigError(
+        f"{bundle.spec or 'the dataset'} has {shape(*have)} but the model was trained on "
+        f"{shape(*want)}; use the model's own dataset{own}{hint}"
+    )
 
 
 def load(path, map_location="cpu") -> nn.Module:

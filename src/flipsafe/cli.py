@@ -110,18 +110,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from flipsafe.checkpoint import load_checkpoint
+    from flipsafe.checkpoint import check_dataset, load_checkpoint
     from flipsafe.data import load
     from flipsafe.train import evaluate
 
     ckpt = load_checkpoint(args.model_dir)
     spec = args.dataset or ckpt.config.get("dataset", "digits")
     bundle = load(spec)
-    if len(bundle.classes) != ckpt.config["num_classes"]:
-        raise FlipsafeError(
-            f"{spec} has {len(bundle.classes)} classes but the model was trained for "
-            f"{ckpt.config['num_classes']}; evaluate it on its own dataset"
-        )
+    check_dataset(ckpt.config, bundle)
     acc = evaluate(ckpt.model, bundle.test)
     print(f"{args.model_dir}: test accuracy on {spec} {100 * acc:.2f}% ({len(bundle.test)} images)")
 

@@ -107,7 +107,7 @@ def _profiled_ranges(ckpt, bundle, engine, fmt: str) -> dict:
 
 def prepare(plan: CampaignPlan) -> Prepared:
     """Load model and data, profile ranges, pick images and size every stratum."""
-    from flipsafe.checkpoint import load_checkpoint
+    from flipsafe.checkpoint import check_dataset, load_checkpoint
     from flipsafe.data import load
     from flipsafe.inject import Engine
 
@@ -118,11 +118,7 @@ def prepare(plan: CampaignPlan) -> Prepared:
             "(its weights hash differs); use a new --out folder for a new model"
         )
     bundle = load(plan.dataset)
-    if len(bundle.classes) != ckpt.config["num_classes"]:
-        raise ConfigError(
-            f"{plan.dataset} has {len(bundle.classes)} classes but the model has "
-            f"{ckpt.config['num_classes']}; run the campaign on the model's own dataset"
-        )
+    check_dataset(ckpt.config, bundle)
     images, labels = bundle.test.tensors()
     engine = Engine(ckpt.model, format=plan.format, clamp=plan.clamp,
                     input_shape=tuple(images.shape[1:]))
