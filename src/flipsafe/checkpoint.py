@@ -92,6 +92,20 @@ def read_config(path) -> dict:
     missing = [k for k in ("arch", "num_classes", "in_channels", "image_size", "files") if k not in config]
     if missing:
         raise CheckpointError(f"{cfg_path} lacks {', '.join(missing)}; re-save the checkpoint")
+    bad = [k for k in ("num_classes", "in_channels", "image_size")
+           if type(config[k]) is not int or config[k] < 1]
+    if bad:
+        raise CheckpointError(f"{cfg_path} has invalid {', '.join(bad)} (not positive whole "
+                              "numbers); the file was altered, restore it or re-train")
+    files = config["files"]
+    digest = files.get(WEIGHTS) if isinstance(files, dict) else None
+    # Without a well-formed hash the weights could not be verified: refuse rather than skip.
+    if not (isinstance(digest, str) and len(digest) == 64
+            and all(ch in "0123456789abcdef" for ch in digest)):
+        raise CheckpointError(
+            f"{cfg_path} has no valid 'files' entry with the sha256 of {WEIGHTS} "
+            f"(found {json.dumps(files)[:80]}); the file was altered, restore it or re-train"
+        )
     return config
 
 
@@ -102,8 +116,7 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete, re-train or restore it")
-    expected = config["files"].get(WEIGHTS)
-    if expected and sha256_file(weights) != expected:
+    if sha256_file(weights) != config["files"][WEIGHTS]:
         raise CheckpointError(
             f"{weights} does not match the hash in config.json: the file was altered or "
             "replaced; restore the original or re-train"
