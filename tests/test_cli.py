@@ -122,3 +122,17 @@ def test_dataset_of_the_wrong_image_shape_is_one_line(tmp_path, capsys):
     proc = _run("evaluate", str(model), "--dataset", spec)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("flipsafe: error:") and "1x8x8" in proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["embed", "--descriptions", "{bad}", "--out", "{tmp}/e.safetensors"],
+    ["describe", "--dataset", "digits", "--source", "file:{bad}", "--out", "{tmp}/d.json"],
+])
+def test_a_description_file_that_is_not_utf8_is_one_line(tmp_path, command):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"zero": ["z\xe9ro, a round loop"]}'.encode("latin-1"))
+    proc = _run(*[a.replace("{bad}", str(bad)).replace("{tmp}", str(tmp_path)) for a in command])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flipsafe: error:"), proc.stderr
+    assert "UTF-8" in lines[0] and str(bad) in lines[0]
