@@ -136,3 +136,17 @@ def test_a_description_file_that_is_not_utf8_is_one_line(tmp_path, command):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flipsafe: error:"), proc.stderr
     assert "UTF-8" in lines[0] and str(bad) in lines[0]
+
+
+def test_a_huge_imagefolder_size_is_refused_fast(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (4, 4)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    proc = _run("train", "--dataset", f"imagefolder:{tmp_path / 'imgs'}?size=100000",
+                "--arch", "mlp", "--out", str(tmp_path / "m"), "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flipsafe: error:") and "size" in lines[0]
