@@ -150,3 +150,20 @@ def test_a_huge_imagefolder_size_is_refused_fast(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flipsafe: error:") and "size" in lines[0]
+
+
+def run_with_stdout_closed(*args, cwd=None):
+    """Run flipsafe with a stdout pipe whose reader is gone before anything is written,
+    as in `flipsafe ... | head -0`."""
+    proc = subprocess.Popen([sys.executable, "-m", "flipsafe", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=cwd)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    return proc.wait(timeout=300), err
+
+
+def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
+    code, err = run_with_stdout_closed("describe", "--dataset", "digits", "--out",
+                                       str(tmp_path / "d.json"))
+    assert err == "" and code == 141, err
+    assert (tmp_path / "d.json").is_file()  # the work was done; only the message was lost

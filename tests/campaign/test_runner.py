@@ -185,3 +185,20 @@ def test_rgb_imagefolder_conv_model_campaign_end_to_end(tmp_path):
     plan = make_plan(ckpt, n=20, seed=1, images="all", layers="all")
     run = run_campaign(plan, tmp_path / "res", show_progress=False)
     assert run.total == load_results(tmp_path / "res").n > 0
+
+
+def test_campaign_and_summary_into_a_closed_pipe_end_quietly(mlp_checkpoint, tmp_path):
+    # As in `flipsafe campaign ... | head -3`: the reader is gone before the summary prints.
+    def run_with_stdout_closed(*args):
+        proc = subprocess.Popen([sys.executable, "-m", "flipsafe", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        return proc.wait(timeout=300), err
+
+    out = tmp_path / "r"
+    code, err = run_with_stdout_closed("campaign", str(mlp_checkpoint), "--n", "4",
+                                       "--layers", "last", "--out", str(out), "--quiet")
+    assert err == "" and code == 141, err
+    code, err = run_with_stdout_closed("summary", str(out))
+    assert err == "" and code == 141, err
