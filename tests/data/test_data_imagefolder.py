@@ -175,7 +175,7 @@ def test_size_over_the_stated_maximum_is_refused_before_reading(tmp_path):
 
 
 def test_a_dataset_that_cannot_fit_in_memory_is_refused_before_reading(tmp_path, monkeypatch):
-    import flipsafe.data.imagefolder as imagefolder
+    from flipsafe.data import imagefolder
 
     root = make_flat(tmp_path / "flat")  # 10 RGB images
     # 10 images x 3 x 64 x 64 float32 = 491,520 bytes; allow just less than that.
@@ -193,7 +193,7 @@ def test_a_dataset_that_cannot_fit_in_memory_is_refused_before_reading(tmp_path,
 
 
 def test_available_memory_is_read_from_the_system():
-    import flipsafe.data.imagefolder as imagefolder
+    from flipsafe.data import imagefolder
 
     free = imagefolder.available_memory_bytes()
     assert free is None or 1 << 20 < free < 1 << 50
