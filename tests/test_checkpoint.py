@@ -91,3 +91,31 @@ def test_failed_save_over_a_checkpoint_leaves_it_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     checkpoint.load(folder)  # still loads: weights and config still agree
+
+
+@pytest.mark.parametrize("files", [{}, [], None, "abc", {checkpoint.WEIGHTS: ""},
+                                   {checkpoint.WEIGHTS: 5}, {"other.bin": "0" * 64}])
+def test_a_tampered_files_entry_is_refused(tmp_path, files):
+    # {} once turned the weights-hash check off; [] crashed with AttributeError.
+    model, config = _model("linear", tmp_path)
+    folder = checkpoint.save(model, tmp_path / "ckpt", config)
+    cfg = json.loads((folder / checkpoint.CONFIG).read_text())
+    cfg["files"] = files
+    (folder / checkpoint.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json"):
+        checkpoint.load(folder)
+    with pytest.raises(CheckpointError, match="config.json"):
+        checkpoint.read_config(folder)
+
+
+def test_weights_are_checked_against_the_hash_always(tmp_path):
+    model, config = _model("linear", tmp_path)
+    folder = checkpoint.save(model, tmp_path / "ckpt", config)
+    other, _ = _model("linear", tmp_path)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    checkpoint.save(other, tmp_path / "other", config)
+    (folder / checkpoint.WEIGHTS).write_bytes((tmp_path / "other" / checkpoint.WEIGHTS).read_bytes())
+    with pytest.raises(CheckpointError, match="altered"):
+        checkpoint.load(folder)

@@ -80,3 +80,127 @@ def test_train_refuses_an_existing_checkpoint_unless_forced(tmp_path, capsys, mo
     assert main(["train", "--arch", "mlp", "--epochs", "1", "--seed", "1", "--out", str(out),
                  "--quiet", "--force"]) == 0
     assert (out / "model.safetensors").read_bytes() != saved["model.safetensors"]
+
+
+OUT_COMMANDS = {
+    "train": (["train", "--arch", "mlp", "--epochs", "1", "--quiet"], True),
+    "campaign": (["campaign", "{tmp}/no-model", "--quiet"], True),
+    "demo": (["demo", "--quick"], True),
+    "report": (["report", "{tmp}/no-results"], False),
+    "describe": (["describe", "--dataset", "digits"], False),
+    "embed": (["embed", "--descriptions", "{tmp}/d.json"], False),
+}
+
+
+def _one_error_line(capsys, code):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("flipsafe: error:"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(OUT_COMMANDS))
+def test_out_under_a_file_is_one_line(tmp_path, capsys, command):
+    args, _ = OUT_COMMANDS[command]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    line = _one_error_line(capsys, main([*args, "--out", "/dev/null/x"]))
+    assert "'/dev/null' is" in line and "not a folder" in line
+    (tmp_path / "file").write_text("keep")
+    line = _one_error_line(capsys, main([*args, "--out", str(tmp_path / "file" / "x")]))
+    assert "not a folder" in line
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+@pytest.mark.parametrize("command", sorted(OUT_COMMANDS))
+def test_out_of_the_wrong_kind_is_one_line(tmp_path, capsys, command):
+    args, folder = OUT_COMMANDS[command]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "dir").mkdir()
+    out = tmp_path / ("file" if folder else "dir")
+    line = _one_error_line(capsys, main([*args, "--out", str(out)]))
+    assert str(out) in line
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_out_under_a_file_from_a_subprocess(tmp_path):
+    proc = _run("train", "--arch", "mlp", "--epochs", "1", "--quiet", "--out", "/dev/null/x")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flipsafe: error:"), proc.stderr
+
+
+def _fake_cifar10(root):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8),
+                         "labels": list(range(10))}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return root
+
+
+def test_dataset_of_the_wrong_image_shape_is_one_line(tmp_path, capsys):
+    # Ten classes like digits, but 3x32x32 images where the model takes 1x8x8.
+    model = tmp_path / "mlp"
+    assert main(["train", "--arch", "mlp", "--epochs", "1", "--out", str(model), "--quiet"]) == 0
+    capsys.readouterr()
+    spec = f"cifar10:{_fake_cifar10(tmp_path / 'cifar')}"
+    for command in (["evaluate", str(model)], ["plan", str(model), "--n", "5"]):
+        line = _one_error_line(capsys, main([*command, "--dataset", spec]))
+        assert "3x32x32" in line and "1x8x8" in line, line
+    proc = _run("evaluate", str(model), "--dataset", spec)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("flipsafe: error:") and "1x8x8" in proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["embed", "--descriptions", "{bad}", "--out", "{tmp}/e.safetensors"],
+    ["describe", "--dataset", "digits", "--source", "file:{bad}", "--out", "{tmp}/d.json"],
+])
+def test_a_description_file_that_is_not_utf8_is_one_line(tmp_path, command):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"zero": ["z\xe9ro, a round loop"]}'.encode("latin-1"))
+    proc = _run(*[a.replace("{bad}", str(bad)).replace("{tmp}", str(tmp_path)) for a in command])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flipsafe: error:"), proc.stderr
+    assert "UTF-8" in lines[0] and str(bad) in lines[0]
+
+
+def test_a_huge_imagefolder_size_is_refused_fast(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (4, 4)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    proc = _run("train", "--dataset", f"imagefolder:{tmp_path / 'imgs'}?size=100000",
+                "--arch", "mlp", "--out", str(tmp_path / "m"), "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flipsafe: error:") and "size" in lines[0]
+
+
+def run_with_stdout_closed(*args, cwd=None):
+    """Run flipsafe with a stdout pipe whose reader is gone before anything is written,
+    as in `flipsafe ... | head -0`."""
+    proc = subprocess.Popen([sys.executable, "-m", "flipsafe", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=cwd)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    return proc.wait(timeout=300), err
+
+
+def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
+    code, err = run_with_stdout_closed("describe", "--dataset", "digits", "--out",
+                                       str(tmp_path / "d.json"))
+    assert err == "" and code == 141, err
+    assert (tmp_path / "d.json").is_file()  # the work was done; only the message was lost

@@ -1,11 +1,15 @@
-"""Atomic file writes: a crash leaves the old file or the new one, never a partial one."""
+"""Output paths checked up front, and atomic file writes: a crash leaves the old file or
+the new one, never a partial one."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import stat
 from pathlib import Path
+
+from flipsafe.errors import ConfigError
 
 
 def _fsync(path: Path) -> None:
@@ -22,12 +26,50 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def check_output(path, folder: bool, what: str = "output") -> Path:
+    """Return `path` if it can be written as a folder (folder=True) or a file, else raise
+    ConfigError saying why; creates nothing, so a command can check before its work."""
+    path = Path(path).expanduser()
+    if path.is_symlink() or path.exists():
+        if folder and not path.is_dir():
+            raise ConfigError(f"{what} '{path}' is an existing file; give a folder path")
+        if not folder and path.is_dir():
+            raise ConfigError(f"{what} '{path}' is a folder; give a file path")
+        if not folder and not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"{what} '{path}' exists and is not a regular file; "
+                              "give a file path")
+        if not os.access(path if folder else path.parent, os.W_OK):
+            raise ConfigError(f"cannot write {what} '{path}': permission denied")
+        return path
+    ancestor = path.parent
+    # Path.exists() is False both for a missing path and for one under a file.
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"cannot create {what} '{path}': '{ancestor}' is a file, not a "
+                          "folder; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create {what} '{path}': no permission to write in "
+                          f"'{ancestor}'")
+    return path
+
+
+def make_folder(path, what: str = "output folder") -> Path:
+    """Create folder `path` (and its parents) if needed; ConfigError if it cannot be."""
+    path = check_output(path, folder=True, what=what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {what} '{path}': {exc.strerror or exc}") from exc
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; once the body succeeds it is synced to disk
     and renamed over `path`, and if the body fails it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output(path, folder=False)
+    make_folder(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp

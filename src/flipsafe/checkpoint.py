@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flipsafe import atomic
-from flipsafe.errors import CheckpointError
+from flipsafe.errors import CheckpointError, ConfigError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -72,8 +72,7 @@ def exists(path) -> bool:
 
 def save(model: nn.Module, out_dir, config: dict) -> Path:
     """Save `model` and `config` to `out_dir` (created if needed); returns the folder."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = atomic.make_folder(out_dir, "checkpoint folder")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     full = dict(config)
     full["versions"] = {"flipsafe": _flipsafe_version(), "torch": torch.__version__}
@@ -101,6 +100,20 @@ def read_config(path) -> dict:
     missing = [k for k in ("arch", "num_classes", "in_channels", "image_size", "files") if k not in config]
     if missing:
         raise CheckpointError(f"{cfg_path} lacks {', '.join(missing)}; re-save the checkpoint")
+    bad = [k for k in ("num_classes", "in_channels", "image_size")
+           if type(config[k]) is not int or config[k] < 1]
+    if bad:
+        raise CheckpointError(f"{cfg_path} has invalid {', '.join(bad)} (not positive whole "
+                              "numbers); the file was altered, restore it or re-train")
+    files = config["files"]
+    digest = files.get(WEIGHTS) if isinstance(files, dict) else None
+    # Without a well-formed hash the weights could not be verified: refuse rather than skip.
+    if not (isinstance(digest, str) and len(digest) == 64
+            and all(ch in "0123456789abcdef" for ch in digest)):
+        raise CheckpointError(
+            f"{cfg_path} has no valid 'files' entry with the sha256 of {WEIGHTS} "
+            f"(found {json.dumps(files)[:80]}); the file was altered, restore it or re-train"
+        )
     return config
 
 
@@ -111,8 +124,7 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete, re-train or restore it")
-    expected = config["files"].get(WEIGHTS)
-    if expected and sha256_file(weights) != expected:
+    if sha256_file(weights) != config["files"][WEIGHTS]:
         raise CheckpointError(
             f"{weights} does not match the hash in config.json: the file was altered or "
             "replaced; restore the original or re-train"
@@ -128,6 +140,27 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
         raise CheckpointError(f"{weights} does not fit the architecture in config.json: {exc}") from None
     model.eval()
     return Checkpoint(model=model, config=config, path=folder)
+
+
+def check_dataset(config: dict, bundle) -> None:
+    """Raise ConfigError unless the dataset `bundle` (a DatasetBundle) has the class count
+    and image shape (channels, size) the checkpoint with `config` was trained on."""
+    want = (config["num_classes"], config["in_channels"], config["image_size"])
+    have = (len(bundle.classes), bundle.in_channels, bundle.image_size)
+    if want == have:
+        return
+
+    def shape(n, c, s):
+        return f"{n} classes of {c}x{s}x{s} images"
+
+    hint = ""
+    if bundle.spec.startswith("imagefolder:") and want[0] == have[0]:
+        hint = f" (or load it with ?size={want[2]}&channels={want[1]})"
+    own = f" ({config['dataset']})" if config.get("dataset") else ""
+    raise ConfigError(
+        f"{bundle.spec or 'the dataset'} has {shape(*have)} but the model was trained on "
+        f"{shape(*want)}; use the model's own dataset{own}{hint}"
+    )
 
 
 def load(path, map_location="cpu") -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -111,18 +112,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from flipsafe.checkpoint import load_checkpoint
+    from flipsafe.checkpoint import check_dataset, load_checkpoint
     from flipsafe.data import load
     from flipsafe.train import evaluate
 
     ckpt = load_checkpoint(args.model_dir)
     spec = args.dataset or ckpt.config.get("dataset", "digits")
     bundle = load(spec)
-    if len(bundle.classes) != ckpt.config["num_classes"]:
-        raise FlipsafeError(
-            f"{spec} has {len(bundle.classes)} classes but the model was trained for "
-            f"{ckpt.config['num_classes']}; evaluate it on its own dataset"
-        )
+    check_dataset(ckpt.config, bundle)
     acc = evaluate(ckpt.model, bundle.test)
     print(f"{args.model_dir}: test accuracy on {spec} {100 * acc:.2f}% ({len(bundle.test)} images)")
 
@@ -340,10 +337,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What each command's --out names: a folder (True) or a file (False); checked before
+# any work, so a bad path fails in a second rather than after training.
+OUT_IS_FOLDER = {"train": True, "campaign": True, "demo": True,
+                 "describe": False, "embed": False, "report": False}
+
+
+def _check_out(args) -> None:
+    from flipsafe.atomic import check_output
+
+    if args.command in OUT_IS_FOLDER:
+        check_output(args.out, folder=OUT_IS_FOLDER[args.command], what="--out")
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of stdout (say `| head -3`) has gone: stop quietly, as a Unix tool
+        # killed by SIGPIPE does (exit 128 + 13), and send Python's final flush nowhere.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_out(args)
         args.func(args)
     except FlipsafeError as exc:
         print(f"flipsafe: error: {exc}", file=sys.stderr)

@@ -409,3 +409,43 @@ def test_second_campaign_on_a_folder_in_use_is_refused(mlp_checkpoint, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "in use by another campaign" in err[0], err
         assert in_flight.read_bytes() == b"half a part"
+
+
+def test_rgb_imagefolder_conv_model_campaign_end_to_end(tmp_path):
+    from PIL import Image
+
+    from flipsafe.report import load_results
+    from flipsafe.train import TrainConfig
+    from flipsafe.workflow import train_classifier
+
+    g = np.random.default_rng(0)
+    for cls in ("red", "blue"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(5):
+            pixels = g.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            pixels[..., 0 if cls == "red" else 2] = 255
+            Image.fromarray(pixels, "RGB").save(tmp_path / "imgs" / cls / f"{i}.png")
+    spec = f"imagefolder:{tmp_path / 'imgs'}?size=8"
+    ckpt = tmp_path / "lenet"
+    train_classifier(spec, arch="lenet", head="linear", out=ckpt,
+                     config=TrainConfig(epochs=1), show_progress=False)
+    plan = make_plan(ckpt, n=20, seed=1, images="all", layers="all")
+    run = run_campaign(plan, tmp_path / "res", show_progress=False)
+    assert run.total == load_results(tmp_path / "res").n > 0
+
+
+def test_campaign_and_summary_into_a_closed_pipe_end_quietly(mlp_checkpoint, tmp_path):
+    # As in `flipsafe campaign ... | head -3`: the reader is gone before the summary prints.
+    def run_with_stdout_closed(*args):
+        proc = subprocess.Popen([sys.executable, "-m", "flipsafe", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        return proc.wait(timeout=300), err
+
+    out = tmp_path / "r"
+    code, err = run_with_stdout_closed("campaign", str(mlp_checkpoint), "--n", "4",
+                                       "--layers", "last", "--out", str(out), "--quiet")
+    assert err == "" and code == 141, err
+    code, err = run_with_stdout_closed("summary", str(out))
+    assert err == "" and code == 141, err

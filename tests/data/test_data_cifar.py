@@ -165,3 +165,29 @@ def test_numpy_1_pickles_load(cifar10):
     bundle = load(f"cifar10:{root}")
     assert bundle.test.labels.tolist() == [4, 5]
     assert torch.equal(bundle.test.pixels, torch.from_numpy(imgs))
+
+
+@pytest.mark.parametrize("batch, needle", [
+    ({"data": "not pixels", "labels": [0, 1]}, "'data'"),
+    ({"data": [[0] * 3072, [0] * 5], "labels": [0, 1]}, "'data'"),
+    ({"data": np.full((2, 3072), 0.5), "labels": [0, 1]}, "'data'"),
+    ({"data": np.full((2, 3072), 300), "labels": [0, 1]}, "'data'"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": ["cat", "dog"]}, "'labels'"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": 7}, "'labels'"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [0.5, 1.0]}, "'labels'"),
+])
+def test_batches_holding_wrong_types_are_data_errors(cifar10, batch, needle):
+    root, _ = cifar10
+    dump(root / "cifar-10-batches-py" / "test_batch", batch)
+    with pytest.raises(DataError, match=needle) as err:
+        load(f"cifar10:{root}")
+    assert "test_batch" in str(err.value)
+
+
+@pytest.mark.parametrize("names", [5, "abcdefghij", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], None, ["a"]])
+def test_class_names_of_the_wrong_type_are_data_errors(cifar10, names):
+    root, _ = cifar10
+    dump(root / "cifar-10-batches-py" / "batches.meta", {"label_names": names})
+    with pytest.raises(DataError, match="'label_names'") as err:
+        load(f"cifar10:{root}")
+    assert "batches.meta" in str(err.value)

@@ -155,3 +155,45 @@ def test_too_few_images_to_split(tmp_path):
 def test_bad_options(tmp_path, query, error):
     with pytest.raises(error):
         load(f"imagefolder:{make_flat(tmp_path)}?{query}")
+
+
+def test_rgb_pixels_are_contiguous(tmp_path):
+    # Channels-last pixels once crashed every conv-layer campaign on image folders.
+    bundle = load(f"imagefolder:{make_flat(tmp_path / 'flat')}?size=8")
+    for split in (bundle.train, bundle.test):
+        assert split.pixels.is_contiguous()
+        assert split.tensors()[0].is_contiguous()
+
+
+def test_size_over_the_stated_maximum_is_refused_before_reading(tmp_path):
+    from flipsafe.data import MAX_IMAGE_SIZE
+
+    root = make_flat(tmp_path / "flat")
+    with pytest.raises(ConfigError, match=f"at most {MAX_IMAGE_SIZE}"):
+        load(f"imagefolder:{root}?size=100000")
+    assert load(f"imagefolder:{root}?size={MAX_IMAGE_SIZE}&channels=1").image_size == MAX_IMAGE_SIZE
+
+
+def test_a_dataset_that_cannot_fit_in_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    from flipsafe.data import imagefolder
+
+    root = make_flat(tmp_path / "flat")  # 10 RGB images
+    # 10 images x 3 x 64 x 64 float32 = 491,520 bytes; allow just less than that.
+    fraction = imagefolder.MEMORY_FRACTION
+    read = imagefolder._read
+    monkeypatch.setattr(imagefolder, "available_memory_bytes", lambda: int(491_520 / fraction) - 1)
+    monkeypatch.setattr(imagefolder, "_read",
+                        lambda *a: pytest.fail("images were read before the memory check"))
+    with pytest.raises(ConfigError, match="smaller size") as err:
+        load(f"imagefolder:{root}?size=64")
+    assert "10 images" in str(err.value)
+    monkeypatch.setattr(imagefolder, "available_memory_bytes", lambda: int(491_520 / fraction) + 1)
+    monkeypatch.setattr(imagefolder, "_read", read)
+    assert load(f"imagefolder:{root}?size=64").image_size == 64
+
+
+def test_available_memory_is_read_from_the_system():
+    from flipsafe.data import imagefolder
+
+    free = imagefolder.available_memory_bytes()
+    assert free is None or 1 << 20 < free < 1 << 50

@@ -330,3 +330,22 @@ def test_needs_ranges_says_whether_running_without_ranges_fails(fmt, clamp):
     # With profiled ranges every combination runs.
     engine.profile(x)
     engine.run(faults, x, y)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "lenet"])
+def test_channels_last_images_give_the_same_outcomes_as_contiguous_ones(arch):
+    # The image-folder loader once returned channels-last tensors, and a .view on the
+    # conv outputs they produce crashed every activation campaign.
+    torch.manual_seed(0)
+    model = models.build(arch, 10, image_size=8).eval()
+    x, y = data()
+    xl = x.contiguous(memory_format=torch.channels_last)
+    assert not xl.is_contiguous()
+    engine = Engine(model, "fp32", chunk=16, input_shape=(3, 8, 8))
+    other = Engine(model, "fp32", chunk=16, input_shape=(3, 8, 8))
+    gen = torch.Generator().manual_seed(3)
+    faults = FaultSet.cat([engine.sample(48, s, "all", m, images=6, generator=gen)
+                           for s in ("activations", "weights") for m in ("bitflip", "random")])
+    a, b = engine.run(faults, x, y), other.run(faults, xl, y)
+    assert_same_outcomes(a, b, tol=1e-5)
+    assert (a.delta_loss > 1e-6).any()

@@ -152,3 +152,12 @@ def test_digits_dataset_class_names_find_the_bundled_set():
     data = pytest.importorskip("flipsafe.data")
     classes = data.load("digits").classes
     assert list(bundled_descriptions("digits", classes)) == list(classes)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_description_file_that_is_not_utf8_is_a_data_error(tmp_path, suffix):
+    bad = tmp_path / f"latin1{suffix}"
+    bad.write_bytes('{"café": ["a cup of café"]}'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8") as err:
+        load_descriptions(bad)
+    assert str(bad) in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections import Counter, deque
 
 import numpy as np
@@ -16,6 +17,13 @@ from flipsafe.progress import progress_bar
 
 # How often one part may be lost with its worker before the campaign gives up on it.
 MAX_ATTEMPTS = 4
+# How long a cluster address may take to accept a connection and answer; ray.init itself
+# retries an unreachable address for minutes.
+CONNECT_TIMEOUT_S = 5.0
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, or its
+# client server behind ray://) answers with a SETTINGS frame of its own.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_SETTINGS = 0x04
 
 
 def _import_ray():
@@ -70,12 +78,51 @@ class _PartWorker:
         return k, run_part(self.prep, self.faults, self.fields, start, stop)
 
 
+def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ConfigError unless `address` (host:port or ray://host:port) accepts a connection
+    and answers like a Ray cluster (gRPC) within `timeout` seconds each; 'auto' and 'local'
+    are left to Ray, and so is the answer when RAY_USE_TLS is set."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not host:port (or ray://host:port), "
+                          "as in 127.0.0.1:6379; leave it out to start a local Ray")
+    try:
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except OSError as exc:  # refused, unreachable, unknown host, or no answer in time
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc or 'timed out'}); "
+            "check --address, or leave it out to start a local Ray"
+        ) from None
+    head = b""
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() not in ("0", "false", ""):
+            return
+        try:
+            conn.sendall(_HTTP2_HELLO)
+            while len(head) < 9:
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except OSError:  # timed out or reset: not a Ray server either way
+            pass
+    if len(head) < 9 or head[3] != _SETTINGS:
+        raise ConfigError(
+            f"{address} accepts connections but does not answer like a Ray cluster within "
+            f"{timeout:g} s; check the host and port (a head node's GCS listens on 6379 by "
+            "default)"
+        )
+
+
 def _connect(ray, address, workers):
     """Initialise Ray unless it already is; returns True when this call started the connection."""
     if ray.is_initialized():
         return False
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if address:
+        check_ray_address(address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except ConnectionError as exc:

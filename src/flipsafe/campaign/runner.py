@@ -173,7 +173,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None) -> Prepared:
     When the clamp or the format needs activation ranges they are `ranges` if given,
     else profiled on the training split. prepare writes no file.
     """
-    from flipsafe.checkpoint import load_checkpoint
+    from flipsafe.checkpoint import check_dataset, load_checkpoint
     from flipsafe.data import load
     from flipsafe.inject import Engine
 
@@ -184,11 +184,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None) -> Prepared:
             "(its weights hash differs); use a new --out folder for a new model"
         )
     bundle = load(plan.dataset)
-    if len(bundle.classes) != ckpt.config["num_classes"]:
-        raise ConfigError(
-            f"{plan.dataset} has {len(bundle.classes)} classes but the model has "
-            f"{ckpt.config['num_classes']}; run the campaign on the model's own dataset"
-        )
+    check_dataset(ckpt.config, bundle)
     images, labels = bundle.test.tensors()
     sha = data_sha(images, labels)
     if plan.data_sha is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flipsafe.data.imagefolder import MAX_IMAGE_SIZE
 from flipsafe.data.tensors import DatasetBundle, ImageTensors, stratified_split
 from flipsafe.errors import ConfigError, DataError, unknown
 
@@ -19,8 +20,6 @@ def _options(query: str, spec: str) -> dict:
             raise ConfigError(f"imagefolder option {key!r} needs a whole number, as in "
                               f"'imagefolder:<dir>?{key}={IMAGEFOLDER_OPTIONS[key]}'; got {item!r}")
         options[key] = int(value)
-    if options["size"] < 1:
-        raise ConfigError(f"imagefolder size must be at least 1 pixel in {spec!r}")
     if options["channels"] not in (1, 3):
         raise ConfigError(f"imagefolder channels must be 1 (grayscale) or 3 (RGB) in {spec!r}")
     return options
@@ -34,7 +33,8 @@ def load(spec: str = "digits", seed: int = 0) -> DatasetBundle:
         "zero" .. "nine" (words read well in a text prompt).
       - ``imagefolder:<dir>[?size=32&channels=3]``: one sub-folder per class (sorted
         names); images are converted to RGB (channels=3) or grayscale (channels=1) and
-        stretched to size x size. ``<dir>/train`` with ``<dir>/test`` (or ``val``) is
+        stretched to size x size (1 to MAX_IMAGE_SIZE = 1024; a folder whose images
+        would take over half the available memory as float32 is refused). ``<dir>/train`` with ``<dir>/test`` (or ``val``) is
         used as given; otherwise every class is split 80/20.
       - ``cifar10:<dir>`` / ``cifar100:<dir>``: the official python-pickle batches in
         ``<dir>`` or its ``cifar-10-batches-py`` / ``cifar-100-python`` sub-folder,
@@ -69,4 +69,4 @@ def load(spec: str = "digits", seed: int = 0) -> DatasetBundle:
     return load_cifar(kind, path, spec)
 
 
-__all__ = ["KINDS", "DatasetBundle", "ImageTensors", "load", "stratified_split"]
+__all__ = ["KINDS", "MAX_IMAGE_SIZE", "DatasetBundle", "ImageTensors", "load", "stratified_split"]

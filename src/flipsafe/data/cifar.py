@@ -71,13 +71,41 @@ def _field(content: dict, key: str, path: Path):
     return content[key]
 
 
+def _integers(content: dict, key: str, path: Path, ndim: int, top: int | None = None):
+    """Entry `key` as an integer array of `ndim` dims (values within 0..top if given)."""
+    value = _field(content, key, path)
+    try:
+        array = np.asarray(value) if isinstance(value, (np.ndarray, list, tuple)) else None
+    except (ValueError, TypeError):  # ragged nested lists
+        array = None
+    if array is None or array.ndim != ndim or (array.size and array.dtype.kind not in "iu"):
+        what = f"{type(value).__name__}" if array is None else f"{array.dtype} {array.shape}"
+        raise DataError(f"CIFAR file '{path}' has a '{key}' entry of {what}; expected a "
+                        f"{ndim}-d array of whole numbers; re-extract it from {SOURCE}")
+    if top is not None and array.size and (array.min() < 0 or array.max() > top):
+        raise DataError(f"CIFAR file '{path}' has '{key}' values outside 0..{top}; "
+                        f"re-extract it from {SOURCE}")
+    return array
+
+
+def _class_names(content: dict, key: str, path: Path) -> list[str]:
+    names = _field(content, key, path)
+    if (not isinstance(names, (list, tuple)) or len(names) < 2
+            or not all(isinstance(n, (str, bytes)) for n in names)
+            or len({_text(n) for n in names}) != len(names)):
+        raise DataError(f"CIFAR file '{path}' has a '{key}' entry that is not a list of "
+                        f"distinct class names (got {str(names)[:60]!r}); re-extract it "
+                        f"from {SOURCE}")
+    return [_text(n) for n in names]
+
+
 def _batches(folder: Path, files: list[str], label_key: str, n_classes: int):
     pixels, labels = [], []
     for name in files:
         path = folder / name
         content = _unpickle(path)
-        data = np.asarray(_field(content, "data", path), dtype=np.uint8)
-        target = np.asarray(_field(content, label_key, path), dtype=np.int64)
+        data = _integers(content, "data", path, ndim=2, top=255).astype(np.uint8)
+        target = _integers(content, label_key, path, ndim=1).astype(np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(target):
             raise DataError(f"CIFAR file '{path}' holds data of shape {data.shape} with "
                             f"{len(target)} labels; expected [N, 3072] and N labels")
@@ -97,7 +125,7 @@ def load_cifar(kind: str, root, spec: str = "") -> DatasetBundle:
                         f"the extracted '{subdir}' folder or its parent")
     folder = root / subdir if (root / subdir).is_dir() else root
     meta_path = folder / meta_file
-    classes = [_text(n) for n in _field(_unpickle(meta_path), names_key, meta_path)]
+    classes = _class_names(_unpickle(meta_path), names_key, meta_path)
     train_pixels, train_labels = _batches(folder, train_files, label_key, len(classes))
     test_pixels, test_labels = _batches(folder, [test_file], label_key, len(classes))
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from flipsafe.data.tensors import DatasetBundle, ImageTensors, channel_stats, stratified_split
-from flipsafe.errors import DataError
+from flipsafe.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm")
@@ -16,6 +17,12 @@ TEST_DIRS = ("test", "val")
 # Fixed for the same reason as the digits split: stable image ids across runs.
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
+# Images are stretched to size x size; larger sizes are refused before anything is read
+# (a 100000-pixel side once grew to 24 GB and was OOM-killed).
+MAX_IMAGE_SIZE = 1024
+# The largest share of the available memory the images may take as float32, leaving
+# room for the model, its activations and the rest of the machine.
+MEMORY_FRACTION = 0.5
 
 
 def _visible_dirs(folder: Path) -> list[str]:
@@ -62,11 +69,57 @@ def _read(path: Path, size: int, channels: int) -> np.ndarray:
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
+def available_memory_bytes() -> int | None:
+    """Memory this process can still use: the smaller of the system's MemAvailable and
+    what its cgroup (container) limit leaves; None when neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit.isdigit() and used.isdigit():
+            found.append(max(int(limit) - int(used), 0))
+    except OSError:
+        pass
+    return min(found) if found else None
+
+
+def _check_fits(n_images: int, size: int, channels: int, spec: str) -> None:
+    need = n_images * channels * size * size * 4
+    free = available_memory_bytes()
+    if free is not None and need > MEMORY_FRACTION * free:
+        gb = 1 << 30
+        raise ConfigError(
+            f"{spec or 'the image folder'}: {n_images} images at {channels}x{size}x{size} need "
+            f"about {need / gb:.1f} GB as float32, more than {MEMORY_FRACTION:.0%} of the "
+            f"{free / gb:.1f} GB of memory available; choose a smaller size (?size=N)"
+        )
+
+
 def _read_all(paths: list[Path], size: int, channels: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([_read(p, size, channels) for p in paths]))
+    # Filled in place: one C-contiguous [N, C, H, W] array (np.stack of the transposed
+    # RGB arrays would be channels-last) and no second copy of the whole split.
+    pixels = np.empty((len(paths), channels, size, size), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        pixels[i] = _read(p, size, channels)
+    return torch.from_numpy(pixels)
 
 
 def load_imagefolder(root, size: int = 32, channels: int = 3, spec: str = "") -> DatasetBundle:
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"imagefolder size must be at least 1 and at most {MAX_IMAGE_SIZE} "
+                          f"pixels, got {size} in {spec or 'load_imagefolder'!r}")
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
@@ -107,6 +160,7 @@ def load_imagefolder(root, size: int = 32, channels: int = 3, spec: str = "") ->
     if not test_paths:
         raise DataError(f"too few images in '{root}' to hold any out for testing; give a class "
                         f"at least 2 images, or add train/ and test/ sub-folders")
+    _check_fits(len(train_paths) + len(test_paths), size, channels, spec)
     train_pixels = _read_all(train_paths, size, channels)
     test_pixels = _read_all(test_paths, size, channels)
     mean, std = channel_stats(train_pixels)

@@ -703,7 +703,9 @@ class Engine:
         take = _Slicer(shape, pos[:, 0])
         raw_s = take(g.raw[name], img)
         gold = self._quantize(name, raw_s)
-        faulty = gold.clone()
+        # Layer outputs may be channels-last (or otherwise strided); the flat view below
+        # needs a contiguous copy.
+        faulty = gold.clone(memory_format=torch.contiguous_format)
         faulty.view(faulty.shape[0], -1)[torch.arange(img.numel(), device=self.device),
                                          take.offset] = new[:, 0]
         env = {a: torch.cat([take(g.nodes[a], img)] * 2) for a in others}

@@ -56,7 +56,6 @@ def normalize_rows(vectors: torch.Tensor, where: str) -> torch.Tensor:
 def save_embeddings(emb: ClassEmbeddings, path) -> Path:
     """Write `emb` to a .safetensors file (tensor 'vectors'; classes and provenance in metadata)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": FORMAT,
         "classes": json.dumps(emb.classes, ensure_ascii=False),
