@@ -71,7 +71,7 @@ def class_phrase(name: str) -> str:
     return " ".join(str(name).replace("_", " ").split())
 
 
-def _validated(data, where: str) -> dict[str, list[str]]:
+def validated_descriptions(data, where: str) -> dict[str, list[str]]:
     if not isinstance(data, Mapping):
         raise DataError(
             f"{where}: expected a mapping {{class: [descriptions...]}}, got {type(data).__name__}"
@@ -142,7 +142,7 @@ def bundled_descriptions(name: str, classes: Iterable[str] | None = None) -> Des
         encoding="utf-8"
     )
     where = f"bundled description set {name!r}"
-    return _select(_validated(json.loads(text), where), classes, f"bundled:{name}", where)
+    return _select(validated_descriptions(json.loads(text), where), classes, f"bundled:{name}", where)
 
 
 def template_descriptions(classes: Iterable[str], templates: Iterable[str] | None = None) -> Descriptions:
@@ -187,13 +187,13 @@ def load_descriptions(path, classes: Iterable[str] | None = None) -> Description
             f"description file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}"
         ) from None
     where = f"description file {str(path)!r}"
-    return _select(_validated(data, where), classes, f"file:{path}", where)
+    return _select(validated_descriptions(data, where), classes, f"file:{path}", where)
 
 
 def save_descriptions(descriptions: Mapping[str, list[str]], path) -> Path:
     """Write descriptions as JSON (or YAML for a .yaml/.yml path); returns the path."""
     path = Path(path)
-    data = _validated(descriptions, "descriptions to save")
+    data = validated_descriptions(descriptions, "descriptions to save")
     if path.suffix.lower() in (".yaml", ".yml"):
         text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=100)
     else:

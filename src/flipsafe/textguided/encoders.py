@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from flipsafe.errors import ConfigError, DataError, unknown
-from flipsafe.textguided.describe import _validated, canonical_class
+from flipsafe.textguided.describe import validated_descriptions, canonical_class
 from flipsafe.textguided.embeddings import ClassEmbeddings, load_embeddings, normalize_rows
 
 ENCODER_SPECS = ("minilm", "clip:<name-or-path>", "st:<name-or-path>", "file:<path>")
@@ -200,7 +200,7 @@ def encode_classes(descriptions, encoder="minilm", source: str | None = None) ->
 
     if not isinstance(descriptions, Mapping):
         raise ConfigError("descriptions must be a mapping {class: [descriptions...]}")
-    data = _validated(descriptions, "descriptions")
+    data = validated_descriptions(descriptions, "descriptions")
     texts = [t for ts in data.values() for t in ts]
     raw = encoder.encode(texts)
     if raw.dim() != 2 or raw.shape[0] != len(texts):
