@@ -43,3 +43,37 @@ def test_train_then_evaluate(tmp_path, capsys):
     acc_train = trained.split("test accuracy ")[1].split("%")[0]
     acc_eval = evaluated.split("accuracy on digits ")[1].split("%")[0]
     assert acc_train == acc_eval
+
+
+def _subparsers():
+    import argparse
+
+    from flipsafe.cli import build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_option_of_every_subcommand_has_help():
+    for name, sub in _subparsers().items():
+        for action in sub._actions:
+            assert action.help and action.help.strip(), (name, action.dest)
+
+
+def test_help_shows_defaults_and_choices_from_their_owners():
+    from flipsafe.campaign.plan import CLAMPS, FAULTS, SITES
+    from flipsafe.models import ARCHITECTURES
+
+    subs = _subparsers()
+    campaign = " ".join(subs["campaign"].format_help().split())
+    for name in (*SITES, *FAULTS, *CLAMPS):
+        assert name in campaign
+    assert "(default: 0.99)" in campaign and "(default: 0.01)" in campaign
+    assert "overrides --margin" in campaign
+    train = " ".join(subs["train"].format_help().split())
+    assert all(a in train for a in ARCHITECTURES)
+    # Falsy defaults are still defaults: --seed 0, --label-smoothing 0.0.
+    assert "seed for initialisation and data order (default: 0)" in train
+    assert "in [0, 1) (default: 0.0)" in train
+    assert "(default: None)" not in train and "(default: None)" not in campaign
