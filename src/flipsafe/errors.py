@@ -29,6 +29,11 @@ class CampaignError(FlipsafeError):
     """A campaign plan or results folder that cannot be used as asked."""
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs optional extra `extra` without replacing the pinned torch."""
+    return f"pip install -c constraints.txt 'flipsafe[{extra}]' (in the flipsafe source folder)"
+
+
 def unknown(kind: str, name: str, choices) -> UnknownNameError:
     """Build an UnknownNameError that lists the valid choices."""
     listed = ", ".join(sorted(str(c) for c in choices))

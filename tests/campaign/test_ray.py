@@ -165,7 +165,7 @@ def test_worker_error_reaches_the_driver_as_itself(plan, ray_instance, tmp_path,
 
 def test_missing_ray_says_how_to_install(plan, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
-    with pytest.raises(FlipsafeError, match=r"pip install 'flipsafe\[ray\]'"):
+    with pytest.raises(FlipsafeError, match=r"pip install -c constraints.txt 'flipsafe\[ray\]'"):
         run_campaign(plan, tmp_path / "r", backend="ray", show_progress=False)
 
 

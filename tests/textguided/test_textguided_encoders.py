@@ -190,5 +190,5 @@ def test_clip_encoder_from_a_saved_tiny_model(tmp_path):
 
 def test_clip_without_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ConfigError, match=r"pip install 'flipsafe\[clip\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -c constraints.txt 'flipsafe\[clip\]'"):
         get_encoder("clip:openai/clip-vit-base-patch32")

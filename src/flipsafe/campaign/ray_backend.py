@@ -11,7 +11,7 @@ import numpy as np
 
 from flipsafe.campaign.plan import CampaignPlan
 from flipsafe.campaign.store import ResultsStore
-from flipsafe.errors import CampaignError, ConfigError, FlipsafeError
+from flipsafe.errors import CampaignError, ConfigError, FlipsafeError, install_hint
 from flipsafe.progress import progress_bar
 
 # How often one part may be lost with its worker before the campaign gives up on it.
@@ -23,8 +23,8 @@ def _import_ray():
         import ray
     except ImportError:
         raise ConfigError(
-            "the ray backend needs Ray, which is not installed; run "
-            "pip install 'flipsafe[ray]' or use --backend local"
+            f"the ray backend needs Ray, which is not installed; run {install_hint('ray')} "
+            "or use --backend local"
         ) from None
     return ray
 

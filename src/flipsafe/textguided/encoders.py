@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from flipsafe.errors import ConfigError, DataError, unknown
+from flipsafe.errors import ConfigError, DataError, install_hint, unknown
 from flipsafe.textguided.describe import _validated, canonical_class
 from flipsafe.textguided.embeddings import ClassEmbeddings, load_embeddings, normalize_rows
 
@@ -90,7 +90,7 @@ def _transformers():
     except ImportError:
         raise ConfigError(
             "CLIP text encoders need the transformers package; install it with "
-            "pip install 'flipsafe[clip]'"
+            f"{install_hint('clip')}"
         ) from None
     return transformers
 
