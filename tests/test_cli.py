@@ -77,3 +77,27 @@ def test_help_shows_defaults_and_choices_from_their_owners():
     assert "seed for initialisation and data order (default: 0)" in train
     assert "in [0, 1) (default: 0.0)" in train
     assert "(default: None)" not in train and "(default: None)" not in campaign
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"a": 1}', "not a JSON object"),
+    ('["cat", 3]', "non-string"),
+    ('"cat"', "JSON list"),
+    ("[cat", "not valid JSON"),
+])
+def test_a_class_list_must_be_a_json_list_of_strings(tmp_path, capsys, text, needle):
+    path = tmp_path / "classes.json"
+    path.write_text(text)
+    assert main(["describe", "--classes", str(path), "--source", "template",
+                 "--out", str(tmp_path / "d.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_a_json_class_list_of_strings_is_read(tmp_path, capsys):
+    path = tmp_path / "classes.json"
+    path.write_text('["cat", "dog"]')
+    assert main(["describe", "--classes", str(path), "--source", "template",
+                 "--out", str(tmp_path / "d.json")]) == 0
+    assert "for 2 classes" in capsys.readouterr().out

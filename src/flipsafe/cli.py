@@ -98,14 +98,27 @@ def _read_classes(path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FlipsafeError(f"class list {path!r} not found; give a text file with one class per line")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FlipsafeError(f"class list {path!r} is not UTF-8 text") from None
     if p.suffix == ".json":
-        classes = json.loads(text)
+        try:
+            classes = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FlipsafeError(f"class list {path!r} is not valid JSON ({exc})") from None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            held = ("a list with non-string items" if isinstance(classes, list) else
+                    "a JSON object" if isinstance(classes, dict) else f"the value {classes!r}")
+            raise FlipsafeError(
+                f"class list {path!r} must be a JSON list of class names (strings), not {held}"
+            )
+        classes = [c.strip() for c in classes if c.strip()]
     else:
         classes = [line.strip() for line in text.splitlines() if line.strip()]
     if not classes:
         raise FlipsafeError(f"class list {path!r} is empty")
-    return [str(c) for c in classes]
+    return classes
 
 
 def cmd_embed(args) -> None:
