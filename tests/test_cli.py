@@ -101,3 +101,15 @@ def test_a_json_class_list_of_strings_is_read(tmp_path, capsys):
     assert main(["describe", "--classes", str(path), "--source", "template",
                  "--out", str(tmp_path / "d.json")]) == 0
     assert "for 2 classes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_part_size_below_one_is_refused(monkeypatch, capsys, size):
+    from flipsafe.campaign import runner
+    from flipsafe.campaign.plan import CampaignPlan
+
+    # The checkpoint is not what is tested: a plan for a stand-in model.
+    monkeypatch.setattr(runner, "make_plan", lambda model_dir, **fields: CampaignPlan(
+        model=model_dir, model_sha="x", dataset="digits", **fields))
+    assert main(["plan", "m", "--part-size", size]) == 2
+    assert f"part_size must be at least 1, got {size}" in capsys.readouterr().err
