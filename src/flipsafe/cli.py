@@ -210,8 +210,9 @@ def cmd_campaign(args) -> None:
     plan = _plan_from_args(args)
     run = run_campaign(plan, args.out, backend=args.backend, address=args.address,
                        show_progress=not args.quiet, workers=args.workers)
+    rate = f", {run.injections_per_s:,.0f} injections/s" if run.ran_parts else ""
     print(f"{run.total:,} injections in {args.out} ({run.kept_parts} parts kept, "
-          f"{run.ran_parts} run, {run.injections_per_s:,.0f} injections/s)")
+          f"{run.ran_parts} run{rate})")
     cmd_summary(argparse.Namespace(results_dir=args.out, vs=[]))
 
 

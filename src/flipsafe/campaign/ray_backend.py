@@ -176,8 +176,7 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
                 store.write_part(part, table)
                 done += table.num_rows
                 sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))
-                bar.advance(table.num_rows,
-                            info=f"{bar.rate:,.0f} inj/s  SDC {100 * sdc / done:.2f}%")
+                bar.advance(table.num_rows, info=f"SDC {100 * sdc / done:.2f}%")
     finally:
         # Stops work still queued on a Ray that outlives this call (reused or a cluster).
         for actor in actors:
