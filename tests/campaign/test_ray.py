@@ -198,3 +198,46 @@ def test_one_worker_by_cli_on_a_cluster_matches_two_workers(mlp_checkpoint, ray_
     _assert_same_rows(one, _rows(ray_run[0]))  # the fault list ignores the worker count
     _assert_same_rows(one, local_rows)
     assert ray.cluster_resources().get("CPU") == 2  # the cluster outlived that driver
+
+
+def test_raylet_messages_go_to_stderr_without_colour_codes(capsys):
+    from ray._private import worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    restore = ray_backend._ray_output_to_stderr()
+    try:
+        # What Ray's error listener thread calls when a worker dies.
+        ray_worker.print_to_stdstream({"lines": ["\x1b[33m(raylet)\x1b[0m A worker died"],
+                                       "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        restore()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "ray (raylet): (raylet) A worker died\n"
+    assert ray_worker.print_to_stdstream is original
+
+
+def test_a_cli_run_whose_worker_dies_prints_no_ray_noise(mlp_checkpoint, tmp_path):
+    marker, out = tmp_path / "died", tmp_path / "r"
+    script = (
+        "import os, sys\n"
+        "from flipsafe.campaign import ray_backend\n"
+        "from flipsafe.cli import main\n"
+        "class Dying(ray_backend._PartWorker):\n"
+        "    def run(self, k, start, stop):\n"
+        f"        if k == 1 and not os.path.exists({str(marker)!r}):\n"
+        f"            open({str(marker)!r}, 'w').close()\n"
+        "            os._exit(1)\n"
+        "        return super().run(k, start, stop)\n"
+        "ray_backend._PartWorker = Dying\n"
+        f"sys.exit(main(['campaign', {str(mlp_checkpoint)!r}, '--layers', 'last', '--n', '{N}',"
+        f" '--part-size', '{PART}', '--out', {str(out)!r}, '--backend', 'ray',"
+        " '--workers', '1', '--quiet']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()  # a worker really died
+    assert "\x1b" not in done.stdout + done.stderr
+    assert "Token authentication" not in done.stderr
+    assert "worker died" not in done.stdout and done.stdout.startswith(f"{N:,} injections in")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import sys
 from collections import Counter, deque
 
 import numpy as np
@@ -16,6 +18,9 @@ from flipsafe.progress import progress_bar
 
 # How often one part may be lost with its worker before the campaign gives up on it.
 MAX_ATTEMPTS = 4
+# Ray's per-run notice that token authentication is on (its default); not news to a user.
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _import_ray():
@@ -68,6 +73,35 @@ class _PartWorker:
         return k, run_part(self.prep, self.faults, self.fields, start, stop)
 
 
+def _ray_output_to_stderr():
+    """Until the returned function is called: no token-authentication notice, and the
+    raylet's messages (e.g. "A worker died ...", printed by Ray's driver thread to stdout
+    with colour codes) go to stderr as plain lines, so stdout holds only results.
+
+    Ray has no switch for the latter (log_to_driver covers worker output only), so its
+    printer is replaced meanwhile; if a Ray version lacks it, nothing changes.
+    """
+    logging.getLogger(_AUTH_LOGGER).setLevel(logging.ERROR)
+    try:
+        from ray._private import worker as ray_worker
+
+        original = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):
+        return lambda: None
+
+    def to_stderr(data, ignore_prefix=False):  # noqa: ARG001 - Ray's signature
+        for line in data.get("lines", []):
+            text = _ANSI.sub("", str(line)).strip()
+            if text:
+                print(f"ray ({data.get('pid', 'worker')}): {text}", file=sys.stderr, flush=True)
+
+    def restore():
+        ray_worker.print_to_stdstream = original
+
+    ray_worker.print_to_stdstream = to_stderr
+    return restore
+
+
 def _connect(ray, address, workers):
     """Initialise Ray unless it already is; returns True when this call started the connection."""
     if ray.is_initialized():
@@ -116,9 +150,11 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
     )
 
     lost_errors = (RayActorError, ObjectLostError, WorkerCrashedError, OutOfMemoryError)
-    started = _connect(ray, address, workers)
+    restore_output = _ray_output_to_stderr()
+    started = False
     actors: list = []
     try:
+        started = _connect(ray, address, workers)
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         n_actors = max(1, min(workers or int(cpus) or 1, len(todo)))
         # More actors than CPUs would leave some pending forever; share the CPUs instead.
@@ -184,3 +220,4 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
                 ray.kill(actor, no_restart=True)
         if started:
             ray.shutdown()
+        restore_output()
