@@ -89,7 +89,7 @@ def _ray_output_to_stderr():
     except (ImportError, AttributeError):
         return lambda: None
 
-    def to_stderr(data, ignore_prefix=False):  # noqa: ARG001 - Ray's signature
+    def to_stderr(data, ignore_prefix=False):  # Ray's signature
         for line in data.get("lines", []):
             text = _ANSI.sub("", str(line)).strip()
             if text:
