@@ -106,8 +106,7 @@ def layer_section(models: Sequence[Results]) -> list:
             "Layers are matched by name across models; each model's classifier layer is called "
             "last, and a text-guided model's backbone layers lose their 'backbone.' prefix."))
     blocks.append(Image("layers", plots.to_png(plots.layer_sdc_figure(models)),
-                        "SDC rate per layer, whiskers: "
-                        f"{fmt_confidence(models[0].by_layer.confidence)} Wilson intervals"))
+                        f"SDC rate per layer; {plots.interval_words(models[0])}"))
     return blocks
 
 
@@ -132,13 +131,10 @@ def bit_section(models: Sequence[Results]) -> list:
         return blocks + [Paragraph(f"The fault model {models[0].plan.fault} does not flip "
                                    "individual bits, so there is no per-bit breakdown.")]
     blocks.append(Image("bits", plots.to_png(plots.bit_curves_figure(models)),
-                        "SDC rate by bit position"))
-    vmax = max(100 * g.sdc.rate for r in models for g in r.by_bit.groups.values())
-    for i, r in enumerate(models):
-        figure = plots.bit_heatmap_figure(r, vmax=max(vmax, 1e-9))
-        blocks.append(Image(f"bits-heatmap-{i}", plots.to_png(figure),
-                            f"SDC rate by layer and bit, {r.name} (one colour scale for all "
-                            "models)"))
+                        f"SDC rate by bit position; {plots.interval_words(models[0])}"))
+    blocks.append(Image("bits-heatmap", plots.to_png(plots.bit_heatmap_figure(models)),
+                        "SDC rate by layer and bit position, one panel per model on one "
+                        "colour scale; grey cells had no injections"))
     blocks += [Table(_field_table(r)) for r in models]
     return blocks
 
@@ -198,7 +194,8 @@ def delta_loss_section(models: Sequence[Results]) -> list:
                   "probabilities (x100). A fault must close that gap to change the class, so "
                   "images with a wide margin should rarely see SDCs."),
         Image("margin", plots.to_png(plots.margin_figure(models)),
-              "SDC rate by golden top2diff"),
+              f"SDC rate by golden top2diff; {plots.interval_words(models[0])} on each bin's "
+              "rate"),
     ]
     return blocks
 
@@ -286,9 +283,18 @@ def model_card_section(models: Sequence[Results]) -> list:
     ]
 
 
+def report_title(models: Sequence[Results]) -> str:
+    """What the report covers, so reports on other campaigns have other titles."""
+    p = models[0].plan
+    layers = {"all": "all layers", "last": "the classifier layer"}.get(
+        p.layers, f"layers matching {p.layers!r}")
+    return (f"flipsafe report: {' vs '.join(r.name for r in models)}, {p.fault} faults in "
+            f"the {p.site} of {layers}, {p.format}, clamp {p.clamp}")
+
+
 def build_blocks(models: Sequence[Results]) -> list:
     return [
-        Heading("flipsafe fault-injection report", 1),
+        Heading(report_title(models), 1),
         *summary_section(models),
         *layer_section(models),
         *bit_section(models),
@@ -314,10 +320,10 @@ th { background: #eee; }
 p.verdict { border-left: 5px solid #111; background: #f2f2f2; padding: .6em .9em;
             font-size: 1.05em; }
 p.warning { border-left: 5px solid #777; background: #fff6e0; padding: .5em .9em; }
-p.tablenote { font-size: 12px; color: #333; margin: .1em 0; }
-figure { margin: 1em 0; }
+p.tablenote { font-size: 14px; color: #111; margin: .15em 0; }
+figure { margin: 1.2em 0; }
 figure img { max-width: 100%; height: auto; }
-figcaption { font-size: 12px; color: #333; }
+figcaption { font-size: 15px; color: #111; margin-top: .3em; }
 """
 
 
@@ -412,8 +418,7 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(models)
     if fmt == "html":
-        title = "flipsafe report: " + " vs ".join(r.name for r in models)
-        out.write_text(render_html(blocks, title), encoding="utf-8")
+        out.write_text(render_html(blocks, report_title(models)), encoding="utf-8")
     else:
         out.write_text(render_markdown(blocks, out), encoding="utf-8")
     return out

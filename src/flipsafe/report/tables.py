@@ -148,7 +148,17 @@ def _matched_group(results: Results, key: str) -> GroupSummary:
 def sentence(v: Verdict, reference: Results, other: Results) -> str:
     """One sentence a manager can read: which model is more resilient, by how much, how sure."""
     r = v.ratio
-    where = "Over all injected layers" if v.group == OVERALL else "In the classifier (last) layer"
+    group = v.group
+    if group == OVERALL and list(reference.matched.groups) == list(other.matched.groups) \
+            and len(reference.matched.groups) == 1:
+        group = next(iter(reference.matched.groups))[0]  # one layer: name it, not "all"
+    if group == OVERALL:
+        where = "Over all injected layers"
+    elif group == LAST:
+        where = "In the classifier (last) layer, the only one injected" if v.group == OVERALL \
+            else "In the classifier (last) layer"
+    else:
+        where = f"In the only injected layer, {group}"
     rates = (f"SDC rate {_rate_words(_matched_group(other, v.group))} for {v.other} against "
              f"{_rate_words(_matched_group(reference, v.group))} for {v.reference}")
     level = fmt_confidence(r.confidence)
