@@ -184,3 +184,28 @@ def test_a_one_layer_comparison_names_its_layer(campaigns, checkpoints, base_pla
     write_campaign(tmp_path / "d", plan, make_rows(last, N_PER_LAYER, 2))
     [sentence] = headline(load_results(tmp_path / "c"), load_results(tmp_path / "d"))
     assert sentence.startswith("In the classifier (last) layer, the only one injected, ")
+
+
+def test_whiskers_are_drawn_over_the_bars_with_a_white_outline(models):
+    from matplotlib.collections import LineCollection
+
+    from flipsafe.report import plots
+
+    ax = plots.layer_sdc_figure(models).axes[0]
+    whiskers = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert len(whiskers) == len(models)
+    top_bar = max(p.get_zorder() for p in ax.patches)
+    for w in whiskers:
+        assert w.get_zorder() > top_bar and w.get_path_effects()
+
+
+def test_heatmap_panels_share_one_bit_axis_whatever_their_label_widths(models):
+    from flipsafe.report import plots
+
+    fig = plots.bit_heatmap_figure(models)
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"][:len(models)]
+    boxes = [ax.get_position() for ax in panels]
+    # cosine's layer names are longer than baseline's; the panels still line up.
+    assert all(abs(b.x0 - boxes[0].x0) < 1e-9 and abs(b.x1 - boxes[0].x1) < 1e-9 for b in boxes)
+    assert [ax.get_ylabel() for ax in panels] == [r.name for r in models]
