@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -236,11 +237,11 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     from flipsafe.data import KINDS
     from flipsafe.formats import names as format_names
 
-    d = CampaignPlan(model="-", model_sha="-", dataset="-", format="fp32")
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(CampaignPlan)})
     p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
     p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)} (default: the model's own)")
     p.add_argument("--site", default=d.site, help=f"what faults corrupt: one of {_one_of(SITES)}")
-    p.add_argument("--format", default=d.format,
+    p.add_argument("--format", default="fp32",
                    help=f"number format the model runs in: one of {_one_of(format_names())}")
     p.add_argument("--fault", default=d.fault, help=f"fault model: one of {_one_of(FAULTS)}")
     p.add_argument("--layers", default=d.layers,
