@@ -116,3 +116,11 @@ def test_part_size_below_one_is_refused(monkeypatch, capsys, size):
         model=model_dir, model_sha="x", dataset="digits", **fields))
     assert main(["plan", "m", "--part-size", size]) == 2
     assert f"part_size must be at least 1, got {size}" in capsys.readouterr().err
+
+
+def test_one_class_is_counted_in_the_singular(tmp_path, capsys):
+    path = tmp_path / "classes.txt"
+    path.write_text("cat\n")
+    assert main(["describe", "--classes", str(path), "--source", "template",
+                 "--out", str(tmp_path / "d.json")]) == 0
+    assert "descriptions for 1 class to" in capsys.readouterr().out

@@ -92,7 +92,9 @@ def cmd_describe(args) -> None:
 def _save_descriptions(tg, descriptions, out) -> None:
     tg.save_descriptions(descriptions, out)
     n = sum(len(v) for v in descriptions.values())
-    print(f"wrote {n} descriptions for {len(descriptions)} classes to {out}")
+    k = len(descriptions)
+    print(f"wrote {n} description{'' if n == 1 else 's'} for {k} class{'' if k == 1 else 'es'} "
+          f"to {out}")
 
 
 def _read_classes(path) -> list[str]:
