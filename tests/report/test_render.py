@@ -208,4 +208,4 @@ def test_heatmap_panels_share_one_bit_axis_whatever_their_label_widths(models):
     boxes = [ax.get_position() for ax in panels]
     # cosine's layer names are longer than baseline's; the panels still line up.
     assert all(abs(b.x0 - boxes[0].x0) < 1e-9 and abs(b.x1 - boxes[0].x1) < 1e-9 for b in boxes)
-    assert [ax.get_ylabel() for ax in panels] == [r.name for r in models]
+    assert [ax.get_title(loc="left") for ax in panels] == [r.name for r in models]

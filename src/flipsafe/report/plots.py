@@ -141,22 +141,29 @@ def bit_heatmap_figure(models: Sequence[Results] | Results, vmax: float | None =
     if vmax is None:
         vmax = max([float(np.nanmax(g)) for _, g, _ in panels if np.isfinite(g).any()] + [1e-9])
     rows = [max(1, len(names)) for _, _, names in panels]
-    fig = Figure(figsize=(10, 1.3 + 0.32 * sum(rows) + 0.55 * len(panels)))
+    # Sizes in inches: 0.32 per layer row, a gap for each panel's title, margins for the
+    # figure title and field names above and the bit axis below.
+    row_in, gap_in, top_in, bottom_in = 0.32, 0.45, 1.05, 0.6
+    height = row_in * sum(rows) + gap_in * (len(panels) - 1) + top_in + bottom_in
+    fig = Figure(figsize=(10, height))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
-                        gridspec_kw={"height_ratios": rows, "hspace": 0.12 + 0.4 / sum(rows)})
+                        gridspec_kw={"height_ratios": rows})
+    fig.subplots_adjust(top=1 - top_in / height, bottom=bottom_in / height,
+                        hspace=gap_in / (row_in * sum(rows) / len(panels)))
     cmap = matplotlib.colormaps[HEATMAP].with_extremes(bad="#d9d9d9")
-    for ax, (r, grid, names) in zip(axes[:, 0], panels):
+    for k, (ax, (r, grid, names)) in enumerate(zip(axes[:, 0], panels)):
         image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax,
                           interpolation="nearest")
         ax.set_yticks(np.arange(len(names)), names)
-        ax.set_ylabel(r.name, fontweight="bold")
-        _mark_fields(ax, fields, heat=True, names=ax is axes[0, 0])
-    fig.align_ylabels(axes[:, 0])
+        # The first panel's title sits above the field names.
+        ax.set_title(r.name, loc="left", fontweight="bold", fontsize="medium",
+                     pad=18 if k == 0 else 4)
+        _mark_fields(ax, fields, heat=True, names=k == 0)
     ticks = list(range(0, width, 4 if width > 16 else 1))
     axes[-1, 0].set_xticks(ticks, [str(t) for t in ticks])
     axes[-1, 0].set_xlabel("bit position (0 = least significant)")
     fig.colorbar(image, ax=list(axes[:, 0]), label="SDC rate (%)", pad=0.01)
-    fig.suptitle("SDC rate by layer and bit", y=1.0)
+    fig.suptitle("SDC rate by layer and bit", y=1 - 0.12 / height, va="top")
     return fig
 
 
