@@ -124,3 +124,19 @@ def test_one_class_is_counted_in_the_singular(tmp_path, capsys):
     assert main(["describe", "--classes", str(path), "--source", "template",
                  "--out", str(tmp_path / "d.json")]) == 0
     assert "descriptions for 1 class to" in capsys.readouterr().out
+
+
+def test_a_resume_with_nothing_left_prints_no_rate(monkeypatch, capsys, tmp_path):
+    from pathlib import Path
+
+    from flipsafe import cli
+    from flipsafe.campaign import runner
+    from flipsafe.campaign.plan import CampaignPlan
+
+    monkeypatch.setattr(runner, "make_plan", lambda model_dir, **fields: CampaignPlan(
+        model=model_dir, model_sha="x", dataset="digits", **fields))
+    monkeypatch.setattr(runner, "run_campaign", lambda plan, out, **kw: runner.CampaignRun(
+        Path(out), 9000, 0, 3, 0.01, 0.0))
+    monkeypatch.setattr(cli, "cmd_summary", lambda args: None)
+    assert main(["campaign", "m", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out == f"9,000 injections in {tmp_path / 'r'} (3 parts kept, 0 run)\n"
