@@ -119,3 +119,27 @@ def test_weights_are_checked_against_the_hash_always(tmp_path):
     (folder / checkpoint.WEIGHTS).write_bytes((tmp_path / "other" / checkpoint.WEIGHTS).read_bytes())
     with pytest.raises(CheckpointError, match="altered"):
         checkpoint.load(folder)
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"embed_dim": 0}, ["config.json", "embed_dim must be a positive integer"]),
+    ({"embed_dim": None}, ["config.json", "embed_dim"]),
+    ({"num_classes": 3}, ["config.json", "head.fc.weight, saved [10, 24], expected [3, 24]"]),
+    ({"head": "linear"}, ["config.json", "missing", "unexpected"]),
+])
+def test_a_tampered_config_is_named_in_one_line(tmp_path, change, needles):
+    model, config = _model("cosine:24", tmp_path)
+    folder = checkpoint.save(model, tmp_path / "ckpt", config)
+    cfg = json.loads((folder / checkpoint.CONFIG).read_text())
+    for key, value in change.items():
+        if value is None:
+            del cfg[key]
+        else:
+            cfg[key] = value
+    (folder / checkpoint.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(folder)
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message

@@ -64,15 +64,24 @@ def make_folder(path, what: str = "output folder") -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; once the body succeeds it is synced to disk
-    and renamed over `path`, and if the body fails it is removed."""
+    and renamed over `path`, and if the body fails it is removed. The file gets the
+    permissions open() would give a new file (0666 less the umask), whatever the
+    writer used (safetensors, for one, creates 0600 files)."""
     path = check_output(path, folder=False)
     make_folder(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flipsafe import atomic
-from flipsafe.errors import CheckpointError, ConfigError
+from flipsafe.errors import CheckpointError, ConfigError, FlipsafeError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -129,15 +129,32 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
             f"{weights} does not match the hash in config.json: the file was altered or "
             "replaced; restore the original or re-train"
         )
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except CheckpointError:
+        raise
+    except (FlipsafeError, KeyError, TypeError, ValueError) as exc:
+        what = f"lacks {exc}" if isinstance(exc, KeyError) else f"describes no buildable model ({exc})"
+        raise CheckpointError(
+            f"{folder / CONFIG} {what}; restore the original config.json or re-train"
+        ) from None
     try:
         state = load_file(str(weights), device=str(map_location))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"cannot read {weights}: {exc}") from None
+    misfit = _state_misfit(model, state)
+    if misfit:
+        raise CheckpointError(
+            f"{weights} does not fit the model that {folder / CONFIG} describes "
+            f"(arch {config['arch']}, head {config.get('head', 'linear')}, "
+            f"{config['num_classes']} classes): {misfit}; restore the matching config.json "
+            "or re-train"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{weights} does not fit the architecture in config.json: {exc}") from None
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{weights} does not load into the model in config.json: {first}") from None
     model.eval()
     return Checkpoint(model=model, config=config, path=folder)
 
@@ -161,6 +178,24 @@ def check_dataset(config: dict, bundle) -> None:
         f"{bundle.spec or 'the dataset'} has {shape(*have)} but the model was trained on "
         f"{shape(*want)}; use the model's own dataset{own}{hint}"
     )
+
+
+def _state_misfit(model: nn.Module, state: dict) -> str:
+    """'' when `state` loads into `model` exactly; else what differs, on one line."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    found = []
+    if missing:
+        found.append(f"{len(missing)} tensor(s) missing (first: {missing[0]})")
+    if unexpected:
+        found.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        found.append(f"{len(reshaped)} of another shape (first: {k}, saved "
+                     f"{list(state[k].shape)}, expected {list(expected[k].shape)})")
+    return ", ".join(found)
 
 
 def load(path, map_location="cpu") -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -11,17 +12,36 @@ from pathlib import Path
 from flipsafe.errors import EnvironmentFailure, FlipsafeError, is_disk_full
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless it has no meaningful default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or default is argparse.SUPPRESS
+                or "default" in text or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
+def _one_of(names) -> str:
+    return ", ".join(str(n) for n in names)
+
+
 def _add_train_recipe(p: argparse.ArgumentParser) -> None:
-    from flipsafe.train import TrainConfig
+    from flipsafe.train import OPTIMIZERS, TrainConfig
 
     d = TrainConfig()
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and data order")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--optimizer", default=d.optimizer, help="sgd or adamw")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help=f"peak learning rate of the {d.schedule} schedule")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training images per step")
+    p.add_argument("--optimizer", default=d.optimizer, help=f"one of {_one_of(OPTIMIZERS)}")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="L2 weight decay of the optimizer")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="label smoothing of the cross-entropy loss, in [0, 1)")
 
 
 def _recipe(args):
@@ -73,21 +93,36 @@ def cmd_describe(args) -> None:
 def _save_descriptions(tg, descriptions, out) -> None:
     tg.save_descriptions(descriptions, out)
     n = sum(len(v) for v in descriptions.values())
-    print(f"wrote {n} descriptions for {len(descriptions)} classes to {out}")
+    k = len(descriptions)
+    print(f"wrote {n} description{'' if n == 1 else 's'} for {k} class{'' if k == 1 else 'es'} "
+          f"to {out}")
 
 
 def _read_classes(path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FlipsafeError(f"class list {path!r} not found; give a text file with one class per line")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FlipsafeError(f"class list {path!r} is not UTF-8 text") from None
     if p.suffix == ".json":
-        classes = json.loads(text)
+        try:
+            classes = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FlipsafeError(f"class list {path!r} is not valid JSON ({exc})") from None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            held = ("a list with non-string items" if isinstance(classes, list) else
+                    "a JSON object" if isinstance(classes, dict) else f"the value {classes!r}")
+            raise FlipsafeError(
+                f"class list {path!r} must be a JSON list of class names (strings), not {held}"
+            )
+        classes = [c.strip() for c in classes if c.strip()]
     else:
         classes = [line.strip() for line in text.splitlines() if line.strip()]
     if not classes:
         raise FlipsafeError(f"class list {path!r} is empty")
-    return [str(c) for c in classes]
+    return classes
 
 
 def cmd_embed(args) -> None:
@@ -141,7 +176,7 @@ def _plan_from_args(args):
     }
     if args.dataset:
         fields["dataset"] = args.dataset
-    if args.part_size:
+    if args.part_size is not None:
         fields["part_size"] = args.part_size
     return make_plan(args.model_dir, **fields)
 
@@ -176,8 +211,9 @@ def cmd_campaign(args) -> None:
     plan = _plan_from_args(args)
     run = run_campaign(plan, args.out, backend=args.backend, address=args.address,
                        show_progress=not args.quiet, workers=args.workers)
+    rate = f", {run.injections_per_s:,.0f} injections/s" if run.ran_parts else ""
     print(f"{run.total:,} injections in {args.out} ({run.kept_parts} parts kept, "
-          f"{run.ran_parts} run, {run.injections_per_s:,.0f} injections/s)")
+          f"{run.ran_parts} run{rate})")
     cmd_summary(argparse.Namespace(results_dir=args.out, vs=[]))
 
 
@@ -214,20 +250,38 @@ def cmd_fit(args) -> None:
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    from flipsafe.campaign.plan import ALLOCATIONS, CLAMPS, FAULTS, IMAGES, SITES, CampaignPlan
+    from flipsafe.data import KINDS
+    from flipsafe.formats import names as format_names
+
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(CampaignPlan)})
     p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
-    p.add_argument("--dataset", help="dataset spec (default: the model's own)")
-    p.add_argument("--site", default="activations", help="activations, weights or metadata")
-    p.add_argument("--format", default="fp32", help="number format the model runs in (fp32, bf16, fp8_e4m3, int8, mxfp8_e4m3, ...)")
-    p.add_argument("--fault", default="bitflip", help="bitflip, bitflip2, burst2, stuck0, stuck1, random, zero")
-    p.add_argument("--layers", default="all", help="all, last, or a regular expression on layer names")
-    p.add_argument("--n", default=None, help="injections per layer, or 'all' (default: from --confidence/--margin)")
-    p.add_argument("--confidence", type=float, default=0.99)
-    p.add_argument("--margin", type=float, default=0.01)
-    p.add_argument("--images", default="correct", help="correct (GoldenEye convention) or all")
-    p.add_argument("--clamp", default="none", help="none, profiled (sign-preserving) or goldeneye")
-    p.add_argument("--allocation", default="proportional", help="split across bit fields: proportional or equal")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--part-size", type=int, default=None, help="rows per stored part")
+    p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)} (default: the model's own)")
+    p.add_argument("--site", default=d.site, help=f"what faults corrupt: one of {_one_of(SITES)}")
+    p.add_argument("--format", default="fp32",
+                   help=f"number format the model runs in: one of {_one_of(format_names())}")
+    p.add_argument("--fault", default=d.fault, help=f"fault model: one of {_one_of(FAULTS)}")
+    p.add_argument("--layers", default=d.layers,
+                   help="all, last, a layer name, a layer type or a regular expression on layer names")
+    p.add_argument("--n", default=None,
+                   help="injections per layer, or 'all' for the whole fault space; overrides "
+                        "--margin (default: sized per layer from --confidence and --margin)")
+    p.add_argument("--confidence", type=float, default=d.confidence,
+                   help="confidence level of the sample size, strictly between 0 and 1")
+    p.add_argument("--margin", type=float, default=d.margin,
+                   help="error margin of each layer's rate at --confidence, strictly between 0 "
+                        "and 1 (ignored when --n is given)")
+    p.add_argument("--images", default=d.images,
+                   help=f"images faults land on: one of {_one_of(IMAGES)} (correct: the ones "
+                        "the model classifies right, the GoldenEye convention)")
+    p.add_argument("--clamp", default=d.clamp,
+                   help=f"activation range clamp: one of {_one_of(CLAMPS)} (profiled is "
+                        "sign-preserving)")
+    p.add_argument("--allocation", default=d.allocation,
+                   help=f"how a layer's injections split across bit fields: one of {_one_of(ALLOCATIONS)}")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the fault draw")
+    p.add_argument("--part-size", type=int, default=None,
+                   help=f"rows per stored part, at least 1 (default: {d.part_size})")
 
 
 def cmd_demo(args) -> None:
@@ -237,78 +291,94 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flipsafe.data import KINDS as DATASET_KINDS
+    from flipsafe.models import ARCHITECTURES
+    from flipsafe.report.render import FORMATS as REPORT_FORMATS
+    from flipsafe.textguided.encoders import ENCODER_SPECS
+    from flipsafe.workflow import BUNDLED_DESCRIPTION_SETS, HEAD_SPECS
+
     parser = argparse.ArgumentParser(
         prog="flipsafe",
         description="Text-guided classifiers and bit-exact fault-injection campaigns.",
+        formatter_class=_HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("describe", help="write class descriptions to a JSON file")
+    def add(name, **kw):
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+
+    p = add("describe", help="write class descriptions to a JSON file")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="digits, cifar10, cifar100 or a dataset spec")
-    src.add_argument("--classes", help="text file with one class name per line (or a JSON list)")
+    src.add_argument("--dataset", help=f"{_one_of(BUNDLED_DESCRIPTION_SETS)} or a dataset spec "
+                                       "whose class names to describe")
+    src.add_argument("--classes", help="text file with one class name per line (or a .json "
+                                       "file holding a JSON list of strings)")
     p.add_argument("--source", default="bundled",
-                   help="bundled (hand-written, digits/cifar10/cifar100), template, file:<path>, llm")
-    p.add_argument("--llm-base-url", help="OpenAI-compatible endpoint (or FLIPSAFE_LLM_BASE_URL)")
-    p.add_argument("--llm-model", help="chat model name (or FLIPSAFE_LLM_MODEL)")
-    p.add_argument("--llm-key", help="API key (or OPENAI_API_KEY)")
+                   help="bundled (hand-written, for "
+                        f"{_one_of(BUNDLED_DESCRIPTION_SETS)}), template, file:<path> or llm")
+    p.add_argument("--llm-base-url", help="OpenAI-compatible endpoint (default: FLIPSAFE_LLM_BASE_URL)")
+    p.add_argument("--llm-model", help="chat model name (default: FLIPSAFE_LLM_MODEL)")
+    p.add_argument("--llm-key", help="API key (default: OPENAI_API_KEY)")
     p.add_argument("--llm-cache", default="llm-cache.json", help="answers cache, reused offline")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="descriptions JSON file to write")
     p.set_defaults(func=cmd_describe)
 
-    p = sub.add_parser("embed", help="encode descriptions into normalised class embeddings")
-    p.add_argument("--descriptions", required=True)
-    p.add_argument("--encoder", default="minilm", help="minilm, clip:<name-or-path>, st:<name-or-path>, file:<path>")
-    p.add_argument("--out", required=True)
+    p = add("embed", help="encode descriptions into normalised class embeddings")
+    p.add_argument("--descriptions", required=True,
+                   help="descriptions JSON file made by `flipsafe describe`")
+    p.add_argument("--encoder", default="minilm", help=f"text encoder: {_one_of(ENCODER_SPECS)}")
+    p.add_argument("--out", required=True, help="class embeddings file to write (.safetensors)")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("train", help="train a baseline or text-guided classifier")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--arch", default="resnet20")
-    p.add_argument("--head", default="linear", help="linear, cosine, text:minilm or text:<classes.safetensors>")
+    p = add("train", help="train a baseline or text-guided classifier")
+    p.add_argument("--dataset", default="digits", help=f"dataset spec: {_one_of(DATASET_KINDS)}")
+    p.add_argument("--arch", default="resnet20",
+                   help=f"backbone: one of {_one_of(ARCHITECTURES)}, or torchvision:<name> / "
+                        "timm:<name> with the vision extra")
+    p.add_argument("--head", default="linear", help=f"classifier head: {_one_of(HEAD_SPECS)}")
     p.add_argument("--freeze-head", action="store_true", help="keep the head's class vectors fixed")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--force", action="store_true",
                    help="replace a checkpoint already in --out (campaigns run on it no longer resume)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     _add_train_recipe(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="print a checkpoint's test accuracy")
-    p.add_argument("model_dir")
+    p = add("evaluate", help="print a checkpoint's test accuracy")
+    p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
     p.add_argument("--dataset", help="dataset spec (default: the one it was trained on)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("plan", help="print a campaign's strata, injections and estimated time")
+    p = add("plan", help="print a campaign's strata, injections and estimated time")
     _add_plan_flags(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("campaign", help="run (or resume) a fault-injection campaign")
+    p = add("campaign", help="run (or resume) a fault-injection campaign")
     _add_plan_flags(p)
-    p.add_argument("--backend", default="local", help="local or ray")
+    p.add_argument("--backend", default="local", help="where parts run: local or ray")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per CPU)")
     p.add_argument("--out", required=True, help="results folder (re-run the same command to resume)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_campaign)
 
-    p = sub.add_parser("summary", help="per-layer SDC/DUE rates with intervals")
-    p.add_argument("results_dir")
+    p = add("summary", help="per-layer SDC/DUE rates with intervals")
+    p.add_argument("results_dir", help="results folder made by `flipsafe campaign`")
     p.add_argument("--vs", nargs="+", action="extend", default=[],
                    help="results folders of other models run with the same plan")
     p.add_argument("--json", action="store_true",
                    help="print the same figures as one JSON object (null where undefined)")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("report", help="write an HTML (or Markdown) report")
-    p.add_argument("results_dir")
+    p = add("report", help="write an HTML (or Markdown) report")
+    p.add_argument("results_dir", help="results folder made by `flipsafe campaign`")
     p.add_argument("--vs", nargs="+", action="extend", default=[],
                    help="results folders of other models run with the same plan")
-    p.add_argument("--out", default="report.html")
-    p.add_argument("--format", default="html", help="html or md")
+    p.add_argument("--out", default="report.html", help="report file to write")
+    p.add_argument("--format", default="html", help=f"one of {_one_of(REPORT_FORMATS)}")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("fit", help="failure rates in FIT and ISO 26262 verdicts from campaigns")
+    p = add("fit", help="failure rates in FIT and ISO 26262 verdicts from campaigns")
     p.add_argument("results_dirs", nargs="+", metavar="RESULTS",
                    help="campaign results folders; those of one model are summed")
     # Rates are parsed (with units) and checked by flipsafe.safety, so a bad one is one line.
@@ -328,9 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("demo", help="offline end-to-end demo on digits")
+    p = add("demo", help="offline end-to-end demo on digits")
     p.add_argument("--quick", action="store_true", help="fewer epochs and injections")
-    p.add_argument("--out", default="flipsafe-demo")
+    p.add_argument("--out", default="flipsafe-demo", help="folder for the demo's models, "
+                                                          "campaigns and reports")
     p.add_argument("--threads", type=int, default=4,
                    help="CPU threads for torch (default 4); training results depend on it")
     p.set_defaults(func=cmd_demo)

@@ -147,14 +147,23 @@ def _run_demo(out: Path, quick: bool, console: Console) -> dict:
         print(summary_table(results[0], vs=results[1:]), flush=True)
     injected = time.perf_counter()
 
-    report = write_report(campaigns["last-layer"], out / "report.html", names=list(models))
-    write_report(campaigns["all-layers"], out / "report-all-layers.html", names=list(models))
+    # One report per campaign: a report compares models under a single plan.
+    reports = {c.name: write_report(campaigns[c.name], out / report_name(c.name),
+                                    names=list(models))
+               for c in demo_campaigns(quick)}
     console.print(
         f"training {trained - started:.0f} s, campaigns {injected - trained:.0f} s, "
         f"total {time.perf_counter() - started:.0f} s"
     )
-    console.print(f"report: {report}")
-    return {"models": models, "campaigns": campaigns, "report": report}
+    for name, path in reports.items():
+        console.print(f"report ({name}): {path}", highlight=False)
+    return {"models": models, "campaigns": campaigns, "report": reports["last-layer"],
+            "reports": reports}
+
+
+def report_name(campaign: str) -> str:
+    """The demo's report file for a campaign: report.html for the last layer, as before."""
+    return "report.html" if campaign == "last-layer" else f"report-{campaign}.html"
 
 
 def _print_accuracies(console: Console, models: dict, config: TrainConfig, threads: int) -> None:

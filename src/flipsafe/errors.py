@@ -49,6 +49,11 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs optional extra `extra` without replacing the pinned torch."""
+    return f"pip install -c constraints.txt 'flipsafe[{extra}]' (in the flipsafe source folder)"
+
+
 def unknown(kind: str, name: str, choices) -> UnknownNameError:
     """Build an UnknownNameError that lists the valid choices."""
     listed = ", ".join(sorted(str(c) for c in choices))

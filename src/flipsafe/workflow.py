@@ -13,6 +13,7 @@ from flipsafe.errors import CheckpointError, ConfigError, DataError
 from flipsafe.train import TrainConfig, TrainResult, train
 
 BUNDLED_DESCRIPTION_SETS = ("digits", "cifar10", "cifar100")
+HEAD_SPECS = ("linear", "cosine", "cosine:<width>", "text:minilm", "text:<classes.safetensors>")
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class HeadSpec:
         if spec == "text":
             return cls("text", "minilm")
         raise ConfigError(
-            f"unknown head {spec!r}; choose linear, cosine, cosine:<width>, text:minilm or "
-            "text:<classes.safetensors> (made by `flipsafe embed`)"
+            f"unknown head {spec!r}; choose {', '.join(HEAD_SPECS)} (the last made by "
+            "`flipsafe embed`)"
         )
 
 

@@ -165,7 +165,7 @@ def test_worker_error_reaches_the_driver_as_itself(plan, ray_instance, tmp_path,
 
 def test_missing_ray_says_how_to_install(plan, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
-    with pytest.raises(FlipsafeError, match=r"pip install 'flipsafe\[ray\]'"):
+    with pytest.raises(FlipsafeError, match=r"pip install -c constraints.txt 'flipsafe\[ray\]'"):
         run_campaign(plan, tmp_path / "r", backend="ray", show_progress=False)
 
 
@@ -218,3 +218,46 @@ def test_workers_use_the_drivers_ranges(mlp_checkpoint, ray_instance, tmp_path):
     _assert_same_rows(_rows(tmp_path / "ray"), _rows(tmp_path / "local"))
     with pytest.raises(AssertionError):
         _assert_same_rows(_rows(tmp_path / "profiled"), _rows(tmp_path / "local"))
+
+
+def test_raylet_messages_go_to_stderr_without_colour_codes(capsys):
+    from ray._private import worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    restore = ray_backend._ray_output_to_stderr()
+    try:
+        # What Ray's error listener thread calls when a worker dies.
+        ray_worker.print_to_stdstream({"lines": ["\x1b[33m(raylet)\x1b[0m A worker died"],
+                                       "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        restore()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "ray (raylet): (raylet) A worker died\n"
+    assert ray_worker.print_to_stdstream is original
+
+
+def test_a_cli_run_whose_worker_dies_prints_no_ray_noise(mlp_checkpoint, tmp_path):
+    marker, out = tmp_path / "died", tmp_path / "r"
+    script = (
+        "import os, sys\n"
+        "from flipsafe.campaign import ray_backend\n"
+        "from flipsafe.cli import main\n"
+        "class Dying(ray_backend._PartWorker):\n"
+        "    def run(self, k, start, stop):\n"
+        f"        if k == 1 and not os.path.exists({str(marker)!r}):\n"
+        f"            open({str(marker)!r}, 'w').close()\n"
+        "            os._exit(1)\n"
+        "        return super().run(k, start, stop)\n"
+        "ray_backend._PartWorker = Dying\n"
+        f"sys.exit(main(['campaign', {str(mlp_checkpoint)!r}, '--layers', 'last', '--n', '{N}',"
+        f" '--part-size', '{PART}', '--out', {str(out)!r}, '--backend', 'ray',"
+        " '--workers', '1', '--quiet']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()  # a worker really died
+    assert "\x1b" not in done.stdout + done.stderr
+    assert "Token authentication" not in done.stderr
+    assert "worker died" not in done.stdout and done.stdout.startswith(f"{N:,} injections in")

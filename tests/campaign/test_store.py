@@ -127,6 +127,23 @@ def test_parts_without_plan_are_refused(tmp_path):
         ResultsStore(tmp_path).create_or_resume(_plan(), 7)
 
 
+def test_a_lost_plan_is_restored_from_the_same_plan_and_nothing_is_deleted(store):
+    store.write_part(0, _table([0, 1, 2]))
+    (store.out_dir / "plan.json").unlink()
+    with pytest.raises(CampaignError, match="rerun its `flipsafe campaign` command"):
+        ResultsStore(store.out_dir).open()
+    for other, rows in ((_plan(seed=2), 7), (_plan(), 8)):
+        with pytest.raises(CampaignError, match="original settings.*nothing there is deleted") as info:
+            ResultsStore(store.out_dir).create_or_resume(other, rows)
+        assert "remove" not in str(info.value)
+    assert not (store.out_dir / "plan.json").exists()
+    again = ResultsStore(store.out_dir)
+    assert again.create_or_resume(_plan(), 7) is True
+    assert CampaignPlan.from_json((store.out_dir / "plan.json").read_text()) == _plan()
+    assert again.missing_parts() == [1, 2]
+    assert again.read()["fault_id"].to_pylist() == [0, 1, 2]
+
+
 def test_write_part_checks_rows(store):
     with pytest.raises(CampaignError, match="must have 3 rows, got 2"):
         store.write_part(0, _table([0, 1]))

@@ -103,6 +103,13 @@ def test_folder_without_class_folders(tmp_path):
         load(f"imagefolder:{tmp_path}")
 
 
+def test_folder_with_one_class_is_refused_as_such(tmp_path):
+    for i in range(4):
+        write(tmp_path / "red", f"{i}.png", RED)
+    with pytest.raises(DataError, match=r"has one class sub-folder \(red\); .*at least two"):
+        load(f"imagefolder:{tmp_path}")
+
+
 def test_class_folders_without_images(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

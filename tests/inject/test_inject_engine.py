@@ -196,8 +196,10 @@ def test_bad_requests_raise_flipsafe_errors_listing_choices():
     model = TinyNet()
     x, y = data(2)
     engine = Engine(model, "fp32", input_shape=(3, 8, 8))
-    with pytest.raises(InjectionError, match="conv1, bn1"):
+    with pytest.raises(InjectionError, match="no layer with an output site matches .*conv1, bn1"):
         engine.layers("activations", "nothing_like_this")
+    with pytest.raises(InjectionError, match="no layer with a weight site matches"):
+        engine.layers("weights", "nothing_like_this")
     with pytest.raises(UnknownNameError, match="activations"):
         engine.layers("gradients")
     with pytest.raises(UnknownNameError, match="conv1"):

@@ -104,7 +104,7 @@ def test_missing_library_says_how_to_install(monkeypatch, library):
     # None in sys.modules makes `import library` fail even where it is installed.
     monkeypatch.setitem(sys.modules, library, None)
     monkeypatch.setitem(sys.modules, f"{library}.models", None)
-    with pytest.raises(FlipsafeError, match=r"pip install 'flipsafe\[vision\]'"):
+    with pytest.raises(FlipsafeError, match=r"pip install -c constraints.txt 'flipsafe\[vision\]'"):
         build(f"{library}:resnet18", 10)
 
 

@@ -107,9 +107,21 @@ class ReportParser(HTMLParser):
 
 
 def text_cells(block: str) -> list[list[str]]:
-    rows = [re.split(r" {2,}", line.strip()) for line in block.splitlines()[1:]
-            if not set(line) <= {"-", " "}]
-    return [row for row in rows if len(row) > 1]
+    """The header and rows of a text table, its column groups (one below the other, each
+    with its own header over a dashed line, all starting with the key column) joined."""
+    lines = block.splitlines()[1:]
+    dashes = [i for i, line in enumerate(lines) if line.strip() and set(line) <= {"-", " "}]
+    merged = []
+    for g, at in enumerate(dashes):
+        end = dashes[g + 1] - 1 if g + 1 < len(dashes) else len(lines)
+        rows = [re.split(r" {2,}", line.strip()) for line in [lines[at - 1], *lines[at + 1:end]]]
+        rows = [row for row in rows if len(row) > 1]
+        if g == 0:
+            merged = rows
+        else:
+            assert [row[0] for row in rows] == [row[0] for row in merged[:len(rows)]]
+            merged = [a + b[1:] for a, b in zip(merged, rows)] + merged[len(rows):]
+    return merged
 
 
 def hand_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:

@@ -26,7 +26,7 @@ def test_report_of_a_real_campaign(real_campaigns, tmp_path):
     dirs = [real_campaigns / "baseline", real_campaigns / "cosine"]
     doc = parse(write_report(dirs, tmp_path / "report.html"))
     assert doc.stack == [] and doc.mismatched == [] and doc.external == []
-    assert len(doc.images) == 7
+    assert len(doc.images) == 6  # layers, bit curves, heatmaps (one panel per model), delta loss, margin, calibration
     for src in doc.images:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
 

@@ -35,7 +35,7 @@ def test_html_is_self_contained_with_decodable_png_images(html_report):
     _, doc = html_report
     assert doc.stack == [] and doc.mismatched == []
     assert doc.external == []
-    assert len(doc.images) == 7  # layers, bit curves, 2 heatmaps, delta loss, margin, calibration
+    assert len(doc.images) == 6  # layers, bit curves, heatmaps (a panel per model), ΔLoss, margin, calibration
     for src in doc.images:
         assert src.startswith("data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1], validate=True)
@@ -102,7 +102,7 @@ def test_markdown_writes_png_files_beside_it_under_the_given_names(models, tmp_p
     out = write_report(models, tmp_path / "r" / "report.md", fmt="md", names=names)
     text = out.read_text(encoding="utf-8")
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(linked) == 7
+    assert len(linked) == 6
     assert sorted(p.name for p in out.parent.glob("*.png")) == sorted(linked)
     for name in linked:
         assert name.startswith("report-")
@@ -172,3 +172,68 @@ def test_failed_write_leaves_the_previous_report_intact(campaigns, tmp_path, mon
     assert "unchanged" in err[0]
     assert out.read_bytes() == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temp file left
+
+
+def test_reports_on_other_campaigns_have_other_titles(models, tmp_path):
+    base, cos = models
+    every = write_report(models, tmp_path / "all.html")
+    last_plan = replace(base.plan, layers="last", clamp="profiled")
+    last = write_report([replace(base, plan=last_plan), replace(cos, plan=last_plan)],
+                        tmp_path / "last.html")
+    titles = [re.search(r"<title>(.*?)</title>", p.read_text(encoding="utf-8")).group(1)
+              for p in (every, last)]
+    assert titles[0] != titles[1]
+    assert "baseline vs cosine" in titles[0] and "all layers" in titles[0]
+    assert "the classifier layer" in titles[1] and "clamp profiled" in titles[1]
+    assert parse(last).headings[0] == titles[1].replace("&#x27;", "'")
+
+
+def test_figure_captions_say_what_the_whiskers_are(html_report):
+    html_text = html_report[0].read_text(encoding="utf-8")
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", html_text)
+    margin = next(c for c in captions if "top2diff" in c)
+    assert "whiskers: 99% Wilson interval" in margin
+    assert "whiskers: 99% Wilson interval" in next(c for c in captions if "per layer" in c)
+    size = re.search(r"figcaption \{ font-size: (\d+)px; color: #(\w+)", html_text)
+    assert int(size.group(1)) >= 14 and size.group(2) == "111"  # readable, not small grey
+
+
+def test_a_one_layer_comparison_names_its_layer(campaigns, checkpoints, base_plan, tmp_path):
+    one = {"features.1": BASELINE_LAYERS["features.1"]}
+    plan = replace(base_plan, layers="features.1")
+    write_campaign(tmp_path / "a", plan, make_rows(one, N_PER_LAYER, 1))
+    write_campaign(tmp_path / "b", plan, make_rows(one, N_PER_LAYER, 2))
+    [sentence] = headline(load_results(tmp_path / "a"), load_results(tmp_path / "b"))
+    assert sentence.startswith("In the only injected layer, features.1, ")
+    assert "all injected layers" not in sentence
+    last = {"fc": BASELINE_LAYERS["fc"]}
+    plan = replace(base_plan, layers="last")
+    write_campaign(tmp_path / "c", plan, make_rows(last, N_PER_LAYER, 1))
+    write_campaign(tmp_path / "d", plan, make_rows(last, N_PER_LAYER, 2))
+    [sentence] = headline(load_results(tmp_path / "c"), load_results(tmp_path / "d"))
+    assert sentence.startswith("In the classifier (last) layer, the only one injected, ")
+
+
+def test_whiskers_are_drawn_over_the_bars_with_a_white_outline(models):
+    from matplotlib.collections import LineCollection
+
+    from flipsafe.report import plots
+
+    ax = plots.layer_sdc_figure(models).axes[0]
+    whiskers = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert len(whiskers) == len(models)
+    top_bar = max(p.get_zorder() for p in ax.patches)
+    for w in whiskers:
+        assert w.get_zorder() > top_bar and w.get_path_effects()
+
+
+def test_heatmap_panels_share_one_bit_axis_whatever_their_label_widths(models):
+    from flipsafe.report import plots
+
+    fig = plots.bit_heatmap_figure(models)
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"][:len(models)]
+    boxes = [ax.get_position() for ax in panels]
+    # cosine's layer names are longer than baseline's; the panels still line up.
+    assert all(abs(b.x0 - boxes[0].x0) < 1e-9 and abs(b.x1 - boxes[0].x1) < 1e-9 for b in boxes)
+    assert [ax.get_title(loc="left") for ax in panels] == [r.name for r in models]

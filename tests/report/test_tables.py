@@ -8,6 +8,7 @@ from report_helpers import Z99, katz, stratified, text_cells
 from report_rows import BASELINE_LAYERS, COSINE_LAYERS, N_PER_LAYER, make_rows, strata_of
 
 from flipsafe.report import (
+    TextTable,
     fmt_factor,
     fmt_interval,
     fmt_rate,
@@ -163,3 +164,24 @@ def test_classifier_layer_is_marked(models):
     base, cos = models
     assert "fc (last)" in summary_table(base)
     assert "head.fc (last)" in summary_table(cos)
+
+
+def test_wide_text_tables_are_cut_into_column_groups_within_80_columns(models):
+    base, cos = models
+    for table in summary_tables(base, [cos]):
+        lines = table.render_text().splitlines()
+        assert max(len(line) for line in lines[1:len(lines) - len(table.notes)]) <= 80
+    # By hand: key column 10 wide, four 20-wide columns; 10+2+20+2+20+2+20 = 76 fits,
+    # the fourth does not and starts a second group with the key column again.
+    table = TextTable("T", ["k" * 10, *(c * 20 for c in "abcd")],
+                      [["r" * 10, *(c * 20 for c in "ABCD")]])
+    assert table.render_text().splitlines() == [
+        "T",
+        f"{'k' * 10}  {'a' * 20}  {'b' * 20}  {'c' * 20}",
+        "  ".join(["-" * 10] + ["-" * 20] * 3),
+        f"{'r' * 10}  {'A' * 20}  {'B' * 20}  {'C' * 20}",
+        f"{'k' * 10}  {'d' * 20}",
+        f"{'-' * 10}  {'-' * 20}",
+        f"{'r' * 10}  {'D' * 20}",
+    ]
+    assert len(table.render_text(width=200).splitlines()) == 4

@@ -169,9 +169,15 @@ def _tiny_clip(tmp_path):
     return model, tokenizer
 
 
-def test_clip_encoder_from_a_saved_tiny_model(tmp_path):
+def test_clip_encoder_from_a_saved_tiny_model(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
     model, tokenizer = _tiny_clip(tmp_path)
+    capfd.readouterr()
+    bars_on = hf_logging.is_progress_bar_enabled()
     enc = get_encoder(f"clip:{tmp_path / 'clip'}")
+    assert "Loading weights" not in capfd.readouterr().err  # transformers' own bar is off
+    assert hf_logging.is_progress_bar_enabled() == bars_on  # ... and restored after
     assert enc.spec == f"clip:{tmp_path / 'clip'}" and enc.dim == 8
     texts = ["a cat", "a very long description of a dog", "ship"]
     out = enc.encode(texts)
@@ -190,5 +196,15 @@ def test_clip_encoder_from_a_saved_tiny_model(tmp_path):
 
 def test_clip_without_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ConfigError, match=r"pip install 'flipsafe\[clip\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -c constraints.txt 'flipsafe\[clip\]'"):
         get_encoder("clip:openai/clip-vit-base-patch32")
+
+
+def test_loading_minilm_prints_nothing():
+    # A fresh process: the session's MiniLM is already loaded here.
+    import subprocess
+
+    code = "from flipsafe.textguided import get_encoder; get_encoder('minilm')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout == "" and proc.stderr == ""

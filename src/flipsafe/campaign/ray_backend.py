@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
+import sys
 from collections import Counter, deque
 
 import numpy as np
 
 from flipsafe.campaign.plan import CampaignPlan
 from flipsafe.campaign.store import ResultsStore
-from flipsafe.errors import CampaignError, ConfigError, FlipsafeError
+from flipsafe.errors import CampaignError, ConfigError, FlipsafeError, install_hint
 from flipsafe.progress import progress_bar
 
 # How often one part may be lost with its worker before the campaign gives up on it.
@@ -24,6 +26,9 @@ CONNECT_TIMEOUT_S = 5.0
 # client server behind ray://) answers with a SETTINGS frame of its own.
 _HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _SETTINGS = 0x04
+# Ray's per-run notice that token authentication is on (its default); not news to a user.
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _import_ray():
@@ -31,8 +36,8 @@ def _import_ray():
         import ray
     except ImportError:
         raise ConfigError(
-            "the ray backend needs Ray, which is not installed; run "
-            "pip install 'flipsafe[ray]' or use --backend local"
+            f"the ray backend needs Ray, which is not installed; run {install_hint('ray')} "
+            "or use --backend local"
         ) from None
     return ray
 
@@ -116,6 +121,35 @@ def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         )
 
 
+def _ray_output_to_stderr():
+    """Until the returned function is called: no token-authentication notice, and the
+    raylet's messages (e.g. "A worker died ...", printed by Ray's driver thread to stdout
+    with colour codes) go to stderr as plain lines, so stdout holds only results.
+
+    Ray has no switch for the latter (log_to_driver covers worker output only), so its
+    printer is replaced meanwhile; if a Ray version lacks it, nothing changes.
+    """
+    logging.getLogger(_AUTH_LOGGER).setLevel(logging.ERROR)
+    try:
+        from ray._private import worker as ray_worker
+
+        original = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):
+        return lambda: None
+
+    def to_stderr(data, ignore_prefix=False):  # Ray's signature
+        for line in data.get("lines", []):
+            text = _ANSI.sub("", str(line)).strip()
+            if text:
+                print(f"ray ({data.get('pid', 'worker')}): {text}", file=sys.stderr, flush=True)
+
+    def restore():
+        ray_worker.print_to_stdstream = original
+
+    ray_worker.print_to_stdstream = to_stderr
+    return restore
+
+
 def _connect(ray, address, workers):
     """Initialise Ray unless it already is; returns True when this call started the connection."""
     if ray.is_initialized():
@@ -166,9 +200,11 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
     )
 
     lost_errors = (RayActorError, ObjectLostError, WorkerCrashedError, OutOfMemoryError)
-    started = _connect(ray, address, workers)
+    restore_output = _ray_output_to_stderr()
+    started = False
     actors: list = []
     try:
+        started = _connect(ray, address, workers)
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         n_actors = max(1, min(workers or int(cpus) or 1, len(todo)))
         # More actors than CPUs would leave some pending forever; share the CPUs instead.
@@ -226,8 +262,7 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
                 store.write_part(part, table)
                 done += table.num_rows
                 sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))
-                bar.advance(table.num_rows,
-                            info=f"{bar.rate:,.0f} inj/s  SDC {100 * sdc / done:.2f}%")
+                bar.advance(table.num_rows, info=f"SDC {100 * sdc / done:.2f}%")
     finally:
         # Stops work still queued on a Ray that outlives this call (reused or a cluster).
         for actor in actors:
@@ -235,3 +270,4 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
                 ray.kill(actor, no_restart=True)
         if started:
             ray.shutdown()
+        restore_output()

@@ -387,7 +387,7 @@ def _run_parts_locally(prep, faults, fields, store, todo, show_progress) -> None
             store.write_part(k, table)
             done += table.num_rows
             sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))
-            bar.advance(table.num_rows, info=f"{bar.rate:,.0f} inj/s  SDC {100 * sdc / done:.2f}%")
+            bar.advance(table.num_rows, info=f"SDC {100 * sdc / done:.2f}%")
 
 
 def estimate_seconds(prep: Prepared, sample: int = 64) -> float:

@@ -150,7 +150,7 @@ class ResultsStore:
             return CampaignPlan.from_json(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, CampaignError, ValueError) as exc:
             raise CampaignError(
-                f"{path} cannot be used ({exc}); choose another --out or remove that folder"
+                f"{path} cannot be used ({exc}); choose another --out (the results there are kept)"
             ) from None
 
     def _read_manifest(self) -> dict | None:
@@ -167,7 +167,7 @@ class ResultsStore:
             and isinstance(manifest.get("fingerprint"), str)
         ):
             raise CampaignError(
-                f"{path} is damaged ({manifest}); choose another --out or remove that folder"
+                f"{path} is damaged ({manifest}); choose another --out (the results there are kept)"
             )
         return manifest
 
@@ -253,9 +253,18 @@ class ResultsStore:
                 self._remove_stale_temps()
             return True
         if self.parts_dir.exists() and any(self.parts_dir.iterdir()):
+            # plan.json is gone but manifest.json holds the fingerprint: the same plan
+            # proves the parts are its own, so plan.json is restored and the run resumes.
+            manifest = self._read_manifest()
+            if (manifest is not None and manifest["fingerprint"] == plan.fingerprint()
+                    and manifest["total_rows"] == total_rows):
+                atomic.write_text(plan_path, plan.to_json())
+                return self.create_or_resume(plan, total_rows)
             raise CampaignError(
-                f"{self.parts_dir} has files but {plan_path} is missing, so they cannot be "
-                "checked; choose another --out or remove that folder"
+                f"{self.parts_dir} has files but {plan_path} is missing and "
+                f"{MANIFEST_FILE} does not match this plan, so they cannot be checked; rerun "
+                "with the campaign's original settings to restore plan.json, or choose "
+                "another --out (nothing there is deleted)"
             )
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         # The manifest goes first: plan.json is what marks the folder as a campaign.
@@ -267,6 +276,11 @@ class ResultsStore:
     def open(self) -> CampaignPlan:
         """Open an existing campaign folder for reading, without a plan to compare against."""
         if not (self.out_dir / PLAN_FILE).exists():
+            if (self.out_dir / MANIFEST_FILE).exists():
+                raise CampaignError(
+                    f"{self.out_dir} has no {PLAN_FILE}; rerun its `flipsafe campaign` command "
+                    f"with the original settings to restore it (checked against {MANIFEST_FILE})"
+                )
             raise CampaignError(
                 f"{self.out_dir} has no {PLAN_FILE}; point at a folder a campaign wrote"
             )

@@ -35,6 +35,11 @@ def _class_names(folder: Path) -> list[str]:
         raise DataError(
             f"no class sub-folders in '{folder}'; expected {folder}/<class name>/<images>"
         )
+    if len(classes) == 1:
+        raise DataError(
+            f"'{folder}' has one class sub-folder ({classes[0]}); a classifier needs at least "
+            f"two classes, so add a sub-folder per class"
+        )
     return classes
 
 

@@ -193,8 +193,10 @@ def draw(fault_model: str, fmt, n: int, field=None, generator: torch.Generator |
     width = len(allowed)
     if model.k > width:
         raise ConfigError(
-            f"{model.name} needs {model.k} bits but only {width} are allowed in {fmt.name}"
-            f"{' metadata' if meta else ''} (field {field!r}); choose at most {width} bits")
+            f"{model.name} needs {model.k} bits but only {width} "
+            f"{'is' if width == 1 else 'are'} allowed in {fmt.name}"
+            f"{' metadata' if meta else ''} (field {field!r}); choose at most {width} "
+            f"bit{'' if width == 1 else 's'}")
     one = torch.ones((), dtype=torch.int64)
     if top_bits is not None:
         tops = _tops(model, allowed, top_bits)

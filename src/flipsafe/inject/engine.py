@@ -108,6 +108,11 @@ class Exhaustive:
                 self.outcomes.flatten())
 
 
+def _a(word: str) -> str:
+    """`word` with its indefinite article: "an output", "a weight"."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 def _as_batches(data) -> Iterable[torch.Tensor]:
     if isinstance(data, torch.Tensor):
         yield data
@@ -368,7 +373,7 @@ class Engine:
             raise InjectionError(f"layer {select!r} has no {site} site: {self._why(select, param)}"
                                  f"; layers with one: {', '.join(cands) or 'none'}")
         if not cands:
-            raise InjectionError(f"the model has no layer with a {param} site")
+            raise InjectionError(f"the model has no layer with {_a(param)} site")
         if select == "all":
             chosen = [n for n in cands if param not in ("output", "meta")
                       or self.kinds[n] in EMULATED]
@@ -393,7 +398,7 @@ class Engine:
         if not chosen:
             types = sorted({type(self.leaves[n]).__name__ for n in cands})
             raise InjectionError(
-                f"no layer with a {param} site matches {select!r}; layers: {', '.join(cands)}"
+                f"no layer with {_a(param)} site matches {select!r}; layers: {', '.join(cands)}"
                 f" (types: {', '.join(types)}; or 'all', 'last')")
         return [self._info(n, param) for n in chosen]
 

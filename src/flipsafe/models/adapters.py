@@ -7,9 +7,9 @@ import importlib
 
 from torch import nn
 
-from flipsafe.errors import FlipsafeError, UnknownNameError
+from flipsafe.errors import FlipsafeError, UnknownNameError, install_hint
 
-INSTALL_HINT = "pip install 'flipsafe[vision]'"
+INSTALL_HINT = install_hint("vision")
 
 
 def _import(module: str, package: str):

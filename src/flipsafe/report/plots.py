@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import matplotlib
+import matplotlib.patheffects as path_effects
 import numpy as np
 import pyarrow.compute as pc
 from matplotlib.figure import Figure
@@ -41,6 +42,22 @@ def to_png(fig: Figure) -> bytes:
 
 def _pct(x) -> np.ndarray:
     return 100.0 * np.asarray(x, dtype=np.float64)
+
+
+# Whiskers get a white outline so they stay visible over a bar of any colour.
+_HALO = [path_effects.Stroke(linewidth=3.2, foreground="white"), path_effects.Normal()]
+
+
+def _whiskers(ax, x, y, xerr=None, yerr=None) -> None:
+    """Black interval whiskers with caps, outlined in white and drawn above everything."""
+    bars = ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="black", elinewidth=1.2,
+                       capsize=3, capthick=1.2, zorder=5)
+    for artist in (*bars.lines[1], *bars.lines[2]):
+        artist.set_path_effects(_HALO)
+
+
+def interval_words(results: Results) -> str:
+    return f"whiskers: {100 * results.by_layer.confidence:g}% Wilson interval"
 
 
 def _errors(groups) -> tuple[np.ndarray, np.ndarray]:
@@ -79,14 +96,13 @@ def layer_sdc_figure(models: Sequence[Results]) -> Figure:
         groups = [r.matched.groups[(layers[j],)] for j in present]
         rate, err = _errors(groups)
         s = style(i)
-        ax.barh(y[present] - 0.4 + height * (i + 0.5), rate, height=height, xerr=err,
-                color=s["color"], hatch=s["hatch"], edgecolor="black", linewidth=0.6,
-                error_kw={"ecolor": "black", "capsize": 2, "elinewidth": 0.9},
-                label=r.name)
+        at = y[present] - 0.4 + height * (i + 0.5)
+        ax.barh(at, rate, height=height, color=s["color"], hatch=s["hatch"],
+                edgecolor="black", linewidth=0.6, label=r.name)
+        _whiskers(ax, rate, at, xerr=err)
     ax.set_yticks(y, [_layer_label(name, models) for name in layers])
     ax.invert_yaxis()
-    ax.set_xlabel("SDC rate (%), whiskers: "
-                  f"{100 * models[0].by_layer.confidence:g}% Wilson interval")
+    ax.set_xlabel(f"SDC rate (%), {interval_words(models[0])}")
     ax.set_xlim(left=0)
     ax.grid(axis="x", color="#dddddd")
     ax.set_axisbelow(True)
@@ -104,39 +120,62 @@ def _layer_label(match: str, models: Sequence[Results]) -> str:
     return f"{having[0].real_name(match)} ({', '.join(r.name for r in having)} only)"
 
 
-def bit_heatmap_figure(results: Results, vmax: float | None = None) -> Figure:
-    """SDC rate (%) by layer and bit position for one model; grey cells had no injections.
-
-    Give every model the same vmax (in %) so equal colours mean equal rates across models.
-    """
-    width, fields = format_bits(results)
-    layers = [k[0] for k in results.by_layer.groups]
-    grid = np.full((len(layers), width), np.nan)
-    for (layer, bit), g in results.by_bit.groups.items():
-        grid[layers.index(layer), bit] = 100.0 * g.sdc.rate
-    fig = Figure(figsize=(10, 1.5 + 0.32 * len(layers)))
-    ax = fig.add_subplot()
+def bit_heatmap_figure(models: Sequence[Results] | Results, vmax: float | None = None) -> Figure:
+    """SDC rate (%) by layer and bit position, one panel per model stacked on one bit axis
+    (so the panels line up whatever their layer names) with one colour scale for all:
+    equal colours mean equal rates across models. Grey cells had no injections."""
+    if isinstance(models, Results):
+        models = [models]
+    width, fields = format_bits(models[0])
+    for r in models[1:]:
+        width = max(width, format_bits(r)[0])
+    panels = []
+    for r in models:
+        layers = [k[0] for k in r.by_layer.groups]
+        grid = np.full((len(layers), width), np.nan)
+        for (layer, bit), g in r.by_bit.groups.items():
+            grid[layers.index(layer), bit] = 100.0 * g.sdc.rate
+        names = [f"{name} (classifier)" if name == r.classifier_layer else name
+                 for name in layers]
+        panels.append((r, grid, names))
+    if vmax is None:
+        vmax = max([float(np.nanmax(g)) for _, g, _ in panels if np.isfinite(g).any()] + [1e-9])
+    rows = [max(1, len(names)) for _, _, names in panels]
+    # Sizes in inches: 0.32 per layer row, a gap for each panel's title, margins for the
+    # figure title and field names above and the bit axis below.
+    row_in, gap_in, top_in, bottom_in = 0.32, 0.45, 1.05, 0.6
+    height = row_in * sum(rows) + gap_in * (len(panels) - 1) + top_in + bottom_in
+    fig = Figure(figsize=(10, height))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": rows})
+    fig.subplots_adjust(top=1 - top_in / height, bottom=bottom_in / height,
+                        hspace=gap_in / (row_in * sum(rows) / len(panels)))
     cmap = matplotlib.colormaps[HEATMAP].with_extremes(bad="#d9d9d9")
-    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
-    names = [f"{name} (classifier)" if name == results.classifier_layer else name
-             for name in layers]
-    ax.set_yticks(np.arange(len(layers)), names)
+    for k, (ax, (r, grid, names)) in enumerate(zip(axes[:, 0], panels)):
+        image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax,
+                          interpolation="nearest")
+        ax.set_yticks(np.arange(len(names)), names)
+        # The first panel's title sits above the field names.
+        ax.set_title(r.name, loc="left", fontweight="bold", fontsize="medium",
+                     pad=18 if k == 0 else 4)
+        _mark_fields(ax, fields, heat=True, names=k == 0)
     ticks = list(range(0, width, 4 if width > 16 else 1))
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_xlabel("bit position (0 = least significant)")
-    _mark_fields(ax, fields, heat=True)
-    fig.colorbar(image, ax=ax, label="SDC rate (%)", pad=0.01)
-    ax.set_title(f"{results.name}: SDC rate by layer and bit", pad=18)
+    axes[-1, 0].set_xticks(ticks, [str(t) for t in ticks])
+    axes[-1, 0].set_xlabel("bit position (0 = least significant)")
+    fig.colorbar(image, ax=list(axes[:, 0]), label="SDC rate (%)", pad=0.01)
+    fig.suptitle("SDC rate by layer and bit", y=1 - 0.12 / height, va="top")
     return fig
 
 
-def _mark_fields(ax, fields: dict[str, tuple[int, ...]], heat: bool) -> None:
-    """Field boundaries as lines and names above the axes."""
+def _mark_fields(ax, fields: dict[str, tuple[int, ...]], heat: bool, names: bool = True) -> None:
+    """Field boundaries as lines, and (if names) field names above the axes."""
     for name, positions in fields.items():
         if not positions:
             continue
         lo, hi = min(positions), max(positions)
         ax.axvline(lo - 0.5, color="white" if heat else "#999999", linewidth=1.2)
+        if not names:
+            continue
         ax.text((lo + hi) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center",
                 va="bottom", fontsize="small")
 
@@ -171,7 +210,7 @@ def bit_curves_figure(models: Sequence[Results]) -> Figure:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("bit position (0 = least significant); multi-bit faults count at their "
                   "highest bit")
-    ax.set_ylabel("SDC rate (%)")
+    ax.set_ylabel(f"SDC rate (%)\n{interval_words(models[0])}")
     ax.grid(color="#e5e5e5")
     ax.legend(loc="upper left", fontsize="small")
     ax.set_title("SDC rate by bit position, all injected layers", pad=18)
@@ -243,7 +282,7 @@ def margin_figure(models: Sequence[Results]) -> Figure:
     ax.set_xlim(-0.5, n_bins - 0.5)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("golden top2diff: (p_top1 - p_top2) x 100 of the clean softmax")
-    ax.set_ylabel("SDC rate (%)")
+    ax.set_ylabel(f"SDC rate (%)\n{interval_words(models[0])}")
     ax.grid(color="#e5e5e5")
     ax.legend(fontsize="small")
     ax.set_title("How a confident margin protects: SDC rate by clean margin")

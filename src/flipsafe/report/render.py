@@ -96,8 +96,7 @@ def layer_section(models: Sequence[Results]) -> list:
             "Layers are matched by name across models; each model's classifier layer is called "
             "last, and a text-guided model's backbone layers lose their 'backbone.' prefix."))
     blocks.append(Image("layers", plots.to_png(plots.layer_sdc_figure(models)),
-                        "SDC rate per layer, whiskers: "
-                        f"{fmt_confidence(models[0].by_layer.confidence)} Wilson intervals"))
+                        f"SDC rate per layer; {plots.interval_words(models[0])}"))
     return blocks
 
 
@@ -122,13 +121,10 @@ def bit_section(models: Sequence[Results]) -> list:
         return blocks + [Paragraph(f"The fault model {models[0].plan.fault} does not flip "
                                    "individual bits, so there is no per-bit breakdown.")]
     blocks.append(Image("bits", plots.to_png(plots.bit_curves_figure(models)),
-                        "SDC rate by bit position"))
-    vmax = max(100 * g.sdc.rate for r in models for g in r.by_bit.groups.values())
-    for i, r in enumerate(models):
-        figure = plots.bit_heatmap_figure(r, vmax=max(vmax, 1e-9))
-        blocks.append(Image(f"bits-heatmap-{i}", plots.to_png(figure),
-                            f"SDC rate by layer and bit, {r.name} (one colour scale for all "
-                            "models)"))
+                        f"SDC rate by bit position; {plots.interval_words(models[0])}"))
+    blocks.append(Image("bits-heatmap", plots.to_png(plots.bit_heatmap_figure(models)),
+                        "SDC rate by layer and bit position, one panel per model on one "
+                        "colour scale; grey cells had no injections"))
     blocks += [Table(_field_table(r)) for r in models]
     return blocks
 
@@ -188,7 +184,8 @@ def delta_loss_section(models: Sequence[Results]) -> list:
                   "probabilities (x100). A fault must close that gap to change the class, so "
                   "images with a wide margin should rarely see SDCs."),
         Image("margin", plots.to_png(plots.margin_figure(models)),
-              "SDC rate by golden top2diff"),
+              f"SDC rate by golden top2diff; {plots.interval_words(models[0])} on each bin's "
+              "rate"),
     ]
     return blocks
 
@@ -288,9 +285,18 @@ def safety_section(models: Sequence[Results], fit) -> list:
     return blocks
 
 
+def report_title(models: Sequence[Results]) -> str:
+    """What the report covers, so reports on other campaigns have other titles."""
+    p = models[0].plan
+    layers = {"all": "all layers", "last": "the classifier layer"}.get(
+        p.layers, f"layers matching {p.layers!r}")
+    return (f"flipsafe report: {' vs '.join(r.name for r in models)}, {p.fault} faults in "
+            f"the {p.site} of {layers}, {p.format}, clamp {p.clamp}")
+
+
 def build_blocks(models: Sequence[Results], fit=None) -> list:
     return [
-        Heading("flipsafe fault-injection report", 1),
+        Heading(report_title(models), 1),
         *summary_section(models),
         *layer_section(models),
         *bit_section(models),
@@ -317,10 +323,10 @@ th { background: #eee; }
 p.verdict { border-left: 5px solid #111; background: #f2f2f2; padding: .6em .9em;
             font-size: 1.05em; }
 p.warning { border-left: 5px solid #777; background: #fff6e0; padding: .5em .9em; }
-p.tablenote { font-size: 12px; color: #333; margin: .1em 0; }
-figure { margin: 1em 0; }
+p.tablenote { font-size: 14px; color: #111; margin: .15em 0; }
+figure { margin: 1.2em 0; }
 figure img { max-width: 100%; height: auto; }
-figcaption { font-size: 12px; color: #333; }
+figcaption { font-size: 15px; color: #111; margin-top: .3em; }
 """
 
 
@@ -418,8 +424,7 @@ def write_report(
     # Written atomically: a failure part-way leaves any earlier report as it was.
     try:
         if fmt == "html":
-            title = "flipsafe report: " + " vs ".join(r.name for r in models)
-            atomic.write_text(out, render_html(blocks, title))
+            atomic.write_text(out, render_html(blocks, report_title(models)))
         else:
             atomic.write_text(out, render_markdown(blocks, out))
     except OSError as exc:

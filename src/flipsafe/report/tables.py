@@ -72,6 +72,10 @@ def fmt_confidence(c: float) -> str:
     return f"{100 * c:g}%"
 
 
+# Text tables wider than this are cut into column groups (a terminal's usual width).
+TEXT_WIDTH = 80
+
+
 @dataclass(frozen=True)
 class TextTable:
     """A table of already formatted cells, rendered as text, HTML or Markdown."""
@@ -81,13 +85,32 @@ class TextTable:
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
 
-    def render_text(self) -> str:
+    def render_text(self, width: int = TEXT_WIDTH) -> str:
+        """The table as text lines of at most `width` characters where it can be done:
+        a wider table is cut into column groups shown one below the other, each starting
+        with the first (key) column and with its own header and dashed line."""
         cells = [self.header, *self.rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(self.header))]
-        # Two spaces between columns, so the text can be split back into cells.
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = []
+        for group in _column_groups(widths, width):
+            # Two spaces between columns, so the text can be split back into cells.
+            lines += ["  ".join(row[i].ljust(widths[i]) for i in group).rstrip() for row in cells]
+            lines.insert(len(lines) - len(self.rows), "  ".join("-" * widths[i] for i in group))
         return "\n".join([self.title, *lines, *self.notes])
+
+
+def _column_groups(widths: list[int], width: int) -> list[list[int]]:
+    """Column indices per group: every group starts with column 0 and takes the next
+    columns while the line stays within `width` (a group holds at least one more)."""
+    groups = [[0]]
+    used = widths[0]
+    for i in range(1, len(widths)):
+        if len(groups[-1]) > 1 and used + 2 + widths[i] > width:
+            groups.append([0])
+            used = widths[0]
+        groups[-1].append(i)
+        used += 2 + widths[i]
+    return groups
 
 
 @dataclass(frozen=True)
@@ -142,7 +165,7 @@ def _scope(comp: Comparison, group: str) -> str:
     keys = [key[0] for key in comp.groups]
     if len(keys) == 1:
         return ("In the classifier (last) layer, the only one injected" if keys[0] == LAST
-                else f"In layer {keys[0]}, the only one injected")
+                else f"In the only injected layer, {keys[0]}")
     shared = "both campaigns injected" if comp.only_a or comp.only_b else "injected"
     return f"Over the {len(keys)} layers {shared}"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from flipsafe.errors import ConfigError, DataError, unknown
-from flipsafe.textguided.describe import validated_descriptions, canonical_class
+from flipsafe.errors import ConfigError, DataError, install_hint, unknown
+from flipsafe.textguided.describe import canonical_class, validated_descriptions
 from flipsafe.textguided.embeddings import ClassEmbeddings, load_embeddings, normalize_rows
 
 ENCODER_SPECS = ("minilm", "clip:<name-or-path>", "st:<name-or-path>", "file:<path>")
@@ -43,6 +43,32 @@ def _offline():
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading weights: 100%|..." bars from transformers / huggingface_hub while a
+    model loads from disk (flipsafe shows its own progress); restored afterwards."""
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was_on = hf_logging.is_progress_bar_enabled()
+    hub_was_off = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # transformers' bars and the hub's
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+        if not hub_was_off:
+            enable_progress_bars()
+        else:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+
+
 class SentenceTransformerEncoder(TextEncoder):
     """Any sentence-transformers model; `minilm` is the bundled all-MiniLM-L6-v2 (384-d)."""
 
@@ -62,7 +88,7 @@ class SentenceTransformerEncoder(TextEncoder):
 
         offline = offline or Path(name_or_path).is_dir()
         try:
-            with _offline() if offline else contextlib.nullcontext():
+            with _offline() if offline else contextlib.nullcontext(), _quiet_loading():
                 model = SentenceTransformer(str(name_or_path), device=device,
                                             local_files_only=offline)
         except (OSError, ValueError) as exc:
@@ -90,7 +116,7 @@ def _transformers():
     except ImportError:
         raise ConfigError(
             "CLIP text encoders need the transformers package; install it with "
-            "pip install 'flipsafe[clip]'"
+            f"{install_hint('clip')}"
         ) from None
     return transformers
 
@@ -112,10 +138,11 @@ class CLIPEncoder(TextEncoder):
         # may download (on the user's machine, never in tests or the demo).
         local = Path(name_or_path).is_dir()
         try:
-            tokenizer = transformers.CLIPTokenizer.from_pretrained(
-                str(name_or_path), local_files_only=local)
-            model = transformers.CLIPTextModelWithProjection.from_pretrained(
-                str(name_or_path), local_files_only=local)
+            with _quiet_loading():
+                tokenizer = transformers.CLIPTokenizer.from_pretrained(
+                    str(name_or_path), local_files_only=local)
+                model = transformers.CLIPTextModelWithProjection.from_pretrained(
+                    str(name_or_path), local_files_only=local)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot load CLIP model {str(name_or_path)!r}: {exc}") from None
         return cls(model, tokenizer, f"clip:{name_or_path}", device)

@@ -1,0 +1,28 @@
+"""The demo writes and names one report per campaign, each with its own title."""
+
+import io
+import re
+
+from rich.console import Console
+
+from flipsafe import demo
+
+
+def test_demo_prints_every_report_it_writes(tmp_path, monkeypatch, capfd):
+    # The demo's flow on a small model and tiny campaigns; its own sizes take minutes.
+    monkeypatch.setattr(demo, "DEMO_ARCH", "mlp")
+    full = demo.demo_campaigns
+    monkeypatch.setattr(demo, "demo_campaigns", lambda quick: tuple(
+        demo.DemoCampaign(c.name, c.layers, 8, c.clamp) for c in full(quick)))
+    buf = io.StringIO()
+    done = demo.run_demo(tmp_path / "d", quick=True, console=Console(file=buf, width=200))
+    printed = buf.getvalue()
+    names = [c.name for c in full(True)]
+    assert set(done["reports"]) == set(names) and "last-layer-clamped" in names
+    titles = set()
+    for name, path in done["reports"].items():
+        assert path.is_file() and f"report ({name}): {path}" in printed
+        titles.add(re.search(r"<title>(.*?)</title>", path.read_text(encoding="utf-8")).group(1))
+    assert len(titles) == len(names)  # every report says which campaign it shows
+    assert done["report"] == tmp_path / "d" / "report.html"
+    assert "Loading weights" not in capfd.readouterr().err
