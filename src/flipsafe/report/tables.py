@@ -149,6 +149,9 @@ def verdict(reference: str, other: str, group: str, ratio: RateRatio,
 
 def _rate_words(g: GroupSummary, outcome: str = "sdc") -> str:
     r = getattr(g, outcome)
+    if r.method == "stratified":
+        return (f"{fmt_rate(r.rate)} (fault-space weighted; {fmt_count(r.k)} in "
+                f"{fmt_count(r.n)} injections)")
     return f"{fmt_rate(r.rate)} ({fmt_count(r.k)} of {fmt_count(r.n)})"
 
 
