@@ -133,16 +133,20 @@ def _plan_from_args(args):
             n = int(n)
         except ValueError:
             raise FlipsafeError(f"--n must be a positive integer or 'all', got {n!r}") from None
-    margin = args.margin if n is None else None
-    fields = {
+    # Flags left out are None and not passed on: the plan fills in its defaults (or the
+    # protocol's), and refuses a flag given against --protocol.
+    given = {
         "images": args.images, "site": args.site, "fault": args.fault, "layers": args.layers,
-        "n": n, "confidence": args.confidence, "margin": margin, "clamp": args.clamp,
-        "seed": args.seed, "allocation": args.allocation, "format": args.format,
+        "confidence": args.confidence, "clamp": args.clamp, "seed": args.seed,
+        "allocation": args.allocation, "format": args.format, "dataset": args.dataset,
+        "part_size": args.part_size, "protocol": args.protocol,
     }
-    if args.dataset:
-        fields["dataset"] = args.dataset
-    if args.part_size:
-        fields["part_size"] = args.part_size
+    fields = {name: value for name, value in given.items() if value is not None}
+    fields["n"] = n
+    if n is not None:
+        fields["margin"] = None
+    elif args.margin is not None:
+        fields["margin"] = args.margin
     return make_plan(args.model_dir, **fields)
 
 
@@ -214,19 +218,25 @@ def cmd_fit(args) -> None:
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    # Defaults are None here and filled in by the plan, so a flag given against --protocol
+    # can be told from one left out.
     p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
     p.add_argument("--dataset", help="dataset spec (default: the model's own)")
-    p.add_argument("--site", default="activations", help="activations, weights or metadata")
-    p.add_argument("--format", default="fp32", help="number format the model runs in (fp32, bf16, fp8_e4m3, int8, mxfp8_e4m3, ...)")
-    p.add_argument("--fault", default="bitflip", help="bitflip, bitflip2, burst2, stuck0, stuck1, random, zero")
-    p.add_argument("--layers", default="all", help="all, last, or a regular expression on layer names")
+    p.add_argument("--protocol", default=None,
+                   help="goldeneye: the GoldenEye conventions in one flag (site activations, "
+                        "layers all, images correct, clamp goldeneye, fault bitflip); "
+                        "recorded in the plan")
+    p.add_argument("--site", default=None, help="activations (default), weights or metadata")
+    p.add_argument("--format", default=None, help="number format the model runs in (fp32 default, bf16, fp8_e4m3, int8, mxfp8_e4m3, ...)")
+    p.add_argument("--fault", default=None, help="bitflip (default), bitflip2, burst2, stuck0, stuck1, random, zero")
+    p.add_argument("--layers", default=None, help="all (default), last, or a regular expression on layer names")
     p.add_argument("--n", default=None, help="injections per layer, or 'all' (default: from --confidence/--margin)")
-    p.add_argument("--confidence", type=float, default=0.99)
-    p.add_argument("--margin", type=float, default=0.01)
-    p.add_argument("--images", default="correct", help="correct (GoldenEye convention) or all")
-    p.add_argument("--clamp", default="none", help="none, profiled (sign-preserving) or goldeneye")
-    p.add_argument("--allocation", default="proportional", help="split across bit fields: proportional or equal")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--confidence", type=float, default=None, help="default 0.99")
+    p.add_argument("--margin", type=float, default=None, help="default 0.01")
+    p.add_argument("--images", default=None, help="correct (default, GoldenEye convention) or all")
+    p.add_argument("--clamp", default=None, help="none (default), profiled (sign-preserving) or goldeneye")
+    p.add_argument("--allocation", default=None, help="split across bit fields: proportional (default) or equal")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--part-size", type=int, default=None, help="rows per stored part")
 
 
