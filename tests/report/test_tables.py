@@ -65,7 +65,7 @@ def test_fmt_rate(value, text):
 
 @pytest.mark.parametrize("value, text", [
     (0.0909, "0.0909x"), (2.314, "2.31x"), (14.43, "14.4x"), (250.4, "250x"),
-    (float("inf"), "inf"), (float("nan"), "n/a"),
+    (123456.0, "123456x"), (4.706e35, "4.71e+35x"), (float("inf"), "inf"), (float("nan"), "n/a"),
 ])
 def test_fmt_factor(value, text):
     assert fmt_factor(value) == text
