@@ -485,6 +485,7 @@ def test_protocol_goldeneye_refuses_a_conflicting_flag_in_one_line(mlp_checkpoin
     err = capsys.readouterr().err.strip().splitlines()
     wanted = {"clamp": "goldeneye", "layers": "all", "images": "correct", "fault": "bitflip",
               "site": "activations"}[name]
-    assert err == [f"flipsafe: error: protocol goldeneye sets {name} {wanted}, but {name} "
-                   f"{value} was given; leave {name} out or drop the protocol"]
+    line = (f"flipsafe: error: protocol goldeneye sets {name} {wanted}, but {name} {value} "
+            f"was given; leave {name} out or drop the protocol")
+    assert err == [line]
     assert not (out / "plan.json").exists()

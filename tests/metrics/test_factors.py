@@ -129,8 +129,10 @@ def test_outlier_drives_the_mean_factor_against_the_sdc_factor():
     sdc_b = [i < 20 for i in range(n)]
     dl_a = [0.01 * (1 + i % 5) for i in range(n - 1)] + [1e30]
     dl_b = [0.01 * (1 + i % 5) for i in range(n)]
-    rows = lambda sdc, dl: {"sdc": sdc, "nonfinite": [F] * n, "delta_loss": dl,  # noqa: E731
-                            "golden_top2diff": [50.0] * n}
+
+    def rows(sdc, dl):
+        return {"sdc": sdc, "nonfinite": [F] * n, "delta_loss": dl, "golden_top2diff": [50.0] * n}
+
     t = improvement_factors(rows(sdc_a, dl_a), rows(sdc_b, dl_b), resamples=200)
     sdc, mean = t["sdc_rate"], t["mean_delta_loss"]
     assert sdc.ratio == pytest.approx(0.5) and sdc.position == "includes 1"
