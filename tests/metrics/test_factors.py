@@ -270,3 +270,14 @@ def test_rate_estimates_are_used_as_given():
     low, high = log_interval(3.0, math.sqrt(1 / 3 - 1 / 10 + 1 / 1 - 1 / 10))
     assert f.ratio == pytest.approx(3.0) and f.method == "Katz"
     assert (f.low, f.high) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_reading_when_the_mean_factor_cannot_be_checked():
+    one = {"sdc": [T], "nonfinite": [F], "delta_loss": [1.0], "golden_top2diff": [50.0]}
+    t = improvement_factors(A, one)
+    assert len(t.outliers) == 1  # only a has two values to remove one from
+    assert factor_reading(t, "a", "b").endswith(
+        "too few |dLoss| values to check the mean-|dLoss| factor for outliers.")
+    zero = {**one, "delta_loss": [0.0]}
+    assert factor_reading(improvement_factors(A, zero), "a", "b").endswith(
+        "the mean-|dLoss| factor is not a finite number.")

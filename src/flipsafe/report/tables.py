@@ -410,11 +410,13 @@ def factor_reading(ft: FactorTable, reference: str, other: str) -> str:
                     f"({fmt_value(o.removed)}, {names[o.side]}) is removed")
         if len(driving) > 1:
             outliers += f", and also with {names[driving[1].side]}'s largest removed"
-    elif ft.outliers and math.isfinite(mean.ratio):
+    elif not math.isfinite(mean.ratio):
+        outliers = "the mean-|dLoss| factor is not a finite number"
+    elif len(ft.outliers) < 2:
+        outliers = "too few |dLoss| values to check the mean-|dLoss| factor for outliers"
+    else:
         outliers = (f"no single |dLoss| drives the mean-|dLoss| factor (removing either "
                     f"side's largest moves it by less than {OUTLIER_MOVE:g}x and not across 1)")
-    else:
-        outliers = "the mean-|dLoss| factor is undefined"
     return f"Reading (above 1: {other} has fewer or smaller): {agree}; {outliers}."
 
 
