@@ -281,3 +281,14 @@ def test_reading_when_the_mean_factor_cannot_be_checked():
     zero = {**one, "delta_loss": [0.0]}
     assert factor_reading(improvement_factors(A, zero), "a", "b").endswith(
         "the mean-|dLoss| factor is not a finite number.")
+
+
+def test_a_side_without_sdc_gets_the_corrected_katz_interval():
+    none = {**B, "sdc": [F] * 10}
+    f = improvement_factors(A, none)["mismatch_finite"]
+    # Haldane-Anscombe: 3.5 of 9 against 0.5 of 11.
+    ratio = (3.5 / 9) / (0.5 / 11)
+    low, high = log_interval(ratio, math.sqrt(1 / 3.5 - 1 / 9 + 1 / 0.5 - 1 / 11))
+    assert (f.ratio, f.low, f.high) == (pytest.approx(ratio), pytest.approx(low),
+                                        pytest.approx(high))
+    assert f.method == "Katz (0.5 added to each count: a side had none)"

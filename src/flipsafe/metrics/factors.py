@@ -34,6 +34,7 @@ DEFINITIONS = (
 KATZ = "Katz"
 DELTA = "delta method"
 STRATIFIED = "stratified, delta method"
+CORRECTED = " (0.5 added to each count: a side had none)"
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,8 @@ def _rate_factor(key, label, a: RateEstimate, b: RateEstimate, confidence) -> Fa
                       KATZ)
     stratified = "stratified" in (a.method, b.method)
     r = estimate_ratio(a, b, confidence)
-    return Factor(key, label, a.rate, b.rate, a.n, b.n, r.ratio, r.low, r.high,
-                  STRATIFIED if stratified else KATZ)
+    method = (STRATIFIED if stratified else KATZ) + (CORRECTED if r.corrected else "")
+    return Factor(key, label, a.rate, b.rate, a.n, b.n, r.ratio, r.low, r.high, method)
 
 
 def _mean_factor(key, label, x: np.ndarray, y: np.ndarray, confidence) -> Factor:
@@ -270,7 +271,7 @@ def improvement_factors(
     if na and nb:
         r = rate_ratio(ka, na, kb, nb, confidence)
         factors.append(Factor(key, labels[key], ka / na, kb / nb, na, nb, r.ratio, r.low,
-                              r.high, KATZ))
+                              r.high, KATZ + (CORRECTED if r.corrected else "")))
     else:
         factors.append(Factor(key, labels[key], ka / na if na else math.nan,
                               kb / nb if nb else math.nan, na, nb, math.nan, math.nan,
