@@ -274,7 +274,7 @@ def test_part_size_below_one_is_refused(monkeypatch, capsys, size):
 
     # The checkpoint is not what is tested: a plan for a stand-in model.
     monkeypatch.setattr(runner, "make_plan", lambda model_dir, **fields: CampaignPlan(
-        model=model_dir, model_sha="x", dataset="digits", **fields))
+        model=model_dir, model_sha="x", **{"dataset": "digits", "format": "fp32", **fields}))
     assert main(["plan", "m", "--part-size", size]) == 2
     assert f"part_size must be at least 1, got {size}" in capsys.readouterr().err
 
@@ -295,7 +295,7 @@ def test_a_resume_with_nothing_left_prints_no_rate(monkeypatch, capsys, tmp_path
     from flipsafe.campaign.plan import CampaignPlan
 
     monkeypatch.setattr(runner, "make_plan", lambda model_dir, **fields: CampaignPlan(
-        model=model_dir, model_sha="x", dataset="digits", **fields))
+        model=model_dir, model_sha="x", **{"dataset": "digits", "format": "fp32", **fields}))
     monkeypatch.setattr(runner, "run_campaign", lambda plan, out, **kw: runner.CampaignRun(
         Path(out), 9000, 0, 3, 0.01, 0.0))
     monkeypatch.setattr(cli, "cmd_summary", lambda args: None)

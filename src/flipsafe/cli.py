@@ -168,16 +168,20 @@ def _plan_from_args(args):
             n = int(n)
         except ValueError:
             raise FlipsafeError(f"--n must be a positive integer or 'all', got {n!r}") from None
-    margin = args.margin if n is None else None
-    fields = {
+    # Flags left out are None and not passed on: the plan fills in its defaults (or the
+    # protocol's), and refuses a flag given against --protocol.
+    given = {
         "images": args.images, "site": args.site, "fault": args.fault, "layers": args.layers,
-        "n": n, "confidence": args.confidence, "margin": margin, "clamp": args.clamp,
-        "seed": args.seed, "allocation": args.allocation, "format": args.format,
+        "confidence": args.confidence, "clamp": args.clamp, "seed": args.seed,
+        "allocation": args.allocation, "format": args.format, "dataset": args.dataset,
+        "part_size": args.part_size, "protocol": args.protocol,
     }
-    if args.dataset:
-        fields["dataset"] = args.dataset
-    if args.part_size is not None:
-        fields["part_size"] = args.part_size
+    fields = {name: value for name, value in given.items() if value is not None}
+    fields["n"] = n
+    if n is not None:
+        fields["margin"] = None
+    elif args.margin is not None:
+        fields["margin"] = args.margin
     return make_plan(args.model_dir, **fields)
 
 
@@ -250,36 +254,61 @@ def cmd_fit(args) -> None:
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
-    from flipsafe.campaign.plan import ALLOCATIONS, CLAMPS, FAULTS, IMAGES, SITES, CampaignPlan
+    from flipsafe.campaign.plan import (
+        ALLOCATIONS,
+        CLAMPS,
+        CONVENTION_DEFAULTS,
+        FAULTS,
+        IMAGES,
+        PROTOCOLS,
+        SITES,
+        CampaignPlan,
+    )
     from flipsafe.data import KINDS
     from flipsafe.formats import names as format_names
 
-    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(CampaignPlan)})
+    # Defaults are None here and filled in by the plan, so a flag given against --protocol
+    # can be told from one left out; the help shows the plan's defaults.
+    d = argparse.Namespace(**{**{f.name: f.default for f in dataclasses.fields(CampaignPlan)},
+                              **CONVENTION_DEFAULTS})
     p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
     p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)} (default: the model's own)")
-    p.add_argument("--site", default=d.site, help=f"what faults corrupt: one of {_one_of(SITES)}")
-    p.add_argument("--format", default="fp32",
-                   help=f"number format the model runs in: one of {_one_of(format_names())}")
-    p.add_argument("--fault", default=d.fault, help=f"fault model: one of {_one_of(FAULTS)}")
-    p.add_argument("--layers", default=d.layers,
-                   help="all, last, a layer name, a layer type or a regular expression on layer names")
+    p.add_argument("--protocol", default=None,
+                   help=f"one of {_one_of(PROTOCOLS)}: an evaluation protocol's conventions in "
+                        "one flag (goldeneye: site activations, layers all, images correct, clamp "
+                        "goldeneye, fault bitflip); recorded in the plan, and a flag that "
+                        "contradicts it is refused")
+    p.add_argument("--site", default=None,
+                   help=f"what faults corrupt: one of {_one_of(SITES)} (default: {d.site})")
+    p.add_argument("--format", default=None,
+                   help=f"number format the model runs in: one of {_one_of(format_names())} "
+                        "(default: fp32)")
+    p.add_argument("--fault", default=None,
+                   help=f"fault model: one of {_one_of(FAULTS)}, or bitflipK / burstK for K bits "
+                        f"(default: {d.fault})")
+    p.add_argument("--layers", default=None,
+                   help="all (Conv and Linear), last, a layer name, a layer type or a regular "
+                        f"expression on layer names (default: {d.layers})")
     p.add_argument("--n", default=None,
                    help="injections per layer, or 'all' for the whole fault space; overrides "
                         "--margin (default: sized per layer from --confidence and --margin)")
-    p.add_argument("--confidence", type=float, default=d.confidence,
-                   help="confidence level of the sample size, strictly between 0 and 1")
-    p.add_argument("--margin", type=float, default=d.margin,
+    p.add_argument("--confidence", type=float, default=None,
+                   help="confidence level of the sample size, strictly between 0 and 1 "
+                        f"(default: {d.confidence})")
+    p.add_argument("--margin", type=float, default=None,
                    help="error margin of each layer's rate at --confidence, strictly between 0 "
-                        "and 1 (ignored when --n is given)")
-    p.add_argument("--images", default=d.images,
+                        f"and 1; ignored when --n is given (default: {d.margin})")
+    p.add_argument("--images", default=None,
                    help=f"images faults land on: one of {_one_of(IMAGES)} (correct: the ones "
-                        "the model classifies right, the GoldenEye convention)")
-    p.add_argument("--clamp", default=d.clamp,
+                        f"the model classifies right, the GoldenEye convention) (default: "
+                        f"{d.images})")
+    p.add_argument("--clamp", default=None,
                    help=f"activation range clamp: one of {_one_of(CLAMPS)} (profiled is "
-                        "sign-preserving)")
-    p.add_argument("--allocation", default=d.allocation,
-                   help=f"how a layer's injections split across bit fields: one of {_one_of(ALLOCATIONS)}")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the fault draw")
+                        f"sign-preserving) (default: {d.clamp})")
+    p.add_argument("--allocation", default=None,
+                   help="how a layer's injections split across bit fields: one of "
+                        f"{_one_of(ALLOCATIONS)} (default: {d.allocation})")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the fault draw (default: {d.seed})")
     p.add_argument("--part-size", type=int, default=None,
                    help=f"rows per stored part, at least 1 (default: {d.part_size})")
 

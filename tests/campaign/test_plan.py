@@ -232,3 +232,57 @@ def test_plan_uses_published_t_values_for_large_strata():
     assert n_from_plan(plan(0.99, 0.01), 10**9) == 16590
     assert n_from_plan(plan(0.95, 0.01), 10**9) == 9604
     assert n_from_plan(plan(0.95, 0.05), 10**9) == 385
+
+
+GOLDENEYE = {"site": "activations", "layers": "all", "images": "correct", "clamp": "goldeneye",
+             "fault": "bitflip"}
+
+
+def test_goldeneye_protocol_sets_exactly_its_conventions():
+    plan = _plan(protocol="goldeneye")
+    assert {name: getattr(plan, name) for name in GOLDENEYE} == GOLDENEYE
+    # Of everything a plan records, only the clamp (and the protocol's name) differ from the
+    # plan without it: every other convention is already flipsafe's default.
+    mine, plain = plan.to_dict(), _plan().to_dict()
+    assert {k for k in mine if mine[k] != plain[k]} == {"clamp", "protocol"}
+    assert mine["protocol"] == "goldeneye" and plain["protocol"] is None
+    # Given explicitly with the protocol's values, the conventions are accepted.
+    assert _plan(protocol="goldeneye", **GOLDENEYE) == plan
+    assert _plan(protocol="goldeneye", fault="BitFlip").fault == "bitflip"
+
+
+@pytest.mark.parametrize("name, value", [("clamp", "none"), ("clamp", "profiled"),
+                                         ("layers", "last"), ("images", "all"),
+                                         ("site", "weights"), ("fault", "bitflip2")])
+def test_goldeneye_protocol_refuses_a_conflicting_field_in_one_line(name, value):
+    with pytest.raises(ConfigError) as err:
+        _plan(protocol="goldeneye", **{name: value})
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"protocol goldeneye sets {name} {GOLDENEYE[name]}, but {name} {value} "
+                       f"was given; leave {name} out or drop the protocol")
+    # replace() on a protocol plan is held to the protocol too.
+    with pytest.raises(ConfigError):
+        dataclasses.replace(_plan(protocol="goldeneye"), **{name: value})
+
+
+def test_unknown_protocol_is_refused():
+    with pytest.raises(ConfigError, match="protocol must be one of: goldeneye; got 'paper'"):
+        _plan(protocol="paper")
+
+
+def test_protocol_is_fingerprinted_only_when_set():
+    assert "protocol" not in _plan().fingerprinted()
+    plan = _plan(protocol="goldeneye")
+    canonical = (
+        '{"allocation":"proportional","clamp":"goldeneye","confidence":0.99,'
+        '"dataset":"cifar10","fault":"bitflip","format":"fp16","images":"correct",'
+        '"layers":"all","margin":0.01,"model_sha":"abc123","n":100,"part_size":4096,'
+        '"protocol":"goldeneye","seed":3,"site":"activations","version":1}'
+    )
+    assert plan.fingerprint() == hashlib.sha256(canonical.encode()).hexdigest()
+    assert _plan(clamp="goldeneye").differing_fields(plan) == ["protocol"]
+    # A plan written before protocols existed reads back with the same fingerprint.
+    old = {k: v for k, v in _plan().to_dict().items() if k != "protocol"}
+    assert CampaignPlan.from_json(json.dumps(old)).fingerprint() == _plan().fingerprint()
+    assert CampaignPlan.from_json(plan.to_json()) == plan

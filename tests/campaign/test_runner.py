@@ -449,3 +449,43 @@ def test_campaign_and_summary_into_a_closed_pipe_end_quietly(mlp_checkpoint, tmp
     assert err == "" and code == 141, err
     code, err = run_with_stdout_closed("summary", str(out))
     assert err == "" and code == 141, err
+
+
+def test_protocol_goldeneye_from_the_cli_sets_its_conventions_and_is_named(mlp_checkpoint,
+                                                                          tmp_path, capsys):
+    from flipsafe.cli import main
+
+    out = tmp_path / "ge"
+    assert main(["campaign", str(mlp_checkpoint), "--protocol", "goldeneye", "--n", "4",
+                 "--clamp", "goldeneye", "--out", str(out), "--quiet"]) == 0
+    plan = _store(out).plan
+    assert plan.protocol == "goldeneye"
+    assert (plan.site, plan.layers, plan.images, plan.clamp, plan.fault) == (
+        "activations", "all", "correct", "goldeneye", "bitflip")
+    # Flags left out keep the plan's own defaults.
+    assert (plan.format, plan.seed, plan.confidence, plan.margin, plan.n) == (
+        "fp32", 0, 0.99, None, 4)
+    assert "plan: protocol goldeneye (GoldenEye's conventions:" in capsys.readouterr().out
+    python = make_plan(mlp_checkpoint, protocol="goldeneye", n=4, margin=None)
+    assert python == dataclasses.replace(plan, data_sha=None, model=str(mlp_checkpoint))
+
+
+@pytest.mark.parametrize("flags, name, value", [
+    (["--clamp", "none"], "clamp", "none"), (["--layers", "last"], "layers", "last"),
+    (["--images", "all"], "images", "all"), (["--fault", "stuck1"], "fault", "stuck1"),
+    (["--site", "weights"], "site", "weights"),
+])
+def test_protocol_goldeneye_refuses_a_conflicting_flag_in_one_line(mlp_checkpoint, tmp_path,
+                                                                   capsys, flags, name, value):
+    from flipsafe.cli import main
+
+    out = tmp_path / "refused"
+    assert main(["campaign", str(mlp_checkpoint), "--protocol", "goldeneye", *flags,
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    wanted = {"clamp": "goldeneye", "layers": "all", "images": "correct", "fault": "bitflip",
+              "site": "activations"}[name]
+    line = (f"flipsafe: error: protocol goldeneye sets {name} {wanted}, but {name} {value} "
+            f"was given; leave {name} out or drop the protocol")
+    assert err == [line]
+    assert not (out / "plan.json").exists()

@@ -52,7 +52,11 @@ def test_html_summary_equals_what_flipsafe_summary_prints(html_report, models):
     blocks = {b.split("\n", 1)[0]: b for b in text.split("\n\n")}
     summary = [t for t in doc.tables if t["class"] == "summary"]
     assert [t["caption"] for t in summary] == [
-        "Models", "Per layer: baseline", "Per layer: cosine", "Improvement: baseline / cosine"]
+        "Models", "Per layer: baseline", "Per layer: cosine", "Improvement: baseline / cosine",
+        "Improvement factor by definition: baseline / cosine"]
+    readings = [p for cls, p in doc.paragraphs if cls == "tablenote" and "Reading (" in p]
+    assert [r.split(":", 1)[0] for r in readings] == ["(all)", "last"]
+    assert all(r in text for r in readings)
     for table in summary:
         assert table["rows"] == text_cells(blocks[table["caption"]])
     verdicts = [p for cls, p in doc.paragraphs if cls == "verdict"]

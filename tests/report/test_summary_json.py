@@ -63,6 +63,22 @@ def test_json_numbers_equal_hand_computations_from_the_rows(campaigns):
     assert comp["only_other"] == ["backbone.fc"]
     assert comp["verdicts"] == headline(load_results(campaigns["baseline"]),
                                         load_results(campaigns["cosine"]))
+    # The factor under each definition: its SDC row is the comparison's, by hand in last.
+    scopes = {f["layers"]: f for f in comp["factors"]}
+    assert list(scopes) == ["(all)", "last"]
+    assert [d["definition"] for d in scopes["last"]["definitions"]] == [
+        "sdc_rate", "mismatch_finite", "mean_delta_loss", "median_delta_loss",
+        "sdc_golden_top2diff"]
+    sdc_last = scopes["last"]["definitions"][0]
+    assert (sdc_last["ratio"], sdc_last["low"], sdc_last["high"]) == pytest.approx(
+        (ratio, low, high))
+    assert (sdc_last["reference"], sdc_last["other"]) == pytest.approx((k1 / n1, k2 / n2))
+    sdc_all = scopes["(all)"]["definitions"][0]
+    assert sdc_all["ratio"] == pytest.approx(comp["overall"]["sdc"]["ratio"])
+    assert (scopes["(all)"]["resamples"], scopes["(all)"]["seed"]) == (2000, 0)
+    assert scopes["last"]["reading"].startswith(
+        "Reading (above 1: cosine has fewer or smaller): the definitions disagree")
+    assert scopes["last"]["outliers"][0]["removed_from"] == "baseline"
 
 
 def _by_layer(table, layer):

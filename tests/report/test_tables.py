@@ -66,7 +66,7 @@ def test_fmt_rate(value, text):
 
 @pytest.mark.parametrize("value, text", [
     (0.0909, "0.0909x"), (2.314, "2.31x"), (14.43, "14.4x"), (250.4, "250x"),
-    (float("inf"), "inf"), (float("nan"), "n/a"),
+    (123456.0, "123456x"), (4.706e35, "4.71e+35x"), (float("inf"), "inf"), (float("nan"), "n/a"),
 ])
 def test_fmt_factor(value, text):
     assert fmt_factor(value) == text
@@ -185,3 +185,39 @@ def test_wide_text_tables_are_cut_into_column_groups_within_80_columns(models):
         f"{'r' * 10}  {'D' * 20}",
     ]
     assert len(table.render_text(width=200).splitlines()) == 4
+
+
+def test_factor_table_shows_every_definition_side_by_side(models):
+    base, cos = models
+    text = summary_table(base, [cos])
+    block = next(b for b in text.split("\n\n")
+                 if b.startswith("Improvement factor by definition: baseline / cosine\n"))
+    rows = {(row[0], row[1]): row for row in text_cells(block)}
+    improvement = next(b for b in text.split("\n\n")
+                       if b.startswith("Improvement: baseline / cosine"))
+    sdc = {row[0]: row for row in text_cells(improvement)}
+    # The SDC row repeats the comparison's factors, overall and in the last layer.
+    assert rows[("(all)", "SDC rate")][4:6] == sdc["(all)"][3:5]
+    assert rows[("last", "SDC rate")][4:6] == sdc["last"][3:5]
+    # Mismatch with non-finite rows dropped, by hand over the matched layers.
+    matched = {"features.1", "features.3", "fc", "backbone.features.1",
+               "backbone.features.3", "head.fc"}
+
+    def finite_counts(layers, seed, keep):
+        r = make_rows(layers, N_PER_LAYER, seed).to_pydict()
+        use = [lay in keep and not nf for lay, nf in zip(r["layer"], r["nonfinite"])]
+        return sum(s for s, u in zip(r["sdc"], use) if u), sum(use)
+
+    ratio, low, high = katz(*finite_counts(BASELINE_LAYERS, 1, matched),
+                            *finite_counts(COSINE_LAYERS, 2, matched))
+    row = rows[("(all)", "mismatch rate, non-finite dropped (GoldenEye)")]
+    assert row[4:6] == [fmt_factor(ratio), fmt_factor_interval(low, high)]
+    # In the last layer the baseline's 1e35 losses put the mean-|dLoss| factor orders of
+    # magnitude above 1 while its SDC factor is below 1: the reading says they disagree.
+    mean = rows[("last", "mean |dLoss|, finite values (GoldenEye)")]
+    assert mean[7] == "above 1" and rows[("last", "SDC rate")][7] == "below 1"
+    assert "e+" in mean[4]
+    assert "last: Reading (above 1: cosine has fewer or smaller): the definitions disagree" \
+        in block
+    assert rows[("(all)", "median |dLoss|, finite values")][6] == (
+        "percentile bootstrap, 2000 resamples, seed 0")

@@ -29,7 +29,22 @@ ALLOCATIONS = ("proportional", "equal")
 NOT_FINGERPRINTED = ("model",)
 # Fields added after plans were first written: left out of the fingerprint while None, so
 # the fingerprints of folders written before them stay valid.
-OPTIONAL_FINGERPRINTED = ("data_sha",)
+OPTIONAL_FINGERPRINTED = ("data_sha", "protocol")
+
+# The fields a protocol may set, with the value each takes when neither the caller nor a
+# protocol gives one (the one place these defaults live).
+CONVENTION_DEFAULTS = {"site": "activations", "layers": "all", "images": "correct",
+                       "clamp": "none", "fault": "bitflip"}
+# Named evaluation protocols: the plan fields each one fixes. GoldenEye (Mahmoud et al.,
+# DSN-W 2022): faults in the outputs of Conv/Linear layers (layers "all"), each fault on one
+# image (every fault here is a (fault, element, image) triple), correctly classified images
+# with a positive top-1 margin ("correct"), NaN clamped to +max ("goldeneye"), single-bit
+# flips. Its non-finite outcomes are dropped from mismatch and mean delta-loss, which the
+# improvement-factor table reports beside flipsafe's own definitions.
+PROTOCOLS = {
+    "goldeneye": {"site": "activations", "layers": "all", "images": "correct",
+                  "clamp": "goldeneye", "fault": "bitflip"},
+}
 
 
 def _choice(name: str, value, choices) -> None:
@@ -54,34 +69,38 @@ class CampaignPlan:
     format and fault are stored in their one spelling ("FP16" becomes "fp16").
     data_sha is the sha256 of the evaluation images and labels (runner.prepare fills
     it in); None only in plans written before it was recorded, or not yet prepared.
+    protocol names a set of conventions (PROTOCOLS, e.g. "goldeneye"): site, layers,
+    images, clamp and fault left as None take the protocol's values (without a protocol,
+    CONVENTION_DEFAULTS), and a value given that differs from the protocol's is refused.
     """
 
     model: str
     model_sha: str
     dataset: str
     format: str
-    images: str = "correct"
-    site: str = "activations"
-    fault: str = "bitflip"
-    layers: str = "all"
+    images: str | None = None
+    site: str | None = None
+    fault: str | None = None
+    layers: str | None = None
     n: int | str | None = None
     confidence: float = 0.99
     margin: float | None = 0.01
-    clamp: str = "none"
+    clamp: str | None = None
     seed: int = 0
     allocation: str = "proportional"
     part_size: int = 4096
     data_sha: str | None = None
+    protocol: str | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self):
+        self._apply_protocol()
         for name in ("model", "model_sha", "dataset", "format", "layers"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
         # One spelling per name, so plans, fingerprints and range caches agree.
         object.__setattr__(self, "format", canonical_format(self.format))
-        object.__setattr__(self, "fault", parse_fault(self.fault).name)
         if self.data_sha is not None and not (
             isinstance(self.data_sha, str) and re.fullmatch(r"[0-9a-f]{64}", self.data_sha)
         ):
@@ -123,6 +142,21 @@ class CampaignPlan:
                 f"plan version {self.version} is not supported (this flipsafe reads version "
                 f"{PLAN_VERSION}); use a matching flipsafe or start a new campaign"
             )
+
+    def _apply_protocol(self) -> None:
+        if self.protocol is not None:
+            _choice("protocol", self.protocol, tuple(PROTOCOLS))
+        conventions = PROTOCOLS.get(self.protocol, {})
+        for name, usual in CONVENTION_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, conventions.get(name, usual))
+        object.__setattr__(self, "fault", parse_fault(self.fault).name)
+        for name, wanted in conventions.items():
+            if getattr(self, name) != wanted:
+                raise ConfigError(
+                    f"protocol {self.protocol} sets {name} {wanted}, but {name} "
+                    f"{getattr(self, name)} was given; leave {name} out or drop the protocol"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

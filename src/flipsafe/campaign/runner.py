@@ -32,7 +32,11 @@ def model_sha(model_dir) -> str:
 
 
 def make_plan(model_dir, **fields) -> CampaignPlan:
-    """A CampaignPlan for the checkpoint at `model_dir` (dataset defaults to its own)."""
+    """A CampaignPlan for the checkpoint at `model_dir` (dataset defaults to its own).
+
+    `protocol="goldeneye"` sets GoldenEye's conventions (see plan.PROTOCOLS); a field given
+    with another value than the protocol's is refused (ConfigError).
+    """
     from flipsafe.checkpoint import read_config
 
     config = read_config(model_dir)

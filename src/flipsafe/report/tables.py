@@ -6,8 +6,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
+from flipsafe.metrics.factors import OUTLIER_MOVE, FactorTable, improvement_factors
 from flipsafe.metrics.stats import (
     OVERALL,
     STRATIFIED_METHOD,
@@ -37,11 +39,13 @@ def fmt_interval(low: float, high: float) -> str:
 
 
 def fmt_factor(r: float) -> str:
-    """A ratio such as an improvement factor: 0.0912x, 2.31x, 14.4x, 250x."""
+    """A ratio such as an improvement factor: 0.0912x, 2.31x, 14.4x, 250x, 4.71e+35x."""
     if r is None or math.isnan(r):
         return "n/a"
     if math.isinf(r):
         return "inf"
+    if r >= 1e6:
+        return f"{r:.3g}x"
     if r >= 100:
         return f"{r:.0f}x"
     if r >= 10:
@@ -255,6 +259,14 @@ def headline(reference: Results, other: Results) -> list[str]:
     return out
 
 
+_PROTOCOL_WORDS = {
+    "goldeneye": "GoldenEye's conventions: faults in Conv/Linear outputs, one image each, "
+                 "correctly classified images with a positive margin, NaN clamped to +max, "
+                 "single-bit flips; GoldenEye drops non-finite outcomes from mismatch and "
+                 "mean |dLoss|, as the improvement-factor table shows beside SDC rate",
+}
+
+
 def plan_line(results: Results) -> str:
     p = results.plan
     images = pc.count_distinct(results.table["image_id"]).as_py()
@@ -263,7 +275,9 @@ def plan_line(results: Results) -> str:
                "layer x field stratum weighted by its share of the fault space, with Wilson "
                "intervals on the effective sample size" if results.strata is not None else
                "(all) rows pool the rows (fault-space sizes not recorded)")
-    return (f"plan: dataset {p.dataset}, site {p.site}, format {p.format}, fault {p.fault}, "
+    protocol = "" if p.protocol is None else (
+        f"protocol {p.protocol} ({_PROTOCOL_WORDS.get(p.protocol, 'named conventions')}), ")
+    return (f"plan: {protocol}dataset {p.dataset}, site {p.site}, format {p.format}, fault {p.fault}, "
             f"clamp {p.clamp}, layers {p.layers} ({n} per layer, {p.allocation} allocation "
             f"across bit fields), images {p.images} ({fmt_count(images)} distinct), seed "
             f"{p.seed}, {fmt_count(results.n)} injections; intervals are "
@@ -356,11 +370,126 @@ def comparison_table(reference: Results, other: Results) -> TextTable:
                       f"factor {conf} CI", "Holm p", "reading", "DUE factor"], rows, notes)
 
 
+# Short names of the factor definitions for the reading.
+_SHORT = {"sdc_rate": "SDC rate", "mismatch_finite": "mismatch (non-finite dropped)",
+          "mean_delta_loss": "mean |dLoss|", "median_delta_loss": "median |dLoss|",
+          "sdc_golden_top2diff": "SDC images' golden top2diff"}
+
+
+def _rows_of(results: Results, layers: Sequence[str]) -> pa.Table:
+    table = results.matched_table()
+    return table.filter(pc.is_in(table["layer"], value_set=pa.array(list(layers), pa.string())))
+
+
+def factor_tables(reference: Results, other: Results,
+                  comp: Comparison | None = None) -> list[tuple[str, FactorTable]]:
+    """The improvement factor reference / other under every definition, over the matched
+    layers ((all)) and, when more layers than the classifier were matched, in it (last)."""
+    comp = comparison(reference, other) if comp is None else comp
+    layers = [key[0] for key in comp.groups]
+    if not layers:
+        return []
+    conf = comp.confidence
+    out = [(OVERALL, improvement_factors(
+        _rows_of(reference, layers), _rows_of(other, layers), conf,
+        sdc=(comp.overall_a.sdc, comp.overall_b.sdc)))]
+    if LAST in layers and len(layers) > 1:
+        a, b = _matched_group(reference, LAST), _matched_group(other, LAST)
+        out.append((LAST, improvement_factors(_rows_of(reference, [LAST]),
+                                              _rows_of(other, [LAST]), conf,
+                                              sdc=(a.sdc, b.sdc))))
+    return out
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def factor_reading(ft: FactorTable, reference: str, other: str) -> str:
+    """One line from the numbers: where each definition's interval lies against 1, and
+    whether one |dLoss| value drives the mean-|dLoss| factor."""
+    groups = ft.agreement()
+    verbs = {"above 1": "lies above 1", "includes 1": "includes 1", "below 1": "lies below 1",
+             "undefined": "is undefined"}
+    parts = [f"{verbs[where]} by {_join([_SHORT[k] for k in groups[where]])}"
+             for where in verbs if where in groups]
+    defined = [where for where in verbs if where in groups and where != "undefined"]
+    if not defined:
+        agree = "no factor is defined"
+    elif len(defined) == 1 and "undefined" not in groups:
+        agree = f"every definition agrees: the interval {verbs[defined[0]]}"
+    elif len(defined) == 1:
+        agree = "the defined factors agree: the interval " + "; ".join(parts)
+    else:
+        agree = "the definitions disagree: the interval " + "; ".join(parts)
+    mean = ft["mean_delta_loss"]
+    names = {"a": reference, "b": other}
+    driving = ft.driving_outliers()
+    if driving:
+        o = driving[0]
+        how = (f"changes by more than {OUTLIER_MOVE:g}x" if o.moves > OUTLIER_MOVE
+               else "crosses 1")
+        if o.flips and o.moves > OUTLIER_MOVE:
+            how += " and crosses 1"
+        outliers = (f"the mean-|dLoss| factor {how} ({fmt_factor(o.before)} to "
+                    f"{fmt_factor(o.ratio)}) if the single largest |dLoss| "
+                    f"({fmt_value(o.removed)}, {names[o.side]}) is removed")
+        if len(driving) > 1:
+            outliers += f", and also with {names[driving[1].side]}'s largest removed"
+    elif not math.isfinite(mean.ratio):
+        outliers = "the mean-|dLoss| factor is not a finite number"
+    elif len(ft.outliers) < 2:
+        outliers = "too few |dLoss| values to check the mean-|dLoss| factor for outliers"
+    else:
+        outliers = (f"no single |dLoss| drives the mean-|dLoss| factor (removing either "
+                    f"side's largest moves it by less than {OUTLIER_MOVE:g}x and not across 1)")
+    return f"Reading (above 1: {other} has fewer or smaller): {agree}; {outliers}."
+
+
+def _factor_cell(key: str, value: float, n: int) -> str:
+    shown = fmt_rate(value) if key in ("sdc_rate", "mismatch_finite") else fmt_value(value)
+    return f"{shown} (n={fmt_count(n)})"
+
+
+def factor_table(reference: Results, other: Results,
+                 comp: Comparison | None = None) -> TextTable | None:
+    """The factor reference / other under every definition, side by side, with intervals,
+    the interval method and a reading per scope; None when no layer matches."""
+    scopes = factor_tables(reference, other, comp)
+    if not scopes:
+        return None
+    conf = fmt_confidence(scopes[0][1].confidence)
+    rows, notes = [], []
+    for scope, ft in scopes:
+        for f in ft.factors:
+            rows.append([scope, f.label, _factor_cell(f.key, f.a, f.n_a),
+                         _factor_cell(f.key, f.b, f.n_b), fmt_factor(f.ratio),
+                         fmt_factor_interval(f.low, f.high), f.method, f.position])
+        reading = factor_reading(ft, reference.name, other.name)
+        notes.append(reading if len(scopes) == 1 else f"{scope}: {reading}")
+    notes.append(
+        f"factor = value of {reference.name} / value of {other.name}, over the layers both "
+        "injected ((all); last = the classifier layer). SDC rate: the comparison's rates; "
+        "mismatch: SDC rate among the rows whose corrupted value stayed finite, pooled "
+        "(GoldenEye's denominator); |dLoss| and top2diff over finite values; n counts the "
+        "rows or values used. Intervals: Katz and delta method on the log ratio, the median "
+        f"by a percentile bootstrap ({scopes[0][1].resamples} resamples, seed "
+        f"{scopes[0][1].seed}, each side resampled on its own).")
+    return TextTable(f"Improvement factor by definition: {reference.name} / {other.name}",
+                     ["layers", "definition", reference.name, other.name, "factor",
+                      f"factor {conf} CI", "interval", "vs 1"], rows, notes)
+
+
 def summary_tables(results: Results, vs: Sequence[Results] = ()) -> list[TextTable]:
-    """The models table, one per-layer table per model and one comparison per partner."""
+    """The models table, one per-layer table per model, and per partner its comparison and
+    its improvement factor by definition."""
     everyone = [results, *vs]
     tables = [models_table(everyone), *(layer_table(r) for r in everyone)]
-    tables += [comparison_table(results, other) for other in vs]
+    for other in vs:
+        tables.append(comparison_table(results, other))
+        factors = factor_table(results, other)
+        if factors is not None:
+            tables.append(factors)
     return tables
 
 
@@ -437,6 +566,23 @@ def _model_json(r: Results) -> dict:
     }
 
 
+def _factors_json(scope: str, ft: FactorTable, reference: Results, other: Results) -> dict:
+    names = {"a": reference.name, "b": other.name}
+    return {
+        "layers": scope, "confidence": ft.confidence, "resamples": ft.resamples,
+        "seed": ft.seed,
+        "definitions": [{"definition": f.key, "label": f.label, "reference": _number(f.a),
+                         "other": _number(f.b), "n_reference": int(f.n_a),
+                         "n_other": int(f.n_b), "ratio": _number(f.ratio),
+                         "low": _number(f.low), "high": _number(f.high), "method": f.method,
+                         "position": f.position} for f in ft.factors],
+        "outliers": [{"removed_from": names[o.side], "removed": _number(o.removed),
+                      "ratio_before": _number(o.before), "ratio_after": _number(o.ratio),
+                      "drives": bool(o.drives)} for o in ft.outliers],
+        "reading": factor_reading(ft, reference.name, other.name),
+    }
+
+
 def _comparison_json(reference: Results, other: Results) -> dict:
     comp = comparison(reference, other)
     verdicts = layer_verdicts(reference, other, comp)
@@ -452,6 +598,8 @@ def _comparison_json(reference: Results, other: Results) -> dict:
         "overall": {"reference": _group_json(comp.overall_a), "other": _group_json(comp.overall_b),
                     "sdc": _ratio_json(comp.overall.sdc, overall.reading),
                     "due": _ratio_json(comp.overall.due)},
+        "factors": [_factors_json(scope, ft, reference, other)
+                    for scope, ft in factor_tables(reference, other, comp)],
         "only_reference": [reference.real_name(k[0]) for k in comp.only_a],
         "only_other": [other.real_name(k[0]) for k in comp.only_b],
         "verdicts": headline(reference, other),
