@@ -143,7 +143,21 @@ def _plan_from_args(args):
         fields["dataset"] = args.dataset
     if args.part_size:
         fields["part_size"] = args.part_size
+    preprocess = {"image_size": args.image_size, "mean": _floats(args.mean, "--mean"),
+                  "std": _floats(args.std, "--std")}
+    if any(v is not None for v in preprocess.values()):
+        fields["preprocess"] = preprocess
     return make_plan(args.model_dir, **fields)
+
+
+def _floats(text, flag):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise FlipsafeError(f"{flag} takes numbers separated by commas (one per channel), "
+                            f"got {text!r}") from None
 
 
 def _print_strata(prep) -> None:
@@ -164,7 +178,7 @@ def _print_strata(prep) -> None:
 def cmd_plan(args) -> None:
     from flipsafe.campaign.runner import estimate_seconds, prepare
 
-    prep = prepare(_plan_from_args(args))
+    prep = prepare(_plan_from_args(args), device=args.device)
     _print_strata(prep)
     print(f"estimated run time: at most {estimate_seconds(prep):,.0f} s on this machine "
           "(clean-inference rate; suffix execution is usually faster)")
@@ -175,7 +189,7 @@ def cmd_campaign(args) -> None:
 
     plan = _plan_from_args(args)
     run = run_campaign(plan, args.out, backend=args.backend, address=args.address,
-                       show_progress=not args.quiet, workers=args.workers)
+                       show_progress=not args.quiet, workers=args.workers, device=args.device)
     print(f"{run.total:,} injections in {args.out} ({run.kept_parts} parts kept, "
           f"{run.ran_parts} run, {run.injections_per_s:,.0f} injections/s)")
     cmd_summary(argparse.Namespace(results_dir=args.out, vs=[]))
@@ -214,8 +228,17 @@ def cmd_fit(args) -> None:
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
-    p.add_argument("--dataset", help="dataset spec (default: the model's own)")
+    p.add_argument("model_dir", metavar="MODEL",
+                   help="checkpoint folder made by `flipsafe train`, hf:<folder>, "
+                        "torchscript:<file.pt>, export:<file.pt2> or python:<module>:<callable>")
+    p.add_argument("--dataset", help="dataset spec, tensors:<file.safetensors> too (default: a "
+                                     "flipsafe checkpoint's own; required for other models)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize images to this size (models that do not say their own)")
+    p.add_argument("--mean", default=None, help="per-channel normalisation mean, e.g. "
+                   "0.485,0.456,0.406 (models that do not say; default: the dataset's)")
+    p.add_argument("--std", default=None, help="per-channel normalisation std (as --mean)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--site", default="activations", help="activations, weights or metadata")
     p.add_argument("--format", default="fp32", help="number format the model runs in (fp32, bf16, fp8_e4m3, int8, mxfp8_e4m3, ...)")
     p.add_argument("--fault", default="bitflip", help="bitflip, bitflip2, burst2, stuck0, stuck1, random, zero")

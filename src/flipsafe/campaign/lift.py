@@ -1,0 +1,152 @@
+"""Give graph-only models (torch.export programs, TorchScript) back their layers.
+
+A module loaded from a `torch.export` program or converted from TorchScript is an
+aten-level fx graph: its convolutions and matrix products are function calls on tensor
+attributes, not nn.Conv2d / nn.Linear modules, so there is no layer for the engine to
+hook. `lift_layers` rewrites each aten conv / linear call whose weight is an attribute
+into a call of a real nn.Conv*d / nn.Linear module holding those same tensors, named
+after the weight ("features.0.weight" gives layer "features.0"), so layer names match
+the model the file was made from. The computation is the same op with the same tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from flipsafe.errors import ModelError
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _aten(name: str):
+    return getattr(getattr(torch.ops.aten, name), "default")
+
+
+def _conv_ops() -> dict:
+    return {_aten("conv1d"): 1, _aten("conv2d"): 2, _aten("conv3d"): 3}
+
+
+def _attr(root: nn.Module, target: str) -> torch.Tensor:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _arg(node: fx.Node, i: int, name: str, default):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _module_name(weight_target: str, taken: set) -> str:
+    base = weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target
+    base = base.replace(".", "_") if not base else base
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _tensor_arg(root, node):
+    if node is None:
+        return None
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = _attr(root, node.target)
+        if isinstance(value, torch.Tensor):
+            return value
+    return False  # computed at run time: not a fixed parameter
+
+
+def _conv(dims: int, weight, bias, node) -> nn.Module:
+    stride = _arg(node, 3, "stride", 1)
+    padding = _arg(node, 4, "padding", 0)
+    dilation = _arg(node, 5, "dilation", 1)
+    groups = _arg(node, 6, "groups", 1)
+    mod = _CONV[dims](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                      stride=stride, padding=padding, dilation=dilation, groups=groups,
+                      bias=bias is not None)
+    return mod
+
+
+def lift_layers(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule computing what `gm` computes, with its aten conv/linear calls on fixed
+    weights turned into nn.Conv*d / nn.Linear modules (see the module docstring)."""
+    conv_ops, linear = _conv_ops(), _aten("linear")
+    # Plain positional calling convention (export's pytree one does not deepcopy cleanly);
+    # a single output is returned as itself rather than as a 1-tuple.
+    graph = fx.Graph()
+    env: dict = {}
+    attrs: dict = {}
+    taken: set = set()
+    lifted = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and "guards" in str(node.target):
+            continue  # torch.export's shape guards would pin the batch size
+        dims = conv_ops.get(node.target) if node.op == "call_function" else None
+        is_linear = node.op == "call_function" and node.target is linear
+        if dims or is_linear:
+            w_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            b_node = _arg(node, 2, "bias", None)
+            weight, bias = _tensor_arg(gm, w_node), _tensor_arg(gm, b_node)
+            if isinstance(weight, torch.Tensor) and bias is not False:
+                if is_linear:
+                    mod = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+                else:
+                    mod = _conv(dims, weight, bias, node)
+                with torch.no_grad():
+                    mod.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+                    if bias is not None:
+                        mod.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+                name = _module_name(w_node.target, taken)
+                taken.add(name)
+                attrs[name] = mod
+                env[node] = graph.call_module(name, (env[node.args[0]],))
+                env[node].meta = dict(node.meta)
+                lifted += 1
+                continue
+        if node.op == "output":
+            result = node.args[0]
+            if isinstance(result, (tuple, list)) and len(result) == 1:
+                result = result[0]
+            graph.output(fx.node.map_arg(result, lambda n: env[n]))
+            continue
+        if node.op == "get_attr":
+            attrs[node.target] = _attr(gm, node.target)
+        if node.op == "call_module":
+            attrs[node.target] = _attr(gm, node.target)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    for node in reversed(list(graph.nodes)):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)  # the weights now held by lifted modules
+    used = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    root = {k: v for k, v in attrs.items() if k in used}
+    if not lifted:
+        raise ModelError("the model's graph has no convolution or linear layer with fixed "
+                         "weights to inject into")
+    return _attrs_root(root, graph)
+
+
+def _attrs_root(attrs: dict, graph: fx.Graph) -> fx.GraphModule:
+    """An fx.GraphModule over `graph` with `attrs` (dotted names) as its submodules and
+    attributes; tensors become buffers so .to(device) moves them."""
+    root = nn.Module()
+    for target, value in attrs.items():
+        *path, last = target.split(".")
+        owner = root
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(value, nn.Module):
+            owner.add_module(last, value)
+        elif isinstance(value, nn.Parameter):
+            owner.register_parameter(last, nn.Parameter(value.detach(), requires_grad=False))
+        elif isinstance(value, torch.Tensor):
+            owner.register_buffer(last, value)
+        else:
+            setattr(owner, last, value)
+    gm = fx.GraphModule(root, graph)
+    gm.eval()
+    return gm
