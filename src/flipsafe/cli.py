@@ -125,7 +125,10 @@ def cmd_evaluate(args) -> None:
 
 
 def _plan_from_args(args):
+    """The campaign plan the flags describe, and its model (resolved once: a python:
+    callable is called once)."""
     from flipsafe.campaign.runner import make_plan
+    from flipsafe.campaign.targets import resolve
 
     n = args.n
     if n is not None and n != "all":
@@ -147,7 +150,8 @@ def _plan_from_args(args):
                   "std": _floats(args.std, "--std")}
     if any(v is not None for v in preprocess.values()):
         fields["preprocess"] = preprocess
-    return make_plan(args.model_dir, **fields)
+    target = resolve(args.model_dir)
+    return make_plan(target, **fields), target
 
 
 def _floats(text, flag):
@@ -178,7 +182,8 @@ def _print_strata(prep) -> None:
 def cmd_plan(args) -> None:
     from flipsafe.campaign.runner import estimate_seconds, prepare
 
-    prep = prepare(_plan_from_args(args), device=args.device)
+    plan, target = _plan_from_args(args)
+    prep = prepare(plan, target=target, device=args.device)
     _print_strata(prep)
     print(f"estimated run time: at most {estimate_seconds(prep):,.0f} s on this machine "
           "(clean-inference rate; suffix execution is usually faster)")
@@ -187,9 +192,10 @@ def cmd_plan(args) -> None:
 def cmd_campaign(args) -> None:
     from flipsafe.campaign.runner import run_campaign
 
-    plan = _plan_from_args(args)
+    plan, target = _plan_from_args(args)
     run = run_campaign(plan, args.out, backend=args.backend, address=args.address,
-                       show_progress=not args.quiet, workers=args.workers, device=args.device)
+                       show_progress=not args.quiet, workers=args.workers, device=args.device,
+                       target=None if args.backend == "ray" else target)
     print(f"{run.total:,} injections in {args.out} ({run.kept_parts} parts kept, "
           f"{run.ran_parts} run, {run.injections_per_s:,.0f} injections/s)")
     cmd_summary(argparse.Namespace(results_dir=args.out, vs=[]))

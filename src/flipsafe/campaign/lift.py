@@ -20,7 +20,7 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def _aten(name: str):
-    return getattr(getattr(torch.ops.aten, name), "default")
+    return getattr(torch.ops.aten, name).default
 
 
 def _conv_ops() -> dict:
@@ -41,7 +41,7 @@ def _arg(node: fx.Node, i: int, name: str, default):
 
 
 def _module_name(weight_target: str, taken: set) -> str:
-    base = weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target
+    base = weight_target.removesuffix(".weight")
     base = base.replace(".", "_") if not base else base
     name, k = base, 2
     while name in taken:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from flipsafe.campaign.plan import CampaignPlan, FaultPlan, Stratum, plan_strata
-from flipsafe.campaign.store import PLAN_FILE, ROW_SCHEMA, ResultsStore, read_model_info
+from flipsafe.campaign.store import PLAN_FILE, ROW_SCHEMA, ResultsStore
 from flipsafe.errors import (
     CampaignError,
     ConfigError,
@@ -217,9 +217,11 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
 
     target = resolve(plan.model) if target is None else target
     if target.sha != plan.model_sha:
+        hint = (" (a python: callable must build the same weights on every call: seed or "
+                "load them)" if target.kind == "python" else "")
         raise CampaignError(
             f"the model at {plan.model} is not the model this plan was made for "
-            "(its weights hash differs); use a new --out folder for a new model"
+            f"(its weights hash differs{hint}); use a new --out folder for a new model"
         )
     classes = None
     if data is not None:
@@ -253,7 +255,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
         plan = dataclasses.replace(plan, data_sha=sha)
     elif plan.data_sha != sha:
         raise _data_changed(plan.dataset, plan.data_sha, sha, "this campaign's plan was made")
-    if target.flipsafe:
+    if target.flipsafe and data is None:
         model = ckpt.model
     else:
         model = check_model(target, target.load(images[:2]), images, labels, classes)
@@ -396,11 +398,13 @@ def _on_cpu(outcomes):
 GOLDEN_CACHE_BYTES = 1 << 30
 
 
-def golden_cache(prep: Prepared, faults, budget: int = GOLDEN_CACHE_BYTES):
+def golden_cache(prep: Prepared, faults, budget: int | None = None):
     """(image ids, Golden) of every image the faults land on, for run_part to share across
-    parts, or None when its cached values would exceed `budget` bytes (estimated as four
+    parts, or None when its cached values would exceed `budget` bytes (default
+    GOLDEN_CACHE_BYTES; estimated as four
     copies of each injected layer's float32 output per image: outputs, inputs and graph
     values); then each part makes its own golden runs, as before."""
+    budget = GOLDEN_CACHE_BYTES if budget is None else budget
     ids = torch.unique(faults.image)
     per_image = sum(4 * 4 * math.prod(info.output_shape or (1,)) for info in prep.layers)
     if per_image * ids.numel() > budget:

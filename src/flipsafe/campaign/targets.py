@@ -209,12 +209,19 @@ class HFTarget:
         except ImportError:
             raise ModelError("hf: models need the transformers package; install it "
                              "(pip install transformers)") from None
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             model = AutoModelForImageClassification.from_pretrained(
                 str(self.path), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
             raise ModelError(f"cannot load {self.path} as a Hugging Face image classifier: "
                              f"{_first_line(exc)}") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         return Logits(model, keyword="pixel_values").eval()
 
 
