@@ -361,3 +361,15 @@ def test_device_cuda_without_a_gpu_is_one_line(files, tmp_path, capsys):
 
 def test_device_auto_runs(files, tmp_path):
     assert _campaign(f"export:{files['export']}", tmp_path / "o", "--device", "auto") == 0
+
+
+def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Campaigns on your own model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "report.html").is_file()
+    assert (tmp_path / "results" / "lenet" / "plan.json").is_file()
