@@ -370,6 +370,38 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     section = readme.split("### Campaigns on your own model", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
     assert (tmp_path / "report.html").is_file()
     assert (tmp_path / "results" / "lenet" / "plan.json").is_file()
+
+
+def test_killed_campaign_on_an_exported_model_resumes_to_the_uninterrupted_rows(files,
+                                                                                 tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "flipsafe", "campaign", f"export:{files['export']}",
+            "--dataset", "digits", "--images", "all", "--n", "150", "--part-size", "10",
+            "--quiet", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    parts = out / "parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the campaign finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < len(list(parts.glob("part-*.parquet"))) < 75
+    done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    plan = make_plan(f"export:{files['export']}", dataset="digits", images="all", n=150,
+                     part_size=10)
+    runner_mod.run_campaign(plan, tmp_path / "whole", show_progress=False)
+    _assert_same_rows(_rows(out), _rows(tmp_path / "whole"))
