@@ -48,7 +48,7 @@ class _PartWorker:
                  ranges: dict | None = None, device: str = "cpu"):
         import torch
 
-        from flipsafe.campaign.runner import fault_list, prepare
+        from flipsafe.campaign.runner import fault_list, golden_cache, prepare
 
         # Relative model and dataset paths in the plan are relative to the driver's folder;
         # Ray starts workers elsewhere. The actor owns its process, so changing it is safe.
@@ -61,6 +61,9 @@ class _PartWorker:
             # The driver's ranges: profiling again on another node could differ slightly.
             self.prep = prepare(CampaignPlan.from_json(plan_json), ranges=ranges, device=device)
             self.faults, self.fields = fault_list(self.prep)
+            # The same golden runs as a local campaign makes (all images at once when they
+            # fit GOLDEN_CACHE_BYTES), so the rows are identical to the local run's.
+            self.golden = golden_cache(self.prep, self.faults)
             if len(self.faults) != total_rows:
                 raise CampaignError(
                     f"a Ray worker on {os.uname().nodename} generated {len(self.faults)} faults "
@@ -75,7 +78,7 @@ class _PartWorker:
 
         if self._error is not None:
             raise self._error
-        return k, run_part(self.prep, self.faults, self.fields, start, stop)
+        return k, run_part(self.prep, self.faults, self.fields, start, stop, self.golden)
 
 
 def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:

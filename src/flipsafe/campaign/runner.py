@@ -464,7 +464,9 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
                                  show_progress=show_progress, ranges=prep.ranges,
                                  device=device)
             else:
-                golden = golden_cache(prep, faults) if len(todo) > 1 else None
+                # Always the same decision (not one that depends on the parts left), so a
+                # resumed or Ray run computes exactly the golden values a whole run does.
+                golden = golden_cache(prep, faults) if todo else None
                 _run_parts_locally(prep, faults, fields, store, todo, show_progress, golden)
             seconds = time.perf_counter() - started
     except OSError as exc:
