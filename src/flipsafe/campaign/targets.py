@@ -26,6 +26,7 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -163,7 +164,7 @@ class HFTarget:
             raise ModelError(f"{self.path} has no weights (*.safetensors or *.bin); save the "
                              "model with save_pretrained")
 
-    @property
+    @cached_property
     def sha(self) -> str:
         digest = hashlib.sha256()
         for p in [self.path / "config.json", *self.weights]:
@@ -250,7 +251,7 @@ class FileTarget:
     classes: list[str] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
 
-    @property
+    @cached_property
     def sha(self) -> str:
         return sha256_file(self.path)
 
@@ -330,7 +331,7 @@ class PythonTarget:
             self._model = model.eval()
         return self._model
 
-    @property
+    @cached_property
     def sha(self) -> str:
         return state_sha(self._build())
 
@@ -361,6 +362,7 @@ class ModuleTarget:
 
     @property
     def sha(self) -> str:
+        # Not cached: a module changed after its campaign was planned must be refused.
         return state_sha(self.model)
 
     @property
