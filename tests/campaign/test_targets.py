@@ -304,7 +304,7 @@ BAD = {
     "shape": ("python:i12_user_models:big_images", "fails on 1x8x8 images"),
     "export file": ("export:{torchscript}", "is not a saved torch.export program"),
     "torchscript file": ("torchscript:{notes}", "is not a TorchScript file"),
-    "no layers": ("python:i12_user_models:no_layers", "no layer"),
+    "no layers": ("python:i12_user_models:no_layers", "has no Conv or Linear layer"),
 }
 
 

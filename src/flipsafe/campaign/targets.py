@@ -272,7 +272,8 @@ class FileTarget:
                 program = torch.export.load(str(self.path))
             except Exception as exc:  # noqa: BLE001 - a file that is not an export archive
                 raise ModelError(f"{self.path} is not a saved torch.export program "
-                                 f"({_first_line(exc)}); save one with torch.export.save") from None
+                                 f"({type(exc).__name__}); save one with torch.export.save"
+                                 ) from None
             return lift_layers(program.module()).eval()
         try:
             scripted = torch.jit.load(str(self.path), map_location="cpu")
@@ -400,15 +401,17 @@ def resolve(model) -> Target:
 @contextlib.contextmanager
 def _quiet_torch():
     """Silence the warnings torch.export and its TorchScript converter log while loading."""
-    logger = logging.getLogger("torch._export")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch._export", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -467,7 +470,8 @@ def check_model(target: Target, model: nn.Module, images: torch.Tensor, labels: 
             out = model(batch)
     except Exception as exc:  # noqa: BLE001 - whatever the model raises on these images
         hint = (" (a torch.export program must be exported with a dynamic batch dimension)"
-                if target.kind == "export" else "")
+                if target.kind == "export" else
+                "" if target.flipsafe else " (for other image sizes give --image-size)")
         raise ModelError(f"the model ({target.spec}) fails on {shape} images{hint}: "
                          f"{_first_line(exc)}") from None
     if not isinstance(out, torch.Tensor):
@@ -480,6 +484,9 @@ def check_model(target: Target, model: nn.Module, images: torch.Tensor, labels: 
         raise ModelError(f"the model ({target.spec}) returns a tensor of shape "
                          f"{list(out.shape)} for {len(batch)} images; it must return logits "
                          "[images, classes]")
+    if not any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules()):
+        raise ModelError(f"the model ({target.spec}) has no Conv or Linear layer to inject "
+                         "faults into")
     n_classes = out.shape[1]
     if classes is not None and len(classes) != n_classes:
         raise ModelError(f"the model ({target.spec}) scores {n_classes} classes but the dataset "
