@@ -205,6 +205,19 @@ class HFTarget:
         return f"Hugging Face {arch} from {self.path}"
 
     def load(self, sample=None) -> nn.Module:
+        """The classifier as a graph of its layers (torch.export, lifted) when it exports
+        with the same logits on `sample`, so the engine can run only the layers after a
+        fault; else the model as transformers builds it (same results, slower)."""
+        model = self.eager()
+        if sample is None:
+            return model
+        from flipsafe.campaign.lift import export_and_lift
+
+        with _quiet_torch():
+            return export_and_lift(model, sample) or model
+
+    def eager(self) -> nn.Module:
+        """The model as transformers builds it, returning the logits tensor."""
         try:
             from transformers import AutoModelForImageClassification
         except ImportError:
