@@ -493,7 +493,9 @@ def _refuse_other_data(plan: CampaignPlan, out) -> None:
             "dataset, so a resume cannot check the data is unchanged; summary and report "
             "still read it; choose another --out to run the campaign again"
         )
-    if recorded.dataset == plan.dataset and recorded.data_sha != plan.data_sha:
+    # Other preprocessing (--image-size/--mean/--std) is another plan: the store says so.
+    if (recorded.dataset == plan.dataset and recorded.preprocess == plan.preprocess
+            and recorded.data_sha != plan.data_sha):
         raise _data_changed(plan.dataset, recorded.data_sha, plan.data_sha,
                             f"the campaign in {out} started")
 
