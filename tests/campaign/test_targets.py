@@ -414,3 +414,12 @@ def test_killed_campaign_on_an_exported_model_resumes_to_the_uninterrupted_rows(
                      part_size=10)
     runner_mod.run_campaign(plan, tmp_path / "whole", show_progress=False)
     _assert_same_rows(_rows(out), _rows(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("name", ["resnet", "convnext"])
+def test_hf_lifted_norms_are_emulated_like_the_eager_model(hf, name, tmp_path):
+    # In bf16 the outputs of BatchNorm (resnet) and LayerNorm (convnext) are rounded too:
+    # the lifted graph must hold them as norm layers, as the eager model does.
+    out = tmp_path / name
+    assert _campaign(f"hf:{hf[name]}", out, "--format", "bf16") == 0
+    _assert_rows_equal_engine(out, resolve(f"hf:{hf[name]}").eager())
