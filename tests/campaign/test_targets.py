@@ -147,8 +147,10 @@ def _assert_rows_equal_engine(out, engine_model):
         np.testing.assert_array_equal(rows.column(col).to_numpy(),
                                       getattr(direct, col).numpy(), err_msg=col)
     # Losses are float32 sums over logits from batches of other sizes: equal to rounding.
-    np.testing.assert_allclose(rows.column("delta_loss").to_numpy(),
-                               direct.delta_loss.double().numpy(), rtol=1e-4, atol=1e-5)
+    for col in ("golden_loss", "delta_loss"):
+        np.testing.assert_allclose(rows.column(col).to_numpy(),
+                                   getattr(direct, col).double().numpy(), rtol=1e-4,
+                                   atol=1e-5, err_msg=col)
 
 
 @pytest.mark.parametrize("kind", ["export", "torchscript"])
@@ -414,6 +416,26 @@ def test_killed_campaign_on_an_exported_model_resumes_to_the_uninterrupted_rows(
                      part_size=10)
     runner_mod.run_campaign(plan, tmp_path / "whole", show_progress=False)
     _assert_same_rows(_rows(out), _rows(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("kind", ["export", "torchscript"])
+def test_graph_files_keep_batch_norm_emulated(kind, tmp_path):
+    # resnet20's BatchNorm outputs are rounded to bf16 in the original model; the lifted
+    # graph must hold them as torch.nn BatchNorm layers so the engine rounds them too.
+    torch.manual_seed(0)
+    model = build("resnet20", 10, in_channels=1, image_size=8).eval()
+    x = torch.randn(2, 1, 8, 8)
+    if kind == "export":
+        path = tmp_path / "r.pt2"
+        torch.export.save(torch.export.export(
+            model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("b")}}), path)
+    else:
+        path = tmp_path / "r.pt"
+        torch.jit.save(torch.jit.script(model), path)
+    out = tmp_path / "out"
+    assert _cli("campaign", f"{kind}:{path}", "--dataset", "digits", "--n", 2, "--images",
+                "all", "--format", "bf16", "--quiet", "--out", out) == 0
+    _assert_rows_equal_engine(out, model)
 
 
 @pytest.mark.parametrize("name", ["resnet", "convnext"])

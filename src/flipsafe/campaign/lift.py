@@ -77,11 +77,9 @@ def _conv(dims: int, weight, bias, node) -> nn.Module:
     return mod
 
 
-class _BatchNorm(nn.modules.batchnorm._BatchNorm):
-    """An eval-mode batch norm of any input rank (aten.batch_norm does not check it)."""
-
-    def _check_input_dim(self, input):
-        pass
+# torch.nn's own classes: the engine's tracer keeps only those as layers (a subclass
+# defined here would be traced through and lose its format emulation).
+_BATCH_NORMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
 def _layer_norm(node, weight, bias) -> nn.Module:
@@ -93,14 +91,19 @@ def _layer_norm(node, weight, bias) -> nn.Module:
 
 
 def _batch_norm(gm, node, weight, bias):
-    """An eval-mode _BatchNorm for an aten.batch_norm call on fixed statistics, or None."""
+    """An eval-mode nn.BatchNorm*d for an aten.batch_norm call on fixed statistics and an
+    input of known rank, or None."""
     mean = _tensor_arg(gm, _arg(node, 3, "running_mean", None))
     var = _tensor_arg(gm, _arg(node, 4, "running_var", None))
     training = _arg(node, 5, "training", False)
     if training or not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
         return None
-    mod = _BatchNorm(mean.numel(), eps=_arg(node, 7, "eps", 1e-5),
-                     momentum=_arg(node, 6, "momentum", 0.1), affine=weight is not None)
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    kind = _BATCH_NORMS.get(val.dim()) if isinstance(val, torch.Tensor) else None
+    if kind is None:
+        return None
+    mod = kind(mean.numel(), eps=_arg(node, 7, "eps", 1e-5),
+               momentum=_arg(node, 6, "momentum", 0.1), affine=weight is not None)
     with torch.no_grad():
         mod.running_mean.copy_(mean)
         mod.running_var.copy_(var)
