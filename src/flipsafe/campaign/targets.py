@@ -33,9 +33,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from flipsafe.campaign.plan import TARGET_PREFIXES
 from flipsafe.errors import ModelError
 
-PREFIXES = ("hf", "torchscript", "export", "python")
+# The spec prefixes a user may write ("module:" names an nn.Module given in Python).
+PREFIXES = tuple(p for p in TARGET_PREFIXES if p != "module")
 KINDS = ("<flipsafe checkpoint folder>", "hf:<folder>", "torchscript:<file.pt>",
          "export:<file.pt2>", "python:<module>:<callable>")
 
