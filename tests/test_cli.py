@@ -273,6 +273,9 @@ def test_part_size_below_one_is_refused(monkeypatch, capsys, size):
     from flipsafe.campaign.plan import CampaignPlan
 
     # The checkpoint is not what is tested: a plan for a stand-in model.
+    from flipsafe.campaign import targets
+
+    monkeypatch.setattr(targets, "resolve", lambda spec: spec)
     monkeypatch.setattr(runner, "make_plan", lambda model_dir, **fields: CampaignPlan(
         model=model_dir, model_sha="x", **{"dataset": "digits", "format": "fp32", **fields}))
     assert main(["plan", "m", "--part-size", size]) == 2
@@ -294,6 +297,9 @@ def test_a_resume_with_nothing_left_prints_no_rate(monkeypatch, capsys, tmp_path
     from flipsafe.campaign import runner
     from flipsafe.campaign.plan import CampaignPlan
 
+    from flipsafe.campaign import targets
+
+    monkeypatch.setattr(targets, "resolve", lambda spec: spec)
     monkeypatch.setattr(runner, "make_plan", lambda model_dir, **fields: CampaignPlan(
         model=model_dir, model_sha="x", **{"dataset": "digits", "format": "fp32", **fields}))
     monkeypatch.setattr(runner, "run_campaign", lambda plan, out, **kw: runner.CampaignRun(

@@ -8,6 +8,7 @@ from flipsafe.errors import (
     EnvironmentFailure,
     FlipsafeError,
     InjectionError,
+    ModelError,
     TrainingError,
     UnknownNameError,
 )
@@ -15,13 +16,17 @@ from flipsafe.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Campaign",
     "CampaignError",
+    "CampaignResults",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "EnvironmentFailure",
+    "FaultPlan",
     "FlipsafeError",
     "InjectionError",
+    "ModelError",
     "TrainingError",
     "UnknownNameError",
     "__version__",
@@ -34,3 +39,15 @@ def load(path, map_location="cpu"):
     from flipsafe.checkpoint import load as _load
 
     return _load(path, map_location=map_location)
+
+
+# The Python front door (flipsafe.api), imported on first use so `import flipsafe` stays light.
+_API = ("Campaign", "CampaignResults", "FaultPlan")
+
+
+def __getattr__(name):
+    if name in _API:
+        from flipsafe import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'flipsafe' has no attribute {name!r}")

@@ -160,7 +160,10 @@ def cmd_evaluate(args) -> None:
 
 
 def _plan_from_args(args):
+    """The campaign plan the flags describe, and its model (resolved once: a python:
+    callable is called once)."""
     from flipsafe.campaign.runner import make_plan
+    from flipsafe.campaign.targets import resolve
 
     n = args.n
     if n is not None and n != "all":
@@ -182,7 +185,22 @@ def _plan_from_args(args):
         fields["margin"] = None
     elif args.margin is not None:
         fields["margin"] = args.margin
-    return make_plan(args.model_dir, **fields)
+    preprocess = {"image_size": args.image_size, "mean": _floats(args.mean, "--mean"),
+                  "std": _floats(args.std, "--std")}
+    if any(v is not None for v in preprocess.values()):
+        fields["preprocess"] = preprocess
+    target = resolve(args.model_dir)
+    return make_plan(target, **fields), target
+
+
+def _floats(text, flag):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise FlipsafeError(f"{flag} takes numbers separated by commas (one per channel), "
+                            f"got {text!r}") from None
 
 
 def _print_strata(prep) -> None:
@@ -203,7 +221,8 @@ def _print_strata(prep) -> None:
 def cmd_plan(args) -> None:
     from flipsafe.campaign.runner import estimate_seconds, prepare
 
-    prep = prepare(_plan_from_args(args))
+    plan, target = _plan_from_args(args)
+    prep = prepare(plan, target=target, device=args.device)
     _print_strata(prep)
     print(f"estimated run time: at most {estimate_seconds(prep):,.0f} s on this machine "
           "(clean-inference rate; suffix execution is usually faster)")
@@ -212,9 +231,10 @@ def cmd_plan(args) -> None:
 def cmd_campaign(args) -> None:
     from flipsafe.campaign.runner import run_campaign
 
-    plan = _plan_from_args(args)
+    plan, target = _plan_from_args(args)
     run = run_campaign(plan, args.out, backend=args.backend, address=args.address,
-                       show_progress=not args.quiet, workers=args.workers)
+                       show_progress=not args.quiet, workers=args.workers, device=args.device,
+                       target=None if args.backend == "ray" else target)
     rate = f", {run.injections_per_s:,.0f} injections/s" if run.ran_parts else ""
     print(f"{run.total:,} injections in {args.out} ({run.kept_parts} parts kept, "
           f"{run.ran_parts} run{rate})")
@@ -271,8 +291,19 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     # can be told from one left out; the help shows the plan's defaults.
     d = argparse.Namespace(**{**{f.name: f.default for f in dataclasses.fields(CampaignPlan)},
                               **CONVENTION_DEFAULTS})
-    p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
-    p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)} (default: the model's own)")
+    p.add_argument("model_dir", metavar="MODEL",
+                   help="checkpoint folder made by `flipsafe train`, hf:<folder>, "
+                        "torchscript:<file.pt>, export:<file.pt2> or python:<module>:<callable>")
+    p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)}, tensors:<file.safetensors> "
+                                     "(default: a flipsafe checkpoint's own; required for other "
+                                     "models)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize images to this size (models that do not say their own)")
+    p.add_argument("--mean", default=None, help="per-channel normalisation mean, e.g. "
+                   "0.485,0.456,0.406 (models that do not say; default: the dataset's)")
+    p.add_argument("--std", default=None, help="per-channel normalisation std (as --mean)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or auto (cuda when available) (default: cpu)")
     p.add_argument("--protocol", default=None,
                    help=f"one of {_one_of(PROTOCOLS)}: an evaluation protocol's conventions in "
                         "one flag (goldeneye: site activations, layers all, images correct, clamp "

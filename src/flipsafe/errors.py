@@ -35,6 +35,11 @@ class TrainingError(FlipsafeError):
     """Training that failed on the user's recipe or data (e.g. a loss that diverged)."""
 
 
+class ModelError(FlipsafeError):
+    """A model given to a campaign that cannot be loaded, or does not fit its data
+    (class count, image shape, outputs that are not logits)."""
+
+
 class CampaignError(FlipsafeError):
     """A campaign plan or results folder that cannot be used as asked."""
 

@@ -286,3 +286,31 @@ def test_protocol_is_fingerprinted_only_when_set():
     old = {k: v for k, v in _plan().to_dict().items() if k != "protocol"}
     assert CampaignPlan.from_json(json.dumps(old)).fingerprint() == _plan().fingerprint()
     assert CampaignPlan.from_json(plan.to_json()) == plan
+
+
+def test_fault_plan_is_the_plan_without_its_model_and_data():
+    from flipsafe.campaign import FaultPlan
+    from flipsafe.campaign.plan import FAULT_FIELDS
+
+    faults = FaultPlan(format="FP16", n=100, seed=3)
+    assert faults.format == "fp16"  # checked and canonicalised like a CampaignPlan
+    a = CampaignPlan.of("hf:models/a", "a" * 64, "cifar10", faults)
+    b = CampaignPlan.of("export:b.pt2", "b" * 64, "cifar10", faults)
+    assert a.fault_plan == b.fault_plan == faults
+    assert a.differing_fields(b) == ["model_sha"]  # another model in a folder is refused
+    assert set(FAULT_FIELDS) | {"model", "model_sha", "dataset", "data_sha", "preprocess",
+                                "version"} == set(a.to_dict())
+    with pytest.raises(ConfigError, match="confidence"):
+        FaultPlan(confidence=1.5)
+
+
+def test_preprocess_is_fingerprinted_only_when_given():
+    base = _plan()
+    resized = _plan(preprocess={"image_size": 32, "mean": (0.5,), "std": [0.25]})
+    assert resized.preprocess == {"image_size": 32, "mean": [0.5], "std": [0.25]}
+    assert "preprocess" not in base.fingerprinted()
+    assert base.differing_fields(resized) == ["preprocess"]
+    assert CampaignPlan.from_json(resized.to_json()) == resized
+    for bad in ({"image_size": 0}, {"mean": "0.5"}, {"std": [0.0]}, {"size": 3}):
+        with pytest.raises(ConfigError):
+            _plan(preprocess=bad)

@@ -8,6 +8,7 @@ from flipsafe.campaign.plan import (
     PLAN_VERSION,
     SITES,
     CampaignPlan,
+    FaultPlan,
     Stratum,
     allocate,
     n_from_plan,
@@ -24,10 +25,28 @@ __all__ = [
     "ROW_SCHEMA",
     "SITES",
     "CampaignPlan",
+    "FaultPlan",
     "ResultsStore",
     "Stratum",
     "allocate",
     "content_checksum",
+    "make_plan",
     "n_from_plan",
     "plan_strata",
+    "prepare",
+    "resolve_target",
+    "run_campaign",
 ]
+
+# The runner and the targets import torch: loaded on first use.
+_LAZY = {"make_plan": "runner", "prepare": "runner", "run_campaign": "runner",
+         "resolve_target": "targets"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f"flipsafe.campaign.{_LAZY[name]}")
+        return getattr(module, "resolve" if name == "resolve_target" else name)
+    raise AttributeError(f"module 'flipsafe.campaign' has no attribute {name!r}")

@@ -29,7 +29,10 @@ ALLOCATIONS = ("proportional", "equal")
 NOT_FINGERPRINTED = ("model",)
 # Fields added after plans were first written: left out of the fingerprint while None, so
 # the fingerprints of folders written before them stay valid.
-OPTIONAL_FINGERPRINTED = ("data_sha", "protocol")
+OPTIONAL_FINGERPRINTED = ("data_sha", "preprocess", "protocol")
+# The fields of a FaultPlan: what defines the faults, whatever the model.
+FAULT_FIELDS = ("format", "images", "site", "fault", "layers", "n", "confidence", "margin",
+                "clamp", "seed", "allocation", "part_size", "protocol")
 
 # The fields a protocol may set, with the value each takes when neither the caller nor a
 # protocol gives one (the one place these defaults live).
@@ -45,6 +48,16 @@ PROTOCOLS = {
     "goldeneye": {"site": "activations", "layers": "all", "images": "correct",
                   "clamp": "goldeneye", "fault": "bitflip"},
 }
+PREPROCESS_KEYS = ("image_size", "mean", "std")
+# Prefixes of a plan's `model` that name models flipsafe did not train (the kinds of
+# flipsafe.campaign.targets); "module:" names an nn.Module given in Python.
+TARGET_PREFIXES = ("hf", "torchscript", "export", "python", "module")
+
+
+def is_flipsafe_spec(spec: str) -> bool:
+    """True when a plan's `model` names a `flipsafe train` folder (no target prefix)."""
+    prefix, sep, _ = str(spec).partition(":")
+    return not (sep and prefix in TARGET_PREFIXES)
 
 
 def _choice(name: str, value, choices) -> None:
@@ -60,18 +73,140 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _apply_protocol(plan) -> None:
+    """Fill the conventions left None from the plan's protocol (else CONVENTION_DEFAULTS) and
+    refuse one given against the protocol."""
+    if plan.protocol is not None:
+        _choice("protocol", plan.protocol, tuple(PROTOCOLS))
+    conventions = PROTOCOLS.get(plan.protocol, {})
+    for name, usual in CONVENTION_DEFAULTS.items():
+        if getattr(plan, name) is None:
+            object.__setattr__(plan, name, conventions.get(name, usual))
+    object.__setattr__(plan, "fault", parse_fault(plan.fault).name)
+    for name, wanted in conventions.items():
+        if getattr(plan, name) != wanted:
+            raise ConfigError(
+                f"protocol {plan.protocol} sets {name} {wanted}, but {name} "
+                f"{getattr(plan, name)} was given; leave {name} out or drop the protocol"
+            )
+
+
+def _check_faults(plan) -> None:
+    """Check (and canonicalise) the fault fields of a FaultPlan or CampaignPlan; a protocol
+    (PROTOCOLS) fills or fixes site, layers, images, clamp and fault first."""
+    _apply_protocol(plan)
+    if not isinstance(plan.format, str) or not plan.format:
+        raise ConfigError(f"format must be a non-empty string, got {plan.format!r}")
+    if not isinstance(plan.layers, str) or not plan.layers:
+        raise ConfigError(f"layers must be a non-empty string, got {plan.layers!r}")
+    # One spelling per name, so plans, fingerprints and range caches agree.
+    object.__setattr__(plan, "format", canonical_format(plan.format))
+    object.__setattr__(plan, "fault", parse_fault(plan.fault).name)
+    _choice("images", plan.images, IMAGES)
+    _choice("site", plan.site, SITES)
+    _choice("clamp", plan.clamp, CLAMPS)
+    _choice("allocation", plan.allocation, ALLOCATIONS)
+    if plan.layers not in ("all", "last"):
+        try:
+            re.compile(plan.layers)
+        except re.error as exc:
+            raise ConfigError(
+                f"layers must be 'all', 'last' or a regular expression over layer names; "
+                f"{plan.layers!r} does not compile: {exc}"
+            ) from None
+    if not (plan.n is None or plan.n == "all" or (_is_int(plan.n) and plan.n >= 1)):
+        raise ConfigError(
+            f"n must be a positive integer, 'all', or None (sized from confidence and "
+            f"margin), got {plan.n!r}"
+        )
+    if not (_is_number(plan.confidence) and 0.0 < plan.confidence < 1.0):
+        raise ConfigError(
+            f"confidence must be strictly between 0 and 1 (e.g. 0.99), got {plan.confidence!r}"
+        )
+    if plan.margin is not None and not (_is_number(plan.margin) and 0.0 < plan.margin < 1.0):
+        raise ConfigError(
+            f"margin must be strictly between 0 and 1 (e.g. 0.01) or None, got {plan.margin!r}"
+        )
+    if plan.n is None and plan.margin is None:
+        raise ConfigError("give n (faults per layer) or a margin to size n from; both are None")
+    for name in ("seed", "part_size"):
+        if not _is_int(getattr(plan, name)):
+            raise ConfigError(f"{name} must be an integer, got {getattr(plan, name)!r}")
+    if plan.part_size < 1:
+        raise ConfigError(f"part_size must be at least 1, got {plan.part_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultPlan:
+    """What defines the faults of a campaign, whatever the model: the same FaultPlan run on
+    two models gives two campaigns that can be compared.
+
+    n is the number of faults per layer: an int, "all" (the whole fault space), or None
+    to size it per layer with sample_size(confidence, margin, layer size). When n is
+    given, margin is not used (set it to None).
+    """
+
+    format: str = "fp32"
+    images: str | None = None
+    site: str | None = None
+    fault: str | None = None
+    layers: str | None = None
+    n: int | str | None = None
+    confidence: float = 0.99
+    margin: float | None = 0.01
+    clamp: str | None = None
+    seed: int = 0
+    allocation: str = "proportional"
+    part_size: int = 4096
+    protocol: str | None = None
+
+    def __post_init__(self):
+        _check_faults(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_preprocess(preprocess) -> None:
+    """Raise ConfigError unless `preprocess` is None or a dict of image_size (int >= 1) and
+    mean/std (lists of numbers, std > 0)."""
+    if preprocess is None:
+        return
+    if not isinstance(preprocess, Mapping) or set(preprocess) - set(PREPROCESS_KEYS):
+        raise ConfigError(f"preprocess must be a dict with keys among {PREPROCESS_KEYS}, "
+                          f"got {preprocess!r}")
+    size = preprocess.get("image_size")
+    if size is not None and not (_is_int(size) and size >= 1):
+        raise ConfigError(f"image size must be a positive whole number, got {size!r}")
+    for key in ("mean", "std"):
+        value = preprocess.get(key)
+        if value is None:
+            continue
+        if not (isinstance(value, (list, tuple)) and value
+                and all(_is_number(v) and math.isfinite(v) for v in value)):
+            raise ConfigError(f"{key} must be a list of numbers, one per channel, got {value!r}")
+        if key == "std" and any(v <= 0 for v in value):
+            raise ConfigError(f"std values must be positive, got {list(value)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CampaignPlan:
-    """Everything that defines a campaign's results, checked on construction.
+    """Everything that defines a campaign's results, checked on construction: the target
+    (model, model_sha), the data (dataset, data_sha, preprocess) and the fault plan
+    (the FAULT_FIELDS, see FaultPlan; `fault_plan` gives them back as one).
 
-    n is the number of faults per layer: an int, "all" (the whole fault space),
-    or None to size it per layer with sample_size(confidence, margin, layer size).
-    format and fault are stored in their one spelling ("FP16" becomes "fp16").
-    data_sha is the sha256 of the evaluation images and labels (runner.prepare fills
-    it in); None only in plans written before it was recorded, or not yet prepared.
-    protocol names a set of conventions (PROTOCOLS, e.g. "goldeneye"): site, layers,
-    images, clamp and fault left as None take the protocol's values (without a protocol,
-    CONVENTION_DEFAULTS), and a value given that differs from the protocol's is refused.
+    model names the target: a `flipsafe train` folder, or a spec such as `hf:<folder>`,
+    `torchscript:<file>`, `export:<file>`, `python:<module>:<callable>` (see
+    flipsafe.campaign.targets); model_sha is the sha256 of its weights or file. model is
+    not fingerprinted (a folder may move), model_sha is, so a results folder refuses
+    another model. format and fault are stored in their one spelling ("FP16" becomes
+    "fp16"). data_sha is the sha256 of the evaluation images and labels (runner.prepare
+    fills it in); None only in plans written before it was recorded, or not yet
+    prepared. preprocess holds the --image-size/--mean/--std given for a model flipsafe
+    did not train (None: none given). protocol names a set of conventions (PROTOCOLS, e.g.
+    "goldeneye"): site, layers, images, clamp and fault left as None take the protocol's
+    values (without a protocol, CONVENTION_DEFAULTS), and a value given that differs from the
+    protocol's is refused.
     """
 
     model: str
@@ -90,73 +225,44 @@ class CampaignPlan:
     allocation: str = "proportional"
     part_size: int = 4096
     data_sha: str | None = None
+    preprocess: dict | None = None
     protocol: str | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self):
-        self._apply_protocol()
-        for name in ("model", "model_sha", "dataset", "format", "layers"):
+        for name in ("model", "model_sha", "dataset"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
-        # One spelling per name, so plans, fingerprints and range caches agree.
-        object.__setattr__(self, "format", canonical_format(self.format))
+        _check_faults(self)
         if self.data_sha is not None and not (
             isinstance(self.data_sha, str) and re.fullmatch(r"[0-9a-f]{64}", self.data_sha)
         ):
             raise ConfigError(f"data_sha must be a sha256 hex digest or None, got {self.data_sha!r}")
-        _choice("images", self.images, IMAGES)
-        _choice("site", self.site, SITES)
-        _choice("clamp", self.clamp, CLAMPS)
-        _choice("allocation", self.allocation, ALLOCATIONS)
-        if self.layers not in ("all", "last"):
-            try:
-                re.compile(self.layers)
-            except re.error as exc:
-                raise ConfigError(
-                    f"layers must be 'all', 'last' or a regular expression over layer names; "
-                    f"{self.layers!r} does not compile: {exc}"
-                ) from None
-        if not (self.n is None or self.n == "all" or (_is_int(self.n) and self.n >= 1)):
-            raise ConfigError(
-                f"n must be a positive integer, 'all', or None (sized from confidence and "
-                f"margin), got {self.n!r}"
-            )
-        if not (_is_number(self.confidence) and 0.0 < self.confidence < 1.0):
-            raise ConfigError(
-                f"confidence must be strictly between 0 and 1 (e.g. 0.99), got {self.confidence!r}"
-            )
-        if self.margin is not None and not (_is_number(self.margin) and 0.0 < self.margin < 1.0):
-            raise ConfigError(
-                f"margin must be strictly between 0 and 1 (e.g. 0.01) or None, got {self.margin!r}"
-            )
-        if self.n is None and self.margin is None:
-            raise ConfigError("give n (faults per layer) or a margin to size n from; both are None")
-        for name in ("seed", "part_size", "version"):
-            if not _is_int(getattr(self, name)):
-                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        if self.part_size < 1:
-            raise ConfigError(f"part_size must be at least 1, got {self.part_size}")
+        check_preprocess(self.preprocess)
+        if self.preprocess is not None:
+            clean = {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                     for k, v in self.preprocess.items() if v is not None}
+            object.__setattr__(self, "preprocess", clean or None)
+        if not _is_int(self.version):
+            raise ConfigError(f"version must be an integer, got {self.version!r}")
         if self.version != PLAN_VERSION:
             raise CampaignError(
                 f"plan version {self.version} is not supported (this flipsafe reads version "
                 f"{PLAN_VERSION}); use a matching flipsafe or start a new campaign"
             )
 
-    def _apply_protocol(self) -> None:
-        if self.protocol is not None:
-            _choice("protocol", self.protocol, tuple(PROTOCOLS))
-        conventions = PROTOCOLS.get(self.protocol, {})
-        for name, usual in CONVENTION_DEFAULTS.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, conventions.get(name, usual))
-        object.__setattr__(self, "fault", parse_fault(self.fault).name)
-        for name, wanted in conventions.items():
-            if getattr(self, name) != wanted:
-                raise ConfigError(
-                    f"protocol {self.protocol} sets {name} {wanted}, but {name} "
-                    f"{getattr(self, name)} was given; leave {name} out or drop the protocol"
-                )
+    @classmethod
+    def of(cls, model: str, model_sha: str, dataset: str, faults: FaultPlan | None = None,
+           **fields) -> CampaignPlan:
+        """The plan of running fault plan `faults` (default FaultPlan()) on one model."""
+        return cls(model=model, model_sha=model_sha, dataset=dataset,
+                   **(faults or FaultPlan()).to_dict(), **fields)
+
+    @property
+    def fault_plan(self) -> FaultPlan:
+        """The fault-defining fields of this plan, as a FaultPlan."""
+        return FaultPlan(**{name: getattr(self, name) for name in FAULT_FIELDS})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

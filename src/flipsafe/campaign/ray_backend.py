@@ -50,10 +50,10 @@ class _PartWorker:
     """
 
     def __init__(self, plan_json: str, total_rows: int, cwd: str | None = None,
-                 ranges: dict | None = None):
+                 ranges: dict | None = None, device: str = "cpu"):
         import torch
 
-        from flipsafe.campaign.runner import fault_list, prepare
+        from flipsafe.campaign.runner import fault_list, golden_cache, prepare
 
         # Relative model and dataset paths in the plan are relative to the driver's folder;
         # Ray starts workers elsewhere. The actor owns its process, so changing it is safe.
@@ -64,8 +64,11 @@ class _PartWorker:
         self._error = None
         try:
             # The driver's ranges: profiling again on another node could differ slightly.
-            self.prep = prepare(CampaignPlan.from_json(plan_json), ranges=ranges)
+            self.prep = prepare(CampaignPlan.from_json(plan_json), ranges=ranges, device=device)
             self.faults, self.fields = fault_list(self.prep)
+            # The same golden runs as a local campaign makes (all images at once when they
+            # fit GOLDEN_CACHE_BYTES), so the rows are identical to the local run's.
+            self.golden = golden_cache(self.prep, self.faults)
             if len(self.faults) != total_rows:
                 raise CampaignError(
                     f"a Ray worker on {os.uname().nodename} generated {len(self.faults)} faults "
@@ -80,7 +83,7 @@ class _PartWorker:
 
         if self._error is not None:
             raise self._error
-        return k, run_part(self.prep, self.faults, self.fields, start, stop)
+        return k, run_part(self.prep, self.faults, self.fields, start, stop, self.golden)
 
 
 def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -171,7 +174,8 @@ def _connect(ray, address, workers):
 
 def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
                      address: str | None = None, workers: int | None = None,
-                     show_progress: bool = True, ranges: dict | None = None) -> None:
+                     show_progress: bool = True, ranges: dict | None = None,
+                     device: str = "cpu") -> None:
     """Run parts `todo` of `plan` on Ray actors and write each into `store` as it arrives.
 
     Uses the Ray already initialised in this process if there is one (and leaves it
@@ -181,8 +185,9 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
     from the plan, so every node needs flipsafe, the checkpoint at plan.model and the
     dataset (relative paths are taken from the driver's working folder). Parts lost with
     a dead actor run again on a fresh one; parts already written stay written whatever
-    happens, so an interrupted run resumes where it was. Actors run the engine on CPU,
-    as prepare() builds it; they request no GPUs. `ranges` (the driver's Prepared.ranges)
+    happens, so an interrupted run resumes where it was. Actors run the engine on
+    `device`; with cuda (or auto on a driver that sees a GPU) each asks Ray for an equal
+    share of the cluster's GPUs, else for none. `ranges` (the driver's Prepared.ranges)
     go to every actor, so none profiles activation ranges of its own.
     """
     if workers is not None and workers < 1:
@@ -209,11 +214,19 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
         n_actors = max(1, min(workers or int(cpus) or 1, len(todo)))
         # More actors than CPUs would leave some pending forever; share the CPUs instead.
         per_actor = min(1.0, cpus / n_actors) if cpus > 0 else 0
-        actor_cls = ray.remote(_PartWorker).options(num_cpus=per_actor, max_restarts=0)
+        gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+        if on_gpu and gpus <= 0:
+            raise ConfigError("--device cuda: the Ray cluster has no GPUs; use --device cpu")
+        options = {"num_gpus": min(1.0, gpus / n_actors)} if on_gpu else {}
+        actor_cls = ray.remote(_PartWorker).options(num_cpus=per_actor, max_restarts=0,
+                                                    **options)
+        worker_device = "cuda" if on_gpu else "cpu"
         plan_json = plan.to_json()
 
         def new_actor():
-            return actor_cls.remote(plan_json, store.total_rows, os.getcwd(), ranges)
+            return actor_cls.remote(plan_json, store.total_rows, os.getcwd(), ranges,
+                                    worker_device)
 
         actors = [new_actor() for _ in range(n_actors)]
         queue = deque(todo)

@@ -14,14 +14,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from flipsafe.campaign.plan import CampaignPlan, Stratum, plan_strata
+from flipsafe.campaign.plan import CampaignPlan, FaultPlan, Stratum, plan_strata
 from flipsafe.campaign.store import PLAN_FILE, ROW_SCHEMA, ResultsStore
-from flipsafe.errors import CampaignError, ConfigError, EnvironmentFailure, is_disk_full
+from flipsafe.errors import (
+    CampaignError,
+    ConfigError,
+    EnvironmentFailure,
+    FlipsafeError,
+    is_disk_full,
+)
 from flipsafe.progress import progress_bar
 
 # Activation ranges a campaign profiled, kept in its results folder (never the checkpoint's,
 # which may be read-only or shared) so a resume uses the very same ranges.
 RANGES_FILE = "ranges-{format}.json"
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def model_sha(model_dir) -> str:
@@ -31,18 +38,27 @@ def model_sha(model_dir) -> str:
     return read_config(model_dir)["files"][WEIGHTS]
 
 
-def make_plan(model_dir, **fields) -> CampaignPlan:
-    """A CampaignPlan for the checkpoint at `model_dir` (dataset defaults to its own).
+def make_plan(model, faults: FaultPlan | None = None, **fields) -> CampaignPlan:
+    """A CampaignPlan running `faults` (a FaultPlan; or give its fields as keywords) on
+    `model`: a `flipsafe train` folder, a target spec (hf:, torchscript:, export:,
+    python:, see flipsafe.campaign.targets), an nn.Module or a target. The dataset
+    defaults to a checkpoint's own; other models need one."""
+    from flipsafe.campaign.targets import resolve
 
-    `protocol="goldeneye"` sets GoldenEye's conventions (see plan.PROTOCOLS); a field given
-    with another value than the protocol's is refused (ConfigError).
-    """
-    from flipsafe.checkpoint import read_config
-
-    config = read_config(model_dir)
-    fields.setdefault("dataset", config.get("dataset", "digits"))
+    target = resolve(model)
+    if faults is not None:
+        fields = {**faults.to_dict(), **fields}
+    if fields.get("dataset") is None:
+        if not target.flipsafe:
+            raise ConfigError(f"a {target.kind} model needs a dataset to run on: give --dataset "
+                              "(digits, imagefolder:<dir>, cifar10:<dir>, cifar100:<dir>, "
+                              "tensors:<file.safetensors>)")
+        fields["dataset"] = target.config.get("dataset", "digits")
+    if fields.get("preprocess") and target.flipsafe:
+        raise ConfigError("--image-size/--mean/--std are for models flipsafe did not train; a "
+                          "flipsafe checkpoint knows its own inputs")
     fields.setdefault("format", "fp32")
-    return CampaignPlan(model=str(model_dir), model_sha=model_sha(model_dir), **fields)
+    return CampaignPlan(model=target.spec, model_sha=target.sha, **fields)
 
 
 @dataclass
@@ -57,11 +73,13 @@ class Prepared:
     images: torch.Tensor  # the whole evaluation split, so image_id indexes it directly
     labels: torch.Tensor
     image_ids: torch.Tensor  # the images faults may land on (plan.images)
-    classifier: str
+    classifier: str | None
     layers: list  # engine LayerInfo, in engine order
     strata: list[Stratum]
     # Activation ranges the engine uses; empty when neither the clamp nor the format needs them.
     ranges: dict = dataclasses.field(default_factory=dict)
+    # What reports say about the model (see store.MODEL_FILE): source, hash, clean accuracy.
+    model_info: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -171,42 +189,89 @@ def _cache_ranges(out, plan: CampaignPlan, ranges: dict) -> None:
         pass  # only a cache: the campaign profiles again next time
 
 
-def prepare(plan: CampaignPlan, ranges: dict | None = None) -> Prepared:
+def resolve_device(device: str) -> str:
+    """'cpu', 'cuda' or 'auto' (cuda when torch sees a GPU) as a torch device name."""
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of: {', '.join(DEVICES)}; got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA GPU here; use --device cpu or auto")
+    return device
+
+
+def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=None,
+            device: str = "cpu") -> Prepared:
     """Load model and data, pick images and size every stratum.
 
-    When the clamp or the format needs activation ranges they are `ranges` if given,
-    else profiled on the training split. prepare writes no file.
+    `target` is the plan's model already resolved (default: resolved from plan.model);
+    `data` is (images, labels) the model takes as they are, instead of plan.dataset
+    (Python callers). When the clamp or the format needs activation ranges they are
+    `ranges` if given, else profiled on the training split (on the evaluation images
+    with `data`). `device` is cpu, cuda or auto. prepare writes no file.
     """
+    from flipsafe.campaign.targets import check_model, model_inputs, resolve
     from flipsafe.checkpoint import check_dataset, load_checkpoint
     from flipsafe.data import load
     from flipsafe.inject import Engine
 
-    ckpt = load_checkpoint(plan.model)
-    if ckpt.config["files"]["model.safetensors"] != plan.model_sha:
+    target = resolve(plan.model) if target is None else target
+    if target.sha != plan.model_sha:
+        hint = (" (a python: callable must build the same weights on every call: seed or "
+                "load them)" if target.kind == "python" else "")
         raise CampaignError(
-            f"the checkpoint at {plan.model} is not the model this plan was made for "
-            "(its weights hash differs); use a new --out folder for a new model"
+            f"the model at {plan.model} is not the model this plan was made for "
+            f"(its weights hash differs{hint}); use a new --out folder for a new model"
         )
-    bundle = load(plan.dataset)
-    check_dataset(ckpt.config, bundle)
-    images, labels = bundle.test.tensors()
+    classes = None
+    if data is not None:
+        images, labels = data
+
+        def train_images():
+            return images
+    elif target.flipsafe:
+        ckpt = load_checkpoint(plan.model)
+        if ckpt.config["files"]["model.safetensors"] != plan.model_sha:
+            raise CampaignError(
+                f"the checkpoint at {plan.model} is not the model this plan was made for "
+                "(its weights hash differs); use a new --out folder for a new model"
+            )
+        bundle = load(plan.dataset)
+        check_dataset(ckpt.config, bundle)
+        images, labels = bundle.test.tensors()
+
+        def train_images():
+            return bundle.train.tensors()[0]
+    else:
+        bundle = load(plan.dataset)
+        classes = bundle.classes if bundle.classes_known else None
+        images = model_inputs(target, bundle.test, bundle, plan.preprocess)
+        labels = bundle.test.labels
+
+        def train_images():
+            return model_inputs(target, bundle.train, bundle, plan.preprocess)
     sha = data_sha(images, labels)
     if plan.data_sha is None:
         plan = dataclasses.replace(plan, data_sha=sha)
     elif plan.data_sha != sha:
         raise _data_changed(plan.dataset, plan.data_sha, sha, "this campaign's plan was made")
-    engine = Engine(ckpt.model, format=plan.format, clamp=plan.clamp,
-                    input_shape=tuple(images.shape[1:]))
+    if target.flipsafe and data is None:
+        model = ckpt.model
+    else:
+        model = check_model(target, target.load(images[:2]), images, labels, classes)
+    engine = Engine(model, format=plan.format, clamp=plan.clamp,
+                    device=resolve_device(device), input_shape=tuple(images.shape[1:]))
     if engine.needs_ranges:
         if ranges is None:
-            ranges = engine.profile(bundle.train.tensors()[0].split(256))
+            ranges = engine.profile(train_images().split(256))
         engine.set_ranges(ranges)
     else:
         ranges = {}
     golden = engine.golden(images, labels, layers=[])
     g = golden.outcomes
+    top1, top2diff = g.top1.cpu(), g.top2diff.cpu()
     if plan.images == "correct":
-        keep = (g.top1 == labels) & (g.top2diff > 0)
+        keep = (top1 == labels) & (top2diff > 0)
     else:
         keep = torch.ones_like(labels, dtype=torch.bool)
     image_ids = torch.nonzero(keep).reshape(-1)
@@ -221,8 +286,18 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None) -> Prepared:
     layers = engine.layers(plan.site, select)
     sizes = _strata_sizes(plan, layers, int(image_ids.numel()), engine.fmt)
     strata = _with_exposure(plan, layers, plan_strata(plan, sizes))
-    return Prepared(plan, engine, images, labels, image_ids, engine.classifier(), layers, strata,
-                    dict(ranges))
+    try:
+        classifier = engine.classifier()
+    except FlipsafeError:
+        if target.flipsafe or plan.layers == "last":
+            raise
+        classifier = None  # a model without a final Linear: 'last' cannot be chosen
+    info = {"spec": target.spec, "kind": target.kind, "sha256": target.sha,
+            "description": target.description, "classes": target.classes,
+            "classifier": classifier,
+            "accuracy": float((top1 == labels).double().mean())}
+    return Prepared(plan, engine, images, labels, image_ids, classifier, layers, strata,
+                    dict(ranges), info)
 
 
 def fault_list(prep: Prepared):
@@ -266,14 +341,25 @@ def fault_list(prep: Prepared):
 _ENGINE_PARAM = {"activations": "output", "weights": "weight", "metadata": "meta"}
 
 
-def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int) -> pa.Table:
-    """Inject faults [start, stop) and return their rows, ready for the store."""
+def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int,
+             golden=None) -> pa.Table:
+    """Inject faults [start, stop) and return their rows, ready for the store.
+
+    `golden` (from golden_cache) is the golden run of every image faults land on, reused
+    by every part; without it the part makes the golden runs of its own images."""
     part = faults.select(slice(start, stop))
-    used, image_pos = torch.unique(part.image, return_inverse=True)
-    local = part.select(slice(None))
-    local.image = image_pos
-    images, labels = prep.images[used], prep.labels[used]
-    out = prep.engine.run(local, images, labels)
+    if golden is not None:
+        ids, gold = golden
+        local = part.select(slice(None))
+        local.image = torch.searchsorted(ids, part.image)
+        out = prep.engine.run(local, gold.images, gold.labels, golden=gold)
+    else:
+        used, image_pos = torch.unique(part.image, return_inverse=True)
+        local = part.select(slice(None))
+        local.image = image_pos
+        images, labels = prep.images[used], prep.labels[used]
+        out = prep.engine.run(local, images, labels)
+    out = _on_cpu(out)
     plan = prep.plan
     n = len(part)
     return pa.table({
@@ -300,6 +386,33 @@ def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int) -
     }, schema=ROW_SCHEMA)
 
 
+def _on_cpu(outcomes):
+    """Outcomes with every tensor column on the CPU (the engine may run on a GPU)."""
+    for name, value in list(vars(outcomes).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(outcomes, name, value.cpu())
+    return outcomes
+
+
+# Bytes of cached golden values a campaign may keep for all its parts (golden_cache).
+GOLDEN_CACHE_BYTES = 1 << 30
+
+
+def golden_cache(prep: Prepared, faults, budget: int | None = None):
+    """(image ids, Golden) of every image the faults land on, for run_part to share across
+    parts, or None when its cached values would exceed `budget` bytes (default
+    GOLDEN_CACHE_BYTES; estimated as four
+    copies of each injected layer's float32 output per image: outputs, inputs and graph
+    values); then each part makes its own golden runs, as before."""
+    budget = GOLDEN_CACHE_BYTES if budget is None else budget
+    ids = torch.unique(faults.image)
+    per_image = sum(4 * 4 * math.prod(info.output_shape or (1,)) for info in prep.layers)
+    if per_image * ids.numel() > budget:
+        return None
+    layers = {info.name for info in prep.layers}
+    return ids, prep.engine.golden(prep.images[ids], prep.labels[ids], layers=layers)
+
+
 @dataclass
 class CampaignRun:
     """What a finished (or resumed) campaign did."""
@@ -313,17 +426,24 @@ class CampaignRun:
 
 
 def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str | None = None,
-                 show_progress: bool = True, workers: int | None = None) -> CampaignRun:
+                 show_progress: bool = True, workers: int | None = None, device: str = "cpu",
+                 target=None, data=None) -> CampaignRun:
     """Run (or resume) `plan` into results folder `out`; finished parts are kept.
 
     The run holds the folder's writer lock, so a second campaign on the same folder is
     refused (CampaignError). A full disk raises EnvironmentFailure; the parts written
-    until then are kept and the same call resumes.
+    until then are kept and the same call resumes. `device` (cpu, cuda, auto) is where
+    the engine runs; `target` and `data` are as for prepare (the Ray backend rebuilds
+    both from the plan, so it takes neither).
     """
     if backend not in ("local", "ray"):
         raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
+    resolve_device(device)
+    if backend == "ray" and (data is not None or getattr(target, "kind", "") == "module"):
+        raise ConfigError("the ray backend rebuilds the model and data from the plan on each "
+                          "worker; a model or data given in Python runs with backend='local'")
     cached = read_cached_ranges(out, plan)
-    prep = prepare(plan, ranges=cached)
+    prep = prepare(plan, ranges=cached, target=target, data=data, device=device)
     plan = prep.plan  # with the data hash
     _refuse_other_data(plan, out)
     faults, fields = fault_list(prep)
@@ -333,6 +453,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
             store.create_or_resume(plan, total_rows=len(faults), strata=prep.strata)
             if prep.ranges and cached is None:
                 _cache_ranges(out, plan, prep.ranges)
+            store.write_model_info(prep.model_info)
             todo = store.missing_parts()
             kept = store.n_parts - len(todo)
             started = time.perf_counter()
@@ -340,9 +461,13 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
                 from flipsafe.campaign.ray_backend import run_parts_on_ray
 
                 run_parts_on_ray(plan, store, todo, address=address, workers=workers,
-                                 show_progress=show_progress, ranges=prep.ranges)
+                                 show_progress=show_progress, ranges=prep.ranges,
+                                 device=device)
             else:
-                _run_parts_locally(prep, faults, fields, store, todo, show_progress)
+                # Always the same decision (not one that depends on the parts left), so a
+                # resumed or Ray run computes exactly the golden values a whole run does.
+                golden = golden_cache(prep, faults) if todo else None
+                _run_parts_locally(prep, faults, fields, store, todo, show_progress, golden)
             seconds = time.perf_counter() - started
     except OSError as exc:
         if not is_disk_full(exc):
@@ -368,7 +493,9 @@ def _refuse_other_data(plan: CampaignPlan, out) -> None:
             "dataset, so a resume cannot check the data is unchanged; summary and report "
             "still read it; choose another --out to run the campaign again"
         )
-    if recorded.dataset == plan.dataset and recorded.data_sha != plan.data_sha:
+    # Other preprocessing (--image-size/--mean/--std) is another plan: the store says so.
+    if (recorded.dataset == plan.dataset and recorded.preprocess == plan.preprocess
+            and recorded.data_sha != plan.data_sha):
         raise _data_changed(plan.dataset, recorded.data_sha, plan.data_sha,
                             f"the campaign in {out} started")
 
@@ -378,16 +505,17 @@ def part_bounds(store: ResultsStore, k: int, part_size: int) -> tuple[int, int]:
     return start, start + store.expected_rows(k)
 
 
-def _run_parts_locally(prep, faults, fields, store, todo, show_progress) -> None:
+def _run_parts_locally(prep, faults, fields, store, todo, show_progress, golden=None) -> None:
     total = sum(store.expected_rows(k) for k in todo)
     sdc = done = 0
     desc = f"{prep.plan.site} {prep.plan.format} {prep.plan.fault}"
     with progress_bar(desc, total=total, unit="inj", enabled=show_progress) as bar:
         for k in todo:
             start, stop = part_bounds(store, k, prep.plan.part_size)
-            # One engine call per part: its golden run is shared by every fault in it
+            # One engine call per part: the golden runs (of the whole campaign when
+            # golden_cache allowed it, else of the part) are shared by every fault in it
             # (measured: twice the rate of 256-fault slices, each with its own golden run).
-            table = run_part(prep, faults, fields, start, stop)
+            table = run_part(prep, faults, fields, start, stop, golden)
             store.write_part(k, table)
             done += table.num_rows
             sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))

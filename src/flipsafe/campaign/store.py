@@ -46,6 +46,9 @@ ROW_SCHEMA = pa.schema(
 )
 
 PLAN_FILE = "plan.json"
+# What a results folder records about its model (source, sha256, classifier layer, clean
+# accuracy), so reports can describe models flipsafe did not train and cannot reload.
+MODEL_FILE = "model.json"
 MANIFEST_FILE = "manifest.json"
 PARTS_DIR = "parts"
 LOCK_FILE = ".lock"
@@ -54,6 +57,15 @@ _META_ROWS = b"flipsafe.rows"
 _META_FINGERPRINT = b"flipsafe.fingerprint"
 _META_PART = b"flipsafe.part"
 _META_CHECKSUM = b"flipsafe.checksum"
+
+
+def read_model_info(folder) -> dict | None:
+    """What results folder `folder` records about its model (MODEL_FILE), or None."""
+    try:
+        info = json.loads((Path(folder) / MODEL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def content_checksum(table: pa.Table) -> str:
@@ -326,6 +338,11 @@ class ResultsStore:
 
     def part_path(self, k: int) -> Path:
         return self.parts_dir / f"part-{k:06d}.parquet"
+
+    def write_model_info(self, info: dict) -> None:
+        """Record `info` about the campaign's model in MODEL_FILE (atomically)."""
+        self._require_open()
+        atomic.write_json(self.out_dir / MODEL_FILE, info)
 
     def write_part(self, k: int, table: pa.Table) -> Path:
         """Write part k atomically, with rows, plan fingerprint, part id and checksum attached."""

@@ -6,7 +6,8 @@ from flipsafe.data.imagefolder import MAX_IMAGE_SIZE
 from flipsafe.data.tensors import DatasetBundle, ImageTensors, stratified_split
 from flipsafe.errors import ConfigError, DataError, unknown
 
-KINDS = ("digits", "imagefolder:<dir>", "cifar10:<dir>", "cifar100:<dir>")
+KINDS = ("digits", "imagefolder:<dir>", "cifar10:<dir>", "cifar100:<dir>",
+         "tensors:<file.safetensors>")
 IMAGEFOLDER_OPTIONS = {"size": 32, "channels": 3}
 
 
@@ -36,6 +37,8 @@ def load(spec: str = "digits", seed: int = 0) -> DatasetBundle:
         stretched to size x size (1 to MAX_IMAGE_SIZE = 1024; a folder whose images
         would take over half the available memory as float32 is refused). ``<dir>/train`` with ``<dir>/test`` (or ``val``) is
         used as given; otherwise every class is split 80/20.
+      - ``tensors:<file.safetensors>``: tensors ``images`` and ``labels`` (see
+        load_tensor_file); every image is both a test and a train image.
       - ``cifar10:<dir>`` / ``cifar100:<dir>``: the official python-pickle batches in
         ``<dir>`` or its ``cifar-10-batches-py`` / ``cifar-100-python`` sub-folder,
         normalised with the usual per-channel CIFAR mean/std.
@@ -52,6 +55,12 @@ def load(spec: str = "digits", seed: int = 0) -> DatasetBundle:
         from flipsafe.data.digits import load_digits
 
         return load_digits(spec)
+    if kind == "tensors":
+        from flipsafe.data.tensors import load_tensor_file
+
+        if not rest:
+            raise DataError("dataset 'tensors' needs a file: use 'tensors:<file.safetensors>'")
+        return load_tensor_file(rest, spec)
     if kind not in ("imagefolder", "cifar10", "cifar100"):
         raise unknown("dataset", spec, KINDS)
     path, _, query = rest.partition("?")

@@ -52,6 +52,9 @@ class DatasetBundle:
     spec: str
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    # False when the class names were made up from the labels (a tensors file without a
+    # class list): the class count is then only a lower bound.
+    classes_known: bool = True
 
 
 def channel_stats(pixels: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -83,3 +86,61 @@ def stratified_split(labels, test_fraction: float = 0.2, seed: int = 0):
     test = np.sort(np.asarray(test, dtype=np.int64))
     train = np.setdiff1d(np.arange(len(labels)), test)
     return train, test
+
+
+def load_tensor_file(path: str, spec: str) -> DatasetBundle:
+    """A `tensors:<file.safetensors>` dataset: tensors `images` ([N, C, H, W] or [N, H, W];
+    uint8 0..255 or float on the 0..1 scale) and `labels` ([N] integers). The class names
+    may be given as a JSON list in the file's metadata under "classes". Every image is an
+    evaluation image (test split); profiling uses the same images (train split)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    from flipsafe.errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"tensors file {path!r} not found ({spec})")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys = set(f.keys())
+            missing = sorted({"images", "labels"} - keys)
+            if missing:
+                raise DataError(f"{path} has no tensor named {' or '.join(missing)}; a tensors: "
+                                f"dataset needs 'images' and 'labels' (it has: "
+                                f"{', '.join(sorted(keys)) or 'none'})")
+            images, labels = f.get_tensor("images"), f.get_tensor("labels")
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable safetensors file ({exc})") from None
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dim() != 4 or not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise DataError(f"{path}: 'images' must be uint8 or float [N, C, H, W] (or [N, H, W]), "
+                        f"got {images.dtype} {list(images.shape)}")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool \
+            or len(labels) != len(images):
+        raise DataError(f"{path}: 'labels' must be {len(images)} integers (one per image), got "
+                        f"{labels.dtype} {list(labels.shape)}")
+    if len(labels) == 0 or int(labels.min()) < 0:
+        raise DataError(f"{path}: labels must be class indices >= 0, and there must be images")
+    n_classes = int(labels.max()) + 1
+    classes, known = [str(i) for i in range(n_classes)], False
+    if "classes" in meta:
+        try:
+            named = json.loads(meta["classes"])
+        except ValueError:
+            named = None
+        if not (isinstance(named, list) and len(named) >= n_classes):
+            raise DataError(f"{path}: metadata 'classes' must be a JSON list of at least "
+                            f"{n_classes} class names")
+        classes, known = [str(c) for c in named], True
+    if images.is_floating_point():
+        images = images.float()
+    mean, std = channel_stats(images)
+    split = ImageTensors(images, labels.long(), mean, std)
+    return DatasetBundle(train=split, test=split, classes=classes, in_channels=images.shape[1],
+                         image_size=images.shape[-1], spec=spec, mean=mean, std=std,
+                         classes_known=known)

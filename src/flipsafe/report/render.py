@@ -260,6 +260,8 @@ def model_card_section(models: Sequence[Results]) -> list:
                   "their computation. The rates are vulnerability factors per injected fault; "
                   "multiply by the raw fault rate of the target hardware to estimate an SDC FIT "
                   "rate. This is not a safety certification."),
+        Heading("Models", 3),
+        Bullets([f"{r.name}: {r.source}" for r in models]),
         Heading("Fault model assumed", 3),
         Bullets([
             (f"One {p.fault} fault per inference in the {p.site} of {layers}, elements and bits "

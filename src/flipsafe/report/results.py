@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flipsafe.campaign.plan import CampaignPlan, Stratum
-from flipsafe.campaign.store import PLAN_FILE, ResultsStore
+from flipsafe.campaign.plan import CampaignPlan, Stratum, is_flipsafe_spec
+from flipsafe.campaign.store import PLAN_FILE, ResultsStore, read_model_info
 from flipsafe.errors import CampaignError, ConfigError, FlipsafeError
 from flipsafe.metrics.stats import Summary, summarise
 
 # Fields that may differ between campaigns being compared: which model, and how the
 # rows were split into files (part_size changes no result).
-MAY_DIFFER = ("model", "model_sha", "part_size")
+MAY_DIFFER = ("model", "model_sha", "part_size", "data_sha", "preprocess")
 LAST = "last"
 BACKBONE_PREFIX = "backbone."
 
@@ -59,6 +59,9 @@ class Results:
     strata: list[Stratum] | None = None
     complete: bool = True
     planned_rows: int = 0
+    # What the results folder records about its model (store.MODEL_FILE): spec, kind,
+    # sha256, description, clean accuracy; None for folders written before it existed.
+    model_info: dict | None = None
 
     @property
     def n(self) -> int:
@@ -66,10 +69,30 @@ class Results:
 
     @property
     def accuracy(self) -> float | None:
-        """Test accuracy recorded when the model was trained (None without a checkpoint)."""
-        if self.config is None or self.config.get("accuracy") is None:
-            return None
-        return float(self.config["accuracy"])
+        """Test accuracy recorded when the model was trained, or for a model flipsafe did
+        not train the campaign's clean accuracy on its evaluation images (None if unknown)."""
+        if self.config is not None and self.config.get("accuracy") is not None:
+            return float(self.config["accuracy"])
+        value = (self.model_info or {}).get("accuracy")
+        return float(value) if isinstance(value, (int, float)) and self.config is None else None
+
+    @property
+    def arch(self) -> str | None:
+        """A checkpoint's architecture, or the kind of a model flipsafe did not train (hf,
+        torchscript, export, python, module); None when unknown."""
+        if self.config is not None:
+            return self.config.get("arch")
+        kind = (self.model_info or {}).get("kind")
+        return str(kind) if kind and kind != "flipsafe" else None
+
+    @property
+    def source(self) -> str:
+        """The model's source and content hash, as a report's model card names them."""
+        info = self.model_info or {}
+        what = info.get("description") or (
+            f"flipsafe checkpoint {self.plan.model}" if is_flipsafe_spec(self.plan.model)
+            else self.plan.model)
+        return f"{what} (sha256 {self.plan.model_sha[:16]})"
 
     @property
     def head(self) -> str:
@@ -134,9 +157,18 @@ def with_bit_column(table: pa.Table) -> pa.Table:
     return table.append_column("bit", pa.array(bit_positions(table), pa.int64()))
 
 
-def _read_checkpoint(plan: CampaignPlan, notes: list[str]):
+def _read_checkpoint(plan: CampaignPlan, notes: list[str], info: dict | None):
     from flipsafe.checkpoint import WEIGHTS, load_checkpoint
     from flipsafe.textguided import classifier_layer_name
+
+    if not is_flipsafe_spec(plan.model):
+        # Not a `flipsafe train` folder: what the campaign recorded stands in for it.
+        if info is None or info.get("sha256") != plan.model_sha:
+            notes.append(f"The model {plan.model} is not a flipsafe checkpoint and the folder "
+                         "records nothing about it; accuracy and the classifier layer are "
+                         "unknown.")
+            return None, None
+        return None, info.get("classifier")
 
     try:
         ckpt = load_checkpoint(plan.model)
@@ -222,7 +254,8 @@ def load_results(
     sizes = None if strata is None else {(s.layer, s.field): s.size for s in strata}
     exhaustive = plan.n == "all"
     confidence = plan.confidence if confidence is None else confidence
-    ckpt, classifier = _read_checkpoint(plan, notes)
+    info = read_model_info(folder)
+    ckpt, classifier = _read_checkpoint(plan, notes, info)
     with_bits = with_bit_column(table)
     with_bits = with_bits.filter(pc.greater_equal(with_bits["bit"], 0))
     return Results(
@@ -241,6 +274,7 @@ def load_results(
         strata=strata,
         complete=complete,
         planned_rows=int(store.total_rows),
+        model_info=info,
     )
 
 

@@ -291,7 +291,7 @@ def models_table(all_results: Sequence[Results]) -> TextTable:
     for r in all_results:
         o = r.by_layer.overall
         acc = "n/a" if r.accuracy is None else fmt_rate(r.accuracy)
-        arch = "n/a" if r.config is None else str(r.config.get("arch", "n/a"))
+        arch = r.arch or "n/a"
         rows.append([r.name, arch, r.head, acc, fmt_count(o.n), fmt_rate(o.sdc.rate),
                      fmt_interval(o.sdc.low, o.sdc.high), fmt_rate(o.due.rate),
                      fmt_interval(o.due.low, o.due.high)])
@@ -551,7 +551,7 @@ def _model_json(r: Results) -> dict:
     by_field = r.by_field.groups
     return {
         "name": r.name, "dir": str(r.dir),
-        "arch": None if r.config is None else r.config.get("arch"),
+        "arch": r.arch,
         "head": r.head, "accuracy": _number(r.accuracy), "classifier_layer": r.classifier_layer,
         "rows": int(r.n), "planned_rows": int(r.planned_rows), "complete": bool(r.complete),
         "overall": _group_json(r.by_layer.overall),

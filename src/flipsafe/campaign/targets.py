@@ -1,0 +1,512 @@
+"""The models a campaign can run on ("targets"), each named by a spec string.
+
+  - ``<folder>``: a checkpoint made by `flipsafe train` (no prefix);
+  - ``hf:<folder>``: a Hugging Face `transformers` image classifier (config.json and
+    weights), loaded with local_files_only=True; logits are the output's `.logits`, class
+    names come from `id2label`, image size and normalisation from preprocessor_config.json;
+  - ``torchscript:<file.pt>``: a `torch.jit.save`d module;
+  - ``export:<file.pt2>``: a `torch.export.save`d ExportedProgram;
+  - ``python:<module>:<callable>``: a function (imported from `module`, which must be on
+    sys.path) that returns an nn.Module;
+  - in Python, an nn.Module itself (`ModuleTarget`).
+
+Every target gives the same things (the `Target` protocol): `load(sample)` the model in
+eval mode, its content hash `sha`, class names (or None), `preprocess` (image size and
+normalisation the model asks for, when it says), and a `description` for reports. The
+kind is chosen once, from the spec's prefix (`resolve`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from flipsafe.campaign.plan import TARGET_PREFIXES
+from flipsafe.errors import ModelError
+
+# The spec prefixes a user may write ("module:" names an nn.Module given in Python).
+PREFIXES = tuple(p for p in TARGET_PREFIXES if p != "module")
+KINDS = ("<flipsafe checkpoint folder>", "hf:<folder>", "torchscript:<file.pt>",
+         "export:<file.pt2>", "python:<module>:<callable>")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model says about its input: image size, channels and normalisation
+    (each None when the model does not say)."""
+
+    image_size: int | None = None
+    channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+class Target(Protocol):
+    spec: str  # what the plan records as `model`
+    kind: str
+    sha: str  # sha256 hex of the weights / file
+    classes: list[str] | None
+    preprocess: Preprocess
+    description: str
+    flipsafe: bool  # a checkpoint made by `flipsafe train` (its dataset is known)
+
+    def load(self, sample: torch.Tensor | None = None) -> nn.Module:
+        """The model in eval mode; `sample` (a batch of images) is needed by kinds that
+        must be traced."""
+
+
+def sha256_file(path: Path) -> str:
+    from flipsafe.checkpoint import sha256_file as sha
+
+    return sha(path)
+
+
+def state_sha(module: nn.Module) -> str:
+    """sha256 of a module's state dict: names, dtypes, shapes and bytes, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        array = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\x00{array.dtype}\x00{list(array.shape)}\x00".encode())
+        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    return digest.hexdigest()
+
+
+def _file(spec: str, path: str, what: str) -> Path:
+    p = Path(path)
+    if not path:
+        raise ModelError(f"{spec!r} names no file; use {what}")
+    if not p.is_file():
+        raise ModelError(f"model file {path!r} not found ({spec})")
+    return p
+
+
+class Logits(nn.Module):
+    """A model whose output carries its class scores in `.logits` (Hugging Face style),
+    seen as one returning the logits tensor."""
+
+    def __init__(self, model: nn.Module, keyword: str | None = None):
+        super().__init__()
+        self.model = model
+        self.keyword = keyword
+
+    def forward(self, x):
+        out = self.model(**{self.keyword: x}) if self.keyword else self.model(x)
+        return out.logits
+
+
+@dataclass
+class CheckpointTarget:
+    """A folder made by `flipsafe train`."""
+
+    spec: str
+    kind: str = "flipsafe"
+    flipsafe: bool = True
+    config: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from flipsafe.checkpoint import read_config
+
+        self.config = read_config(self.spec)
+
+    @property
+    def sha(self) -> str:
+        from flipsafe.checkpoint import WEIGHTS
+
+        return self.config["files"][WEIGHTS]
+
+    @property
+    def classes(self):
+        return self.config.get("classes")
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.config["image_size"], self.config["in_channels"])
+
+    @property
+    def description(self) -> str:
+        return f"flipsafe checkpoint {self.spec} ({self.config['arch']})"
+
+    def load(self, sample=None) -> nn.Module:
+        from flipsafe.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.spec).model
+
+
+@dataclass
+class HFTarget:
+    """A `transformers` AutoModelForImageClassification folder."""
+
+    spec: str
+    path: Path
+    kind: str = "hf"
+    flipsafe: bool = False
+
+    def __post_init__(self):
+        if not self.path.is_dir():
+            raise ModelError(f"Hugging Face model folder {str(self.path)!r} not found ({self.spec})")
+        try:
+            self.config = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{self.path} has no readable config.json, so it is not a Hugging "
+                             f"Face model folder ({exc.__class__.__name__})") from None
+        self.weights = sorted(p for p in self.path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if not self.weights:
+            raise ModelError(f"{self.path} has no weights (*.safetensors or *.bin); save the "
+                             "model with save_pretrained")
+
+    @cached_property
+    def sha(self) -> str:
+        digest = hashlib.sha256()
+        for p in [self.path / "config.json", *self.weights]:
+            digest.update(f"{p.name}\x00{sha256_file(p)}\x00".encode())
+        return digest.hexdigest()
+
+    @property
+    def classes(self):
+        labels = self.config.get("id2label")
+        if not isinstance(labels, dict) or not labels:
+            return None
+        try:
+            return [str(labels[k]) for k in sorted(labels, key=int)]
+        except ValueError:
+            return None
+
+    @property
+    def preprocess(self) -> Preprocess:
+        size = self.config.get("image_size")
+        size = size if isinstance(size, int) else None
+        channels = self.config.get("num_channels")
+        mean = std = None
+        path = self.path / "preprocessor_config.json"
+        if path.is_file():
+            try:
+                pre = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                raise ModelError(f"{path} is not valid JSON") from None
+            size = _hf_size(pre.get("size"), pre.get("crop_size")) or size
+            if pre.get("do_normalize", True) and pre.get("image_mean") and pre.get("image_std"):
+                mean = tuple(float(v) for v in pre["image_mean"])
+                std = tuple(float(v) for v in pre["image_std"])
+        return Preprocess(size, channels if isinstance(channels, int) else None, mean, std)
+
+    @property
+    def description(self) -> str:
+        arch = ", ".join(self.config.get("architectures") or [self.config.get("model_type", "?")])
+        return f"Hugging Face {arch} from {self.path}"
+
+    def load(self, sample=None) -> nn.Module:
+        """The classifier as a graph of its layers (torch.export, lifted) when it exports
+        with the same logits on `sample`, so the engine can run only the layers after a
+        fault; else the model as transformers builds it (same results, slower)."""
+        model = self.eager()
+        if sample is None:
+            return model
+        from flipsafe.campaign.lift import export_and_lift
+
+        with _quiet_torch():
+            return export_and_lift(model, sample) or model
+
+    def eager(self) -> nn.Module:
+        """The model as transformers builds it, returning the logits tensor."""
+        try:
+            from transformers import AutoModelForImageClassification
+        except ImportError:
+            raise ModelError("hf: models need the transformers package; install it "
+                             "(pip install transformers)") from None
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model = AutoModelForImageClassification.from_pretrained(
+                str(self.path), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+            raise ModelError(f"cannot load {self.path} as a Hugging Face image classifier: "
+                             f"{_first_line(exc)}") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        return Logits(model, keyword="pixel_values").eval()
+
+
+def _hf_size(size, crop) -> int | None:
+    for value in (crop, size):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, dict):
+            if value.get("height") and value.get("height") == value.get("width"):
+                return int(value["height"])
+            if value.get("shortest_edge") and value is crop:
+                return int(value["shortest_edge"])
+    if isinstance(size, dict) and size.get("shortest_edge"):
+        return int(size["shortest_edge"])
+    return None
+
+
+@dataclass
+class FileTarget:
+    """A TorchScript file (kind "torchscript") or a saved torch.export program ("export")."""
+
+    spec: str
+    path: Path
+    kind: str
+    flipsafe: bool = False
+    classes: list[str] | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)
+
+    @cached_property
+    def sha(self) -> str:
+        return sha256_file(self.path)
+
+    @property
+    def description(self) -> str:
+        what = "TorchScript module" if self.kind == "torchscript" else "torch.export program"
+        return f"{what} {self.path}"
+
+    def load(self, sample=None) -> nn.Module:
+        with _quiet_torch():
+            return self._load(sample)
+
+    def _load(self, sample) -> nn.Module:
+        from flipsafe.campaign.lift import lift_layers
+
+        if self.kind == "export":
+            try:
+                program = torch.export.load(str(self.path))
+            except Exception as exc:  # noqa: BLE001 - a file that is not an export archive
+                raise ModelError(f"{self.path} is not a saved torch.export program "
+                                 f"({type(exc).__name__}); save one with torch.export.save"
+                                 ) from None
+            return lift_layers(program.module()).eval()
+        try:
+            scripted = torch.jit.load(str(self.path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"{self.path} is not a TorchScript file ({_first_line(exc)}); save "
+                             "one with torch.jit.save(torch.jit.script(model), path)") from None
+        if sample is None:
+            raise ModelError("a TorchScript model is traced on a sample batch; none was given")
+        from torch._export.converter import TS2EPConverter
+
+        try:
+            program = TS2EPConverter(scripted.eval(), (sample[:2],)).convert()
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"cannot convert TorchScript {self.path} to a graph flipsafe can "
+                             f"inject into: {_first_line(exc)}") from None
+        return lift_layers(program.module()).eval()
+
+
+@dataclass
+class PythonTarget:
+    """`python:<module>:<callable>`: a function returning an nn.Module."""
+
+    spec: str
+    module: str
+    attr: str
+    kind: str = "python"
+    flipsafe: bool = False
+    classes: list[str] | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    _model: nn.Module | None = None
+
+    def __post_init__(self):
+        if not self.module or not self.attr:
+            raise ModelError(f"{self.spec!r}: use python:<module>:<callable>, e.g. "
+                             "python:mymodels:build")
+
+    def _build(self) -> nn.Module:
+        if self._model is None:
+            if "" not in sys.path and "." not in sys.path:
+                sys.path.insert(0, "")  # a module in the working folder, as `python -m` finds
+            try:
+                mod = importlib.import_module(self.module)
+            except Exception as exc:  # noqa: BLE001 - any import failure is the user's
+                raise ModelError(f"cannot import {self.module!r} ({self.spec}): "
+                                 f"{_first_line(exc)}") from None
+            fn = getattr(mod, self.attr, None)
+            if not callable(fn):
+                raise ModelError(f"{self.module} has no callable {self.attr!r} ({self.spec})")
+            try:
+                model = fn()
+            except Exception as exc:  # noqa: BLE001
+                raise ModelError(f"{self.module}.{self.attr}() failed: {_first_line(exc)}") from None
+            if not isinstance(model, nn.Module):
+                raise ModelError(f"{self.module}.{self.attr}() returned "
+                                 f"{type(model).__name__}, not a torch nn.Module")
+            self._model = model.eval()
+        return self._model
+
+    @cached_property
+    def sha(self) -> str:
+        return state_sha(self._build())
+
+    @property
+    def description(self) -> str:
+        return f"{type(self._build()).__name__} from Python {self.module}.{self.attr}()"
+
+    def load(self, sample=None) -> nn.Module:
+        return self._build()
+
+
+@dataclass
+class ModuleTarget:
+    """An nn.Module given in Python; `spec` is "module:<ClassName>" unless named."""
+
+    model: nn.Module
+    spec: str = ""
+    kind: str = "module"
+    flipsafe: bool = False
+    classes: list[str] | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)
+
+    def __post_init__(self):
+        if not isinstance(self.model, nn.Module):
+            raise ModelError(f"the model must be a torch nn.Module, got {type(self.model).__name__}")
+        self.spec = self.spec or f"module:{type(self.model).__name__}"
+        self.model.eval()
+
+    @property
+    def sha(self) -> str:
+        # Not cached: a module changed after its campaign was planned must be refused.
+        return state_sha(self.model)
+
+    @property
+    def description(self) -> str:
+        return f"{type(self.model).__name__} given in Python"
+
+    def load(self, sample=None) -> nn.Module:
+        return self.model
+
+
+def resolve(model) -> Target:
+    """The target for a spec string (see the module docstring), an nn.Module, or a target."""
+    if isinstance(model, nn.Module):
+        return ModuleTarget(model)
+    if not isinstance(model, (str, Path)):
+        if hasattr(model, "load") and hasattr(model, "sha"):
+            return model
+        raise ModelError(f"a model must be a spec string or an nn.Module, got {type(model).__name__}")
+    spec = str(model)
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in PREFIXES:
+        if prefix == "hf":
+            return HFTarget(spec, Path(rest))
+        if prefix == "python":
+            module, _, attr = rest.rpartition(":")
+            return PythonTarget(spec, module, attr)
+        what = "torchscript:<file.pt>" if prefix == "torchscript" else "export:<file.pt2>"
+        return FileTarget(spec, _file(spec, rest, what), prefix)
+    if Path(spec).is_file():
+        raise ModelError(f"{spec!r} is a file, not a checkpoint folder; say what it holds: "
+                         f"torchscript:{spec} or export:{spec} (models: {', '.join(KINDS)})")
+    return CheckpointTarget(spec)
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Silence the warnings torch.export and its TorchScript converter log while loading."""
+    loggers = [logging.getLogger(name) for name in ("torch._export", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def model_inputs(target: Target, split, bundle, preprocess: dict | None) -> torch.Tensor:
+    """The images of dataset `split` (an ImageTensors of `bundle`) as `target` takes them:
+    pixels on the 0..1 scale, resized to the image size and normalised with the mean/std
+    the model asks for, else those of `preprocess` (--image-size/--mean/--std), else (for
+    normalisation) the dataset's own. ModelError when the channel counts disagree."""
+    import torch.nn.functional as F
+
+    pre, opts = target.preprocess, preprocess or {}
+    x = split.pixels
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if pre.channels is not None and x.shape[1] != pre.channels:
+        raise ModelError(
+            f"{bundle.spec} has {x.shape[1]}-channel images but the model takes "
+            f"{pre.channels} channels; use a dataset of {pre.channels}-channel images"
+            + (" (imagefolder:<dir>?channels=3)" if pre.channels == 3 else ""))
+    size = pre.image_size or opts.get("image_size")
+    if size and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)
+    if pre.mean is not None:
+        mean, std, source = pre.mean, pre.std, "the model's"
+    elif opts.get("mean") is not None or opts.get("std") is not None:
+        mean = opts.get("mean") or [0.0] * x.shape[1]
+        std = opts.get("std") or [1.0] * x.shape[1]
+        source = "--mean/--std"
+    else:
+        mean, std, source = bundle.mean or split.mean.reshape(-1).tolist(), \
+            bundle.std or split.std.reshape(-1).tolist(), "the dataset's"
+    mean, std = list(mean), list(std)
+    if len(mean) == 1 and len(std) == 1:
+        mean, std = mean * x.shape[1], std * x.shape[1]
+    if len(mean) != x.shape[1] or len(std) != x.shape[1]:
+        raise ModelError(f"{source} mean/std have {len(mean)}/{len(std)} values but the images "
+                         f"have {x.shape[1]} channels; give one value per channel")
+    m = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def check_model(target: Target, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                classes: list[str] | None) -> nn.Module:
+    """`model` as the engine needs it (a module returning a logits tensor), after checking
+    it runs on `images`, returns one score per class and has as many classes as the
+    dataset. Outputs with `.logits` are unwrapped by a Logits module. ModelError else."""
+    shape = "x".join(str(d) for d in images.shape[1:])
+    batch = images[: min(3, len(images))]
+    try:
+        with torch.no_grad():
+            out = model(batch)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises on these images
+        hint = (" (a torch.export program must be exported with a dynamic batch dimension)"
+                if target.kind == "export" else
+                "" if target.flipsafe else " (for other image sizes give --image-size)")
+        raise ModelError(f"the model ({target.spec}) fails on {shape} images{hint}: "
+                         f"{_first_line(exc)}") from None
+    if not isinstance(out, torch.Tensor):
+        if isinstance(getattr(out, "logits", None), torch.Tensor):
+            model, out = Logits(model), out.logits
+        else:
+            raise ModelError(f"the model ({target.spec}) returns {type(out).__name__}, not a "
+                             "logits tensor or an object with .logits")
+    if out.dim() != 2 or out.shape[0] != len(batch) or not out.is_floating_point():
+        raise ModelError(f"the model ({target.spec}) returns a tensor of shape "
+                         f"{list(out.shape)} for {len(batch)} images; it must return logits "
+                         "[images, classes]")
+    if not any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules()):
+        raise ModelError(f"the model ({target.spec}) has no Conv or Linear layer to inject "
+                         "faults into")
+    n_classes = out.shape[1]
+    if classes is not None and len(classes) != n_classes:
+        raise ModelError(f"the model ({target.spec}) scores {n_classes} classes but the dataset "
+                         f"has {len(classes)}; use the dataset the model was trained for")
+    if len(labels) and int(labels.max()) >= n_classes:
+        raise ModelError(f"the dataset has label {int(labels.max())} but the model "
+                         f"({target.spec}) scores only {n_classes} classes")
+    return model
