@@ -269,11 +269,9 @@ def test_a_json_class_list_of_strings_is_read(tmp_path, capsys):
 
 @pytest.mark.parametrize("size", ["0", "-1"])
 def test_part_size_below_one_is_refused(monkeypatch, capsys, size):
-    from flipsafe.campaign import runner
-    from flipsafe.campaign.plan import CampaignPlan
-
     # The checkpoint is not what is tested: a plan for a stand-in model.
-    from flipsafe.campaign import targets
+    from flipsafe.campaign import runner, targets
+    from flipsafe.campaign.plan import CampaignPlan
 
     monkeypatch.setattr(targets, "resolve", lambda spec: spec)
     monkeypatch.setattr(runner, "make_plan", lambda model_dir, **fields: CampaignPlan(
@@ -294,10 +292,8 @@ def test_a_resume_with_nothing_left_prints_no_rate(monkeypatch, capsys, tmp_path
     from pathlib import Path
 
     from flipsafe import cli
-    from flipsafe.campaign import runner
+    from flipsafe.campaign import runner, targets
     from flipsafe.campaign.plan import CampaignPlan
-
-    from flipsafe.campaign import targets
 
     monkeypatch.setattr(targets, "resolve", lambda spec: spec)
     monkeypatch.setattr(runner, "make_plan", lambda model_dir, **fields: CampaignPlan(
