@@ -299,7 +299,9 @@ def test_golden_runs_shared_across_parts_give_the_same_rows(files, tmp_path, mon
     plan = make_plan("python:i12_user_models:lenet", dataset="digits", n=6, images="all",
                      part_size=5)
     runner_mod.run_campaign(plan, tmp_path / "shared", show_progress=False)
-    monkeypatch.setattr(runner_mod, "GOLDEN_CACHE_BYTES", 0)  # each part its own golden runs
+    from flipsafe.campaign import work
+
+    monkeypatch.setattr(work, "GOLDEN_CACHE_BYTES", 0)  # each part its own golden runs
     prep = prepare(plan)
     assert runner_mod.golden_cache(prep, fault_list(prep)[0]) is None
     runner_mod.run_campaign(plan, tmp_path / "per-part", show_progress=False)

@@ -53,7 +53,7 @@ class _PartWorker:
                  ranges: dict | None = None, device: str = "cpu"):
         import torch
 
-        from flipsafe.campaign.runner import fault_list, golden_cache, prepare
+        from flipsafe.campaign.work import fault_list, golden_cache, prepare
 
         # Relative model and dataset paths in the plan are relative to the driver's folder;
         # Ray starts workers elsewhere. The actor owns its process, so changing it is safe.
@@ -79,7 +79,7 @@ class _PartWorker:
             self._error = exc
 
     def run(self, k: int, start: int, stop: int):
-        from flipsafe.campaign.runner import run_part
+        from flipsafe.campaign.work import run_part
 
         if self._error is not None:
             raise self._error

@@ -1,181 +1,57 @@
-"""Run a campaign plan: select images, generate the seeded fault list, inject part by part."""
+"""Run (or resume) a campaign into a results folder: lock it, record the plan, and have a
+backend (local, or Ray) inject the missing parts."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import torch
 
-from flipsafe.campaign.plan import CampaignPlan, FaultPlan, Stratum, plan_strata
-from flipsafe.campaign.store import PLAN_FILE, ROW_SCHEMA, ResultsStore
-from flipsafe.errors import (
-    CampaignError,
-    ConfigError,
-    EnvironmentFailure,
-    FlipsafeError,
-    is_disk_full,
+from flipsafe.campaign.plan import CampaignPlan
+from flipsafe.campaign.store import ResultsStore
+from flipsafe.campaign.work import (  # re-exported: the campaign API callers know
+    DEVICES,
+    GOLDEN_CACHE_BYTES,
+    RANGES_FILE,
+    Prepared,
+    data_sha,
+    estimate_seconds,
+    fault_list,
+    golden_cache,
+    make_plan,
+    model_sha,
+    part_bounds,
+    prepare,
+    read_cached_ranges,
+    refuse_other_data,
+    resolve_device,
+    run_part,
 )
+from flipsafe.errors import ConfigError, EnvironmentFailure, is_disk_full
 from flipsafe.progress import progress_bar
 
-# Activation ranges a campaign profiled, kept in its results folder (never the checkpoint's,
-# which may be read-only or shared) so a resume uses the very same ranges.
-RANGES_FILE = "ranges-{format}.json"
-DEVICES = ("cpu", "cuda", "auto")
-
-
-def model_sha(model_dir) -> str:
-    """The checkpoint's weights hash, as recorded in its config.json."""
-    from flipsafe.checkpoint import WEIGHTS, read_config
-
-    return read_config(model_dir)["files"][WEIGHTS]
-
-
-def make_plan(model, faults: FaultPlan | None = None, **fields) -> CampaignPlan:
-    """A CampaignPlan running `faults` (a FaultPlan; or give its fields as keywords) on
-    `model`: a `flipsafe train` folder, a target spec (hf:, torchscript:, export:,
-    python:, see flipsafe.campaign.targets), an nn.Module or a target. The dataset
-    defaults to a checkpoint's own; other models need one."""
-    from flipsafe.campaign.targets import resolve
-
-    target = resolve(model)
-    if faults is not None:
-        fields = {**faults.to_dict(), **fields}
-    if fields.get("dataset") is None:
-        if not target.flipsafe:
-            raise ConfigError(f"a {target.kind} model needs a dataset to run on: give --dataset "
-                              "(digits, imagefolder:<dir>, cifar10:<dir>, cifar100:<dir>, "
-                              "tensors:<file.safetensors>)")
-        fields["dataset"] = target.config.get("dataset", "digits")
-    if fields.get("preprocess") and target.flipsafe:
-        raise ConfigError("--image-size/--mean/--std are for models flipsafe did not train; a "
-                          "flipsafe checkpoint knows its own inputs")
-    fields.setdefault("format", "fp32")
-    return CampaignPlan(model=target.spec, model_sha=target.sha, **fields)
-
-
-@dataclass
-class Prepared:
-    """Everything the plan implies before any fault runs; cheap to rebuild on any worker.
-
-    `plan` is the plan given, completed with the data_sha of the images and labels.
-    """
-
-    plan: CampaignPlan
-    engine: object
-    images: torch.Tensor  # the whole evaluation split, so image_id indexes it directly
-    labels: torch.Tensor
-    image_ids: torch.Tensor  # the images faults may land on (plan.images)
-    classifier: str | None
-    layers: list  # engine LayerInfo, in engine order
-    strata: list[Stratum]
-    # Activation ranges the engine uses; empty when neither the clamp nor the format needs them.
-    ranges: dict = dataclasses.field(default_factory=dict)
-    # What reports say about the model (see store.MODEL_FILE): source, hash, clean accuracy.
-    model_info: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(s.n for s in self.strata)
-
-    @property
-    def data_sha(self) -> str:
-        return self.plan.data_sha
-
-
-def _stratum_seed(seed: int, layer: str, field: str) -> int:
-    """A seed per stratum that depends on nothing but the plan, so any worker agrees."""
-    digest = hashlib.sha256(f"{seed}\x00{layer}\x00{field}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _strata_sizes(plan: CampaignPlan, layers, n_images: int, fmt) -> dict[tuple[str, str], int]:
-    """Fault-space size of each (layer, field) stratum.
-
-    A bit fault belongs to the field of its highest bit (a burst2 on the top mantissa
-    and lowest exponent bits is an exponent fault); random and zero act on whole values,
-    one 'value' stratum per layer. A fault is a (fault, element, image) triple, so
-    sampled plans size the population with the images included. `--n all` enumerates
-    every fault of every element once, each on a seeded random image, so there the
-    images are left out.
-    """
-    from flipsafe.faults import parse, stratum_size
-
-    per_image = 1 if plan.n == "all" else n_images
-    meta = plan.site == "metadata"
-    whole_value = parse(plan.fault).whole_value
-    sizes = {}
-    for info in layers:
-        if whole_value:
-            sizes[(info.name, "value")] = info.numel * per_image
-            continue
-        for field in info.fields:
-            per_element = stratum_size(plan.fault, fmt, field, meta)
-            sizes[(info.name, field)] = info.numel * per_element * per_image
-    return sizes
-
-
-def _with_exposure(plan: CampaignPlan, layers, strata: list[Stratum]) -> list[Stratum]:
-    """The strata with what each puts at risk: the layer's codes and the field's bit width."""
-    info = {layer.name: layer for layer in layers}
-    out = []
-    for s in strata:
-        fields = info[s.layer].fields
-        width = (sum(_width(bits) for bits in fields.values()) if s.field == "value"
-                 else _width(fields[s.field]))
-        out.append(dataclasses.replace(s, elements=info[s.layer].numel, width=width))
-    return out
-
-
-def _width(bits) -> int:
-    return bits if isinstance(bits, int) else len(bits)
-
-
-def data_sha(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """sha256 of evaluation images and labels as the model sees them (shapes, dtypes,
-    bytes), so a campaign notices when its dataset's contents change."""
-    digest = hashlib.sha256()
-    for tensor in (images, labels):
-        array = tensor.detach().cpu().contiguous().numpy()
-        digest.update(f"{array.dtype.str}{list(array.shape)}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def _data_changed(dataset: str, was: str, now: str, where: str) -> CampaignError:
-    return CampaignError(
-        f"the dataset's contents changed since {where}: {dataset} now hashes to {now[:12]}, "
-        f"not {was[:12]}; restore the data to resume, or choose another --out for a new "
-        "campaign"
-    )
-
-
-def read_cached_ranges(out, plan: CampaignPlan) -> dict | None:
-    """The ranges a campaign in results folder `out` profiled for this plan's model, format
-    and dataset, or None when there are none (or they are unreadable)."""
-    path = Path(out) / RANGES_FILE.format(format=plan.format)
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cached, dict):
-        return None
-    ranges = cached.get("ranges")
-    if (
-        cached.get("model_sha") != plan.model_sha
-        or cached.get("dataset") != plan.dataset
-        or not isinstance(ranges, dict)
-        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ranges.values())
-    ):
-        return None
-    return ranges
+__all__ = [
+    "DEVICES",
+    "GOLDEN_CACHE_BYTES",
+    "RANGES_FILE",
+    "CampaignRun",
+    "Prepared",
+    "data_sha",
+    "estimate_seconds",
+    "fault_list",
+    "golden_cache",
+    "make_plan",
+    "model_sha",
+    "part_bounds",
+    "prepare",
+    "read_cached_ranges",
+    "refuse_other_data",
+    "resolve_device",
+    "run_campaign",
+    "run_part",
+]
 
 
 def _cache_ranges(out, plan: CampaignPlan, ranges: dict) -> None:
@@ -187,230 +63,6 @@ def _cache_ranges(out, plan: CampaignPlan, ranges: dict) -> None:
                                  "split": "train", "ranges": ranges})
     except OSError:
         pass  # only a cache: the campaign profiles again next time
-
-
-def resolve_device(device: str) -> str:
-    """'cpu', 'cuda' or 'auto' (cuda when torch sees a GPU) as a torch device name."""
-    if device not in DEVICES:
-        raise ConfigError(f"device must be one of: {', '.join(DEVICES)}; got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: torch sees no CUDA GPU here; use --device cpu or auto")
-    return device
-
-
-def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=None,
-            device: str = "cpu") -> Prepared:
-    """Load model and data, pick images and size every stratum.
-
-    `target` is the plan's model already resolved (default: resolved from plan.model);
-    `data` is (images, labels) the model takes as they are, instead of plan.dataset
-    (Python callers). When the clamp or the format needs activation ranges they are
-    `ranges` if given, else profiled on the training split (on the evaluation images
-    with `data`). `device` is cpu, cuda or auto. prepare writes no file.
-    """
-    from flipsafe.campaign.targets import check_model, model_inputs, resolve
-    from flipsafe.checkpoint import check_dataset, load_checkpoint
-    from flipsafe.data import load
-    from flipsafe.inject import Engine
-
-    target = resolve(plan.model) if target is None else target
-    if target.sha != plan.model_sha:
-        hint = (" (a python: callable must build the same weights on every call: seed or "
-                "load them)" if target.kind == "python" else "")
-        raise CampaignError(
-            f"the model at {plan.model} is not the model this plan was made for "
-            f"(its weights hash differs{hint}); use a new --out folder for a new model"
-        )
-    classes = None
-    if data is not None:
-        images, labels = data
-
-        def train_images():
-            return images
-    elif target.flipsafe:
-        ckpt = load_checkpoint(plan.model)
-        if ckpt.config["files"]["model.safetensors"] != plan.model_sha:
-            raise CampaignError(
-                f"the checkpoint at {plan.model} is not the model this plan was made for "
-                "(its weights hash differs); use a new --out folder for a new model"
-            )
-        bundle = load(plan.dataset)
-        check_dataset(ckpt.config, bundle)
-        images, labels = bundle.test.tensors()
-
-        def train_images():
-            return bundle.train.tensors()[0]
-    else:
-        bundle = load(plan.dataset)
-        classes = bundle.classes if bundle.classes_known else None
-        images = model_inputs(target, bundle.test, bundle, plan.preprocess)
-        labels = bundle.test.labels
-
-        def train_images():
-            return model_inputs(target, bundle.train, bundle, plan.preprocess)
-    sha = data_sha(images, labels)
-    if plan.data_sha is None:
-        plan = dataclasses.replace(plan, data_sha=sha)
-    elif plan.data_sha != sha:
-        raise _data_changed(plan.dataset, plan.data_sha, sha, "this campaign's plan was made")
-    if target.flipsafe and data is None:
-        model = ckpt.model
-    else:
-        model = check_model(target, target.load(images[:2]), images, labels, classes)
-    engine = Engine(model, format=plan.format, clamp=plan.clamp,
-                    device=resolve_device(device), input_shape=tuple(images.shape[1:]))
-    if engine.needs_ranges:
-        if ranges is None:
-            ranges = engine.profile(train_images().split(256))
-        engine.set_ranges(ranges)
-    else:
-        ranges = {}
-    golden = engine.golden(images, labels, layers=[])
-    g = golden.outcomes
-    top1, top2diff = g.top1.cpu(), g.top2diff.cpu()
-    if plan.images == "correct":
-        keep = (top1 == labels) & (top2diff > 0)
-    else:
-        keep = torch.ones_like(labels, dtype=torch.bool)
-    image_ids = torch.nonzero(keep).reshape(-1)
-    if image_ids.numel() == 0:
-        raise CampaignError(
-            f"no {plan.images} images to inject into: the model classifies none of the "
-            f"{len(labels)} evaluation images correctly; check the model and dataset"
-        )
-    # "all" follows GoldenEye: the Conv and Linear layers (normalisations are usually
-    # folded into them on deployment); a regex selects anything else.
-    select = "conv|linear" if plan.layers == "all" else plan.layers
-    layers = engine.layers(plan.site, select)
-    sizes = _strata_sizes(plan, layers, int(image_ids.numel()), engine.fmt)
-    strata = _with_exposure(plan, layers, plan_strata(plan, sizes))
-    try:
-        classifier = engine.classifier()
-    except FlipsafeError:
-        if target.flipsafe or plan.layers == "last":
-            raise
-        classifier = None  # a model without a final Linear: 'last' cannot be chosen
-    info = {"spec": target.spec, "kind": target.kind, "sha256": target.sha,
-            "description": target.description, "classes": target.classes,
-            "classifier": classifier,
-            "accuracy": float((top1 == labels).double().mean())}
-    return Prepared(plan, engine, images, labels, image_ids, classifier, layers, strata,
-                    dict(ranges), info)
-
-
-def fault_list(prep: Prepared):
-    """The plan's whole fault list (a FaultSet) and each fault's stratum field, in order.
-
-    Each stratum draws from its own generator seeded by (seed, layer, field), so the list
-    is the same on any machine and however the work is later split. A stratum holds the
-    faults whose highest bit lies in its field; `--n all` lists each of them once per
-    element (random and zero: each element once).
-    """
-    from flipsafe.faults import FaultSet, draw, every_fault
-
-    plan, engine = prep.plan, prep.engine
-    numel = {info.name: info.numel for info in prep.layers}
-    names = [info.name for info in prep.layers]
-    meta = plan.site == "metadata"
-    sets, fields = [], []
-    for s in prep.strata:
-        if s.n == 0:
-            continue
-        gen = torch.Generator().manual_seed(_stratum_seed(plan.seed, s.layer, s.field))
-        top = None if s.field == "value" else s.field
-        if plan.n == "all":
-            index, d = every_fault(plan.fault, engine.fmt, numel[s.layer], top, gen, meta=meta)
-            if len(index) != s.n:
-                raise CampaignError(  # the stratum sizes and the enumeration disagree
-                    f"internal error: {s.layer} {s.field} lists {len(index)} faults, not {s.n}")
-        else:
-            index = torch.randint(numel[s.layer], (s.n,), generator=gen)
-            d = draw(plan.fault, engine.fmt, s.n, None, gen, meta=meta, top=top)
-        image = prep.image_ids[torch.randint(prep.image_ids.numel(), (s.n,), generator=gen)]
-        sets.append(FaultSet(names, layer=torch.full((s.n,), names.index(s.layer)), index=index,
-                             mask=d.mask, op=d.op, value=d.value, image=image,
-                             param=_ENGINE_PARAM[plan.site]))
-        fields += [s.field] * s.n
-    if not sets:
-        raise CampaignError("the plan allocates no faults; raise --n or lower the confidence")
-    return FaultSet.cat(sets), fields
-
-
-_ENGINE_PARAM = {"activations": "output", "weights": "weight", "metadata": "meta"}
-
-
-def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int,
-             golden=None) -> pa.Table:
-    """Inject faults [start, stop) and return their rows, ready for the store.
-
-    `golden` (from golden_cache) is the golden run of every image faults land on, reused
-    by every part; without it the part makes the golden runs of its own images."""
-    part = faults.select(slice(start, stop))
-    if golden is not None:
-        ids, gold = golden
-        local = part.select(slice(None))
-        local.image = torch.searchsorted(ids, part.image)
-        out = prep.engine.run(local, gold.images, gold.labels, golden=gold)
-    else:
-        used, image_pos = torch.unique(part.image, return_inverse=True)
-        local = part.select(slice(None))
-        local.image = image_pos
-        images, labels = prep.images[used], prep.labels[used]
-        out = prep.engine.run(local, images, labels)
-    out = _on_cpu(out)
-    plan = prep.plan
-    n = len(part)
-    return pa.table({
-        "fault_id": pa.array(np.arange(start, stop, dtype=np.int64)),
-        "layer": pa.array(part.layer_names, pa.string()),
-        "field": pa.array(fields[start:stop], pa.string()),
-        "site": pa.array([plan.site] * n, pa.string()),
-        "param": pa.array(part.param_names, pa.string()),
-        "index": pa.array(part.index.numpy()),
-        "bits": pa.array(part.bits(), pa.list_(pa.int16())),
-        "fault_model": pa.array([plan.fault] * n, pa.string()),
-        "format": pa.array([plan.format] * n, pa.string()),
-        "image_id": pa.array(part.image.numpy()),
-        "golden_top1": pa.array(out.golden_top1.numpy().astype(np.int32)),
-        "faulty_top1": pa.array(out.faulty_top1.numpy().astype(np.int32)),
-        "sdc": pa.array(out.sdc.numpy()),
-        "due": pa.array(out.due.numpy()),
-        "nonfinite": pa.array(out.nonfinite.numpy()),
-        "golden_loss": pa.array(out.golden_loss.double().numpy()),
-        "faulty_loss": pa.array(out.faulty_loss.double().numpy()),
-        "delta_loss": pa.array(out.delta_loss.double().numpy()),
-        "golden_top2diff": pa.array(out.golden_top2diff.double().numpy()),
-        "faulty_top2diff": pa.array(out.faulty_top2diff.double().numpy()),
-    }, schema=ROW_SCHEMA)
-
-
-def _on_cpu(outcomes):
-    """Outcomes with every tensor column on the CPU (the engine may run on a GPU)."""
-    for name, value in list(vars(outcomes).items()):
-        if isinstance(value, torch.Tensor):
-            setattr(outcomes, name, value.cpu())
-    return outcomes
-
-
-# Bytes of cached golden values a campaign may keep for all its parts (golden_cache).
-GOLDEN_CACHE_BYTES = 1 << 30
-
-
-def golden_cache(prep: Prepared, faults, budget: int | None = None):
-    """(image ids, Golden) of every image the faults land on, for run_part to share across
-    parts, or None when its cached values would exceed `budget` bytes (default
-    GOLDEN_CACHE_BYTES; estimated as four
-    copies of each injected layer's float32 output per image: outputs, inputs and graph
-    values); then each part makes its own golden runs, as before."""
-    budget = GOLDEN_CACHE_BYTES if budget is None else budget
-    ids = torch.unique(faults.image)
-    per_image = sum(4 * 4 * math.prod(info.output_shape or (1,)) for info in prep.layers)
-    if per_image * ids.numel() > budget:
-        return None
-    layers = {info.name for info in prep.layers}
-    return ids, prep.engine.golden(prep.images[ids], prep.labels[ids], layers=layers)
 
 
 @dataclass
@@ -445,7 +97,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     cached = read_cached_ranges(out, plan)
     prep = prepare(plan, ranges=cached, target=target, data=data, device=device)
     plan = prep.plan  # with the data hash
-    _refuse_other_data(plan, out)
+    refuse_other_data(plan, out)
     faults, fields = fault_list(prep)
     store = ResultsStore(out)
     try:
@@ -480,31 +132,6 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     return CampaignRun(Path(out), len(faults), len(todo), kept, seconds, ran / max(seconds, 1e-9))
 
 
-def _refuse_other_data(plan: CampaignPlan, out) -> None:
-    """Refuse to resume a campaign in `out` on data other than that it started on."""
-    path = Path(out) / PLAN_FILE
-    try:
-        recorded = CampaignPlan.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, CampaignError):
-        return  # no campaign there yet, or one the store refuses with its own message
-    if recorded.data_sha is None:
-        raise CampaignError(
-            f"{out} was started by an older flipsafe that did not record a hash of the "
-            "dataset, so a resume cannot check the data is unchanged; summary and report "
-            "still read it; choose another --out to run the campaign again"
-        )
-    # Other preprocessing (--image-size/--mean/--std) is another plan: the store says so.
-    if (recorded.dataset == plan.dataset and recorded.preprocess == plan.preprocess
-            and recorded.data_sha != plan.data_sha):
-        raise _data_changed(plan.dataset, recorded.data_sha, plan.data_sha,
-                            f"the campaign in {out} started")
-
-
-def part_bounds(store: ResultsStore, k: int, part_size: int) -> tuple[int, int]:
-    start = k * part_size
-    return start, start + store.expected_rows(k)
-
-
 def _run_parts_locally(prep, faults, fields, store, todo, show_progress, golden=None) -> None:
     total = sum(store.expected_rows(k) for k in todo)
     sdc = done = 0
@@ -520,18 +147,3 @@ def _run_parts_locally(prep, faults, fields, store, todo, show_progress, golden=
             done += table.num_rows
             sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))
             bar.advance(table.num_rows, info=f"SDC {100 * sdc / done:.2f}%")
-
-
-def estimate_seconds(prep: Prepared, sample: int = 64) -> float:
-    """Rough run time: the plan's injections at the clean-inference rate of this machine.
-
-    Faulty runs mostly execute only the graph after the faulty layer, so the real rate
-    is usually higher; treat this as an upper estimate.
-    """
-    ids = prep.image_ids[:sample]
-    images, labels = prep.images[ids], prep.labels[ids]
-    prep.engine.golden(images, labels, layers=[])  # warm-up
-    started = time.perf_counter()
-    prep.engine.golden(images, labels, layers=[])
-    per_image = (time.perf_counter() - started) / max(len(ids), 1)
-    return prep.total * per_image
