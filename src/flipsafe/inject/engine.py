@@ -14,6 +14,7 @@ from torch import nn
 from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
 from flipsafe.faults import PARAMS, FaultSet, draw
 from flipsafe.inject import emulate
+from flipsafe.inject.capture import CaptureError, export_graph
 from flipsafe.inject.graph import Program, TraceError
 from flipsafe.inject.weights import faulty_raw_output
 from flipsafe.metrics.outcomes import (
@@ -173,11 +174,13 @@ class Engine:
         self._coders: dict = {}
         self.program = None
         self.trace_error = None
+        self._export = False  # capture with torch.export once an input is seen
         if suffix:
             try:
                 self.program = Program(self.model, {})
             except TraceError as exc:
                 self.trace_error = str(exc)
+                self._export = True
         self._shapes: dict | None = None
         self._calls: dict = {}
         if input_shape is not None:
@@ -268,6 +271,13 @@ class Engine:
                 f"the model must return a [batch, classes] tensor of logits, got "
                 f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
         self._shapes, self._calls = shapes, calls
+        if self._export:
+            self._export = False
+            try:
+                graph, attrs = export_graph(self.model, x3, self.leaves)
+                self.program = Program(self.model, {}, graph, attrs)
+            except (CaptureError, TraceError) as exc:
+                self.trace_error = f"{self.trace_error}; {exc}"
         if self.program is not None:
             try:
                 with torch.no_grad():
@@ -302,6 +312,9 @@ class Engine:
         for n, m in self.leaves.items():
             if param in ("output", "meta"):
                 ok = self._calls.get(n, 0) == 1 and self._shapes.get(n) is not None
+                # A module torch.export records no operation for (an identity) has no
+                # node to start a suffix run from.
+                ok = ok and (self.program is None or n in self.program.module_nodes)
             else:
                 p = getattr(m, "weight" if param == "weight_meta" else param, None)
                 ok = isinstance(p, torch.Tensor) and (n, "weight" if param == "weight_meta"
@@ -318,6 +331,8 @@ class Engine:
         if calls > 1:
             return f"it runs {calls} times per forward, so its output is not one value"
         if param in ("output", "meta"):
+            if self.program is not None and name not in self.program.module_nodes:
+                return "the captured graph has no operation of it (it passes its input on)"
             return "its output is not a single batch-first tensor"
         return f"it has no floating-point {param.replace('_meta', '')} parameter"
 
@@ -475,10 +490,18 @@ class Engine:
             return None
         raw, inputs = {}, {}
 
+        # Without a graph, the model's own code runs after the layer, and an in-place op
+        # there (`hidden += residual`) would overwrite the cached output unless the model
+        # goes on with a copy (emulated layers go on with their quantised copy anyway).
+        copy_out = self.program is None
+
         def make(name):
             def hook(mod, inp, out):
                 raw[name] = out
                 inputs[name] = inp
+                if copy_out and name not in self._quant and isinstance(out, torch.Tensor):
+                    return out.clone()
+                return None
             return hook
         keep = set()
         if self.program is not None:

@@ -14,7 +14,7 @@ from torch import nn
 from flipsafe.errors import ConfigError, InjectionError
 from flipsafe.faults import parse, positions
 from flipsafe.inject import emulate
-from flipsafe.inject.graph import _POINTWISE_FUNCS
+from flipsafe.inject.graph import POINTWISE_FUNCS
 from flipsafe.metrics.outcomes import FIELDS, Outcomes, compute_outcomes
 
 _BUDGET = 1 << 22  # float elements per image chunk
@@ -33,7 +33,7 @@ def _columnwise(engine, node, g) -> bool | None:
     for n, _ in plan.steps:
         if n.op == "output":
             continue
-        if n.op != "call_function" or n.target not in _POINTWISE_FUNCS:
+        if n.op != "call_function" or n.target not in POINTWISE_FUNCS:
             return False
         for a in n.all_input_nodes:
             if a in plan.constants:
