@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import operator
 
 import torch
@@ -119,14 +122,22 @@ def export_graph(model: nn.Module, example: torch.Tensor, leaves: dict) -> tuple
     """Capture `model` with torch.export for a batch of any size; returns the graph, with
     each leaf module run as one call_module node, and {get_attr target: value} for the
     attributes that are not the model's own (constants torch.export lifted)."""
+    # torch.export logs and prints the graph it got so far when it gives up; the engine
+    # reports the failure itself (trace_error) and goes on with hooks.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
-        batch = torch.export.Dim("batch")
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},),
-                                      strict=False)
+        with contextlib.redirect_stderr(io.StringIO()):
+            batch = torch.export.Dim("batch")
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},),
+                                          strict=False)
         gm = program.module()
     except Exception as exc:  # any export failure means "use hooks instead"
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise CaptureError(f"torch.export cannot capture {type(model).__name__}: "
-                           f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+                           f"{type(exc).__name__}: {first}") from exc
+    finally:
+        logging.disable(previous)
     # A graph of its own: its call_module nodes name modules of `model`, not of `gm`.
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})

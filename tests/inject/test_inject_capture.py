@@ -1,0 +1,164 @@
+"""Models torch.fx cannot trace run as torch.export graphs: suffix runs equal full runs and
+the deep-copy reference, on Hugging Face image classifiers and on plain modules."""
+
+import pytest
+import torch
+from inject_reference import Reference, TinyNet, reference_outcomes
+from test_inject_engine import assert_same_outcomes, format_tolerance
+from test_inject_reference import check
+
+from flipsafe.errors import InjectionError
+from flipsafe.faults import FaultSet
+from flipsafe.inject import Engine
+
+
+class Logits(torch.nn.Module):
+    """A Hugging Face classifier as users wrap it: forward(x) returns the logits tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def hf_model(name: str):
+    """(model, image side): tiny random-init configs, nothing downloaded."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "vit":
+        cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, num_labels=10)
+        return Logits(transformers.ViTForImageClassification(cfg)).eval(), 16
+    if name == "resnet":
+        cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                        num_labels=10)
+        return Logits(transformers.ResNetForImageClassification(cfg)).eval(), 16
+    cfg = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                      num_labels=10)
+    return Logits(transformers.ConvNextForImageClassification(cfg)).eval(), 16
+
+
+def data(n, side, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, side, side, generator=g), torch.randint(10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["vit", "resnet", "convnext"])
+def test_hf_classifiers_run_as_exported_graphs_and_match_the_references(name, fmt):
+    model, side = hf_model(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = data(6, side)
+    fast = Engine(model, fmt, chunk=16)
+    ranges = fast.profile(x)
+    # torch.fx rejects these models; the graph comes from torch.export.
+    assert fast.suffix and "torch.fx" in fast.trace_error
+    full = Engine(model, fmt, ranges=ranges, suffix=False)
+    assert not full.suffix
+    gen = torch.Generator().manual_seed(1)
+    faults = FaultSet.cat([fast.sample(16, s, "all", m, images=6, generator=gen)
+                           for s in ("activations", "weights") for m in ("bitflip", "random")])
+    a, b = fast.run(faults, x, y), full.run(faults, x, y)
+    assert_same_outcomes(a, b, tol=format_tolerance(fast.fmt))
+    assert (a.delta_loss.abs() > 1e-6).sum() >= len(faults) // 4
+    # Fault sites keep their named_modules() names.
+    names = {n for n, _ in model.named_modules()}
+    assert set(faults.layers) <= names
+    # A few faults, one deep copy each, as the slow reference computes them.
+    few = FaultSet.cat([fast.sample(4, s, "all", "bitflip", images=6, generator=gen)
+                        for s in ("activations", "weights")])
+    check(fast.run(few, x, y), reference_outcomes(Reference(model, fmt, ranges), x, y, few), fmt)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks for m in fast.model.modules())
+
+
+def test_layers_torch_export_records_no_operation_for_are_not_sites():
+    """HF ResNet's shortcut is an nn.Identity: the exported graph has no node to restart
+    from, so it is not an activation site (hooks would see it; the layers around it stay)."""
+    model, side = hf_model("resnet")
+    engine = Engine(model, "fp32", input_shape=(3, side, side))
+    assert engine.suffix
+    identity = "model.resnet.encoder.stages.0.layers.0.shortcut"
+    assert isinstance(dict(model.named_modules())[identity], torch.nn.Identity)
+    with pytest.raises(InjectionError, match="no operation"):
+        engine.layers("activations", identity)
+    hooks = Engine(model, "fp32", input_shape=(3, side, side), suffix=False)
+    assert [i.name for i in engine.layers("activations")] == \
+        [i.name for i in hooks.layers("activations")]
+    assert [i.name for i in engine.layers("weights")] == \
+        [i.name for i in hooks.layers("weights")]
+
+
+class Gated(torch.nn.Module):
+    """Branches on a shape (torch.fx: 'symbolically traced variables cannot be used as
+    inputs to control flow'), adds in place to a BatchNorm output, runs a module twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.act = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 10)
+        g = torch.Generator().manual_seed(5)
+        for bn in (self.bn, self.bn2):
+            bn.running_mean.copy_(torch.randn(4, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, dim=1)
+        if a.shape[-1] > 1:
+            b = torch.sigmoid(b)
+        y = self.act(self.bn(a)) * b
+        z = self.bn2(self.conv2(y))
+        z += y  # in place on a cached layer output
+        return self.fc(self.act(z).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_plain_module_fx_cannot_trace_is_exported_and_matches_reference(fmt):
+    torch.manual_seed(0)
+    model = Gated().eval()
+    x, y = data(4, 8)
+    engine = Engine(model, fmt)
+    ranges = engine.profile(x)
+    assert engine.suffix and "control flow" in engine.trace_error
+    gen = torch.Generator().manual_seed(2)
+    faults = FaultSet.cat([engine.sample(12, s, "all", "bitflip", images=4, generator=gen)
+                           for s in ("activations", "weights", "biases")])
+    out = engine.run(faults, x, y)
+    check(out, reference_outcomes(Reference(model, fmt, ranges), x, y, faults), fmt)
+    assert (out.delta_loss.abs() > 1e-6).sum() >= len(faults) // 4
+    with pytest.raises(InjectionError, match="runs 2 times"):
+        engine.layers("activations", "act")
+
+
+class InPlaceResidual(TinyNet):
+    """TinyNet whose residual add writes into the BatchNorm output (as HF ResNet does)."""
+
+    def forward(self, x):
+        y = self.relu1(self.bn1(self.conv1(x)))
+        z = self.bn2(self.conv2(y))
+        z += y
+        y = self.relu3(self.conv3(self.relu2(z)))
+        y = torch.flatten(self.pool(y), 1)
+        return self.fc(self.relu4(self.fc1(y)))
+
+
+@pytest.mark.parametrize("suffix", [True, False])
+def test_in_place_model_code_does_not_overwrite_cached_outputs(suffix):
+    """The hook path once cached bn2's output and let `z += y` overwrite it, so faults in
+    conv2 and bn2 started from a wrong golden value."""
+    torch.manual_seed(0)
+    model = InPlaceResidual()
+    x, y = data(4, 8)
+    engine = Engine(model, "fp32", suffix=suffix, input_shape=(3, 8, 8))
+    gen = torch.Generator().manual_seed(3)
+    faults = FaultSet.cat([engine.sample(16, s, "bn2|conv2", "bitflip", images=4,
+                                         generator=gen) for s in ("activations", "weights")])
+    out = engine.run(faults, x, y)
+    check(out, reference_outcomes(Reference(model, "fp32"), x, y, faults), "fp32")
