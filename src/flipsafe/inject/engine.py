@@ -15,6 +15,7 @@ from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
 from flipsafe.faults import PARAMS, FaultSet, draw
 from flipsafe.inject import emulate
 from flipsafe.inject.capture import CaptureError, export_graph
+from flipsafe.inject.exhaustive import Exhaustive, exhaustive
 from flipsafe.inject.graph import Program, TraceError
 from flipsafe.inject.weights import faulty_raw_output
 from flipsafe.metrics.outcomes import (
@@ -82,31 +83,6 @@ class Golden:
     raw: dict = field(default_factory=dict)  # layer -> raw output [B, ...]
     inputs: dict = field(default_factory=dict)  # layer -> tuple of module inputs
     nodes: dict = field(default_factory=dict)  # fx node -> cached value
-
-
-@dataclass
-class Exhaustive:
-    """Outcomes of every (image, bit, weight) fault of the classifier layer.
-
-    `outcomes` columns have shape [n_images, n_bits, n_weights] (golden columns broadcast
-    from [n_images, 1, 1]); `weight` holds flat weight indices, `bits` bit positions,
-    `image` image positions; `.flat()` gives one row per fault.
-    """
-
-    layer: str
-    image: torch.Tensor
-    bits: torch.Tensor
-    weight: torch.Tensor
-    outcomes: Outcomes
-
-    def __len__(self) -> int:
-        return self.image.numel() * self.bits.numel() * self.weight.numel()
-
-    def flat(self) -> tuple[dict, Outcomes]:
-        """Per-fault columns (image, bit, weight) and flattened outcomes, image-major."""
-        i, b, w = torch.meshgrid(self.image, self.bits, self.weight, indexing="ij")
-        return ({"image": i.reshape(-1), "bit": b.reshape(-1), "weight": w.reshape(-1)},
-                self.outcomes.flatten())
 
 
 def _as_batches(data) -> Iterable[torch.Tensor]:
@@ -221,7 +197,8 @@ class Engine:
         if self.program is not None:
             self.program.set_quantize({})
 
-    def _quantize(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+    def quantize_output(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        """Layer `name`'s raw output as the emulated model holds it (in the format)."""
         q = self._quant.get(name)
         return raw if q is None else q(raw)
 
@@ -452,15 +429,30 @@ class Engine:
     def golden(self, images: torch.Tensor, labels: torch.Tensor, layers=None) -> Golden:
         """Golden run of a batch: clean logits, outcome columns and the values faulty runs
         reuse (for `layers`, default every injectable layer)."""
-        images, labels = self._batch(images, labels)
-        self._probe(images)
-        self._ensure_emulation()
+        images, labels = self.prepare(images, labels)
         if layers is None:
             layers = set(self._candidates("output")) | set(self._candidates("weight"))
         g = Golden(images, labels, None, None)
         g.logits = self._fill(g, layers, force=True)
         g.outcomes = GoldenOutcomes.of(g.logits, labels)
         return g
+
+    def prepare(self, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a batch, see the model run once (layer table, graph capture), build the
+        format emulation; returns images and labels on the engine's device."""
+        images, labels = self._batch(images, labels)
+        self._probe(images)
+        self._ensure_emulation()
+        return images, labels
+
+    def cache(self, golden: Golden, layers) -> None:
+        """Make `golden` hold what faulty runs of `layers` read."""
+        self._fill(golden, layers)
+
+    def sites(self, site: str) -> list[str]:
+        """Names of the layers that have `site` (before any selection)."""
+        self._need_probe()
+        return self._candidates(self._site(site))
 
     def _batch(self, images, labels):
         if not isinstance(images, torch.Tensor) or images.dim() < 2:
@@ -556,9 +548,7 @@ class Engine:
 
         Without `golden`, the images are taken in blocks (each image's golden run once), so
         the cached activations stay within the engine's `memory` budget."""
-        images, labels = self._batch(images, labels)
-        self._probe(images)
-        self._ensure_emulation()
+        images, labels = self.prepare(images, labels)
         self._validate(faults, images.shape[0])
         if golden is not None:
             if golden.images.shape != images.shape:
@@ -623,7 +613,8 @@ class Engine:
                     f"fault index {int(idx.max()) if int(idx.max()) >= info.numel else int(idx.min())}"
                     f" is out of range for the {site} of {layer!r}; choose 0..{info.numel - 1}")
 
-    def _limit(self, name: str, pname: str) -> torch.Tensor:
+    def clamp_limit(self, name: str, pname: str) -> torch.Tensor:
+        """The clamp limit of layer `name`'s output ('output') or parameter `pname`."""
         if pname in ("output", "meta"):
             if name not in self.ranges:
                 raise InjectionError(
@@ -658,7 +649,7 @@ class Engine:
                 old = codes.values.reshape(-1)[pos]
             nonfinite = ~torch.isfinite(new).all(1)
             if self.clamp != "none":
-                new = emulate.clamp(new, self._limit(name, "output" if pname in ("output", "meta")
+                new = emulate.clamp(new, self.clamp_limit(name, "output" if pname in ("output", "meta")
                                                     else param), self.clamp)
             changed = ~emulate.same_bits(new, old).all(1)
             res = unchanged_outcomes(golden, nonfinite)
@@ -684,7 +675,7 @@ class Engine:
         if pname in ("output", "meta"):
             # raw is a fresh gathered copy, so scattering into it (or its quantised
             # copy) leaves the cache intact.
-            out = self._quantize(name, raw).contiguous()
+            out = self.quantize_output(name, raw).contiguous()
             out.view(out.shape[0], -1).scatter_(1, pos, new)
             return out
         param = "weight" if pname == "weight_meta" else pname
@@ -692,7 +683,7 @@ class Engine:
         args = tuple(a.index_select(0, img) if isinstance(a, torch.Tensor) else a
                      for a in g.inputs[name])
         faulty = faulty_raw_output(mod, param, args, {}, raw, pos, new, old)
-        return self._quantize(name, faulty)
+        return self.quantize_output(name, faulty)
 
     def _faulty_logits(self, name, pname, g, img, pos, new, old):
         start = self._start_value(name, pname, g, img, pos, new, old)
@@ -725,7 +716,7 @@ class Engine:
             return no
         take = _Slicer(shape, pos[:, 0])
         raw_s = take(g.raw[name], img)
-        gold = self._quantize(name, raw_s)
+        gold = self.quantize_output(name, raw_s)
         # Layer outputs may be channels-last (or otherwise strided); the flat view below
         # needs a contiguous copy.
         faulty = gold.clone(memory_format=torch.contiguous_format)
@@ -770,7 +761,6 @@ class Engine:
                               golden: Golden | None = None) -> Exhaustive:
         """Outcomes of every (weight, bit) fault of the classifier Linear on every image,
         computed analytically from the cached features."""
-        from flipsafe.inject.exhaustive import exhaustive
         return exhaustive(self, images, labels, fault_model, bits, golden)
 
 
