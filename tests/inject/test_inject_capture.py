@@ -162,3 +162,25 @@ def test_in_place_model_code_does_not_overwrite_cached_outputs(suffix):
                                          generator=gen) for s in ("activations", "weights")])
     out = engine.run(faults, x, y)
     check(out, reference_outcomes(Reference(model, "fp32"), x, y, faults), "fp32")
+
+
+@pytest.mark.parametrize("head", ["linear", "text"])
+def test_exhaustive_last_layer_on_an_exported_graph_equals_brute_force(head):
+    """The closed form reads the classifier's cached input from the exported graph's golden
+    run; a text-guided head runs its normalise-and-scale ATen nodes after the faulty scores."""
+    from test_inject_exhaustive import brute_force, compare
+
+    from flipsafe.textguided.head import make_text_guided
+
+    model, side = hf_model("convnext")
+    if head == "text":
+        emb = torch.randn(10, 6, generator=torch.Generator().manual_seed(3))
+        model = make_text_guided(model, emb)
+    x, y = data(3, side)
+    engine = Engine(model, "fp32", input_shape=(3, side, side))
+    assert engine.suffix
+    layer = engine.classifier()
+    bits = [30, 23, 12]
+    ex = engine.exhaustive_last_layer(x, y, "bitflip", bits=bits)
+    assert ex.layer == layer
+    compare(ex, brute_force(model, "fp32", {}, layer, x, y, bits, 0), 3, 1e-4)
