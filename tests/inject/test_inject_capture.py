@@ -184,3 +184,20 @@ def test_exhaustive_last_layer_on_an_exported_graph_equals_brute_force(head):
     ex = engine.exhaustive_last_layer(x, y, "bitflip", bits=bits)
     assert ex.layer == layer
     compare(ex, brute_force(model, "fp32", {}, layer, x, y, bits, 0), 3, 1e-4)
+
+
+def test_a_graph_that_computes_other_logits_than_the_model_is_not_used():
+    """A forward with Python state: the captured graph froze the counter's value."""
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 10)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.fc(x.flatten(1)) * self.calls
+
+    engine = Engine(Counting(), input_shape=(3, 8, 8))
+    assert not engine.suffix and "other logits" in engine.trace_error

@@ -102,7 +102,8 @@ class Engine:
     +-range keeping their sign) or 'goldeneye' (as GoldenEye: NaN goes to +range).
     ranges: {layer: max |activation|} from `profile` (needed by clamping and by formats
     with a calibrated scale). suffix: run only the graph after the faulty layer when the
-    model traces with torch.fx (False forces full forwards with hooks). chunk: faulty
+    model can be captured as a graph: with torch.fx, else (once the engine sees an input)
+    with torch.export (False forces full forwards with hooks). chunk: faulty
     images per forward pass. memory: bytes of cached activations `run` may hold when it
     makes its own golden runs (images are then taken in blocks).
     """
@@ -258,10 +259,16 @@ class Engine:
         if self.program is not None:
             try:
                 with torch.no_grad():
-                    self.program.probe(x)
+                    got = self.program.probe(x)[self.program.output]
                 for name, nodes in self.program.module_nodes.items():
                     if name in calls and len(nodes) != calls[name]:
                         raise TraceError(f"module {name} runs differently when traced")
+                # Same kernels on the same batch: a graph that computes other logits than
+                # the model (a shape specialised while capturing) is not used.
+                scale = float(torch.nan_to_num(out, 0.0, 0.0, 0.0).abs().max())
+                if got.shape != out.shape or not torch.allclose(
+                        got, out, rtol=1e-4, atol=1e-5 * max(1.0, scale), equal_nan=True):
+                    raise TraceError("the captured graph computes other logits than the model")
             except TraceError as exc:
                 self.program, self.trace_error = None, str(exc)
             except (RuntimeError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -270,7 +277,8 @@ class Engine:
 
     @property
     def suffix(self) -> bool:
-        """Whether faulty runs execute only the graph after the faulty layer."""
+        """Whether faulty runs execute only the graph after the faulty layer (a model only
+        torch.export captures is captured once the engine has seen an input)."""
         return self.program is not None
 
     def _need_probe(self):
