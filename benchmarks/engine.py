@@ -264,7 +264,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32, help="PyTorchFI batch size")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds per comparison")
     ap.add_argument("--formats", default="bf16,fp16,int8,mxfp8_e4m3")
-    ap.add_argument("--hf-faults", type=int, default=1024,
+    ap.add_argument("--hf-faults", type=int, default=2048,
                     help="activation faults per Hugging Face model")
     ap.add_argument("--hf-weight-faults", type=int, default=48,
                     help="weight faults per Hugging Face model, each on 32 images")
