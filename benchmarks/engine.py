@@ -156,30 +156,39 @@ def bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key
                      side):
     """Activations and weights fp32: the graph executor (suffix runs), the forced hook
     fallback, and a fresh engine's first part (cold: capture, golden run and faults, as a
-    campaign's first part) against later parts of the same size (warm)."""
+    campaign's first part) against the same part again (warm)."""
     images = torch.randn(args.images, 3, side, side, generator=gen).to(device)
     labels = torch.randint(10, (args.images,), generator=gen).to(device)
     clean_pair = clean_pair_for(model, images, f"clean {key}")
     n = args.hf_faults
     per_round = -(-n // args.rounds)
-    first = {}
+    made = {}
 
     def fresh():
         eng = Engine(model, "fp32", device=device, chunk=args.batch, input_shape=(3, side, side))
         f = eng.sample(n, "activations", "Conv2d|Linear", "bitflip",
-                       images=torch.arange(n) % args.images, generator=gen)
+                       images=torch.arange(n) % args.images,
+                       generator=torch.Generator().manual_seed(args.seed))
         # Sorted by layer and cut into parts, as a campaign's fault list is.
-        first["faults"] = f.select(torch.argsort(f.layer, stable=True))
-        first["engine"] = eng
-        return eng.run(first["faults"].select(slice(0, per_round)), images, labels)
-    meter(f"{key} cold", per_round, fresh)
-    engine, act = first["engine"], first["faults"]
+        made["faults"] = f.select(torch.argsort(f.layer, stable=True))
+        made["engine"] = eng
+        return eng.run(made["faults"].select(slice(0, per_round)), images, labels)
+
+    # Cold and warm in adjacent pairs (load on the machine varies): a fresh engine's first
+    # part, then the same part again on that engine.
+    cold_vs_warm = []
+    for _ in range(args.rounds):
+        cold_s = timed(fresh, device)[1]
+        warm_s = timed(lambda: made["engine"].run(made["faults"].select(slice(0, per_round)),
+                                                  images, labels), device)[1]
+        meter.log.setdefault(f"{key} cold", []).append((per_round, cold_s))
+        meter.log.setdefault(f"{key} warm", []).append((per_round, warm_s))
+        cold_vs_warm.append(warm_s / cold_s)
+    first_cold, cold_vs_warm = cold_vs_warm[0], statistics.median(cold_vs_warm)
+    engine, act = made["engine"], made["faults"]
     if not engine.suffix:
         print(f"note: {key} runs on hooks: {engine.trace_error}")
     hooks = Engine(model, "fp32", device=device, chunk=args.batch, suffix=False)
-    for _ in range(args.rounds):  # the same part again, on the engine that ran it
-        meter(f"{key} warm", per_round,
-              lambda: engine.run(act.select(slice(0, per_round)), images, labels))
     layers = set(act.layers)
     golden = meter(f"{key} act", 0, lambda: engine.golden(images, labels, layers=layers))
     g_hooks = meter(f"{key} hooks", 0, lambda: hooks.golden(images, labels, layers=layers))
@@ -191,7 +200,6 @@ def bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key
         clean_pair(f"clean {key} act")
     vs = meter.ratio(f"{key} act", f"clean {key} act")
     hook_vs = meter.ratio(f"{key} hooks", f"clean {key} act")
-    cold_vs_warm = meter.rate(f"{key} cold") / meter.rate(f"{key} warm")
     result[f"{key}_activations_vs_clean"] = vs
     result["hook_fallback_vs_clean"][key] = hook_vs
     result["cold_vs_warm"][f"{key}_activations"] = cold_vs_warm
@@ -201,7 +209,8 @@ def bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key
     rows.append(("  forced hooks (suffix=False)", "faults/s", meter.rate(f"{key} hooks"),
                  f"{hook_vs:.2f}x clean"))
     rows.append(("  fresh engine's first part (cold)", "faults/s", meter.rate(f"{key} cold"),
-                 f"{cold_vs_warm:.2f}x warm ({meter.rate(f'{key} warm'):,.1f}/s)"))
+                 (f"{cold_vs_warm:.2f}x warm ({meter.rate(f'{key} warm'):,.1f}/s; the "
+                  f"process's first engine {first_cold:.2f}x)")))
 
     # Weights: each fault on the same images (up to 32).
     per = min(32, images.shape[0])

@@ -657,8 +657,8 @@ class Engine:
                 old = codes.values.reshape(-1)[pos]
             nonfinite = ~torch.isfinite(new).all(1)
             if self.clamp != "none":
-                new = emulate.clamp(new, self.clamp_limit(name, "output" if pname in ("output", "meta")
-                                                    else param), self.clamp)
+                site = "output" if pname in ("output", "meta") else param
+                new = emulate.clamp(new, self.clamp_limit(name, site), self.clamp)
             changed = ~emulate.same_bits(new, old).all(1)
             res = unchanged_outcomes(golden, nonfinite)
             live = changed.nonzero().reshape(-1)
