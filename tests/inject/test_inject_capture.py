@@ -201,3 +201,36 @@ def test_a_graph_that_computes_other_logits_than_the_model_is_not_used():
 
     engine = Engine(Counting(), input_shape=(3, 8, 8))
     assert not engine.suffix and "other logits" in engine.trace_error
+
+
+class Windows(torch.nn.Module):
+    """A Linear on windows that mix the batch (as Swin's attention does): [B * 4, ...]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.proj = torch.nn.Linear(4, 4)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = self.conv(x)  # [B, 4, 8, 8]
+        b = y.shape[0]
+        w = y.reshape(b, 4, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(b * 4, 16, 4)
+        w = self.proj(w)
+        y = w.reshape(b, 2, 2, 4, 4, 4).permute(0, 5, 1, 3, 2, 4).reshape(b, -1)
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("suffix", [True, False])
+def test_layers_whose_output_mixes_images_have_no_parameter_sites(suffix):
+    """Their weight faults cannot be followed image by image (this once crashed the hook
+    path inside the model's own reshape)."""
+    engine = Engine(Windows(), input_shape=(3, 8, 8), suffix=suffix)
+    assert [i.name for i in engine.layers("weights")] == ["conv", "fc"]
+    assert [i.name for i in engine.layers("biases")] == ["conv", "fc"]
+    with pytest.raises(InjectionError, match="not a single batch-first tensor.*image by image"):
+        engine.layers("weights", "proj")
+    x, y = data(3, 8)
+    faults = FaultSet(["proj"], layer=0, index=0, mask=1 << 30, param="weight")
+    with pytest.raises(InjectionError, match="no weights site"):
+        engine.run(faults, x, y)

@@ -304,7 +304,9 @@ class Engine:
                 p = getattr(m, "weight" if param == "weight_meta" else param, None)
                 ok = isinstance(p, torch.Tensor) and (n, "weight" if param == "weight_meta"
                                                       else param) in self.params
-                ok = ok and self._calls.get(n, 0) == 1
+                # Faulty outputs are followed per image: the output must be batch-first
+                # (not, e.g., attention windows holding parts of several images).
+                ok = ok and self._calls.get(n, 0) == 1 and self._shapes.get(n) is not None
             if ok:
                 names.append(n)
         return names
@@ -319,7 +321,11 @@ class Engine:
             if self.program is not None and name not in self.program.module_nodes:
                 return "the captured graph has no operation of it (it passes its input on)"
             return "its output is not a single batch-first tensor"
-        return f"it has no floating-point {param.replace('_meta', '')} parameter"
+        pname = "weight" if param == "weight_meta" else param
+        if (name, pname) not in self.params:
+            return f"it has no floating-point {pname} parameter"
+        return ("its output is not a single batch-first tensor, so a parameter fault's "
+                "effect cannot be followed image by image")
 
     def _info(self, name: str, param: str) -> LayerInfo:
         mod = self.leaves[name]
