@@ -234,3 +234,35 @@ def test_layers_whose_output_mixes_images_have_no_parameter_sites(suffix):
     faults = FaultSet(["proj"], layer=0, index=0, mask=1 << 30, param="weight")
     with pytest.raises(InjectionError, match="no weights site"):
         engine.run(faults, x, y)
+
+
+class ViewWrite(torch.nn.Module):
+    """Adds in place to a layer output a slice of which (a view) is read later."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.act = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(6 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        v = y[:, :2]
+        if y.shape[-1] > 1:  # torch.fx cannot trace this
+            y.add_(1)  # v sees the change too
+        return self.fc(torch.cat([y, v], 1).flatten(1))
+
+
+def test_in_place_writes_through_views_are_not_made_out_of_place():
+    """Made out-of-place, the add would not reach the slice: such a model is not captured,
+    and the hooks give the reference outcomes."""
+    torch.manual_seed(0)
+    model = ViewWrite()
+    x, y = data(4, 8)
+    engine = Engine(model, "fp32", input_shape=(3, 8, 8))
+    assert not engine.suffix and "in-place" in engine.trace_error
+    faults = FaultSet.cat([engine.sample(12, s, "all", "bitflip", images=4,
+                                         generator=torch.Generator().manual_seed(4))
+                           for s in ("activations", "weights")])
+    check(engine.run(faults, x, y), reference_outcomes(Reference(model, "fp32"), x, y, faults),
+          "fp32")

@@ -88,13 +88,19 @@ def _out_of_place(graph: fx.Graph):
         if twin is None or not isinstance(target, fx.Node):
             raise CaptureError(f"in-place operation {op} has no out-of-place twin")
         # Readers of the mutated value after the op would see the old value once the op is
-        # out-of-place; so would readers of a tensor the value is a view of.
+        # out-of-place; so would readers of a tensor the value is a view of, or of a view
+        # of the value.
         later = [u for u in target.users if u is not node and order[u] > order[node]]
-        is_view = (target.op == "call_function" and isinstance(target.target, torch._ops.OpOverload)
-                   and any(r.alias_info is not None for r in target.target._schema.returns))
-        if later or is_view or target.op in ("placeholder", "get_attr"):
+        views = [u for u in target.users if u is not node and _is_view(u)]
+        if later or views or _is_view(target) or target.op in ("placeholder", "get_attr"):
             raise CaptureError(f"in-place operation {op} changes a value read elsewhere")
         node.target = twin
+
+
+def _is_view(node: fx.Node) -> bool:
+    op = node.target
+    return (node.op == "call_function" and isinstance(op, torch._ops.OpOverload)
+            and any(r.alias_info is not None for r in op._schema.returns))
 
 
 def _drop_unused(graph: fx.Graph):
