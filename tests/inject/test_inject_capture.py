@@ -266,3 +266,36 @@ def test_in_place_writes_through_views_are_not_made_out_of_place():
                            for s in ("activations", "weights")])
     check(engine.run(faults, x, y), reference_outcomes(Reference(model, "fp32"), x, y, faults),
           "fp32")
+
+
+class Doubler(torch.nn.Module):
+    """A leaf module that changes its input in place."""
+
+    def forward(self, x):
+        return x.mul_(2)
+
+
+class WithDoubler(ViewWrite):
+    def __init__(self):
+        super().__init__()
+        self.doubler = Doubler()
+        self.fc = torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        if y.shape[-1] > 1:  # torch.fx cannot trace this
+            y = self.doubler(y)
+        return self.fc(y.flatten(1))
+
+
+def test_leaf_modules_that_change_their_input_in_place_are_not_captured():
+    torch.manual_seed(0)
+    model = WithDoubler()
+    x, y = data(4, 8)
+    engine = Engine(model, "fp32", input_shape=(3, 8, 8))
+    assert not engine.suffix and "changes its input in place" in engine.trace_error
+    faults = FaultSet.cat([engine.sample(12, s, "Conv2d|Linear", "bitflip", images=4,
+                                         generator=torch.Generator().manual_seed(5))
+                           for s in ("activations", "weights")])
+    check(engine.run(faults, x, y), reference_outcomes(Reference(model, "fp32"), x, y, faults),
+          "fp32")

@@ -62,6 +62,9 @@ def _fold_leaf(graph: fx.Graph, name: str, nodes: list, mod: nn.Module):
                            f"tensor out in the exported graph")
     if not _one_tensor_argument(mod):
         raise CaptureError(f"module {name} ({type(mod).__name__}) takes more than one input")
+    # Run as a module, it would write into its input: a value the golden run caches.
+    if any(_writes(n) and n.args[0] not in region for n in nodes):
+        raise CaptureError(f"module {name} ({type(mod).__name__}) changes its input in place")
     out = outputs[0]
     with graph.inserting_after(out):
         call = graph.call_module(name, (tensors[0],))
@@ -95,6 +98,13 @@ def _out_of_place(graph: fx.Graph):
         if later or views or _is_view(target) or target.op in ("placeholder", "get_attr"):
             raise CaptureError(f"in-place operation {op} changes a value read elsewhere")
         node.target = twin
+
+
+def _writes(node: fx.Node) -> bool:
+    """Whether the node's op changes its first argument in place."""
+    op = node.target
+    return (node.op == "call_function" and isinstance(op, torch._ops.OpOverload)
+            and op._schema.is_mutable and bool(node.args) and isinstance(node.args[0], fx.Node))
 
 
 def _is_view(node: fx.Node) -> bool:
