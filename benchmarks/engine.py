@@ -1,10 +1,12 @@
-"""Benchmark the injection engine against PyTorchFI on a CIFAR-style ResNet-18."""
+"""Benchmark the injection engine against PyTorchFI and clean inference, on a CIFAR-style
+ResNet-18 and on Hugging Face transformers classifiers (ViT, ResNet)."""
 
-# Random weights, 32x32 inputs, the same fault lists for both tools, timed in the same
-# run (interleaved rounds). Prints a table and, as its last line, one JSON object.
-# PyTorchFI is a benchmark-only dependency: pip install pytorchfi==0.6.0
+# Random weights, the same fault lists for both tools, timed in the same run (interleaved
+# rounds). Prints a table and, as its last line, one JSON object. PyTorchFI is a
+# benchmark-only dependency (pip install pytorchfi==0.6.0) of the built-in section;
+# the real-model section (--sections real) needs only transformers.
 #
-#     python benchmarks/engine.py [--device cpu] [--threads 2] [--quick]
+#     python benchmarks/engine.py [--device cpu] [--threads 2] [--quick] [--sections real]
 
 from __future__ import annotations
 
@@ -116,6 +118,124 @@ def run_pytorchfi_weights(pfi, model, faults, engine, images, labels, per_fault,
         return sdc
 
 
+class Logits(nn.Module):
+    """A Hugging Face classifier as users wrap it: forward(x) returns the logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def hf_models():
+    """Real-world models flipsafe did not build (random init, nothing downloaded):
+    [(key, description, model, image side)]."""
+    import transformers as hf
+
+    vit = hf.ViTConfig(image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=6,
+                       num_attention_heads=3, intermediate_size=768, num_labels=10)
+    resnet = hf.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512],
+                             depths=[2, 2, 2, 2], layer_type="basic", num_labels=10)
+    return [("hf_vit", "HF ViT 32px patch 4 hidden 192 x6",
+             Logits(hf.ViTForImageClassification(vit)).eval(), 32),
+            ("hf_resnet", "HF ResNet-18-sized 64px",
+             Logits(hf.ResNetForImageClassification(resnet)).eval(), 64)]
+
+
+def bench_real_models(args, device, gen, meter, clean_pair_for, rows, result):
+    """Every model of hf_models(), measured beside its clean inference in the same rounds."""
+    result["hook_fallback_vs_clean"], result["cold_vs_warm"] = {}, {}
+    for key, what, model, side in hf_models():
+        bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key, what,
+                         model.to(device), side)
+
+
+def bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key, what, model,
+                     side):
+    """Activations and weights fp32: the graph executor (suffix runs), the forced hook
+    fallback, and a fresh engine's first part (cold: capture, golden run and faults, as a
+    campaign's first part) against the same part again (warm)."""
+    images = torch.randn(args.images, 3, side, side, generator=gen).to(device)
+    labels = torch.randint(10, (args.images,), generator=gen).to(device)
+    clean_pair = clean_pair_for(model, images, f"clean {key}")
+    n = args.hf_faults
+    per_round = -(-n // args.rounds)
+    made = {}
+
+    def fresh():
+        eng = Engine(model, "fp32", device=device, chunk=args.batch, input_shape=(3, side, side))
+        f = eng.sample(n, "activations", "Conv2d|Linear", "bitflip",
+                       images=torch.arange(n) % args.images,
+                       generator=torch.Generator().manual_seed(args.seed))
+        # Sorted by layer and cut into parts, as a campaign's fault list is.
+        made["faults"] = f.select(torch.argsort(f.layer, stable=True))
+        made["engine"] = eng
+        return eng.run(made["faults"].select(slice(0, per_round)), images, labels)
+
+    # Cold and warm in adjacent pairs (load on the machine varies): a fresh engine's first
+    # part, then the same part again on that engine.
+    cold_vs_warm = []
+    for _ in range(args.rounds):
+        cold_s = timed(fresh, device)[1]
+        warm_s = timed(lambda: made["engine"].run(made["faults"].select(slice(0, per_round)),
+                                                  images, labels), device)[1]
+        meter.log.setdefault(f"{key} cold", []).append((per_round, cold_s))
+        meter.log.setdefault(f"{key} warm", []).append((per_round, warm_s))
+        cold_vs_warm.append(warm_s / cold_s)
+    first_cold, cold_vs_warm = cold_vs_warm[0], statistics.median(cold_vs_warm)
+    engine, act = made["engine"], made["faults"]
+    if not engine.suffix:
+        print(f"note: {key} runs on hooks: {engine.trace_error}")
+    hooks = Engine(model, "fp32", device=device, chunk=args.batch, suffix=False)
+    layers = set(act.layers)
+    golden = meter(f"{key} act", 0, lambda: engine.golden(images, labels, layers=layers))
+    g_hooks = meter(f"{key} hooks", 0, lambda: hooks.golden(images, labels, layers=layers))
+    for r in range(args.rounds):
+        part = act.select(slice(r * per_round, (r + 1) * per_round))
+        clean_pair(f"clean {key} act")
+        meter(f"{key} act", len(part), lambda p=part: engine.run(p, images, labels, golden))
+        meter(f"{key} hooks", len(part), lambda p=part: hooks.run(p, images, labels, g_hooks))
+        clean_pair(f"clean {key} act")
+    vs = meter.ratio(f"{key} act", f"clean {key} act")
+    hook_vs = meter.ratio(f"{key} hooks", f"clean {key} act")
+    result[f"{key}_activations_vs_clean"] = vs
+    result["hook_fallback_vs_clean"][key] = hook_vs
+    result["cold_vs_warm"][f"{key}_activations"] = cold_vs_warm
+    rows.append((f"clean {what}", "images/s", meter.rate(f"clean {key} act"), ""))
+    rows.append((f"flipsafe activations fp32, {what}", "faults/s", meter.rate(f"{key} act"),
+                 f"{vs:.2f}x clean ({'graph' if engine.suffix else 'hooks'})"))
+    rows.append(("  forced hooks (suffix=False)", "faults/s", meter.rate(f"{key} hooks"),
+                 f"{hook_vs:.2f}x clean"))
+    rows.append(("  fresh engine's first part (cold)", "faults/s", meter.rate(f"{key} cold"),
+                 (f"{cold_vs_warm:.2f}x warm ({meter.rate(f'{key} warm'):,.1f}/s; the "
+                  f"process's first engine {first_cold:.2f}x)")))
+
+    # Weights: each fault on the same images (up to 32).
+    per = min(32, images.shape[0])
+    w_imgs, w_lbls = images[:per], labels[:per]
+    n_w = args.hf_weight_faults
+    base = engine.sample(n_w, "weights", "Conv2d|Linear", "bitflip",
+                         images=torch.zeros(n_w, dtype=torch.long), generator=gen, by="element")
+    wf = base.select(torch.arange(n_w).repeat_interleave(per))
+    wf.image = torch.arange(per).repeat(n_w)
+    clean_w = clean_pair_for(model, w_imgs, f"clean {key} w (all)")
+    g_w = meter(f"{key} w", 0, lambda: engine.golden(w_imgs, w_lbls, layers=set(wf.layers)))
+    per_r = -(-n_w // args.rounds) * per
+    for r in range(args.rounds):
+        part = wf.select(slice(r * per_r, (r + 1) * per_r))
+        if not len(part):
+            continue
+        clean_w(f"clean {key} w")
+        meter(f"{key} w", len(part), lambda p=part: engine.run(p, w_imgs, w_lbls, g_w))
+        clean_w(f"clean {key} w")
+    w_vs = meter.ratio(f"{key} w", f"clean {key} w")
+    result[f"{key}_weights_vs_clean"] = w_vs
+    rows.append((f"flipsafe weights fp32, {what}", "pairs/s", meter.rate(f"{key} w"),
+                 f"{w_vs:.2f}x clean (PyTorchFI not measured on HF models)"))
+
+
 class Meter:
     """Work and seconds per label and round. Other processes may load the machine in
     bursts, so a ratio is the median over rounds of ratios of adjacent measurements."""
@@ -153,11 +273,19 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32, help="PyTorchFI batch size")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds per comparison")
     ap.add_argument("--formats", default="bf16,fp16,int8,mxfp8_e4m3")
+    ap.add_argument("--hf-faults", type=int, default=2048,
+                    help="activation faults per Hugging Face model")
+    ap.add_argument("--hf-weight-faults", type=int, default=48,
+                    help="weight faults per Hugging Face model, each on 32 images")
+    ap.add_argument("--sections", default="builtin,real",
+                    help="builtin (CIFAR ResNet-18 vs PyTorchFI), real (HF transformers models)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few faults, for a smoke test")
     args = ap.parse_args(argv)
     if args.quick:
         args.activation_faults, args.weight_faults, args.images, args.rounds = 256, 4, 32, 2
+        args.hf_faults, args.hf_weight_faults = 128, 4
+    sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
     logging.disable(logging.CRITICAL)  # PyTorchFI logs every injection
     device = torch.device(args.device)
@@ -170,23 +298,36 @@ def main(argv=None):
     rounds = args.rounds
     rows, result = [], {}
 
-    def clean():
-        with torch.no_grad():
-            for s in range(0, images.shape[0], args.batch):
-                model(images[s:s + args.batch])
-    clean()  # warm-up
-
     pending = {}
 
-    def clean_pair(label):
-        """Clean inference right before and right after a measured round: one round."""
-        w, secs = images.shape[0], timed(clean, device)[1]
-        meter.log.setdefault("clean", []).append((w, secs))
-        if label in pending:
-            w0, s0 = pending.pop(label)
-            meter.log.setdefault(label, []).append((w0 + w, s0 + secs))
+    def clean_pair_for(net, x, overall):
+        def run():
+            with torch.no_grad():
+                for s in range(0, x.shape[0], args.batch):
+                    net(x[s:s + args.batch])
+        run()  # warm-up
+
+        def clean_pair(label):
+            """Clean inference right before and right after a measured round: one round."""
+            w, secs = x.shape[0], timed(run, device)[1]
+            meter.log.setdefault(overall, []).append((w, secs))
+            if label in pending:
+                w0, s0 = pending.pop(label)
+                meter.log.setdefault(label, []).append((w0 + w, s0 + secs))
+            else:
+                pending[label] = (w, secs)
+        return clean_pair
+
+    if "real" in sections:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("note: transformers is not installed; no real-model rows")
         else:
-            pending[label] = (w, secs)
+            bench_real_models(args, device, gen, meter, clean_pair_for, rows, result)
+    if "builtin" not in sections:
+        return report(rows, result)
+    clean_pair = clean_pair_for(model, images, "clean")
 
     # -- activations, fp32: one fault per image, layers uniform over Conv2d/Linear --------
     engine = Engine(model, "fp32", device=device, chunk=args.batch)
@@ -294,14 +435,19 @@ def main(argv=None):
 
     result["clean_images_per_s"] = meter.rate("clean")
     rows.insert(0, ("clean fp32 inference (all rounds)", "images/s", meter.rate("clean"), ""))
+    report(rows, result)
+
+
+def report(rows, result):
     width = max(len(r[0]) for r in rows)
     print(f"{'measurement':<{width}}  {'unit':>9}  {'rate':>12}  notes")
     for what, unit, rate, note in rows:
         print(f"{what:<{width}}  {unit:>9}  {rate:12,.1f}  {note}")
-    print(f"activations: {result['activations_vs_pytorchfi']:.2f}x PyTorchFI, "
-          f"{result['activations_vs_clean']:.2f}x clean; weights: "
-          f"{result['weights_vs_pytorchfi']:.2f}x PyTorchFI (weights uniform), "
-          f"{result['weights_vs_pytorchfi_layers_uniform']:.2f}x (layers uniform)")
+    if "activations_vs_pytorchfi" in result:
+        print(f"activations: {result['activations_vs_pytorchfi']:.2f}x PyTorchFI, "
+              f"{result['activations_vs_clean']:.2f}x clean; weights: "
+              f"{result['weights_vs_pytorchfi']:.2f}x PyTorchFI (weights uniform), "
+              f"{result['weights_vs_pytorchfi_layers_uniform']:.2f}x (layers uniform)")
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else
                           {a: round(b, 3) for a, b in v.items()})
                       for k, v in result.items() if not (isinstance(v, float)

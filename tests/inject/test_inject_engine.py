@@ -349,5 +349,6 @@ def test_channels_last_images_give_the_same_outcomes_as_contiguous_ones(arch):
     faults = FaultSet.cat([engine.sample(48, s, "all", m, images=6, generator=gen)
                            for s in ("activations", "weights") for m in ("bitflip", "random")])
     a, b = engine.run(faults, x, y), other.run(faults, xl, y)
-    assert_same_outcomes(a, b, tol=1e-5)
+    # channels-last convolutions run other kernels: agreement within fp32 reassociation.
+    assert_same_outcomes(a, b, tol=format_tolerance(engine.fmt))
     assert (a.delta_loss > 1e-6).any()

@@ -14,6 +14,8 @@ from torch import nn
 from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
 from flipsafe.faults import PARAMS, FaultSet, draw
 from flipsafe.inject import emulate
+from flipsafe.inject.capture import CaptureError, export_graph
+from flipsafe.inject.exhaustive import Exhaustive, exhaustive
 from flipsafe.inject.graph import Program, TraceError
 from flipsafe.inject.weights import faulty_raw_output
 from flipsafe.metrics.outcomes import (
@@ -83,31 +85,6 @@ class Golden:
     nodes: dict = field(default_factory=dict)  # fx node -> cached value
 
 
-@dataclass
-class Exhaustive:
-    """Outcomes of every (image, bit, weight) fault of the classifier layer.
-
-    `outcomes` columns have shape [n_images, n_bits, n_weights] (golden columns broadcast
-    from [n_images, 1, 1]); `weight` holds flat weight indices, `bits` bit positions,
-    `image` image positions; `.flat()` gives one row per fault.
-    """
-
-    layer: str
-    image: torch.Tensor
-    bits: torch.Tensor
-    weight: torch.Tensor
-    outcomes: Outcomes
-
-    def __len__(self) -> int:
-        return self.image.numel() * self.bits.numel() * self.weight.numel()
-
-    def flat(self) -> tuple[dict, Outcomes]:
-        """Per-fault columns (image, bit, weight) and flattened outcomes, image-major."""
-        i, b, w = torch.meshgrid(self.image, self.bits, self.weight, indexing="ij")
-        return ({"image": i.reshape(-1), "bit": b.reshape(-1), "weight": w.reshape(-1)},
-                self.outcomes.flatten())
-
-
 def _a(word: str) -> str:
     """`word` with its indefinite article: "an output", "a weight"."""
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
@@ -130,7 +107,8 @@ class Engine:
     +-range keeping their sign) or 'goldeneye' (as GoldenEye: NaN goes to +range).
     ranges: {layer: max |activation|} from `profile` (needed by clamping and by formats
     with a calibrated scale). suffix: run only the graph after the faulty layer when the
-    model traces with torch.fx (False forces full forwards with hooks). chunk: faulty
+    model can be captured as a graph: with torch.fx, else (once the engine sees an input)
+    with torch.export (False forces full forwards with hooks). chunk: faulty
     images per forward pass. memory: bytes of cached activations `run` may hold when it
     makes its own golden runs (images are then taken in blocks).
     """
@@ -178,11 +156,13 @@ class Engine:
         self._coders: dict = {}
         self.program = None
         self.trace_error = None
+        self._export = False  # capture with torch.export once an input is seen
         if suffix:
             try:
                 self.program = Program(self.model, {})
             except TraceError as exc:
                 self.trace_error = str(exc)
+                self._export = True
         self._shapes: dict | None = None
         self._calls: dict = {}
         if input_shape is not None:
@@ -223,7 +203,8 @@ class Engine:
         if self.program is not None:
             self.program.set_quantize({})
 
-    def _quantize(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+    def quantize_output(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        """Layer `name`'s raw output as the emulated model holds it (in the format)."""
         q = self._quant.get(name)
         return raw if q is None else q(raw)
 
@@ -273,13 +254,26 @@ class Engine:
                 f"the model must return a [batch, classes] tensor of logits, got "
                 f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
         self._shapes, self._calls = shapes, calls
+        if self._export:
+            self._export = False
+            try:
+                graph, attrs = export_graph(self.model, x3, self.leaves)
+                self.program = Program(self.model, {}, graph, attrs)
+            except (CaptureError, TraceError) as exc:
+                self.trace_error = f"{self.trace_error}; {exc}"
         if self.program is not None:
             try:
                 with torch.no_grad():
-                    self.program.probe(x)
+                    got = self.program.probe(x)[self.program.output]
                 for name, nodes in self.program.module_nodes.items():
                     if name in calls and len(nodes) != calls[name]:
                         raise TraceError(f"module {name} runs differently when traced")
+                # Same kernels on the same batch: a graph that computes other logits than
+                # the model (a shape specialised while capturing) is not used.
+                scale = float(torch.nan_to_num(out, 0.0, 0.0, 0.0).abs().max())
+                if got.shape != out.shape or not torch.allclose(
+                        got, out, rtol=1e-4, atol=1e-5 * max(1.0, scale), equal_nan=True):
+                    raise TraceError("the captured graph computes other logits than the model")
             except TraceError as exc:
                 self.program, self.trace_error = None, str(exc)
             except (RuntimeError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -288,7 +282,8 @@ class Engine:
 
     @property
     def suffix(self) -> bool:
-        """Whether faulty runs execute only the graph after the faulty layer."""
+        """Whether faulty runs execute only the graph after the faulty layer (a model only
+        torch.export captures is captured once the engine has seen an input)."""
         return self.program is not None
 
     def _need_probe(self):
@@ -307,11 +302,16 @@ class Engine:
         for n, m in self.leaves.items():
             if param in ("output", "meta"):
                 ok = self._calls.get(n, 0) == 1 and self._shapes.get(n) is not None
+                # A module torch.export records no operation for (an identity) has no
+                # node to start a suffix run from.
+                ok = ok and (self.program is None or n in self.program.module_nodes)
             else:
                 p = getattr(m, "weight" if param == "weight_meta" else param, None)
                 ok = isinstance(p, torch.Tensor) and (n, "weight" if param == "weight_meta"
                                                       else param) in self.params
-                ok = ok and self._calls.get(n, 0) == 1
+                # Faulty outputs are followed per image: the output must be batch-first
+                # (not, e.g., attention windows holding parts of several images).
+                ok = ok and self._calls.get(n, 0) == 1 and self._shapes.get(n) is not None
             if ok:
                 names.append(n)
         return names
@@ -323,8 +323,14 @@ class Engine:
         if calls > 1:
             return f"it runs {calls} times per forward, so its output is not one value"
         if param in ("output", "meta"):
+            if self.program is not None and name not in self.program.module_nodes:
+                return "the captured graph has no operation of it (it passes its input on)"
             return "its output is not a single batch-first tensor"
-        return f"it has no floating-point {param.replace('_meta', '')} parameter"
+        pname = "weight" if param == "weight_meta" else param
+        if (name, pname) not in self.params:
+            return f"it has no floating-point {pname} parameter"
+        return ("its output is not a single batch-first tensor, so a parameter fault's "
+                "effect cannot be followed image by image")
 
     def _info(self, name: str, param: str) -> LayerInfo:
         mod = self.leaves[name]
@@ -442,15 +448,30 @@ class Engine:
     def golden(self, images: torch.Tensor, labels: torch.Tensor, layers=None) -> Golden:
         """Golden run of a batch: clean logits, outcome columns and the values faulty runs
         reuse (for `layers`, default every injectable layer)."""
-        images, labels = self._batch(images, labels)
-        self._probe(images)
-        self._ensure_emulation()
+        images, labels = self.prepare(images, labels)
         if layers is None:
             layers = set(self._candidates("output")) | set(self._candidates("weight"))
         g = Golden(images, labels, None, None)
         g.logits = self._fill(g, layers, force=True)
         g.outcomes = GoldenOutcomes.of(g.logits, labels)
         return g
+
+    def prepare(self, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a batch, see the model run once (layer table, graph capture), build the
+        format emulation; returns images and labels on the engine's device."""
+        images, labels = self._batch(images, labels)
+        self._probe(images)
+        self._ensure_emulation()
+        return images, labels
+
+    def cache(self, golden: Golden, layers) -> None:
+        """Make `golden` hold what faulty runs of `layers` read."""
+        self._fill(golden, layers)
+
+    def sites(self, site: str) -> list[str]:
+        """Names of the layers that have `site` (before any selection)."""
+        self._need_probe()
+        return self._candidates(self._site(site))
 
     def _batch(self, images, labels):
         if not isinstance(images, torch.Tensor) or images.dim() < 2:
@@ -480,10 +501,18 @@ class Engine:
             return None
         raw, inputs = {}, {}
 
+        # Without a graph, the model's own code runs after the layer, and an in-place op
+        # there (`hidden += residual`) would overwrite the cached output unless the model
+        # goes on with a copy (emulated layers go on with their quantised copy anyway).
+        copy_out = self.program is None
+
         def make(name):
             def hook(mod, inp, out):
                 raw[name] = out
                 inputs[name] = inp
+                if copy_out and name not in self._quant and isinstance(out, torch.Tensor):
+                    return out.clone()
+                return None
             return hook
         keep = set()
         if self.program is not None:
@@ -538,9 +567,7 @@ class Engine:
 
         Without `golden`, the images are taken in blocks (each image's golden run once), so
         the cached activations stay within the engine's `memory` budget."""
-        images, labels = self._batch(images, labels)
-        self._probe(images)
-        self._ensure_emulation()
+        images, labels = self.prepare(images, labels)
         self._validate(faults, images.shape[0])
         if golden is not None:
             if golden.images.shape != images.shape:
@@ -605,7 +632,8 @@ class Engine:
                     f"fault index {int(idx.max()) if int(idx.max()) >= info.numel else int(idx.min())}"
                     f" is out of range for the {site} of {layer!r}; choose 0..{info.numel - 1}")
 
-    def _limit(self, name: str, pname: str) -> torch.Tensor:
+    def clamp_limit(self, name: str, pname: str) -> torch.Tensor:
+        """The clamp limit of layer `name`'s output ('output') or parameter `pname`."""
         if pname in ("output", "meta"):
             if name not in self.ranges:
                 raise InjectionError(
@@ -640,8 +668,8 @@ class Engine:
                 old = codes.values.reshape(-1)[pos]
             nonfinite = ~torch.isfinite(new).all(1)
             if self.clamp != "none":
-                new = emulate.clamp(new, self._limit(name, "output" if pname in ("output", "meta")
-                                                    else param), self.clamp)
+                site = "output" if pname in ("output", "meta") else param
+                new = emulate.clamp(new, self.clamp_limit(name, site), self.clamp)
             changed = ~emulate.same_bits(new, old).all(1)
             res = unchanged_outcomes(golden, nonfinite)
             live = changed.nonzero().reshape(-1)
@@ -666,7 +694,7 @@ class Engine:
         if pname in ("output", "meta"):
             # raw is a fresh gathered copy, so scattering into it (or its quantised
             # copy) leaves the cache intact.
-            out = self._quantize(name, raw).contiguous()
+            out = self.quantize_output(name, raw).contiguous()
             out.view(out.shape[0], -1).scatter_(1, pos, new)
             return out
         param = "weight" if pname == "weight_meta" else pname
@@ -674,7 +702,7 @@ class Engine:
         args = tuple(a.index_select(0, img) if isinstance(a, torch.Tensor) else a
                      for a in g.inputs[name])
         faulty = faulty_raw_output(mod, param, args, {}, raw, pos, new, old)
-        return self._quantize(name, faulty)
+        return self.quantize_output(name, faulty)
 
     def _faulty_logits(self, name, pname, g, img, pos, new, old):
         start = self._start_value(name, pname, g, img, pos, new, old)
@@ -707,7 +735,7 @@ class Engine:
             return no
         take = _Slicer(shape, pos[:, 0])
         raw_s = take(g.raw[name], img)
-        gold = self._quantize(name, raw_s)
+        gold = self.quantize_output(name, raw_s)
         # Layer outputs may be channels-last (or otherwise strided); the flat view below
         # needs a contiguous copy.
         faulty = gold.clone(memory_format=torch.contiguous_format)
@@ -752,7 +780,6 @@ class Engine:
                               golden: Golden | None = None) -> Exhaustive:
         """Outcomes of every (weight, bit) fault of the classifier Linear on every image,
         computed analytically from the cached features."""
-        from flipsafe.inject.exhaustive import exhaustive
         return exhaustive(self, images, labels, fault_model, bits, golden)
 
 

@@ -8,16 +8,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from flipsafe.errors import ConfigError, InjectionError
 from flipsafe.faults import parse, positions
 from flipsafe.inject import emulate
-from flipsafe.inject.graph import _POINTWISE_FUNCS
+from flipsafe.inject.graph import POINTWISE_FUNCS
 from flipsafe.metrics.outcomes import FIELDS, Outcomes, compute_outcomes
 
 _BUDGET = 1 << 22  # float elements per image chunk
+
+
+@dataclass
+class Exhaustive:
+    """Outcomes of every (image, bit, weight) fault of the classifier layer.
+
+    `outcomes` columns have shape [n_images, n_bits, n_weights] (golden columns broadcast
+    from [n_images, 1, 1]); `weight` holds flat weight indices, `bits` bit positions,
+    `image` image positions; `.flat()` gives one row per fault.
+    """
+
+    layer: str
+    image: torch.Tensor
+    bits: torch.Tensor
+    weight: torch.Tensor
+    outcomes: Outcomes
+
+    def __len__(self) -> int:
+        return self.image.numel() * self.bits.numel() * self.weight.numel()
+
+    def flat(self) -> tuple[dict, Outcomes]:
+        """Per-fault columns (image, bit, weight) and flattened outcomes, image-major."""
+        i, b, w = torch.meshgrid(self.image, self.bits, self.weight, indexing="ij")
+        return ({"image": i.reshape(-1), "bit": b.reshape(-1), "weight": w.reshape(-1)},
+                self.outcomes.flatten())
 
 
 def _columnwise(engine, node, g) -> bool | None:
@@ -33,7 +60,7 @@ def _columnwise(engine, node, g) -> bool | None:
     for n, _ in plan.steps:
         if n.op == "output":
             continue
-        if n.op != "call_function" or n.target not in _POINTWISE_FUNCS:
+        if n.op != "call_function" or n.target not in POINTWISE_FUNCS:
             return False
         for a in n.all_input_nodes:
             if a in plan.constants:
@@ -98,18 +125,16 @@ def exhaustive(engine, images, labels, fault_model="bitflip", bits=None, golden=
     if model.kind not in ("flip", "stuck0", "stuck1") or model.k != 1:
         raise ConfigError(f"exhaustive injection covers single-bit fault models; choose one "
                           f"of: bitflip, stuck0, stuck1 (got {fault_model!r})")
-    images, labels = engine._batch(images, labels)
-    engine._probe(images)
-    engine._ensure_emulation()
+    images, labels = engine.prepare(images, labels)
     name = engine.classifier()
     mod = engine.leaves.get(name)
-    if not isinstance(mod, nn.Linear) or name not in engine._candidates("weight"):
+    if not isinstance(mod, nn.Linear) or name not in engine.sites("weights"):
         raise InjectionError(f"the classifier layer {name!r} must be an nn.Linear that runs "
                              f"once per forward; got {type(mod).__name__}")
     if golden is None:
         golden = engine.golden(images, labels, layers={name})
     else:
-        engine._fill(golden, {name})
+        engine.cache(golden, {name})
     fmt = engine.fmt
     allowed = positions(fmt)
     bits = allowed if bits is None else [int(b) for b in bits]
@@ -136,17 +161,18 @@ def exhaustive(engine, images, labels, fault_model="bitflip", bits=None, golden=
         old = codes.values.reshape(-1)
         nonfinite = ~torch.isfinite(new)
         if engine.clamp != "none":
-            new = emulate.clamp(new, engine._limit(name, "weight"), engine.clamp)
+            new = emulate.clamp(new, engine.clamp_limit(name, "weight"), engine.clamp)
         dw = (new - old).reshape(len(bits), out_dim, in_dim)
         node = engine.program.module_nodes[name][0] if engine.program is not None else None
         columnwise = _columnwise(engine, node, golden) if node is not None else None
         if columnwise is None:
             # Without a graph, the scores must be the logits themselves.
-            q = engine._quantize(name, raw)
+            q = engine.quantize_output(name, raw)
             if not bool(emulate.same_bits(q, golden.logits).all()):
                 raise InjectionError(
-                    f"the model does not trace with torch.fx and its logits are not the "
-                    f"output of {name!r}; exhaustive classifier faults need one of the two")
+                    f"the model has no captured graph (torch.fx or torch.export) and its "
+                    f"logits are not the output of {name!r}; exhaustive classifier faults "
+                    f"need one of the two")
             columnwise = True
         elementwise = fmt.block_size is None
         n_img = images.shape[0]
@@ -161,7 +187,7 @@ def exhaustive(engine, images, labels, fault_model="bitflip", bits=None, golden=
             b = img.numel()
             scores = raw[img][:, None, None, :] + dwt[None] * x[img][:, None, :, None]
             if columnwise and elementwise:
-                v = engine._quantize(name, scores)
+                v = engine.quantize_output(name, scores)
                 v = _post(engine, node, golden, v.reshape(-1, out_dim), None)
                 v = v.reshape(b, k * in_dim, out_dim)
                 res = _column_outcomes(v, golden.logits[img], labels[img],
@@ -174,7 +200,7 @@ def exhaustive(engine, images, labels, fault_model="bitflip", bits=None, golden=
                 rows = rows.clone()
                 diag = torch.arange(out_dim, device=dev)
                 rows[..., diag, diag] = scores
-                rows = engine._quantize(name, rows.reshape(-1, out_dim))
+                rows = engine.quantize_output(name, rows.reshape(-1, out_dim))
                 row_img = img.repeat_interleave(k * in_dim * out_dim)
                 logits = _post(engine, node, golden, rows, row_img)
                 part = compute_outcomes(golden.outcomes.select(row_img), logits,
@@ -188,7 +214,6 @@ def exhaustive(engine, images, labels, fault_model="bitflip", bits=None, golden=
         out["golden_loss"] = gold.loss[:, None, None]
         out["golden_top2diff"] = gold.top2diff[:, None, None]
         out["nonfinite"] = nonfinite[None]
-    from flipsafe.inject.engine import Exhaustive
     return Exhaustive(name, torch.arange(n_img, device=dev),
                       torch.tensor(bits, dtype=torch.int64, device=dev),
                       torch.arange(n_w, device=dev), Outcomes(**{f: out[f] for f in FIELDS}))

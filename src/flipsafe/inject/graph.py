@@ -21,10 +21,16 @@ _POINTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
     nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.Softplus,
 )
-_POINTWISE_FUNCS = {
+POINTWISE_FUNCS = {
     operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
     torch.mul, torch.div, F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardtanh,
     F.leaky_relu, torch.sigmoid, torch.tanh, F.hardswish, F.elu, F.dropout,
+}
+_aten = torch.ops.aten
+POINTWISE_FUNCS |= {  # the same operations in graphs captured with torch.export
+    _aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor, _aten.relu.default,
+    _aten.gelu.default, _aten.silu.default, _aten.hardtanh.default, _aten.leaky_relu.default,
+    _aten.sigmoid.default, _aten.tanh.default, _aten.hardswish.default, _aten.elu.default,
 }
 
 
@@ -111,9 +117,11 @@ class Program:
     A probe run fixes which values depend on the batch and checks they are batch-first.
     """
 
-    def __init__(self, model: nn.Module, quantize: dict):
+    def __init__(self, model: nn.Module, quantize: dict, graph: fx.Graph | None = None,
+                 attrs: dict | None = None):
         self.model = model
-        self.graph = trace(model)
+        self.graph = trace(model) if graph is None else graph
+        self.attrs = attrs or {}  # get_attr targets that are not attributes of the model
         self.nodes = list(self.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.quantize = quantize
@@ -165,6 +173,9 @@ class Program:
             return call
         if node.op == "get_attr":
             target = node.target
+            if target in self.attrs:
+                value = self.attrs[target]
+                return lambda env: value
 
             def fetch(env):
                 obj = self.model
@@ -211,6 +222,9 @@ class Program:
         for n in self.placeholders[1:]:
             env[n] = n.args[0] if n.args else None
         cache, raw = {}, {}
+        for n in self.placeholders:
+            if n in keep:  # sizes of the input (torch.export) are recomputed from it
+                cache[n] = env[n]
         for n, frees in zip(self.nodes[len(self.placeholders):], self._full_frees):
             if n in keep_raw:
                 r = self.run_raw(n, env)
@@ -278,7 +292,7 @@ class Program:
             else:
                 ok = isinstance(mod, _POINTWISE_MODULES) and not mod.training
             return ok and node.args[:1] == (src,) and len(node.all_input_nodes) == 1
-        if node.op == "call_function" and node.target in _POINTWISE_FUNCS:
+        if node.op == "call_function" and node.target in POINTWISE_FUNCS:
             others = [a for a in node.all_input_nodes if a is not src]
             # Other tensor operands must be batch values of the same shape (sliced alike).
             return all(a in self.batch_dep and self.is_tensor.get(a, False) for a in others)
