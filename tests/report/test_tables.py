@@ -221,3 +221,17 @@ def test_factor_table_shows_every_definition_side_by_side(models):
         in block
     assert rows[("(all)", "median |dLoss|, finite values")][6] == (
         "percentile bootstrap, 2000 resamples, seed 0")
+
+
+def test_column_groups_repeat_every_key_column():
+    table = TextTable("T", ["site", "layer", *(c * 30 for c in "ab")],
+                      [["acts", "fc", *(c * 30 for c in "AB")]], key_columns=2)
+    assert table.render_text().splitlines() == [
+        "T",
+        f"site  layer  {'a' * 30}",
+        f"----  -----  {'-' * 30}",
+        f"acts  fc     {'A' * 30}",
+        f"site  layer  {'b' * 30}",
+        f"----  -----  {'-' * 30}",
+        f"acts  fc     {'B' * 30}",
+    ]

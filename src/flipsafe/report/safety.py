@@ -88,7 +88,7 @@ def fit_table(e: FitEstimate) -> TextTable:
     row("total", "", e.total)
     return TextTable(f"FIT of {e.model} (failures per 10^9 h)", [
         "site", "layer", "bits at risk", "raw FIT", "injections", "SDC FIT", f"SDC {conf} CI",
-        "DUE FIT", f"DUE {conf} CI"], rows)
+        "DUE FIT", f"DUE {conf} CI"], rows, key_columns=2)
 
 
 def _needed_words(e: FitEstimate, v: AsilVerdict) -> str:

@@ -88,30 +88,35 @@ class TextTable:
     header: list[str]
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
+    key_columns: int = 1
 
     def render_text(self, width: int = TEXT_WIDTH) -> str:
         """The table as text lines of at most `width` characters where it can be done:
         a wider table is cut into column groups shown one below the other, each starting
-        with the first (key) column and with its own header and dashed line."""
+        with the key columns (the first `key_columns`) and with its own header and dashed
+        line."""
         cells = [self.header, *self.rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(self.header))]
         lines = []
-        for group in _column_groups(widths, width):
+        for group in _column_groups(widths, width, self.key_columns):
             # Two spaces between columns, so the text can be split back into cells.
             lines += ["  ".join(row[i].ljust(widths[i]) for i in group).rstrip() for row in cells]
             lines.insert(len(lines) - len(self.rows), "  ".join("-" * widths[i] for i in group))
         return "\n".join([self.title, *lines, *self.notes])
 
 
-def _column_groups(widths: list[int], width: int) -> list[list[int]]:
-    """Column indices per group: every group starts with column 0 and takes the next
-    columns while the line stays within `width` (a group holds at least one more)."""
-    groups = [[0]]
-    used = widths[0]
-    for i in range(1, len(widths)):
-        if len(groups[-1]) > 1 and used + 2 + widths[i] > width:
-            groups.append([0])
-            used = widths[0]
+def _column_groups(widths: list[int], width: int, keys: int = 1) -> list[list[int]]:
+    """Column indices per group: every group starts with the first `keys` columns and takes
+    the next columns while the line stays within `width` (a group holds at least one more)."""
+    keys = max(1, min(keys, len(widths) - 1)) if len(widths) > 1 else len(widths)
+    key = list(range(keys))
+    key_width = sum(widths[:keys]) + 2 * (keys - 1)
+    groups = [list(key)]
+    used = key_width
+    for i in range(keys, len(widths)):
+        if len(groups[-1]) > keys and used + 2 + widths[i] > width:
+            groups.append(list(key))
+            used = key_width
         groups[-1].append(i)
         used += 2 + widths[i]
     return groups
