@@ -224,14 +224,15 @@ def test_factor_table_shows_every_definition_side_by_side(models):
 
 
 def test_column_groups_repeat_every_key_column():
-    table = TextTable("T", ["site", "layer", *(c * 30 for c in "ab")],
-                      [["acts", "fc", *(c * 30 for c in "AB")]], key_columns=2)
+    # 4 + 2 + 5 + 2 + 35 + 2 + 35 = 85 columns: the second 35-wide column starts a group.
+    table = TextTable("T", ["site", "layer", *(c * 35 for c in "ab")],
+                      [["acts", "fc", *(c * 35 for c in "AB")]], key_columns=2)
     assert table.render_text().splitlines() == [
         "T",
-        f"site  layer  {'a' * 30}",
-        f"----  -----  {'-' * 30}",
-        f"acts  fc     {'A' * 30}",
-        f"site  layer  {'b' * 30}",
-        f"----  -----  {'-' * 30}",
-        f"acts  fc     {'B' * 30}",
+        f"site  layer  {'a' * 35}",
+        f"----  -----  {'-' * 35}",
+        f"acts  fc     {'A' * 35}",
+        f"site  layer  {'b' * 35}",
+        f"----  -----  {'-' * 35}",
+        f"acts  fc     {'B' * 35}",
     ]
