@@ -108,7 +108,7 @@ class ReportParser(HTMLParser):
 
 def text_cells(block: str) -> list[list[str]]:
     """The header and rows of a text table, its column groups (one below the other, each
-    with its own header over a dashed line, all starting with the key column) joined."""
+    with its own header over a dashed line, all starting with the key columns) joined."""
     lines = block.splitlines()[1:]
     dashes = [i for i, line in enumerate(lines) if line.strip() and set(line) <= {"-", " "}]
     merged = []
@@ -119,8 +119,12 @@ def text_cells(block: str) -> list[list[str]]:
         if g == 0:
             merged = rows
         else:
-            assert [row[0] for row in rows] == [row[0] for row in merged[:len(rows)]]
-            merged = [a + b[1:] for a, b in zip(merged, rows)] + merged[len(rows):]
+            # The key columns: those a group repeats from the first group's header.
+            keys = 0
+            while keys < len(rows[0]) - 1 and rows[0][keys] == merged[0][keys]:
+                keys += 1
+            assert [row[:keys] for row in rows] == [row[:keys] for row in merged[:len(rows)]]
+            merged = [a + b[keys:] for a, b in zip(merged, rows)] + merged[len(rows):]
     return merged
 
 
