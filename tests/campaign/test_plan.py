@@ -314,3 +314,17 @@ def test_preprocess_is_fingerprinted_only_when_given():
     for bad in ({"image_size": 0}, {"mean": "0.5"}, {"std": [0.0]}, {"size": 3}):
         with pytest.raises(ConfigError):
             _plan(preprocess=bad)
+
+
+def test_a_campaign_plan_is_a_fault_plan_with_a_model_and_data():
+    from flipsafe.campaign import FaultPlan
+    from flipsafe.campaign.plan import FAULT_FIELDS
+
+    plan = _plan(n=50, clamp="profiled")
+    assert isinstance(plan, FaultPlan)
+    # Every fault field and its default is declared once, in FaultPlan.
+    own = {f.name for f in dataclasses.fields(CampaignPlan)} - {
+        f.name for f in dataclasses.fields(FaultPlan)}
+    assert own == {"model", "model_sha", "dataset", "data_sha", "preprocess", "version"}
+    assert set(FAULT_FIELDS) == {f.name for f in dataclasses.fields(FaultPlan)}
+    assert plan.fault_plan == FaultPlan(format="fp16", seed=3, n=50, clamp="profiled")

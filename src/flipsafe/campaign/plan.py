@@ -166,6 +166,11 @@ class FaultPlan:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def fault_plan(self) -> FaultPlan:
+        """The fault-defining fields of this plan (of a CampaignPlan too), as a FaultPlan."""
+        return FaultPlan(**{name: getattr(self, name) for name in FAULT_FIELDS})
+
 
 def check_preprocess(preprocess) -> None:
     """Raise ConfigError unless `preprocess` is None or a dict of image_size (int >= 1) and
@@ -190,7 +195,7 @@ def check_preprocess(preprocess) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CampaignPlan:
+class CampaignPlan(FaultPlan):
     """Everything that defines a campaign's results, checked on construction: the target
     (model, model_sha), the data (dataset, data_sha, preprocess) and the fault plan
     (the FAULT_FIELDS, see FaultPlan; `fault_plan` gives them back as one).
@@ -212,21 +217,8 @@ class CampaignPlan:
     model: str
     model_sha: str
     dataset: str
-    format: str
-    images: str | None = None
-    site: str | None = None
-    fault: str | None = None
-    layers: str | None = None
-    n: int | str | None = None
-    confidence: float = 0.99
-    margin: float | None = 0.01
-    clamp: str | None = None
-    seed: int = 0
-    allocation: str = "proportional"
-    part_size: int = 4096
     data_sha: str | None = None
     preprocess: dict | None = None
-    protocol: str | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self):
@@ -258,11 +250,6 @@ class CampaignPlan:
         """The plan of running fault plan `faults` (default FaultPlan()) on one model."""
         return cls(model=model, model_sha=model_sha, dataset=dataset,
                    **(faults or FaultPlan()).to_dict(), **fields)
-
-    @property
-    def fault_plan(self) -> FaultPlan:
-        """The fault-defining fields of this plan, as a FaultPlan."""
-        return FaultPlan(**{name: getattr(self, name) for name in FAULT_FIELDS})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

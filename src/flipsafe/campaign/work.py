@@ -44,7 +44,8 @@ def make_plan(model, faults: FaultPlan | None = None, **fields) -> CampaignPlan:
 
     target = resolve(model)
     if faults is not None:
-        fields = {**faults.to_dict(), **fields}
+        # Only the fault fields: a CampaignPlan is a FaultPlan too, but its model is not this one.
+        fields = {**faults.fault_plan.to_dict(), **fields}
     if fields.get("dataset") is None:
         if not target.flipsafe:
             raise ConfigError(f"a {target.kind} model needs a dataset to run on: give --dataset "
