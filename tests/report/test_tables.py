@@ -1,6 +1,7 @@
 """The summary table `flipsafe summary` prints, checked against hand-computed statistics."""
 
 import math
+import re
 import shutil
 
 import pytest
@@ -236,3 +237,35 @@ def test_column_groups_repeat_every_key_column():
         f"----  -----  {'-' * 35}",
         f"acts  fc     {'B' * 35}",
     ]
+
+
+def test_a_clear_due_difference_is_worded_with_its_factor(tmp_path, base_plan):
+    from report_rows import Behaviour, write_campaign
+
+    # Every top-exponent flip is a DUE in a, one in ten in b: about 10x more DUEs in a.
+    many = {"fc": Behaviour(0.25, 0.01, 0.0, 1.0, True)}
+    few = {"fc": Behaviour(0.25, 0.01, 0.0, 0.1, True)}
+    write_campaign(tmp_path / "a", base_plan, make_rows(many, 4000, 1))
+    write_campaign(tmp_path / "b", base_plan, make_rows(few, 4000, 2))
+    a, b = load_results(tmp_path / "a"), load_results(tmp_path / "b")
+    [sentence] = headline(a, b)
+    factor = stratified(strata_counts_of(a, "due"))[0] / stratified(strata_counts_of(b, "due"))[0]
+    # The words give the direction (b has fewer), the factor is a / b, as in every table.
+    assert re.search(rf"b has {re.escape(fmt_factor(factor))} FEWER DUEs \(factor "
+                     rf"{re.escape(fmt_factor(factor))}, 99% interval [0-9.]+x to [0-9.]+x, "
+                     r"above 1\)", sentence), sentence
+    [reverse] = headline(b, a)
+    assert re.search(rf"a has {re.escape(fmt_factor(factor))} MORE DUEs \(factor "
+                     rf"{re.escape(fmt_factor(1 / factor))}, 99% interval [0-9.]+x to "
+                     r"[0-9.]+x, below 1\)", reverse), reverse
+
+
+def strata_counts_of(results, outcome):
+    """(k, n, size) per stratum of a results folder, sizes from its manifest."""
+    rows = results.table.select(["layer", "field", outcome]).to_pylist()
+    out = []
+    for s in results.strata:
+        hits = [r[outcome] for r in rows if (r["layer"], r["field"]) == (s.layer, s.field)]
+        if hits:
+            out.append((sum(hits), len(hits), s.size))
+    return out

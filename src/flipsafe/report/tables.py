@@ -207,10 +207,10 @@ def _due_words(comp: Comparison, ref: Results, other: Results) -> str:
         return f"{rates}."
     if r.low > 1:
         return (f"{rates}: {other.name} has {fmt_factor(r.ratio)} FEWER DUEs "
-                f"({_factor_words(r)}).")
+                f"(factor {fmt_factor(r.ratio)}, {_factor_words(r)}, above 1).")
     if r.high < 1:
         return (f"{rates}: {other.name} has {fmt_factor(1 / r.ratio)} MORE DUEs "
-                f"({_factor_words(r)}).")
+                f"(factor {fmt_factor(r.ratio)}, {_factor_words(r)}, below 1).")
     return (f"{rates}: no clear difference (factor {fmt_factor(r.ratio)}, {_factor_words(r)}, "
             "which includes 1).")
 
