@@ -84,3 +84,18 @@ def test_a_writer_that_makes_private_files_still_gets_open_permissions(tmp_path)
     with open(tmp_path / "plain", "w") as f:
         f.write("x")
     assert _mode(path) == _mode(tmp_path / "plain")
+
+
+def test_a_place_that_refuses_files_is_a_config_error_not_a_crash(tmp_path):
+    import errno
+
+    target = tmp_path / "r.html"
+    # What /proc does: the folder is there, but no file can be created in it.
+    refused = "cannot write .*r.html.*choose another output path"
+    with pytest.raises(ConfigError, match=refused), atomic.atomic_path(target) as tmp:
+        raise OSError(errno.ENOENT, "No such file or directory", str(tmp))
+    assert not list(tmp_path.iterdir())
+    # A full disk is left to the caller, which words it (exit 1).
+    with pytest.raises(OSError) as err, atomic.atomic_path(target) as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert not isinstance(err.value, ConfigError)

@@ -9,7 +9,7 @@ import os
 import stat
 from pathlib import Path
 
-from flipsafe.errors import ConfigError
+from flipsafe.errors import ConfigError, is_disk_full
 
 
 def _fsync(path: Path) -> None:
@@ -84,6 +84,14 @@ def atomic_path(path):
         os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        # A place that refuses files (a pseudo file system, a read-only mount) is a bad
+        # output path, not a crash; a full disk stays an OSError for the caller to word.
+        if not is_disk_full(exc) and exc.filename in (str(tmp), str(path)):
+            raise ConfigError(f"cannot write '{path}' ({exc.strerror}); choose another "
+                              "output path") from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

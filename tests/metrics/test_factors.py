@@ -68,7 +68,7 @@ def test_sdc_rate_factor_uses_the_comparisons_stratified_rates():
     rb = stratified_rate([5], [20], [100])
     f = improvement_factors(A, B, sdc=(ra, rb))["sdc_rate"]
     pa_ = 0.75 * 0.2 + 0.25 * 0.1
-    va = 0.75 ** 2 * 0.2 * 0.8 / 10 + 0.25 ** 2 * 0.1 * 0.9 / 10
+    va = pa_ * (1 - pa_) * (0.75 ** 2 / 10 + 0.25 ** 2 / 10)  # p (1 - p) / Kish n_eff
     pb, vb = 0.25, 0.25 * 0.75 / 20
     assert f.ratio == pytest.approx(pa_ / pb)
     low, high = log_interval(pa_ / pb, math.sqrt(va / pa_ ** 2 + vb / pb ** 2))

@@ -281,23 +281,41 @@ def test_stratified_rate_weights_strata_by_fault_space_by_hand():
     # Two strata: 3 of 100 faults in a space of 9,000 and 10 of 100 in a space of 1,000.
     est = stratified_rate([3, 10], [100, 100], [9000, 1000], confidence=0.99)
     p = 0.9 * 0.03 + 0.1 * 0.10  # 0.037, where pooling would say 13/200 = 0.065
-    var = 0.81 * 0.03 * 0.97 / 100 + 0.01 * 0.10 * 0.90 / 100
-    n_eff = p * (1 - p) / var
+    n_eff = 1 / (0.81 / 100 + 0.01 / 100)  # Kish: 121.95, not the 200 injected
     low, high = wilson_interval(p * n_eff, n_eff, 0.99)
-    assert est.rate == pytest.approx(p) and est.variance == pytest.approx(var)
+    assert est.rate == pytest.approx(p) and est.effective_n == pytest.approx(n_eff)
+    assert est.variance == pytest.approx(p * (1 - p) / n_eff)
     assert (est.low, est.high) == pytest.approx((low, high))
     assert (est.k, est.n, est.method) == (13, 200, "stratified")
-    # Equal weights and equal n reduce to the pooled Wilson interval's point estimate.
-    same = stratified_rate([3, 10], [100, 100], [50, 50])
-    assert same.rate == pytest.approx(13 / 200)
-    # Every stratum exhaustive: the rate is exact.
+    # Proportional allocation (W_h = n_h / n) is self-weighting: the pooled Wilson interval.
+    same = stratified_rate([3, 10], [100, 300], [25, 75])
+    assert same.rate == pytest.approx(13 / 400) and same.effective_n == pytest.approx(400)
+    assert (same.low, same.high) == pytest.approx(wilson_interval(13, 400))
+    # Strata without events keep their sampling error: one event in a small stratum does
+    # not make the interval narrower than no event at all would.
+    none = stratified_rate([0, 0], [50, 50], [975, 25])
+    one = stratified_rate([0, 1], [50, 50], [975, 25])
+    assert none.effective_n == one.effective_n == pytest.approx(1 / (0.975**2 / 50 + 0.025**2 / 50))
+    assert one.high > none.high
+    # Every stratum exhaustive (nothing else sampled): the rate is exact.
     exact = stratified_rate([3, 10], [100, 100], [100, 100], exhaustive=True)
     assert exact.low == exact.high == exact.rate == pytest.approx(0.065)
-    # No event anywhere: the interval falls back to the raw sample size.
-    zero = stratified_rate([0, 0], [100, 300], [10, 90])
-    assert zero.rate == 0 and (zero.low, zero.high) == pytest.approx(wilson_interval(0, 400))
     with pytest.raises(ConfigError, match="n > 0"):
         stratified_rate([0], [0], [10])
+
+
+def test_a_side_without_events_is_compared_on_the_same_footing():
+    from flipsafe.metrics.stats import estimate_ratio, stratified_rate
+
+    # The audit's case: base 0 DUEs, other 2 DUEs in a heavily weighted small layer.
+    sizes = [9750, 250]
+    base = stratified_rate([0, 0], [75, 75], sizes)
+    other = stratified_rate([0, 2], [75, 75], sizes)
+    r = estimate_ratio(base, other)
+    assert r.corrected and r.ratio < 1  # base has fewer DUEs: the factor is below 1
+    n_eff = 1 / ((0.975 ** 2 + 0.025 ** 2) / 75)
+    k_other = other.rate * n_eff
+    assert r.ratio == pytest.approx((0.5 / (n_eff + 1)) / ((k_other + 0.5) / (n_eff + 1)))
 
 
 def test_estimate_ratio_reduces_to_katz_and_tests_against_one():

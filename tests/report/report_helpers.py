@@ -25,17 +25,17 @@ def katz(k1, n1, k2, n2, z=Z99):
 def stratified(strata, z=Z99):
     """Hand reference for a stratified rate: strata is a list of (k, n, size).
 
-    p = sum W p_h with W = size / total size; var = sum W^2 p_h (1 - p_h) / n_h; Wilson on
-    the effective sample n_eff = p (1 - p) / var (sum of n when var is 0)."""
+    p = sum W p_h with W = size / total size; Kish's effective sample size
+    n_eff = 1 / sum W^2 / n_h; Wilson on (p n_eff, n_eff); variance p (1 - p) / n_eff."""
     total = sum(size for _, _, size in strata)
-    p = var = 0.0
+    p = inverse = 0.0
     for k, n, size in strata:
         w = size / total
         p += w * k / n
-        var += w * w * (k / n) * (1 - k / n) / n
-    n_eff = p * (1 - p) / var if var > 0 else sum(n for _, n, _ in strata)
+        inverse += w * w / n
+    n_eff = 1 / inverse
     low, high = wilson(p * n_eff, n_eff, z)
-    return p, low, high, var
+    return p, low, high, p * (1 - p) / n_eff
 
 
 def stratified_rows(table, strata, outcome="sdc"):

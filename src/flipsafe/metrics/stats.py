@@ -129,6 +129,12 @@ class RateEstimate:
     confidence: float
     method: str = "wilson"
     variance: float = math.nan
+    effective: float | None = None
+
+    @property
+    def effective_n(self) -> float:
+        """The sample size the interval behaves as: n for k/n, Kish's n_eff when stratified."""
+        return float(self.n) if self.effective is None else self.effective
 
 
 def rate_estimate(k: int, n: int, confidence: float = 0.99, method: str = "wilson") -> RateEstimate:
@@ -148,7 +154,7 @@ def rate_estimate(k: int, n: int, confidence: float = 0.99, method: str = "wilso
 
 STRATIFIED_METHOD = (
     "stratified estimate (each layer x bit-field stratum weighted by its share of the fault "
-    "space), Wilson interval on the Kish effective sample size"
+    "space), Wilson interval on Kish's effective sample size"
 )
 
 
@@ -157,13 +163,15 @@ def stratified_rate(k, n, size, confidence: float = 0.99, exhaustive=False) -> R
 
     Stratum h has size[h] faults in its fault space, n[h] of them injected (drawn
     uniformly, with replacement) and k[h] events. The estimate is p = sum W_h p_h with
-    W_h = size_h / sum(size) and p_h = k_h / n_h; its variance is
-    sum W_h^2 p_h (1 - p_h) / n_h, zero for strata injected exhaustively
-    (exhaustive[h], every fault once). The interval is Wilson's on the effective sample
-    n_eff = p (1 - p) / variance with p * n_eff events (Kish; Korn and Graubard 1998),
-    n_eff = sum n when the variance is 0 (no event, or every stratum all events), and
-    exactly [p, p] when every stratum is exhaustive. Strata with n_h == 0 must not be given:
-    the estimate says nothing about them.
+    W_h = size_h / sum(size) and p_h = k_h / n_h. Its interval is Wilson's on Kish's
+    effective sample size n_eff = 1 / sum W_h^2 / n_h (the design effect of unequal
+    weights; n_eff = sum n for proportional allocation, where this is the pooled Wilson
+    interval), with p * n_eff events; `variance` is p (1 - p) / n_eff. Kish's n_eff does not
+    depend on the counts, so strata without events still carry their sampling error (the
+    per-stratum variance sum W_h^2 p_h (1 - p_h) / n_h would call them certain).
+    Strata injected exhaustively (exhaustive[h]: every fault of the stratum once, nothing
+    else sampled) carry no sampling error; when all are, the interval is exactly [p, p].
+    Strata with n_h == 0 must not be given: the estimate says nothing about them.
     """
     k = np.asarray(k, dtype=np.float64).ravel()
     n = np.asarray(n, dtype=np.float64).ravel()
@@ -179,16 +187,17 @@ def stratified_rate(k, n, size, confidence: float = 0.99, exhaustive=False) -> R
     if np.any(n <= 0) or np.any(size <= 0):
         raise ConfigError("every stratum needs n > 0 injected faults and a positive size")
     w = size / size.sum()
-    p_h = k / n
-    p = float(np.sum(w * p_h))
-    variance = float(np.sum(np.where(exhaustive, 0.0, w * w * p_h * (1.0 - p_h) / n)))
-    if exhaustive.all():
+    p = float(np.sum(w * k / n))
+    inverse = float(np.sum(np.where(exhaustive, 0.0, w * w / n)))
+    if inverse == 0.0:
         low = high = p
+        variance, n_eff = 0.0, math.inf
     else:
-        n_eff = p * (1.0 - p) / variance if variance > 0 else float(n.sum())
+        n_eff = 1.0 / inverse
         low, high = wilson_interval(p * n_eff, n_eff, confidence)
+        variance = p * (1.0 - p) / n_eff
     return RateEstimate(int(k.sum()), int(n.sum()), p, float(low), float(high),
-                        _check_confidence(confidence), "stratified", variance)
+                        _check_confidence(confidence), "stratified", variance, n_eff)
 
 
 @dataclass(frozen=True)
@@ -249,8 +258,9 @@ def estimate_ratio(a: RateEstimate, b: RateEstimate, confidence: float | None = 
                          False, _two_sided_p(math.log(ratio), se))
 
     def effective(e: RateEstimate) -> tuple[float, float]:
-        spread = e.rate * (1.0 - e.rate)
-        n_eff = spread / e.variance if e.variance > 0 and spread > 0 else float(e.n)
+        # Kish's n_eff for stratified estimates; it does not depend on the counts, so a side
+        # without events is not given a smaller sample than the other.
+        n_eff = e.effective_n if math.isfinite(e.effective_n) else float(e.n)
         return e.rate * n_eff, n_eff
 
     return rate_ratio(*effective(a), *effective(b), confidence)

@@ -129,16 +129,11 @@ class Results:
         name = self.match_name if matched else (lambda layer: layer)
         return {(name(s.layer), s.field): s.size for s in self.strata}
 
-    @property
-    def exhaustive(self) -> bool:
-        """True when every fault of every stratum was injected once (`--n all`)."""
-        return self.plan.n == "all"
-
     @cached_property
     def matched(self) -> Summary:
         """Summary by matched layer name (see match_name), at the same confidence as by_layer."""
         return summarise(self.matched_table(), ("layer",), self.by_layer.confidence,
-                         sizes=self.sizes(matched=True), exhaustive=self.exhaustive)
+                         sizes=self.sizes(matched=True))
 
 
 def bit_positions(table: pa.Table) -> np.ndarray:
@@ -252,7 +247,8 @@ def load_results(
             "its share of the fault space; resume the campaign once to record them."
         )
     sizes = None if strata is None else {(s.layer, s.field): s.size for s in strata}
-    exhaustive = plan.n == "all"
+    # No campaign is exhaustive in the statistical sense: `--n all` lists every (element,
+    # bit) once, but each on one randomly drawn image, so its rates still carry sampling error.
     confidence = plan.confidence if confidence is None else confidence
     info = read_model_info(folder)
     ckpt, classifier = _read_checkpoint(plan, notes, info)
@@ -263,9 +259,8 @@ def load_results(
         name=name or folder.resolve().name,
         plan=plan,
         table=table,
-        by_layer=summarise(table, ("layer",), confidence, sizes=sizes, exhaustive=exhaustive),
-        by_field=summarise(table, ("layer", "field"), confidence, sizes=sizes,
-                           exhaustive=exhaustive),
+        by_layer=summarise(table, ("layer",), confidence, sizes=sizes),
+        by_field=summarise(table, ("layer", "field"), confidence, sizes=sizes),
         by_bit=summarise(with_bits, ("layer", "bit"), confidence),
         config=None if ckpt is None else ckpt.config,
         classifier_layer=classifier,

@@ -278,7 +278,7 @@ def plan_line(results: Results) -> str:
     n = f"n sized for +-{fmt_rate(p.margin)}" if p.n is None else f"n={p.n}"
     overall = ("(all) rows are stratified estimates of the fault-space-average rate, each "
                "layer x field stratum weighted by its share of the fault space, with Wilson "
-               "intervals on the effective sample size" if results.strata is not None else
+               "intervals on Kish's effective sample size" if results.strata is not None else
                "(all) rows pool the rows (fault-space sizes not recorded)")
     protocol = "" if p.protocol is None else (
         f"protocol {p.protocol} ({_PROTOCOL_WORDS.get(p.protocol, 'named conventions')}), ")

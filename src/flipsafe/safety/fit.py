@@ -421,7 +421,9 @@ def _estimate(campaigns: list[_Campaign], a: FitAssumptions) -> FitEstimate:
                     f"{c.folder}: stratum ({s.layer}, {s.field}) has no results, so nothing is "
                     "known about its bits; resume the campaign, or rerun with a larger --n so "
                     "every bit field gets injections")
-            exhaustive = c.plan.n == "all" and n >= s.size
+            # `--n all` lists every (element, bit) once but each on one random image, so
+            # even then the rates are estimates with sampling error: no stratum is exact.
+            exhaustive = False
             rows.append((c, site, s, n, sdc, due, exhaustive))
         if c.incomplete:
             notes.append(f"{c.folder} is incomplete; the estimate uses the rows written so far.")
