@@ -303,3 +303,16 @@ def test_a_resume_with_nothing_left_prints_no_rate(monkeypatch, capsys, tmp_path
     monkeypatch.setattr(cli, "cmd_summary", lambda args: None)
     assert main(["campaign", "m", "--out", str(tmp_path / "r")]) == 0
     assert capsys.readouterr().out == f"9,000 injections in {tmp_path / 'r'} (3 parts kept, 0 run)\n"
+
+
+def test_n_and_margin_together_are_refused(capsys):
+    assert main(["plan", "m", "--n", "5", "--margin", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--n and --margin are alternatives" in err[0]
+
+
+def test_a_file_given_as_checkpoint_folder_is_named_as_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["evaluate", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a checkpoint folder" in err and "does not exist" not in err

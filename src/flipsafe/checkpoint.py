@@ -88,8 +88,12 @@ def save(model: nn.Module, out_dir, config: dict) -> Path:
 def read_config(path) -> dict:
     """Read and check a checkpoint's config.json, with clear errors for missing files."""
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} is a file, not a checkpoint folder; give the "
+                              "folder `flipsafe train --out DIR` wrote")
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist; train one with `flipsafe train --out DIR`")
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist; train one "
+                              "with `flipsafe train --out DIR`")
     cfg_path = folder / CONFIG
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path} is missing; this folder is not a flipsafe checkpoint")

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from flipsafe.errors import EnvironmentFailure, FlipsafeError, is_disk_full
+from flipsafe.errors import ConfigError, EnvironmentFailure, FlipsafeError, is_disk_full
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -181,6 +181,9 @@ def _plan_from_args(args):
     }
     fields = {name: value for name, value in given.items() if value is not None}
     fields["n"] = n
+    if n is not None and args.margin is not None:
+        raise ConfigError("--n and --margin are alternatives: --n sets the injections per layer, "
+                          "--margin sizes them from --confidence; give one of them")
     if n is not None:
         fields["margin"] = None
     elif args.margin is not None:
@@ -224,7 +227,9 @@ def cmd_plan(args) -> None:
     plan, target = _plan_from_args(args)
     prep = prepare(plan, target=target, device=args.device)
     _print_strata(prep)
-    print(f"estimated run time: at most {estimate_seconds(prep):,.0f} s on this machine "
+    seconds = estimate_seconds(prep)
+    bound = "under 1 s" if seconds < 1 else f"at most {seconds:,.0f} s"
+    print(f"estimated run time: {bound} on this machine "
           "(clean-inference rate; suffix execution is usually faster)")
 
 
@@ -328,7 +333,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                         f"(default: {d.confidence})")
     p.add_argument("--margin", type=float, default=None,
                    help="error margin of each layer's rate at --confidence, strictly between 0 "
-                        f"and 1; ignored when --n is given (default: {d.margin})")
+                        f"and 1; not with --n (default: {d.margin})")
     p.add_argument("--images", default=None,
                    help=f"images faults land on: one of {_one_of(IMAGES)} (correct: the ones "
                         f"the model classifies right, the GoldenEye convention) (default: "

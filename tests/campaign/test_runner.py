@@ -489,3 +489,12 @@ def test_protocol_goldeneye_refuses_a_conflicting_flag_in_one_line(mlp_checkpoin
             f"was given; leave {name} out or drop the protocol")
     assert err == [line]
     assert not (out / "plan.json").exists()
+
+
+@pytest.mark.parametrize("fault", ["burst33", "bitflip40"])
+def test_a_fault_wider_than_the_codes_is_refused_by_name(mlp_checkpoint, fault):
+    from flipsafe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{fault} flips .* bits, but the fp32 codes at the "
+                                          "activations site hold 32"):
+        prepare(_plan(mlp_checkpoint, fault=fault, layers="last"))

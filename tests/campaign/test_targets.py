@@ -447,3 +447,21 @@ def test_hf_lifted_norms_are_emulated_like_the_eager_model(hf, name, tmp_path):
     out = tmp_path / name
     assert _campaign(f"hf:{hf[name]}", out, "--format", "bf16") == 0
     _assert_rows_equal_engine(out, resolve(f"hf:{hf[name]}").eager())
+
+
+def test_non_finite_images_are_refused_in_one_line(files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from flipsafe.data import load
+
+    bundle = load("digits")
+    pixels = bundle.test.pixels[:20].clone().float()
+    pixels[3, 0, 2, 2] = float("nan")
+    save_file({"images": pixels, "labels": bundle.test.labels[:20]}, tmp_path / "nan.safetensors")
+    capsys.readouterr()
+    assert _cli("campaign", f"export:{files['export']}", "--dataset",
+                f"tensors:{tmp_path / 'nan.safetensors'}", "--n", 2, "--images", "all",
+                "--quiet", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image(s) with NaN or infinite pixels" in err[0], err
+    assert not (tmp_path / "out" / "parts").exists()

@@ -19,6 +19,7 @@ from flipsafe.campaign.store import PLAN_FILE, ROW_SCHEMA, ResultsStore
 from flipsafe.errors import (
     CampaignError,
     ConfigError,
+    DataError,
     FlipsafeError,
 )
 
@@ -118,6 +119,17 @@ def _strata_sizes(plan: CampaignPlan, layers, n_images: int, fmt) -> dict[tuple[
             per_element = stratum_size(plan.fault, fmt, field, meta)
             sizes[(info.name, field)] = info.numel * per_element * per_image
     return sizes
+
+
+def _check_fault_width(plan: CampaignPlan, layers) -> None:
+    """Refuse a fault model that flips more bits than the codes at this site hold."""
+    from flipsafe.faults import parse
+
+    k = parse(plan.fault).k
+    width = max(sum(_width(bits) for bits in info.fields.values()) for info in layers)
+    if not parse(plan.fault).whole_value and k > width:
+        raise ConfigError(f"{plan.fault} flips {k} bits, but the {plan.format} codes at the "
+                          f"{plan.site} site hold {width}; choose a fault of at most {width} bits")
 
 
 def _with_exposure(plan: CampaignPlan, layers, strata: list[Stratum]) -> list[Stratum]:
@@ -237,6 +249,10 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
 
         def train_images():
             return model_inputs(target, bundle.train, bundle, plan.preprocess)
+    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum()) if images.numel() else 0
+    if bad:
+        raise DataError(f"{plan.dataset} has {bad} image(s) with NaN or infinite pixels; a "
+                        "fault campaign needs finite inputs (its golden runs would be DUEs)")
     sha = data_sha(images, labels)
     if plan.data_sha is None:
         plan = dataclasses.replace(plan, data_sha=sha)
@@ -271,6 +287,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
     # folded into them on deployment); a regex selects anything else.
     select = "conv|linear" if plan.layers == "all" else plan.layers
     layers = engine.layers(plan.site, select)
+    _check_fault_width(plan, layers)
     sizes = _strata_sizes(plan, layers, int(image_ids.numel()), engine.fmt)
     strata = _with_exposure(plan, layers, plan_strata(plan, sizes))
     try:
