@@ -234,7 +234,7 @@ def test_help_shows_defaults_and_choices_from_their_owners():
     assert "(default: fp32)" in campaign and "(default: activations)" in campaign
     assert "(default: 4096)" in campaign and "seed of the fault draw (default: 0)" in campaign
     assert "object at 0x" not in campaign
-    assert "overrides --margin" in campaign
+    assert "replaces --margin" in campaign
     train = " ".join(subs["train"].format_help().split())
     assert all(a in train for a in ARCHITECTURES)
     # Falsy defaults are still defaults: --seed 0, --label-smoothing 0.0.

@@ -326,8 +326,9 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help="all (Conv and Linear), last, a layer name, a layer type or a regular "
                         f"expression on layer names (default: {d.layers})")
     p.add_argument("--n", default=None,
-                   help="injections per layer, or 'all' for the whole fault space; overrides "
-                        "--margin (default: sized per layer from --confidence and --margin)")
+                   help="injections per layer, or 'all' for the whole fault space; replaces "
+                        "--margin, which it refuses beside it (default: sized per layer from "
+                        "--confidence and --margin)")
     p.add_argument("--confidence", type=float, default=None,
                    help="confidence level of the sample size, strictly between 0 and 1 "
                         f"(default: {d.confidence})")
