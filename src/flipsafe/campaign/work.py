@@ -349,6 +349,7 @@ def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int,
     out = _on_cpu(out)
     plan = prep.plan
     n = len(part)
+    corrected, detected = _protected(prep, part, out)
     return pa.table({
         "fault_id": pa.array(np.arange(start, stop, dtype=np.int64)),
         "layer": pa.array(part.layer_names, pa.string()),
@@ -370,7 +371,46 @@ def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int,
         "delta_loss": pa.array(out.delta_loss.double().numpy()),
         "golden_top2diff": pa.array(out.golden_top2diff.double().numpy()),
         "faulty_top2diff": pa.array(out.faulty_top2diff.double().numpy()),
+        "detected": pa.array(detected),
+        "corrected": pa.array(corrected),
     }, schema=ROW_SCHEMA)
+
+
+def _protected(prep: Prepared, part, out):
+    """(corrected, detected) of each fault of `part` under the plan's protection (all False
+    without one), with `out` changed in place to what the protected model gives: a corrected
+    fault has the golden outcome (masked), a detected one is no SDC."""
+    from flipsafe.protect import weight_verdicts
+
+    n = len(part)
+    corrected, detected = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    name = prep.plan.protect
+    if name is None:
+        return corrected, detected
+    layers = np.array(part.layer_names, dtype=object)
+    for layer in dict.fromkeys(part.layer_names):
+        rows = np.nonzero(layers == layer)[0]
+        codes = prep.engine.params[(layer, "weight")]
+        sel = torch.from_numpy(rows)
+        c, d = weight_verdicts(name, codes.codes, codes.coder.fmt.bits,
+                               *(_rows_of(col, sel, n) for col in
+                                 (part.index, part.mask, part.op, part.value)))
+        corrected[rows], detected[rows] = c, d
+    fix = torch.from_numpy(corrected)
+    out.faulty_top1[fix] = out.golden_top1[fix]
+    out.faulty_loss[fix] = out.golden_loss[fix]
+    out.delta_loss[fix] = 0.0
+    out.faulty_top2diff[fix] = out.golden_top2diff[fix]
+    for flag in (out.sdc, out.due, out.nonfinite):
+        flag[fix] = False
+    out.sdc[torch.from_numpy(detected)] = False
+    return corrected, detected
+
+
+def _rows_of(column, sel: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows `sel` of a FaultSet column (a scalar column stands for every row)."""
+    column = torch.as_tensor(column).cpu()
+    return column[sel] if column.dim() and column.shape[0] == n else column.expand(len(sel))
 
 
 def _on_cpu(outcomes):

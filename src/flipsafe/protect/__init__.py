@@ -60,3 +60,19 @@ def check_protection(name, site: str | None = None) -> str | None:
         raise ConfigError(f"{name} protects layer outputs; it cannot guard a {site} campaign "
                           "(use --site activations)")
     return name
+
+
+def weight_verdicts(name: str, codes, bits: int, index, mask, op, value):
+    """(corrected, detected) numpy bool arrays, one per element fault (mask, op, value as
+    flipsafe.faults.apply takes them) on flat element `index` of a weight tensor whose
+    stored element codes are `codes` (flat int32, the low `bits` bits used), under weight
+    protection `name` ("ecc" or "parity")."""
+    from flipsafe.faults import apply
+    from flipsafe.protect.ecc import CLASSIFIERS
+
+    if name not in CLASSIFIERS:
+        raise ConfigError(f"{name} is not a weight protection; choose one of: "
+                          f"{', '.join(WEIGHT_PROTECTIONS)}")
+    codes = codes.reshape(-1).cpu()
+    faulty = apply(codes[index], mask, op, value)
+    return CLASSIFIERS[name](codes, index, faulty, bits)

@@ -1,0 +1,115 @@
+"""Weight protections replayed on the very faults of an unprotected campaign."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flipsafe.campaign import ResultsStore
+from flipsafe.campaign.runner import make_plan, run_campaign
+from flipsafe.errors import ConfigError
+
+FAULT_COLUMNS = ("fault_id", "layer", "field", "site", "param", "index", "bits",
+                 "fault_model", "format", "image_id", "golden_top1", "golden_loss")
+
+
+def _rows(plan, folder):
+    run_campaign(plan, folder, show_progress=False)
+    store = ResultsStore(folder)
+    store.open()
+    return store.read()
+
+
+def _plan(ckpt, **kw):
+    kw = {"site": "weights", "layers": "last", "seed": 3, "part_size": 4096, **kw}
+    return make_plan(ckpt, **kw)
+
+
+def test_ecc_corrects_every_single_bit_fault_of_the_last_layer_on_the_same_rows(
+        mlp_checkpoint, tmp_path):
+    bare = _rows(_plan(mlp_checkpoint, n="all"), tmp_path / "bare")
+    ecc = _rows(_plan(mlp_checkpoint, n="all", protect="ecc"), tmp_path / "ecc")
+    for name in FAULT_COLUMNS:
+        assert bare.column(name).equals(ecc.column(name)), name
+    assert bare.column("sdc").to_numpy().sum() > 0  # the faults do harm unprotected
+    assert not bare.column("detected").to_numpy().any()
+    assert not bare.column("corrected").to_numpy().any()
+    # The whole single-bit fault space: each fault flips one stored bit, so SECDED fixes all.
+    assert ecc.column("corrected").to_numpy().all()
+    assert not ecc.column("detected").to_numpy().any()
+    assert not ecc.column("sdc").to_numpy().any() and not ecc.column("due").to_numpy().any()
+    assert ecc.column("faulty_top1").equals(ecc.column("golden_top1"))
+    np.testing.assert_array_equal(ecc.column("delta_loss").to_numpy(), 0.0)
+
+
+def test_double_bit_faults_are_detected_by_ecc_and_missed_by_parity(mlp_checkpoint,
+                                                                     tmp_path):
+    bare = _rows(_plan(mlp_checkpoint, n=300, fault="burst2"), tmp_path / "bare")
+    ecc = _rows(_plan(mlp_checkpoint, n=300, fault="burst2", protect="ecc"), tmp_path / "e")
+    par = _rows(_plan(mlp_checkpoint, n=300, fault="burst2", protect="parity"), tmp_path / "p")
+    for name in FAULT_COLUMNS:
+        assert bare.column(name).equals(ecc.column(name)), name
+        assert bare.column(name).equals(par.column(name)), name
+    assert ecc.column("detected").to_numpy().all()
+    assert not ecc.column("corrected").to_numpy().any()
+    assert not ecc.column("sdc").to_numpy().any()
+    # Two flips keep a word's parity: parity sees nothing, its SDCs are the bare ones.
+    assert not par.column("detected").to_numpy().any()
+    assert par.column("sdc").equals(bare.column("sdc"))
+
+
+def test_parity_detects_single_bit_faults_without_correcting(mlp_checkpoint, tmp_path):
+    par = _rows(_plan(mlp_checkpoint, n=200, protect="parity"), tmp_path / "p")
+    assert par.column("detected").to_numpy().all()
+    assert not par.column("corrected").to_numpy().any()
+    assert not par.column("sdc").to_numpy().any()
+
+
+def test_protect_is_recorded_and_fingerprinted_only_when_given(mlp_checkpoint):
+    bare, ecc = _plan(mlp_checkpoint, n=10), _plan(mlp_checkpoint, n=10, protect="ecc")
+    assert "protect" not in bare.fingerprinted()
+    assert ecc.fingerprinted()["protect"] == "ecc"
+    assert bare.fingerprint() != ecc.fingerprint()
+    assert ecc.fault_plan == bare.fault_plan
+    assert type(ecc).from_json(ecc.to_json()) == ecc
+
+
+def test_bad_protections_are_refused(mlp_checkpoint):
+    with pytest.raises(ConfigError, match="protect must be one of"):
+        _plan(mlp_checkpoint, n=10, protect="tmr9")
+    with pytest.raises(ConfigError, match="stored weights"):
+        make_plan(mlp_checkpoint, n=10, site="activations", protect="ecc")
+
+
+def test_cli_refuses_ecc_on_an_activation_campaign_in_one_line(mlp_checkpoint, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flipsafe", "campaign", str(mlp_checkpoint),
+                        "--out", str(tmp_path / "r"), "--n", "5", "--protect", "ecc"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "ecc" in r.stderr
+
+
+def test_parts_written_before_the_protection_columns_read_as_false(mlp_checkpoint, tmp_path):
+    from flipsafe.campaign.store import content_checksum
+
+    folder = tmp_path / "old"
+    rows = _rows(_plan(mlp_checkpoint, n=40), folder)
+    # Rewrite the part as an older flipsafe wrote it: no detected/corrected columns.
+    path = next((folder / "parts").glob("part-*.parquet"))
+    table = pq.read_table(path)
+    meta = dict(table.schema.metadata)
+    old = table.drop_columns(["detected", "corrected"]).replace_schema_metadata(None)
+    meta[b"flipsafe.checksum"] = content_checksum(old).encode()
+    pq.write_table(old.replace_schema_metadata(meta), path)
+    store = ResultsStore(folder)
+    store.open()
+    again = store.read()
+    assert not store.damaged
+    assert again.num_rows == rows.num_rows
+    assert not again.column("detected").to_numpy().any()
+    assert again.column("sdc").equals(rows.column("sdc"))
+    assert again.schema.names == rows.schema.names
+    assert again.column("corrected").type == pa.bool_()
