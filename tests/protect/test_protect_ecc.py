@@ -8,8 +8,16 @@ import torch
 
 from flipsafe.errors import ConfigError
 from flipsafe.protect import check_protection, cost
-from flipsafe.protect.ecc import (CLEAN, CORRECTED, DETECTED, decode, ecc_classify, encode,
-                                  pack, parity_classify)
+from flipsafe.protect.ecc import (
+    CLEAN,
+    CORRECTED,
+    DETECTED,
+    decode,
+    ecc_classify,
+    encode,
+    pack,
+    parity_classify,
+)
 
 
 def _codes(n, seed=0):
