@@ -113,3 +113,32 @@ def test_parts_written_before_the_protection_columns_read_as_false(mlp_checkpoin
     assert again.column("sdc").equals(rows.column("sdc"))
     assert again.schema.names == rows.schema.names
     assert again.column("corrected").type == pa.bool_()
+
+
+def test_summary_pairs_a_protected_campaign_with_the_unprotected_one(mlp_checkpoint,
+                                                                      tmp_path):
+    from flipsafe.report import load_results, summary_table
+    from flipsafe.report.tables import protection_table
+
+    for name, protect in (("bare", None), ("ecc", "ecc"), ("parity", "parity")):
+        _rows(_plan(mlp_checkpoint, n=400, protect=protect), tmp_path / name)
+    bare, ecc, par = (load_results(tmp_path / n) for n in ("bare", "ecc", "parity"))
+    assert protection_table(bare) is None
+    k = int(np.sum(bare.table["sdc"].to_numpy()))
+    assert k > 0
+    table = protection_table(bare, [ecc, par])
+    head = table.header
+    row = dict(zip(head, table.rows[1]))
+    assert row["protection"] == "ecc" and row["SDC"] == "0%"
+    assert row["corrected"] == "400" and row["detected"] == "0"
+    # ECC removes all k SDCs: the paired table is (both 0, only ecc 0, only bare k, ...),
+    # 0.5 added to each cell: factor bare / ecc = (k + 1) / 1; McNemar p = 2 * 0.5**k.
+    assert row["SDC factor"] == (f"{k + 1:.2f}x" if k + 1 < 10 else f"{k + 1:.1f}x")
+    assert float(row["McNemar p"]) == pytest.approx(2 * 0.5 ** k, rel=1e-2)
+    assert row["memory"] == "+12.5%"
+    prow = dict(zip(head, table.rows[2]))
+    assert prow["detected"] == "400" and prow["corrected"] == "0"
+    assert prow["memory"] == "+1.56%"
+    text = summary_table(bare, [ecc])
+    assert "Protections" in text and "protection ecc" not in text.splitlines()[0]
+    assert "protection ecc" in summary_table(ecc, [bare]).splitlines()[0]

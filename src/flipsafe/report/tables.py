@@ -19,6 +19,7 @@ from flipsafe.metrics.stats import (
     RateRatio,
     compare,
     holm,
+    paired_ratio,
 )
 from flipsafe.report.results import LAST, Results, check_same_plan
 
@@ -282,6 +283,8 @@ def plan_line(results: Results) -> str:
                "(all) rows pool the rows (fault-space sizes not recorded)")
     protocol = "" if p.protocol is None else (
         f"protocol {p.protocol} ({_PROTOCOL_WORDS.get(p.protocol, 'named conventions')}), ")
+    if p.protect is not None:
+        protocol += f"protection {p.protect}, "
     return (f"plan: {protocol}dataset {p.dataset}, site {p.site}, format {p.format}, fault {p.fault}, "
             f"clamp {p.clamp}, layers {p.layers} ({n} per layer, {p.allocation} allocation "
             f"across bit fields), images {p.images} ({fmt_count(images)} distinct), seed "
@@ -485,11 +488,68 @@ def factor_table(reference: Results, other: Results,
                       f"factor {conf} CI", "interval", "vs 1"], rows, notes)
 
 
+# Columns that name a fault row: two campaigns whose rows agree in all of them (and whose
+# model, data and fault plan agree) injected the very same faults, row by row.
+PAIRED_COLUMNS = ("fault_id", "layer", "param", "index", "bits", "image_id", "golden_top1")
+
+
+def same_faults(a: Results, b: Results) -> bool:
+    """Whether two campaigns injected the very same faults into the same model and data
+    (e.g. one with a protection, one without), so their rows pair one to one."""
+    pa_, pb = a.plan, b.plan
+    if (pa_.model_sha != pb.model_sha or pa_.data_sha != pb.data_sha
+            or pa_.fault_plan != pb.fault_plan or a.n != b.n or a.n == 0):
+        return False
+    return all(a.table[c].equals(b.table[c]) for c in PAIRED_COLUMNS)
+
+
+def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable | None:
+    """Protections side by side (None when no campaign ran one): per campaign its SDC rate
+    and interval, the faults its protection detected and corrected, the first campaign's SDC
+    rate over its own paired on the same faults (interval and McNemar's exact p), and its
+    extra memory."""
+    from flipsafe.protect import cost
+
+    everyone = [results, *vs]
+    if all(r.plan.protect is None for r in everyone):
+        return None
+    conf = results.by_layer.confidence
+    c = fmt_confidence(conf)
+    rows = []
+    for r in everyone:
+        sdc = r.by_layer.overall.sdc
+        flagged = [int(pc.sum(r.table[name]).as_py() or 0) for name in ("detected", "corrected")]
+        if r is results:
+            paired = ["reference", "", ""]
+        elif same_faults(results, r):
+            pr = paired_ratio(results.table["sdc"].to_numpy(zero_copy_only=False),
+                              r.table["sdc"].to_numpy(zero_copy_only=False), conf).ratio
+            paired = [fmt_factor(pr.ratio), fmt_factor_interval(pr.low, pr.high),
+                      f"{pr.p_value:.3g}"]
+        else:
+            paired = ["n/a (other faults)", "", ""]
+        name = r.plan.protect
+        memory = "+0%" if name is None else f"+{100 * cost(name).memory_overhead:.3g}%"
+        rows.append([r.name, name or "none", fmt_rate(sdc.rate), fmt_interval(sdc.low, sdc.high),
+                     fmt_count(flagged[0]), fmt_count(flagged[1]), *paired, memory])
+    note = (f"SDC factor = SDC rate of {results.name} / that of the campaign, on the very "
+            "same fault rows; above 1 means the campaign has fewer (paired: pooled rows, log "
+            "interval for paired proportions, "
+            "McNemar's exact p); an SDC is a changed top-1 no protection flagged; memory: "
+            "extra stored bits per weight bit (ecc: 8 per 64, parity: 1 per 64).")
+    return TextTable("Protections", ["campaign", "protection", "SDC", f"SDC {c} CI", "detected",
+                                     "corrected", "SDC factor", f"factor {c} CI",
+                                     "McNemar p", "memory"], rows, [note])
+
+
 def summary_tables(results: Results, vs: Sequence[Results] = ()) -> list[TextTable]:
     """The models table, one per-layer table per model, and per partner its comparison and
     its improvement factor by definition."""
     everyone = [results, *vs]
     tables = [models_table(everyone), *(layer_table(r) for r in everyone)]
+    protections = protection_table(results, vs)
+    if protections is not None:
+        tables.append(protections)
     for other in vs:
         tables.append(comparison_table(results, other))
         factors = factor_table(results, other)
