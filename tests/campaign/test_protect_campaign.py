@@ -139,6 +139,14 @@ def test_summary_pairs_a_protected_campaign_with_the_unprotected_one(mlp_checkpo
     prow = dict(zip(head, table.rows[2]))
     assert prow["detected"] == "400" and prow["corrected"] == "0"
     assert prow["memory"] == "+1.56%"
+    from flipsafe.report import summary_json
+
+    js = summary_json(bare, [ecc])["protections"]
+    assert [p["protection"] for p in js] == [None, "ecc"]
+    assert js[0]["paired_factor"] is None and js[1]["paired_factor"]["corrected"]
+    assert js[1]["paired_factor"]["ratio"] == pytest.approx(k + 1)
+    assert js[1]["memory_overhead"] == 0.125 and js[1]["corrected"] == 400
+    assert "protections" not in summary_json(bare)
     text = summary_table(bare, [ecc])
     assert "Protections" in text and "protection ecc" not in text.splitlines()[0]
     assert "protection ecc" in summary_table(ecc, [bare]).splitlines()[0]

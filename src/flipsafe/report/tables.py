@@ -503,40 +503,58 @@ def same_faults(a: Results, b: Results) -> bool:
     return all(a.table[c].equals(b.table[c]) for c in PAIRED_COLUMNS)
 
 
-def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable | None:
-    """Protections side by side (None when no campaign ran one): per campaign its SDC rate
-    and interval, the faults its protection detected and corrected, the first campaign's SDC
-    rate over its own paired on the same faults (interval and McNemar's exact p), and its
-    extra memory."""
+def protections(results: Results, vs: Sequence[Results] = ()) -> list[dict] | None:
+    """Protections side by side (None when no campaign ran one), one dict per campaign: its
+    protection, SDC rate (a RateEstimate), faults detected and corrected, the first
+    campaign's SDC rate over its own paired on the same faults (`factor`, a RateRatio whose
+    p_value is McNemar's exact p; None for the first campaign and for other fault lists)
+    and its memory overhead (extra bits per stored bit)."""
     from flipsafe.protect import cost
 
     everyone = [results, *vs]
     if all(r.plan.protect is None for r in everyone):
         return None
     conf = results.by_layer.confidence
-    c = fmt_confidence(conf)
-    rows = []
+    out = []
     for r in everyone:
-        sdc = r.by_layer.overall.sdc
-        flagged = [int(pc.sum(r.table[name]).as_py() or 0) for name in ("detected", "corrected")]
+        factor = None
+        if r is not results and same_faults(results, r):
+            factor = paired_ratio(results.table["sdc"].to_numpy(zero_copy_only=False),
+                                  r.table["sdc"].to_numpy(zero_copy_only=False), conf).ratio
+        name = r.plan.protect
+        out.append({
+            "campaign": r, "protection": name, "sdc": r.by_layer.overall.sdc,
+            "detected": int(pc.sum(r.table["detected"]).as_py() or 0),
+            "corrected": int(pc.sum(r.table["corrected"]).as_py() or 0),
+            "factor": factor,
+            "memory": 0.0 if name is None else cost(name).memory_overhead,
+        })
+    return out
+
+
+def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable | None:
+    """The Protections table of `protections` (None when no campaign ran one)."""
+    entries = protections(results, vs)
+    if entries is None:
+        return None
+    c = fmt_confidence(results.by_layer.confidence)
+    rows = []
+    for e in entries:
+        r, sdc, f = e["campaign"], e["sdc"], e["factor"]
         if r is results:
             paired = ["reference", "", ""]
-        elif same_faults(results, r):
-            pr = paired_ratio(results.table["sdc"].to_numpy(zero_copy_only=False),
-                              r.table["sdc"].to_numpy(zero_copy_only=False), conf).ratio
-            paired = [fmt_factor(pr.ratio), fmt_factor_interval(pr.low, pr.high),
-                      f"{pr.p_value:.3g}"]
-        else:
+        elif f is None:
             paired = ["n/a (other faults)", "", ""]
-        name = r.plan.protect
-        memory = "+0%" if name is None else f"+{100 * cost(name).memory_overhead:.3g}%"
-        rows.append([r.name, name or "none", fmt_rate(sdc.rate), fmt_interval(sdc.low, sdc.high),
-                     fmt_count(flagged[0]), fmt_count(flagged[1]), *paired, memory])
+        else:
+            paired = [fmt_factor(f.ratio), fmt_factor_interval(f.low, f.high), f"{f.p_value:.3g}"]
+        rows.append([r.name, e["protection"] or "none", fmt_rate(sdc.rate),
+                     fmt_interval(sdc.low, sdc.high), fmt_count(e["detected"]),
+                     fmt_count(e["corrected"]), *paired, f"+{100 * e['memory']:.3g}%"])
     note = (f"SDC factor = SDC rate of {results.name} / that of the campaign, on the very "
             "same fault rows; above 1 means the campaign has fewer (paired: pooled rows, log "
-            "interval for paired proportions, "
-            "McNemar's exact p); an SDC is a changed top-1 no protection flagged; memory: "
-            "extra stored bits per weight bit (ecc: 8 per 64, parity: 1 per 64).")
+            "interval for paired proportions, McNemar's exact p); an SDC is a changed top-1 "
+            "no protection flagged; memory: extra stored bits per weight bit (ecc: 8 per 64, "
+            "parity: 1 per 64).")
     return TextTable("Protections", ["campaign", "protection", "SDC", f"SDC {c} CI", "detected",
                                      "corrected", "SDC factor", f"factor {c} CI",
                                      "McNemar p", "memory"], rows, [note])
@@ -686,4 +704,17 @@ def summary_json(results: Results, vs: Sequence[Results] = ()) -> dict:
         "overall_method": STRATIFIED_METHOD if results.strata is not None else "pooled rows",
         "models": [_model_json(r) for r in (results, *vs)],
         "comparisons": [_comparison_json(results, other) for other in vs],
+        **_protections_json(results, vs),
     }
+
+
+def _protections_json(results: Results, vs: Sequence[Results]) -> dict:
+    entries = protections(results, vs)
+    if entries is None:
+        return {}
+    return {"protections": [
+        {"name": e["campaign"].name, "protection": e["protection"], "sdc": _rate_json(e["sdc"]),
+         "detected": e["detected"], "corrected": e["corrected"],
+         "paired_factor": None if e["factor"] is None else _ratio_json(e["factor"]),
+         "memory_overhead": e["memory"]}
+        for e in entries]}
