@@ -110,12 +110,16 @@ def _fault_words(original, index, faulty, bits):
     """For element faults (flat `index`, faulty element codes `faulty`), the original and
     faulty 64-bit word holding each faulted element."""
     k = per_word(bits)
-    words = pack(original, bits)
-    index = torch.as_tensor(index).reshape(-1).numpy().astype(np.int64)
-    w = index // k
+    original = torch.as_tensor(original).reshape(-1)
+    index = torch.as_tensor(index).reshape(-1).cpu().to(torch.int64)
+    # Only the words faults land in are packed: element w*k + j is lane j of word w.
+    members = (index // k * k)[:, None] + torch.arange(k)
+    inside = members < original.numel()
+    lanes = torch.where(inside, original[members.clamp(max=original.numel() - 1)], 0)
+    old = pack(lanes, bits)
+    index = index.numpy()
     shift = ((index % k) * bits).astype(np.uint64)
     mask = np.uint64((1 << bits) - 1) if bits < WORD else np.uint64(0xFFFFFFFFFFFFFFFF)
-    old = words[w]
     new = (old & ~(mask << shift)) | (_unsigned(faulty, bits) << shift)
     return old, new
 
