@@ -542,7 +542,7 @@ def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable 
     for e in entries:
         r, sdc, f = e["campaign"], e["sdc"], e["factor"]
         if r is results:
-            paired = ["reference", "", ""]
+            paired = ["reference" if vs else "-", "", ""]
         elif f is None:
             paired = ["n/a (other faults)", "", ""]
         else:
@@ -550,11 +550,12 @@ def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable 
         rows.append([r.name, e["protection"] or "none", fmt_rate(sdc.rate),
                      fmt_interval(sdc.low, sdc.high), fmt_count(e["detected"]),
                      fmt_count(e["corrected"]), *paired, f"+{100 * e['memory']:.3g}%"])
-    note = (f"SDC factor = SDC rate of {results.name} / that of the campaign, on the very "
-            "same fault rows; above 1 means the campaign has fewer (paired: pooled rows, log "
-            "interval for paired proportions, McNemar's exact p); an SDC is a changed top-1 "
-            "no protection flagged; memory: extra stored bits per weight bit (ecc: 8 per 64, "
-            "parity: 1 per 64).")
+    note = ("An SDC is a changed top-1 no protection flagged; memory: extra stored bits per "
+            "weight bit (ecc: 8 per 64, parity: 1 per 64).")
+    if vs:
+        note = (f"SDC factor = SDC rate of {results.name} / that of the campaign, on the very "
+                "same fault rows; above 1 means the campaign has fewer (paired: pooled rows, "
+                "log interval for paired proportions, McNemar's exact p). " + note)
     return TextTable("Protections", ["campaign", "protection", "SDC", f"SDC {c} CI", "detected",
                                      "corrected", "SDC factor", f"factor {c} CI",
                                      "McNemar p", "memory"], rows, [note])
