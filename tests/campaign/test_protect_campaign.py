@@ -150,3 +150,55 @@ def test_summary_pairs_a_protected_campaign_with_the_unprotected_one(mlp_checkpo
     text = summary_table(bare, [ecc])
     assert "Protections" in text and "protection ecc" not in text.splitlines()[0]
     assert "protection ecc" in summary_table(ecc, [bare]).splitlines()[0]
+
+
+def test_ecc_on_triple_flips_matches_a_hamming_decoder_written_out(mlp_checkpoint, tmp_path):
+    """Three flips in one fp32 element: odd parity, so the decoder acts on the syndrome s
+    (XOR of the codeword positions of the flipped data bits): s beyond 71 is detected, a
+    power of two "repairs" a check bit and leaves the fault as injected, any other s flips
+    data bit s once more; in this element that changes what the model reads (its outcome
+    is recomputed), in the other element of the word it does not (kept as injected)."""
+    import torch
+
+    from flipsafe.campaign.runner import prepare
+    from flipsafe.faults import FaultSet
+
+    plan = _plan(mlp_checkpoint, n=400, fault="bitflip3")
+    bare = _rows(plan, tmp_path / "bare")
+    ecc = _rows(_plan(mlp_checkpoint, n=400, fault="bitflip3", protect="ecc"), tmp_path / "e")
+    for name in FAULT_COLUMNS:
+        assert bare.column(name).equals(ecc.column(name)), name
+    data_pos = [p for p in range(1, 72) if p & (p - 1)]
+    detected = ecc.column("detected").to_pylist()
+    assert not any(ecc.column("corrected").to_pylist())
+    rerun = []
+    for i, (index, bits) in enumerate(zip(ecc.column("index").to_pylist(),
+                                          ecc.column("bits").to_pylist())):
+        lane = index % 2  # two fp32 codes per word
+        s = 0
+        for b in bits:
+            s ^= data_pos[32 * lane + b]
+        if s > 71:
+            assert detected[i]
+            assert not ecc.column("sdc")[i].as_py()
+            continue
+        assert not detected[i]
+        d = data_pos.index(s) if s & (s - 1) else None
+        if d is not None and d // 32 == lane:
+            rerun.append((i, sum(1 << b for b in bits) | 1 << (d % 32)))
+        else:  # a check bit, or a data bit of the other element: the injected fault stands
+            for name in ("sdc", "faulty_top1", "due"):
+                assert ecc.column(name)[i].as_py() == bare.column(name)[i].as_py(), name
+    assert rerun and len(rerun) < ecc.num_rows
+    prep = prepare(plan)
+    rows = [i for i, _ in rerun]
+    layer = ecc.column("layer")[0].as_py()
+    names = [info.name for info in prep.layers]
+    faults = FaultSet(names, layer=names.index(layer),
+                      index=torch.tensor([ecc.column("index")[i].as_py() for i in rows]),
+                      mask=torch.tensor([m for _, m in rerun]), op=0,
+                      image=torch.tensor([ecc.column("image_id")[i].as_py() for i in rows]),
+                      param="weight")
+    want = prep.engine.run(faults, prep.images, prep.labels)
+    assert [ecc.column("faulty_top1")[i].as_py() for i in rows] == want.faulty_top1.tolist()
+    assert [ecc.column("sdc")[i].as_py() for i in rows] == want.sdc.tolist()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from flipsafe.errors import ConfigError
 
 # Protections for the weights site (stored codes) and for activations (layer outputs).
@@ -62,17 +64,45 @@ def check_protection(name, site: str | None = None) -> str | None:
     return name
 
 
-def weight_verdicts(name: str, codes, bits: int, index, mask, op, value):
-    """(corrected, detected) numpy bool arrays, one per element fault (mask, op, value as
-    flipsafe.faults.apply takes them) on flat element `index` of a weight tensor whose
-    stored element codes are `codes` (flat int32, the low `bits` bits used), under weight
-    protection `name` ("ecc" or "parity")."""
+@dataclass(frozen=True)
+class WeightVerdicts:
+    """What a weight protection did to each element fault (numpy arrays, one per fault).
+
+    corrected: the stored word was restored exactly; detected: the protection flagged it;
+    reread: a miscorrection handed back a code of the faulted element other than the
+    injected one, whose outcome must be recomputed with the element's bits `flip` (a
+    mask turning the original code into the code read; meaningful where reread); spill:
+    the miscorrection also changed another element of the word (not replayed)."""
+
+    corrected: np.ndarray
+    detected: np.ndarray
+    reread: np.ndarray
+    flip: np.ndarray
+    spill: np.ndarray
+
+
+def weight_verdicts(name: str, codes, bits: int, index, mask, op, value) -> WeightVerdicts:
+    """WeightVerdicts of element faults (mask, op, value as flipsafe.faults.apply takes them)
+    on flat element `index` of a weight tensor whose stored element codes are `codes` (flat
+    int32, the low `bits` bits used), under weight protection `name` ("ecc" or "parity")."""
+    import torch
+
     from flipsafe.faults import apply
-    from flipsafe.protect.ecc import CLASSIFIERS
+    from flipsafe.protect.ecc import CLASSIFIERS, ecc_read
 
     if name not in CLASSIFIERS:
         raise ConfigError(f"{name} is not a weight protection; choose one of: "
                           f"{', '.join(WEIGHT_PROTECTIONS)}")
     codes = codes.reshape(-1).cpu()
+    index = torch.as_tensor(index).reshape(-1)
     faulty = apply(codes[index], mask, op, value)
-    return CLASSIFIERS[name](codes, index, faulty, bits)
+    lane = (1 << bits) - 1
+    original = codes[index].to(torch.int64).numpy() & lane
+    injected = faulty.to(torch.int64).numpy() & lane
+    if name == "ecc":
+        corrected, detected, read, spill = ecc_read(codes, index, faulty, bits)
+    else:
+        corrected, detected = CLASSIFIERS[name](codes, index, faulty, bits)
+        read, spill = injected, np.zeros_like(detected)
+    reread = ~corrected & ~detected & (read != injected)
+    return WeightVerdicts(corrected, detected, reread, original ^ read, spill)

@@ -124,6 +124,24 @@ def _fault_words(original, index, faulty, bits):
     return old, new
 
 
+def ecc_read(original, index, faulty, bits: int):
+    """What a SECDED-protected memory hands back for each element fault: (corrected,
+    detected, read, spill) numpy arrays. read: the faulted element's code as decoded (the
+    low `bits` bits; the faulty code when the decoder left it alone, the original when it
+    corrected it, another code when it miscorrected a bit of this element); spill: the
+    decoder changed another element of the word (a miscorrection landing next door)."""
+    old, new = _fault_words(original, index, faulty, bits)
+    decoded, status = decode(new, encode(old))
+    corrected = (status == CORRECTED) & (decoded == old) & (new != old)
+    detected = status == DETECTED
+    index = torch.as_tensor(index).reshape(-1).cpu().numpy().astype(np.int64)
+    shift = ((index % per_word(bits)) * bits).astype(np.uint64)
+    lane = np.uint64((1 << bits) - 1) if bits < WORD else np.uint64(0xFFFFFFFFFFFFFFFF)
+    read = ((decoded >> shift) & lane).astype(np.int64)
+    spill = ((decoded ^ old) & ~(lane << shift)) != 0
+    return corrected, detected, read, spill
+
+
 def ecc_classify(original, index, faulty, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(corrected, detected) boolean arrays, one per fault: element `index[i]` of the flat
     code tensor `original` read back as `faulty[i]` (the rest of its word intact).
@@ -131,10 +149,7 @@ def ecc_classify(original, index, faulty, bits: int) -> tuple[np.ndarray, np.nda
     corrected: the word changed and the SECDED decoder restores it exactly; detected: the
     decoder flags an uncorrectable word. Neither: a fault that changed no bit, or a
     miscorrected or unnoticed word."""
-    old, new = _fault_words(original, index, faulty, bits)
-    decoded, status = decode(new, encode(old))
-    corrected = (status == CORRECTED) & (decoded == old) & (new != old)
-    detected = status == DETECTED
+    corrected, detected, _, _ = ecc_read(original, index, faulty, bits)
     return corrected, detected
 
 
