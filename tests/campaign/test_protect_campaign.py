@@ -202,3 +202,15 @@ def test_ecc_on_triple_flips_matches_a_hamming_decoder_written_out(mlp_checkpoin
     want = prep.engine.run(faults, prep.images, prep.labels)
     assert [ecc.column("faulty_top1")[i].as_py() for i in rows] == want.faulty_top1.tolist()
     assert [ecc.column("sdc")[i].as_py() for i in rows] == want.sdc.tolist()
+
+
+def test_python_campaign_takes_a_protection(mlp_checkpoint, tmp_path):
+    from flipsafe import Campaign, FaultPlan
+
+    faults = FaultPlan(site="weights", layers="last", n=30, seed=3)
+    run = Campaign(str(mlp_checkpoint), plan=faults, out=tmp_path / "e", protect="ecc")
+    assert run.plan.protect == "ecc" and run.plan.fault_plan == faults
+    table = run.run().summary()
+    assert "Protections" in table
+    with pytest.raises(ConfigError, match="stored weights"):
+        Campaign(str(mlp_checkpoint), plan=FaultPlan(n=5), out=tmp_path / "a", protect="ecc")
