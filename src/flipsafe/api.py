@@ -35,12 +35,14 @@ class Campaign:
     compared only on equally named data.
     device: "cpu", "cuda" or "auto". classes: class names of in-memory data, checked
     against the model's class count. preprocess: {"image_size", "mean", "std"} for
-    spec-string data on a model that does not say its own.
+    spec-string data on a model that does not say its own. protect: a protection replayed
+    on the plan's very faults ("ecc" or "parity" for a weights plan; flipsafe.protect).
     """
 
     def __init__(self, model, data=None, plan: FaultPlan | None = None, out=None, *,
                  device: str = "cpu", data_name: str | None = None,
-                 classes: list[str] | None = None, preprocess: dict | None = None):
+                 classes: list[str] | None = None, preprocess: dict | None = None,
+                 protect: str | None = None):
         from flipsafe.campaign.runner import make_plan, resolve_device
         from flipsafe.campaign.targets import resolve
 
@@ -67,6 +69,8 @@ class Campaign:
                 self._check_classes(images, labels, classes)
             self.data = (images, labels)
             fields["dataset"] = data_name or f"memory:{data_sha(images, labels)[:12]}"
+        if protect is not None:
+            fields["protect"] = protect
         self.plan = make_plan(self.target, plan or FaultPlan(), **fields)
 
     def _check_classes(self, images, labels, classes):

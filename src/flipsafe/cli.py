@@ -177,7 +177,7 @@ def _plan_from_args(args):
         "images": args.images, "site": args.site, "fault": args.fault, "layers": args.layers,
         "confidence": args.confidence, "clamp": args.clamp, "seed": args.seed,
         "allocation": args.allocation, "format": args.format, "dataset": args.dataset,
-        "part_size": args.part_size, "protocol": args.protocol,
+        "part_size": args.part_size, "protocol": args.protocol, "protect": args.protect,
     }
     fields = {name: value for name, value in given.items() if value is not None}
     fields["n"] = n
@@ -342,6 +342,11 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clamp", default=None,
                    help=f"activation range clamp: one of {_one_of(CLAMPS)} (profiled is "
                         f"sign-preserving) (default: {d.clamp})")
+    p.add_argument("--protect", default=None,
+                   help="a protection replayed on the same faults as the unprotected campaign: "
+                        "ecc (SECDED over 64-bit words of stored weights: corrects 1 bit, "
+                        "detects 2; +12.5%% memory) or parity (detects odd flips; +1/64 "
+                        "memory); --site weights only (default: none)")
     p.add_argument("--allocation", default=None,
                    help="how a layer's injections split across bit fields: one of "
                         f"{_one_of(ALLOCATIONS)} (default: {d.allocation})")

@@ -299,7 +299,7 @@ def test_fault_plan_is_the_plan_without_its_model_and_data():
     assert a.fault_plan == b.fault_plan == faults
     assert a.differing_fields(b) == ["model_sha"]  # another model in a folder is refused
     assert set(FAULT_FIELDS) | {"model", "model_sha", "dataset", "data_sha", "preprocess",
-                                "version"} == set(a.to_dict())
+                                "protect", "version"} == set(a.to_dict())
     with pytest.raises(ConfigError, match="confidence"):
         FaultPlan(confidence=1.5)
 
@@ -325,6 +325,8 @@ def test_a_campaign_plan_is_a_fault_plan_with_a_model_and_data():
     # Every fault field and its default is declared once, in FaultPlan.
     own = {f.name for f in dataclasses.fields(CampaignPlan)} - {
         f.name for f in dataclasses.fields(FaultPlan)}
-    assert own == {"model", "model_sha", "dataset", "data_sha", "preprocess", "version"}
+    # protect is no fault field: a protected plan replays the unprotected plan's faults.
+    assert own == {"model", "model_sha", "dataset", "data_sha", "preprocess", "protect",
+                   "version"}
     assert set(FAULT_FIELDS) == {f.name for f in dataclasses.fields(FaultPlan)}
     assert plan.fault_plan == FaultPlan(format="fp16", seed=3, n=50, clamp="profiled")

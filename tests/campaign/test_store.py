@@ -43,6 +43,8 @@ def _rows(ids):
         "delta_loss": [float("inf") if i == 4 else 0.25 * i for i in ids],
         "golden_top2diff": [1.0 + i for i in ids],
         "faulty_top2diff": [float("nan") if i == 4 else -1.0 - i for i in ids],
+        "detected": [i % 4 == 1 for i in ids],
+        "corrected": [i % 4 == 2 for i in ids],
     }
 
 

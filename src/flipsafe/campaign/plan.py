@@ -15,6 +15,7 @@ from flipsafe.faults import FAULT_MODELS
 from flipsafe.faults import parse as parse_fault
 from flipsafe.formats import canonical as canonical_format
 from flipsafe.metrics.stats import sample_size, z_value
+from flipsafe.protect import check_protection
 
 PLAN_VERSION = 1
 
@@ -29,7 +30,7 @@ ALLOCATIONS = ("proportional", "equal")
 NOT_FINGERPRINTED = ("model",)
 # Fields added after plans were first written: left out of the fingerprint while None, so
 # the fingerprints of folders written before them stay valid.
-OPTIONAL_FINGERPRINTED = ("data_sha", "preprocess", "protocol")
+OPTIONAL_FINGERPRINTED = ("data_sha", "preprocess", "protocol", "protect")
 # The fields of a FaultPlan: what defines the faults, whatever the model.
 FAULT_FIELDS = ("format", "images", "site", "fault", "layers", "n", "confidence", "margin",
                 "clamp", "seed", "allocation", "part_size", "protocol")
@@ -211,7 +212,9 @@ class CampaignPlan(FaultPlan):
     did not train (None: none given). protocol names a set of conventions (PROTOCOLS, e.g.
     "goldeneye"): site, layers, images, clamp and fault left as None take the protocol's
     values (without a protocol, CONVENTION_DEFAULTS), and a value given that differs from the
-    protocol's is refused.
+    protocol's is refused. protect names a protection (flipsafe.protect: "ecc" or "parity"
+    on a weights campaign) replayed on the very faults of the unprotected plan: it is no
+    fault field, so the fault list of a protected plan is the unprotected one's.
     """
 
     model: str
@@ -219,6 +222,7 @@ class CampaignPlan(FaultPlan):
     dataset: str
     data_sha: str | None = None
     preprocess: dict | None = None
+    protect: str | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self):
@@ -232,6 +236,10 @@ class CampaignPlan(FaultPlan):
         ):
             raise ConfigError(f"data_sha must be a sha256 hex digest or None, got {self.data_sha!r}")
         check_preprocess(self.preprocess)
+        check_protection(self.protect, self.site)
+        if self.protect in ("ranger",):
+            raise ConfigError("campaigns take the weight protections ecc and parity so far; "
+                              "ranger is available from flipsafe.protect.ranger")
         if self.preprocess is not None:
             clean = {k: (list(v) if isinstance(v, (list, tuple)) else v)
                      for k, v in self.preprocess.items() if v is not None}

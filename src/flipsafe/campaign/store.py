@@ -42,8 +42,16 @@ ROW_SCHEMA = pa.schema(
         pa.field("delta_loss", pa.float64(), nullable=False),
         pa.field("golden_top2diff", pa.float64(), nullable=False),
         pa.field("faulty_top2diff", pa.float64(), nullable=False),
+        # What the plan's protection (plan.protect) did to the fault: flagged it, or
+        # restored the stored value exactly. Parts written before these columns read as
+        # False (nothing protected then).
+        pa.field("detected", pa.bool_(), nullable=False),
+        pa.field("corrected", pa.bool_(), nullable=False),
     ]
 )
+# Columns added after results were first written, each read as False where a part lacks it.
+ADDED_COLUMNS = ("detected", "corrected")
+_LEGACY_NAMES = [name for name in ROW_SCHEMA.names if name not in ADDED_COLUMNS]
 
 PLAN_FILE = "plan.json"
 # What a results folder records about its model (source, sha256, classifier layer, clean
@@ -85,6 +93,14 @@ def content_checksum(table: pa.Table) -> str:
         else:
             h.update(np.ascontiguousarray(arr.to_numpy(zero_copy_only=False)).tobytes())
     return h.hexdigest()
+
+
+def _with_added_columns(table: pa.Table) -> pa.Table:
+    """A part written before ADDED_COLUMNS, with each of them False (no protection ran)."""
+    false = pa.array(np.zeros(table.num_rows, dtype=bool))
+    for name in ADDED_COLUMNS:
+        table = table.append_column(ROW_SCHEMA.field(name), false)
+    return table
 
 
 class ResultsStore:
@@ -365,6 +381,9 @@ class ResultsStore:
     @staticmethod
     def _conform(table: pa.Table) -> pa.Table:
         names = set(table.column_names)
+        if not names & set(ADDED_COLUMNS):  # rows of a campaign without protection
+            table = _with_added_columns(table)
+            names = set(table.column_names)
         missing = [f.name for f in ROW_SCHEMA if f.name not in names]
         extra = sorted(names - set(ROW_SCHEMA.names))
         if missing or extra:
@@ -395,12 +414,15 @@ class ResultsStore:
                 and meta.get(_META_PART) == str(k).encode()
                 and meta.get(_META_ROWS) == str(table.num_rows).encode()
                 and table.num_rows == self.expected_rows(k)
-                and table.schema.names == ROW_SCHEMA.names
+                and table.schema.names in (ROW_SCHEMA.names, _LEGACY_NAMES)
             )
             # Parquet may rename the list child ("item" -> "element"); the cast undoes it.
-            table = table.replace_schema_metadata(None).cast(ROW_SCHEMA)
+            table = table.replace_schema_metadata(None)
+            legacy = table.schema.names == _LEGACY_NAMES
+            schema = pa.schema([f for f in ROW_SCHEMA if f.name in table.schema.names])
+            table = table.cast(schema)
             if ok and meta.get(_META_CHECKSUM) == content_checksum(table).encode():
-                return table
+                return _with_added_columns(table) if legacy else table
         except (OSError, pa.ArrowException):
             pass
         return None

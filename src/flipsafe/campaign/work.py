@@ -352,20 +352,10 @@ def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int,
     `golden` (from golden_cache) is the golden run of every image faults land on, reused
     by every part; without it the part makes the golden runs of its own images."""
     part = faults.select(slice(start, stop))
-    if golden is not None:
-        ids, gold = golden
-        local = part.select(slice(None))
-        local.image = torch.searchsorted(ids, part.image)
-        out = prep.engine.run(local, gold.images, gold.labels, golden=gold)
-    else:
-        used, image_pos = torch.unique(part.image, return_inverse=True)
-        local = part.select(slice(None))
-        local.image = image_pos
-        images, labels = prep.images[used], prep.labels[used]
-        out = prep.engine.run(local, images, labels)
-    out = _on_cpu(out)
+    out = _inject(prep, part, golden)
     plan = prep.plan
     n = len(part)
+    corrected, detected = _protected(prep, part, out, golden)
     return pa.table({
         "fault_id": pa.array(np.arange(start, stop, dtype=np.int64)),
         "layer": pa.array(part.layer_names, pa.string()),
@@ -387,7 +377,78 @@ def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int,
         "delta_loss": pa.array(out.delta_loss.double().numpy()),
         "golden_top2diff": pa.array(out.golden_top2diff.double().numpy()),
         "faulty_top2diff": pa.array(out.faulty_top2diff.double().numpy()),
+        "detected": pa.array(detected),
+        "corrected": pa.array(corrected),
     }, schema=ROW_SCHEMA)
+
+
+def _inject(prep: Prepared, part, golden=None):
+    """Outcomes (on the CPU) of the faults of `part`, whose images index prep.images."""
+    if golden is not None:
+        ids, gold = golden
+        local = part.select(slice(None))
+        local.image = torch.searchsorted(ids, part.image)
+        out = prep.engine.run(local, gold.images, gold.labels, golden=gold)
+    else:
+        used, image_pos = torch.unique(part.image, return_inverse=True)
+        local = part.select(slice(None))
+        local.image = image_pos
+        images, labels = prep.images[used], prep.labels[used]
+        out = prep.engine.run(local, images, labels)
+    return _on_cpu(out)
+
+
+def _protected(prep: Prepared, part, out, golden=None):
+    """(corrected, detected) of each fault of `part` under the plan's protection (all False
+    without one), with `out` changed in place to what the protected model gives: a corrected
+    fault has the golden outcome (masked), a detected one is no SDC, and a fault the code
+    miscorrected within its element is run again with the code the model then reads (one
+    whose miscorrection lands in another element of the word keeps its injected outcome)."""
+    from flipsafe.faults.models import FLIP
+    from flipsafe.protect import weight_verdicts
+
+    n = len(part)
+    corrected, detected = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    name = prep.plan.protect
+    if name is None:
+        return corrected, detected
+    reread, flip = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
+    layers = np.array(part.layer_names, dtype=object)
+    for layer in dict.fromkeys(part.layer_names):
+        rows = np.nonzero(layers == layer)[0]
+        codes = prep.engine.params[(layer, "weight")]
+        sel = torch.from_numpy(rows)
+        v = weight_verdicts(name, codes.codes, codes.coder.fmt.bits,
+                            *(_rows_of(col, sel, n) for col in
+                              (part.index, part.mask, part.op, part.value)))
+        corrected[rows], detected[rows] = v.corrected, v.detected
+        reread[rows], flip[rows] = v.reread, v.flip
+    if reread.any():
+        rows = torch.from_numpy(np.nonzero(reread)[0])
+        again = part.select(rows)
+        again.mask = torch.from_numpy(flip[reread])
+        again.op = torch.full((len(rows),), FLIP, dtype=torch.int64)
+        again.value = torch.zeros(len(rows), dtype=torch.int64)
+        res = _inject(prep, again, golden)
+        for name_ in vars(res):
+            column = getattr(out, name_, None)
+            if isinstance(column, torch.Tensor):
+                column[rows] = getattr(res, name_)
+    fix = torch.from_numpy(corrected)
+    out.faulty_top1[fix] = out.golden_top1[fix]
+    out.faulty_loss[fix] = out.golden_loss[fix]
+    out.delta_loss[fix] = 0.0
+    out.faulty_top2diff[fix] = out.golden_top2diff[fix]
+    for flag in (out.sdc, out.due, out.nonfinite):
+        flag[fix] = False
+    out.sdc[torch.from_numpy(detected)] = False
+    return corrected, detected
+
+
+def _rows_of(column, sel: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows `sel` of a FaultSet column (a scalar column stands for every row)."""
+    column = torch.as_tensor(column).cpu()
+    return column[sel] if column.dim() and column.shape[0] == n else column.expand(len(sel))
 
 
 def _on_cpu(outcomes):

@@ -266,6 +266,66 @@ def estimate_ratio(a: RateEstimate, b: RateEstimate, confidence: float | None = 
     return rate_ratio(*effective(a), *effective(b), confidence)
 
 
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for a paired 2x2 table with `only_a` pairs where only
+    A had the event and `only_b` where only B had it: the binomial test of only_a successes
+    in only_a + only_b trials at p = 1/2 (2 x the smaller tail, at most 1; 1 with no
+    discordant pair)."""
+    for k in (only_a, only_b):
+        if not (isinstance(k, (int, np.integer)) and k >= 0):
+            raise ConfigError(f"discordant pair counts must be integers >= 0, got {k!r}")
+    n, k = int(only_a) + int(only_b), min(int(only_a), int(only_b))
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """Rate of an outcome under A over its rate under B on the same faults (paired rows).
+
+    both, only_a, only_b, neither count the rows of the paired 2x2 table; ratio holds
+    (both + only_a) / (both + only_b) with a log-scale Wald interval for paired
+    proportions, SE(log ratio) = sqrt((only_a + only_b) / ((both + only_a)(both + only_b)))
+    (Agresti & Min), and as p_value McNemar's exact test (mcnemar_exact). When either rate
+    is zero, 0.5 is added to every cell of the table first (ratio.corrected).
+    """
+
+    both: int
+    only_a: int
+    only_b: int
+    neither: int
+    ratio: RateRatio
+
+    @property
+    def n(self) -> int:
+        return self.both + self.only_a + self.only_b + self.neither
+
+
+def paired_ratio(flags_a, flags_b, confidence: float = 0.99) -> PairedRatio:
+    """PairedRatio of boolean per-fault outcomes (e.g. SDC flags) of two runs of the very same
+    faults, row i of one against row i of the other."""
+    a = np.asarray(flags_a, dtype=bool).reshape(-1)
+    b = np.asarray(flags_b, dtype=bool).reshape(-1)
+    if a.shape != b.shape or a.size == 0:
+        raise ConfigError(f"paired outcomes need the same, non-zero number of rows on both "
+                          f"sides, got {a.size} and {b.size}")
+    z = z_value(confidence)
+    both, only_a = int(np.sum(a & b)), int(np.sum(a & ~b))
+    only_b, neither = int(np.sum(~a & b)), int(np.sum(~a & ~b))
+    p = mcnemar_exact(only_a, only_b)
+    n11, n10, n01 = float(both), float(only_a), float(only_b)
+    corrected = n11 + n10 == 0 or n11 + n01 == 0
+    if corrected:
+        n11, n10, n01 = n11 + 0.5, n10 + 0.5, n01 + 0.5
+    ratio = (n11 + n10) / (n11 + n01)
+    se = math.sqrt((n10 + n01) / ((n11 + n10) * (n11 + n01)))
+    rr = RateRatio(ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se), confidence,
+                   corrected, p)
+    return PairedRatio(both, only_a, only_b, neither, rr)
+
+
 def holm(p_values) -> np.ndarray:
     """Holm's step-down adjusted p-values (family-wise error control), in input order.
 

@@ -18,7 +18,9 @@ from flipsafe.metrics.stats import Summary, summarise
 
 # Fields that may differ between campaigns being compared: which model, and how the
 # rows were split into files (part_size changes no result).
-MAY_DIFFER = ("model", "model_sha", "part_size", "data_sha", "preprocess")
+# protect may differ too: a protected campaign is compared with the unprotected one on the
+# very same faults (tables.protection_table pairs them row by row).
+MAY_DIFFER = ("model", "model_sha", "part_size", "data_sha", "preprocess", "protect")
 LAST = "last"
 BACKBONE_PREFIX = "backbone."
 

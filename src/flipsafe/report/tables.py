@@ -19,6 +19,7 @@ from flipsafe.metrics.stats import (
     RateRatio,
     compare,
     holm,
+    paired_ratio,
 )
 from flipsafe.report.results import LAST, Results, check_same_plan
 
@@ -282,6 +283,8 @@ def plan_line(results: Results) -> str:
                "(all) rows pool the rows (fault-space sizes not recorded)")
     protocol = "" if p.protocol is None else (
         f"protocol {p.protocol} ({_PROTOCOL_WORDS.get(p.protocol, 'named conventions')}), ")
+    if p.protect is not None:
+        protocol += f"protection {p.protect}, "
     return (f"plan: {protocol}dataset {p.dataset}, site {p.site}, format {p.format}, fault {p.fault}, "
             f"clamp {p.clamp}, layers {p.layers} ({n} per layer, {p.allocation} allocation "
             f"across bit fields), images {p.images} ({fmt_count(images)} distinct), seed "
@@ -485,11 +488,87 @@ def factor_table(reference: Results, other: Results,
                       f"factor {conf} CI", "interval", "vs 1"], rows, notes)
 
 
+# Columns that name a fault row: two campaigns whose rows agree in all of them (and whose
+# model, data and fault plan agree) injected the very same faults, row by row.
+PAIRED_COLUMNS = ("fault_id", "layer", "param", "index", "bits", "image_id", "golden_top1")
+
+
+def same_faults(a: Results, b: Results) -> bool:
+    """Whether two campaigns injected the very same faults into the same model and data
+    (e.g. one with a protection, one without), so their rows pair one to one."""
+    pa_, pb = a.plan, b.plan
+    if (pa_.model_sha != pb.model_sha or pa_.data_sha != pb.data_sha
+            or pa_.fault_plan != pb.fault_plan or a.n != b.n or a.n == 0):
+        return False
+    return all(a.table[c].equals(b.table[c]) for c in PAIRED_COLUMNS)
+
+
+def protections(results: Results, vs: Sequence[Results] = ()) -> list[dict] | None:
+    """Protections side by side (None when no campaign ran one), one dict per campaign: its
+    protection, SDC rate (a RateEstimate), faults detected and corrected, the first
+    campaign's SDC rate over its own paired on the same faults (`factor`, a RateRatio whose
+    p_value is McNemar's exact p; None for the first campaign and for other fault lists)
+    and its memory overhead (extra bits per stored bit)."""
+    from flipsafe.protect import cost
+
+    everyone = [results, *vs]
+    if all(r.plan.protect is None for r in everyone):
+        return None
+    conf = results.by_layer.confidence
+    out = []
+    for r in everyone:
+        factor = None
+        if r is not results and same_faults(results, r):
+            factor = paired_ratio(results.table["sdc"].to_numpy(zero_copy_only=False),
+                                  r.table["sdc"].to_numpy(zero_copy_only=False), conf).ratio
+        name = r.plan.protect
+        out.append({
+            "campaign": r, "protection": name, "sdc": r.by_layer.overall.sdc,
+            "detected": int(pc.sum(r.table["detected"]).as_py() or 0),
+            "corrected": int(pc.sum(r.table["corrected"]).as_py() or 0),
+            "factor": factor,
+            "memory": 0.0 if name is None else cost(name).memory_overhead,
+        })
+    return out
+
+
+def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable | None:
+    """The Protections table of `protections` (None when no campaign ran one)."""
+    entries = protections(results, vs)
+    if entries is None:
+        return None
+    c = fmt_confidence(results.by_layer.confidence)
+    rows = []
+    for e in entries:
+        r, sdc, f = e["campaign"], e["sdc"], e["factor"]
+        if r is results:
+            paired = ["reference" if vs else "-", "", ""]
+        elif f is None:
+            paired = ["n/a (other faults)", "", ""]
+        else:
+            paired = [fmt_factor(f.ratio), fmt_factor_interval(f.low, f.high), f"{f.p_value:.3g}"]
+        rows.append([r.name, e["protection"] or "none", fmt_rate(sdc.rate),
+                     fmt_interval(sdc.low, sdc.high), fmt_count(e["detected"]),
+                     fmt_count(e["corrected"]), *paired, f"+{100 * e['memory']:.3g}%"])
+    note = ("An SDC is a changed top-1 no protection flagged; memory: extra stored bits per "
+            "weight bit (ecc: 8 per 64, parity: 1 per 64).")
+    if vs:
+        note = (f"SDC factor = SDC rate of {results.name} / that of the campaign, on the very "
+                "same fault rows; above 1 means the campaign has fewer (paired: pooled rows, "
+                "log interval for paired proportions, McNemar's exact p). " + note)
+    return TextTable("Protections", ["campaign", "protection", "SDC", f"SDC {c} CI", "detected",
+                                     "corrected", "SDC factor", f"factor {c} CI",
+                                     "McNemar p", "memory"], rows, [note])
+
+
 def summary_tables(results: Results, vs: Sequence[Results] = ()) -> list[TextTable]:
     """The models table, one per-layer table per model, and per partner its comparison and
     its improvement factor by definition."""
     everyone = [results, *vs]
     tables = [models_table(everyone), *(layer_table(r) for r in everyone)]
+    protections = protection_table(results, vs)
+    if protections is not None:
+        tables.append(protections)
     for other in vs:
         tables.append(comparison_table(results, other))
         factors = factor_table(results, other)
@@ -626,4 +705,17 @@ def summary_json(results: Results, vs: Sequence[Results] = ()) -> dict:
         "overall_method": STRATIFIED_METHOD if results.strata is not None else "pooled rows",
         "models": [_model_json(r) for r in (results, *vs)],
         "comparisons": [_comparison_json(results, other) for other in vs],
+        **_protections_json(results, vs),
     }
+
+
+def _protections_json(results: Results, vs: Sequence[Results]) -> dict:
+    entries = protections(results, vs)
+    if entries is None:
+        return {}
+    return {"protections": [
+        {"name": e["campaign"].name, "protection": e["protection"], "sdc": _rate_json(e["sdc"]),
+         "detected": e["detected"], "corrected": e["corrected"],
+         "paired_factor": None if e["factor"] is None else _ratio_json(e["factor"]),
+         "memory_overhead": e["memory"]}
+        for e in entries]}

@@ -1,0 +1,108 @@
+"""Hardening that wraps an emulated model, each protection with its cost; the user's model
+is never changed.
+
+Weight protections (`ecc`, `parity`) are pure functions of the stored weight codes: given
+the original and the faulty codes they say, per fault, whether the code corrected it or
+detected it. `ranger` clamps a layer's outputs to their profiled range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flipsafe.errors import ConfigError
+
+# Protections for the weights site (stored codes) and for activations (layer outputs).
+WEIGHT_PROTECTIONS = ("ecc", "parity")
+ACTIVATION_PROTECTIONS = ("ranger",)
+PROTECTIONS = WEIGHT_PROTECTIONS + ACTIVATION_PROTECTIONS
+# Sites a weight protection can guard: the stored weight codes.
+WEIGHT_SITES = ("weights",)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a protection costs: extra stored bits per `word_bits` data bits, and extra
+    floating-point operations per inference (0 when it computes nothing in the model)."""
+
+    name: str
+    extra_bits: int
+    word_bits: int
+    extra_flops: int = 0
+
+    @property
+    def memory_overhead(self) -> float:
+        """Extra storage as a fraction of the protected data (ecc: 8/64 = 0.125)."""
+        return self.extra_bits / self.word_bits if self.word_bits else 0.0
+
+
+def cost(name: str) -> Cost:
+    """The cost of protection `name` (ConfigError for an unknown one)."""
+    check_protection(name)
+    if name == "ecc":
+        return Cost("ecc", 8, 64)
+    if name == "parity":
+        return Cost("parity", 1, 64)
+    return Cost("ranger", 0, 0)  # the FLOPs of a clamp per output value: see ranger.flops
+
+
+def check_protection(name, site: str | None = None) -> str | None:
+    """`name` if it is a known protection that can guard faults at `site` (None passes);
+    else ConfigError with one line."""
+    if name is None:
+        return None
+    if name not in PROTECTIONS:
+        raise ConfigError(f"protect must be one of: {', '.join(PROTECTIONS)}; got {name!r}")
+    if site is not None and name in WEIGHT_PROTECTIONS and site not in WEIGHT_SITES:
+        raise ConfigError(f"{name} protects stored weights; it cannot guard a {site} campaign "
+                          "(use --site weights)")
+    if site is not None and name in ACTIVATION_PROTECTIONS and site != "activations":
+        raise ConfigError(f"{name} protects layer outputs; it cannot guard a {site} campaign "
+                          "(use --site activations)")
+    return name
+
+
+@dataclass(frozen=True)
+class WeightVerdicts:
+    """What a weight protection did to each element fault (numpy arrays, one per fault).
+
+    corrected: the stored word was restored exactly; detected: the protection flagged it;
+    reread: a miscorrection handed back a code of the faulted element other than the
+    injected one, whose outcome must be recomputed with the element's bits `flip` (a
+    mask turning the original code into the code read; meaningful where reread); spill:
+    the miscorrection also changed another element of the word (not replayed)."""
+
+    corrected: np.ndarray
+    detected: np.ndarray
+    reread: np.ndarray
+    flip: np.ndarray
+    spill: np.ndarray
+
+
+def weight_verdicts(name: str, codes, bits: int, index, mask, op, value) -> WeightVerdicts:
+    """WeightVerdicts of element faults (mask, op, value as flipsafe.faults.apply takes them)
+    on flat element `index` of a weight tensor whose stored element codes are `codes` (flat
+    int32, the low `bits` bits used), under weight protection `name` ("ecc" or "parity")."""
+    import torch
+
+    from flipsafe.faults import apply
+    from flipsafe.protect.ecc import CLASSIFIERS, ecc_read
+
+    if name not in CLASSIFIERS:
+        raise ConfigError(f"{name} is not a weight protection; choose one of: "
+                          f"{', '.join(WEIGHT_PROTECTIONS)}")
+    codes = codes.reshape(-1).cpu()
+    index = torch.as_tensor(index).reshape(-1)
+    faulty = apply(codes[index], mask, op, value)
+    lane = (1 << bits) - 1
+    original = codes[index].to(torch.int64).numpy() & lane
+    injected = faulty.to(torch.int64).numpy() & lane
+    if name == "ecc":
+        corrected, detected, read, spill = ecc_read(codes, index, faulty, bits)
+    else:
+        corrected, detected = CLASSIFIERS[name](codes, index, faulty, bits)
+        read, spill = injected, np.zeros_like(detected)
+    reread = ~corrected & ~detected & (read != injected)
+    return WeightVerdicts(corrected, detected, reread, original ^ read, spill)
