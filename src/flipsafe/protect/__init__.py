@@ -56,11 +56,11 @@ def check_protection(name, site: str | None = None) -> str | None:
     if name not in PROTECTIONS:
         raise ConfigError(f"protect must be one of: {', '.join(PROTECTIONS)}; got {name!r}")
     if site is not None and name in WEIGHT_PROTECTIONS and site not in WEIGHT_SITES:
-        raise ConfigError(f"{name} protects stored weights; it cannot guard a {site} campaign "
-                          "(use --site weights)")
+        raise ConfigError(f"{name} protects stored weights; it cannot guard a campaign on the "
+                          f"{site} site (use --site weights)")
     if site is not None and name in ACTIVATION_PROTECTIONS and site != "activations":
-        raise ConfigError(f"{name} protects layer outputs; it cannot guard a {site} campaign "
-                          "(use --site activations)")
+        raise ConfigError(f"{name} protects layer outputs; it cannot guard a campaign on the "
+                          f"{site} site (use --site activations)")
     return name
 
 
