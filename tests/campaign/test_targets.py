@@ -391,26 +391,16 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
 def test_killed_campaign_on_an_exported_model_resumes_to_the_uninterrupted_rows(files,
                                                                                  tmp_path):
     import os
-    import signal
     import subprocess
-    import time
 
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "flipsafe", "campaign", f"export:{files['export']}",
             "--dataset", "digits", "--images", "all", "--n", "150", "--part-size", "10",
             "--quiet", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    parts = out / "parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the campaign finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 0 < len(list(parts.glob("part-*.parquet"))) < 75
+    from killing import kill_after_two_parts
+
+    assert 0 < kill_after_two_parts(args, out / "parts", env) < 75
     done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300,
                           env=env)
     assert done.returncode == 0, done.stderr

@@ -230,7 +230,7 @@ class HFTarget:
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForImageClassification.from_pretrained(
+            model = AutoModelForImageClassification.from_pretrained(  # user-machine: local only
                 str(self.path), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
             raise ModelError(f"cannot load {self.path} as a Hugging Face image classifier: "

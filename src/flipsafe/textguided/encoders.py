@@ -139,9 +139,9 @@ class CLIPEncoder(TextEncoder):
         local = Path(name_or_path).is_dir()
         try:
             with _quiet_loading():
-                tokenizer = transformers.CLIPTokenizer.from_pretrained(
+                tokenizer = transformers.CLIPTokenizer.from_pretrained(  # user-machine
                     str(name_or_path), local_files_only=local)
-                model = transformers.CLIPTextModelWithProjection.from_pretrained(
+                model = transformers.CLIPTextModelWithProjection.from_pretrained(  # user-machine
                     str(name_or_path), local_files_only=local)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot load CLIP model {str(name_or_path)!r}: {exc}") from None
