@@ -13,13 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from flipsafe.errors import ConfigError
+from flipsafe.protect.spec import KINDS, canonical
 
 # Protections for the weights site (stored codes) and for activations (layer outputs).
-WEIGHT_PROTECTIONS = ("ecc", "parity")
-ACTIVATION_PROTECTIONS = ("ranger",)
-PROTECTIONS = WEIGHT_PROTECTIONS + ACTIVATION_PROTECTIONS
-# Sites a weight protection can guard: the stored weight codes.
-WEIGHT_SITES = ("weights",)
+WEIGHT_PROTECTIONS = tuple(n for n, k in KINDS.items() if k.sites == ("weights",))
+PROTECTIONS = tuple(KINDS)
 
 
 @dataclass(frozen=True)
@@ -48,20 +46,11 @@ def cost(name: str) -> Cost:
     return Cost("ranger", 0, 0)  # the FLOPs of a clamp per output value: see ranger.flops
 
 
-def check_protection(name, site: str | None = None) -> str | None:
-    """`name` if it is a known protection that can guard faults at `site` (None passes);
-    else ConfigError with one line."""
-    if name is None:
-        return None
-    if name not in PROTECTIONS:
-        raise ConfigError(f"protect must be one of: {', '.join(PROTECTIONS)}; got {name!r}")
-    if site is not None and name in WEIGHT_PROTECTIONS and site not in WEIGHT_SITES:
-        raise ConfigError(f"{name} protects stored weights; it cannot guard a campaign on the "
-                          f"{site} site (use --site weights)")
-    if site is not None and name in ACTIVATION_PROTECTIONS and site != "activations":
-        raise ConfigError(f"{name} protects layer outputs; it cannot guard a campaign on the "
-                          f"{site} site (use --site activations)")
-    return name
+def check_protection(spec, site: str | None = None) -> str | None:
+    """The canonical spelling of protection specification `spec` (flipsafe.protect.spec;
+    None passes) if every protection in it can guard faults at `site`; else ConfigError
+    with one line."""
+    return canonical(spec, site)
 
 
 @dataclass(frozen=True)

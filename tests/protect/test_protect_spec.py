@@ -1,0 +1,49 @@
+"""The protection specification parser: one spelling per specification, one line per error."""
+
+import pytest
+
+from flipsafe.errors import ConfigError
+from flipsafe.protect.spec import KINDS, canonical, parse
+
+
+def test_canonical_orders_items_and_options_and_normalises_budgets():
+    a = canonical("ranger,abft:layers=last,ecc", "weights")
+    b = canonical(" ECC , abft:layers=last , ranger ", "weights")
+    assert a == b == "ecc,abft:layers=last,ranger"
+    assert canonical("dup:map=r:budget=0.1") == canonical("dup:budget=10%:map=r")
+    assert parse("dup:budget=10%")[0].budget == pytest.approx(0.10)
+    assert parse("tmr:budget=100%")[0].budget == 1.0
+    assert canonical(None) is None and canonical("none") is None and parse("") == ()
+
+
+def test_each_item_keeps_its_options():
+    (ab, rg) = parse("ranger:per=channel,abft:layers=conv1|fc")
+    assert (ab.name, ab.layers, rg.name, rg.per_channel) == ("abft", "conv1|fc", "ranger", True)
+    assert parse("clip")[0].layers == "all" and not parse("clip")[0].per_channel
+
+
+@pytest.mark.parametrize("spec, site, words", [
+    ("foo", None, "unknown protection 'foo'"),
+    ("abft:x=1", None, "abft takes no option 'x'"),
+    ("dup:budget=0", None, "(0, 100%]"),
+    ("dup:budget=101%", None, "(0, 100%]"),
+    ("dup:budget=ten", None, "percentage"),
+    ("dup:map=r", None, "add dup:budget"),
+    ("ecc,parity", None, "both ecc and parity"),
+    ("dup,tmr", None, "both dup and tmr"),
+    ("ranger,ranger", None, "twice"),
+    ("ranger:per=pixel", None, "per must be one of"),
+    ("abft:layers", None, "needs a value"),
+    ("ecc", "activations", "ecc cannot guard a campaign on the activations site"),
+    ("dup", "weights", "same stored weights"),
+    ("ranger", "metadata", "ranger cannot guard"),
+])
+def test_bad_specifications_give_one_line(spec, site, words):
+    with pytest.raises(ConfigError) as err:
+        parse(spec, site)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_protection_guards_some_campaign_site():
+    for name, kind in KINDS.items():
+        assert parse(name, kind.sites[0])[0].name == name
