@@ -78,7 +78,7 @@ def test_protect_is_recorded_and_fingerprinted_only_when_given(mlp_checkpoint):
 
 
 def test_bad_protections_are_refused(mlp_checkpoint):
-    with pytest.raises(ConfigError, match="protect must be one of"):
+    with pytest.raises(ConfigError, match="unknown protection .tmr9."):
         _plan(mlp_checkpoint, n=10, protect="tmr9")
     with pytest.raises(ConfigError, match="stored weights"):
         make_plan(mlp_checkpoint, n=10, site="activations", protect="ecc")

@@ -72,6 +72,20 @@ class LayerInfo:
     emulated: bool
 
 
+@dataclass(frozen=True)
+class SiteValues:
+    """Faults `rows` (positions in the FaultSet) of one layer and site (`param`: 'output',
+    'weight', ...): the layer's golden `inputs` on their images, its `golden` output in the
+    format and its `faulty` output (both [len(rows), ...], before any guard)."""
+
+    layer: str
+    param: str
+    rows: torch.Tensor
+    inputs: tuple
+    golden: torch.Tensor
+    faulty: torch.Tensor
+
+
 @dataclass
 class Golden:
     """Golden run of a batch: logits, per-image outcome columns and cached values."""
@@ -110,12 +124,12 @@ class Engine:
     model can be captured as a graph: with torch.fx, else (once the engine sees an input)
     with torch.export (False forces full forwards with hooks). chunk: faulty
     images per forward pass. memory: bytes of cached activations `run` may hold when it
-    makes its own golden runs (images are then taken in blocks).
+    makes its own golden runs (images are then taken in blocks). guards: see set_guards.
     """
 
     def __init__(self, model: nn.Module, format="fp32", clamp: str = "none", ranges=None,
                  device="cpu", suffix: bool = True, chunk: int = 64, input_shape=None,
-                 memory: int = 1 << 30):
+                 memory: int = 1 << 30, guards: dict | None = None):
         if clamp not in emulate.CLAMPS:
             raise unknown("clamp mode", str(clamp), emulate.CLAMPS)
         if not isinstance(chunk, int) or chunk < 1:
@@ -152,7 +166,10 @@ class Engine:
                     p.copy_(codes.values)
                     codes.values = p  # one copy of the emulated values: the model's own
                     self._param_limit[(name, pname)] = p.abs().max()
-        self._quant: dict = {}
+        self._quant: dict = {}  # layer -> format quantiser of its output
+        self._emit: dict = {}  # layer -> what the layer hands on: quantiser, then guard
+        self._ready = False
+        self.guards: dict = {}
         self._coders: dict = {}
         self.program = None
         self.trace_error = None
@@ -167,6 +184,8 @@ class Engine:
         self._calls: dict = {}
         if input_shape is not None:
             self._probe(torch.zeros(1, *input_shape, device=self.device))
+        if guards:
+            self.set_guards(guards)
 
     # -- emulation ----------------------------------------------------------------------
 
@@ -176,19 +195,46 @@ class Engine:
         return emulate.calibrate_output(self.fmt, self.ranges.get(name), name)
 
     def _ensure_emulation(self):
-        if self._quant or self.exact_fp32:
+        if self._ready:
             return
         quant, fast = {}, {}
         for name in self.emulated:
-            if self._calls.get(name, 0) == 0:
+            if self.exact_fp32 or self._calls.get(name, 0) == 0:
                 continue
             fmt = self._output_format(name)
             if id(fmt) not in fast:
                 fast[id(fmt)] = emulate.fast_quantizer(fmt)
             quant[name] = fast[id(fmt)]
-        self._quant = quant
+        emit = dict(quant)
+        for name, guard in self.guards.items():
+            q = quant.get(name)
+            emit[name] = guard if q is None else (lambda x, q=q, guard=guard: guard(q(x)))
+        self._quant, self._emit, self._ready = quant, emit, True
         if self.program is not None:
-            self.program.set_quantize(quant)
+            self.program.set_quantize(emit)
+
+    def set_guards(self, guards: dict | None):
+        """Protect layers with guards {layer name: fn(value) -> value}: each function is
+        applied to what its layer hands on (its output held in the format, after a fault
+        injected there) in golden and faulty runs alike. A guard must act element by
+        element (it may be given a slice of the output: all channels, the last dim whole)
+        and leave its own results unchanged (clamps, clips). None or {} removes them."""
+        guards = dict(guards or {})
+        for name, fn in guards.items():
+            if name not in self.leaves:
+                raise unknown("layer to guard", str(name), list(self.leaves))
+            if not callable(fn):
+                raise ConfigError(f"the guard of {name!r} must be callable")
+        self.guards = guards
+        self._ready = False
+        if self.program is not None:
+            self.program.set_quantize({})
+
+    def held_output(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        """What layer `name` hands on for its raw output: in the format, then guarded."""
+        out = self.quantize_output(name, raw)
+        guard = self.guards.get(name)
+        return out if guard is None else guard(out)
 
     @property
     def needs_ranges(self) -> bool:
@@ -198,7 +244,7 @@ class Engine:
     def set_ranges(self, ranges: dict):
         """Use these activation ranges (as returned by profile) from now on."""
         self.ranges.update({str(k): float(v) for k, v in ranges.items()})
-        self._quant = {}
+        self._ready = False
         self._coders = {}
         if self.program is not None:
             self.program.set_quantize({})
@@ -221,11 +267,13 @@ class Engine:
         """Register forward hooks {module name: fn(module, inputs, output)}; returns handles."""
         return [self.modules[n].register_forward_hook(fn) for n, fn in hooks.items()]
 
-    def _emulation_hooks(self, skip=()):
+    def _emulation_hooks(self, skip=(), guarded: bool = True):
+        emit = self._emit if guarded else self._quant
+
         def make(name):
-            q = self._quant[name]
+            q = emit[name]
             return lambda mod, inp, out: q(out)
-        return {n: make(n) for n in self._quant if n not in skip}
+        return {n: make(n) for n in emit if n not in skip}
 
     def _probe(self, images: torch.Tensor):
         if self._shapes is not None:
@@ -429,7 +477,8 @@ class Engine:
             emulated = not emulate.needs_scale(self.fmt)
             if emulated:
                 self._ensure_emulation()
-            hooks = self._hooked(self._emulation_hooks()) if emulated else []
+            # Ranges are those of the unguarded model (guards are built from them).
+            hooks = self._hooked(self._emulation_hooks(guarded=False)) if emulated else []
             hooks += self._hooked({n: make(n) for n in self.leaves})
             try:
                 with torch.no_grad():
@@ -510,7 +559,7 @@ class Engine:
             def hook(mod, inp, out):
                 raw[name] = out
                 inputs[name] = inp
-                if copy_out and name not in self._quant and isinstance(out, torch.Tensor):
+                if copy_out and name not in self._emit and isinstance(out, torch.Tensor):
                     return out.clone()
                 return None
             return hook
@@ -642,12 +691,13 @@ class Engine:
             return torch.tensor(self.ranges[name], device=self.device)
         return self._param_limit[(name, pname)]
 
-    def _run_group(self, name: str, pname: str, f: FaultSet, g: Golden) -> Outcomes:
+    def _corrupt(self, name: str, pname: str, f: FaultSet, g: Golden):
+        """(img, pos, new, old) of faults `f` at layer `name`: the image of each, the flat
+        positions its fault changes, their new and their golden values."""
         dev = self.device
         img = f.image.to(dev)
         index, mask = f.index.to(dev), f.mask.to(dev)
         op, value = f.op.to(dev), f.value.to(dev)
-        golden = g.outcomes.select(img)
         raw = g.raw[name]
         B = raw.shape[0]
         with torch.no_grad():
@@ -666,10 +716,15 @@ class Engine:
                 codes = self.params[(name, param)]
                 pos, new = codes.corrupt(index, pname == "weight_meta", mask, op, value)
                 old = codes.values.reshape(-1)[pos]
+        return img, pos, new, old
+
+    def _run_group(self, name: str, pname: str, f: FaultSet, g: Golden) -> Outcomes:
+        img, pos, new, old = self._corrupt(name, pname, f, g)
+        golden = g.outcomes.select(img)
+        is_meta = pname == "meta"
+        with torch.no_grad():
             nonfinite = ~torch.isfinite(new).all(1)
-            if self.clamp != "none":
-                site = "output" if pname in ("output", "meta") else param
-                new = emulate.clamp(new, self.clamp_limit(name, site), self.clamp)
+            new = self._clamped(name, pname, new)
             changed = ~emulate.same_bits(new, old).all(1)
             res = unchanged_outcomes(golden, nonfinite)
             live = changed.nonzero().reshape(-1)
@@ -688,8 +743,17 @@ class Engine:
                     getattr(res, fld)[rows] = getattr(part, fld)
         return res
 
-    def _start_value(self, name, pname, g, img, pos, new, old):
-        """Output of layer `name` for these faults (after emulation), one row per fault."""
+    def _clamped(self, name: str, pname: str, new: torch.Tensor) -> torch.Tensor:
+        """Faulty values after the engine's clamp mode (unchanged with clamp='none')."""
+        if self.clamp == "none":
+            return new
+        site = ("output" if pname in ("output", "meta") else
+                "weight" if pname == "weight_meta" else pname)
+        return emulate.clamp(new, self.clamp_limit(name, site), self.clamp)
+
+    def _faulty_output(self, name, pname, g, img, pos, new, old):
+        """Output of layer `name` in the format for these faults, before any guard, one
+        row per fault."""
         raw = g.raw[name].index_select(0, img)
         if pname in ("output", "meta"):
             # raw is a fresh gathered copy, so scattering into it (or its quantised
@@ -698,11 +762,37 @@ class Engine:
             out.view(out.shape[0], -1).scatter_(1, pos, new)
             return out
         param = "weight" if pname == "weight_meta" else pname
-        mod = self.leaves[name]
         args = tuple(a.index_select(0, img) if isinstance(a, torch.Tensor) else a
                      for a in g.inputs[name])
-        faulty = faulty_raw_output(mod, param, args, {}, raw, pos, new, old)
+        faulty = faulty_raw_output(self.leaves[name], param, args, {}, raw, pos, new, old)
         return self.quantize_output(name, faulty)
+
+    def _start_value(self, name, pname, g, img, pos, new, old):
+        """What layer `name` hands on for these faults (in the format, guarded)."""
+        out = self._faulty_output(name, pname, g, img, pos, new, old)
+        guard = self.guards.get(name)
+        return out if guard is None else guard(out)
+
+    def site_values(self, faults: FaultSet, golden: Golden, chunk: int = 256):
+        """For each group of at most `chunk` faults of one layer: SiteValues with the
+        layer's golden inputs on their images, its golden output in the format and its
+        output with the fault (both before any guard). What protections that check a
+        layer's own computation (checksums, duplication) look at."""
+        self._validate(faults, golden.images.shape[0])
+        groups = _groups(faults)
+        self._fill(golden, {name for name, _ in groups})
+        for (name, param), rows in groups.items():
+            pname = PARAMS[param]
+            for start in range(0, rows.numel(), chunk):
+                sel = rows[start:start + chunk]
+                img, pos, new, old = self._corrupt(name, pname, faults.select(sel), golden)
+                new = self._clamped(name, pname, new)
+                with torch.no_grad():
+                    faulty = self._faulty_output(name, pname, golden, img, pos, new, old)
+                    gold = self.quantize_output(name, golden.raw[name].index_select(0, img))
+                inputs = tuple(a.index_select(0, img) if isinstance(a, torch.Tensor) else a
+                               for a in golden.inputs[name])
+                yield SiteValues(name, pname, sel, inputs, gold, faulty)
 
     def _faulty_logits(self, name, pname, g, img, pos, new, old):
         start = self._start_value(name, pname, g, img, pos, new, old)
@@ -735,12 +825,15 @@ class Engine:
             return no
         take = _Slicer(shape, pos[:, 0])
         raw_s = take(g.raw[name], img)
-        gold = self.quantize_output(name, raw_s)
+        held = self.quantize_output(name, raw_s)
         # Layer outputs may be channels-last (or otherwise strided); the flat view below
         # needs a contiguous copy.
-        faulty = gold.clone(memory_format=torch.contiguous_format)
+        faulty = held.clone(memory_format=torch.contiguous_format)
         faulty.view(faulty.shape[0], -1)[torch.arange(img.numel(), device=self.device),
                                          take.offset] = new[:, 0]
+        guard = self.guards.get(name)
+        gold = held if guard is None else guard(held)
+        faulty = faulty if guard is None else guard(faulty)
         env = {a: torch.cat([take(g.nodes[a], img)] * 2) for a in others}
         with torch.no_grad():
             out = self.program.run_chain(plan, torch.cat([faulty, gold]), env)

@@ -125,6 +125,9 @@ def exhaustive(engine, images, labels, fault_model="bitflip", bits=None, golden=
     if model.kind not in ("flip", "stuck0", "stuck1") or model.k != 1:
         raise ConfigError(f"exhaustive injection covers single-bit fault models; choose one "
                           f"of: bitflip, stuck0, stuck1 (got {fault_model!r})")
+    if engine.guards:
+        raise ConfigError("exhaustive injection computes the classifier's outcomes in closed "
+                          "form and takes no guards (ranger, clip); run sampled faults instead")
     images, labels = engine.prepare(images, labels)
     name = engine.classifier()
     mod = engine.leaves.get(name)
