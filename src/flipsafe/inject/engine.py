@@ -184,7 +184,7 @@ class Engine:
                 continue
             fmt = self._output_format(name)
             if id(fmt) not in fast:
-                fast[id(fmt)] = emulate.fast_quantizer(fmt)
+                fast[id(fmt)] = fmt.fast_quantizer()
             quant[name] = fast[id(fmt)]
         self._quant = quant
         if self.program is not None:
@@ -193,7 +193,7 @@ class Engine:
     @property
     def needs_ranges(self) -> bool:
         """Whether clamping or the format's output scales need activation ranges (profile)."""
-        return self.clamp != "none" or (not self.exact_fp32 and emulate.needs_scale(self.fmt))
+        return self.clamp != "none" or (not self.exact_fp32 and self.fmt.needs_calibration)
 
     def set_ranges(self, ranges: dict):
         """Use these activation ranges (as returned by profile) from now on."""
@@ -426,7 +426,7 @@ class Engine:
             x = x.to(self.device)
             self._probe(x)
             # Calibrated formats are profiled unquantised: their scale comes from this range.
-            emulated = not emulate.needs_scale(self.fmt)
+            emulated = not self.fmt.needs_calibration
             if emulated:
                 self._ensure_emulation()
             hooks = self._hooked(self._emulation_hooks()) if emulated else []
@@ -669,7 +669,9 @@ class Engine:
             nonfinite = ~torch.isfinite(new).all(1)
             if self.clamp != "none":
                 site = "output" if pname in ("output", "meta") else param
-                new = emulate.clamp(new, self.clamp_limit(name, site), self.clamp)
+                # Weight limits are emulated values already; profiled ranges are rounded.
+                fmt = coder.fmt if site == "output" and name in self._quant else None
+                new = emulate.clamp(new, self.clamp_limit(name, site), self.clamp, fmt)
             changed = ~emulate.same_bits(new, old).all(1)
             res = unchanged_outcomes(golden, nonfinite)
             live = changed.nonzero().reshape(-1)
