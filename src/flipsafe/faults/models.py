@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from flipsafe.errors import ConfigError, unknown
+from flipsafe.formats.bits import write_bits
 
 FAULT_MODELS = ("bitflip", "bitflip2", "burst2", "stuck0", "stuck1", "random", "zero")
 
@@ -274,16 +275,12 @@ def every_fault(fault_model: str, fmt, numel: int, top=None,
 def apply(codes: torch.Tensor, mask: torch.Tensor, op: torch.Tensor,
           value: torch.Tensor | None = None) -> torch.Tensor:
     """Faulty codes: element i of `codes` (int32 or int64) under fault (mask, op, value)[i]."""
-    dtype = codes.dtype
-    m = mask.to(dtype)  # int64 -> int32 wraps bit 31 onto the sign bit, as the codes have it
     op = op.to(codes.device)
     if value is None:
         value = torch.zeros_like(mask)
-    v = value.to(dtype)
     # SET0/SET1/ZERO are defined by the op alone, so hand-built fault sets need no value.
-    v = torch.where(op == SET1, m, torch.where((op == SET0) | (op == ZERO), 0, v))
-    replaced = (codes & ~m) | (v & m)
-    return torch.where(op == FLIP, codes ^ m, replaced)
+    value = torch.where(op == SET1, mask, torch.where((op == SET0) | (op == ZERO), 0, value))
+    return write_bits(codes, mask, op == FLIP, value)
 
 
 def mask_bits(mask: torch.Tensor) -> list[list[int]]:
