@@ -157,6 +157,13 @@ def test_mask_bits_round_trip_and_parse_errors():
         parse("bitflip0")
 
 
+def test_parse_takes_k_from_1_to_the_widest_code():
+    assert parse("bitflip32").k == 32 and parse("burst32").kind == "burst"
+    for name in ("bitflip33", "burst99", "burst0", "bitflip0"):
+        with pytest.raises(UnknownNameError, match=r"K from 1 to 32 \(the widest code has 32"):
+            parse(name)
+
+
 def test_parse_gives_one_spelling_per_fault_model():
     assert [parse(n).name for n in (" BitFlip2 ", "BURST3", "bitflip1", "burst1", "Stuck1")] == [
         "bitflip2", "burst3", "bitflip", "bitflip", "stuck1"]

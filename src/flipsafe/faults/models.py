@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flipsafe.errors import ConfigError, unknown
+from flipsafe.errors import ConfigError, UnknownNameError, unknown
 from flipsafe.formats.bits import write_bits
 
 FAULT_MODELS = ("bitflip", "bitflip2", "burst2", "stuck0", "stuck1", "random", "zero")
@@ -20,6 +20,8 @@ FLIP, SET0, SET1, RANDOM, ZERO = 0, 1, 2, 3, 4
 OPS = ("flip", "set0", "set1", "random", "zero")
 
 _PATTERN = re.compile(r"(bitflip|burst)(\d+)")
+# The most bits one fault can touch: no element or metadata code is wider than 32 bits.
+MAX_FAULT_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,20 @@ class FaultModel:
 
 def parse(name: str) -> FaultModel:
     """Parse 'bitflip', 'bitflipK' (K distinct random bits), 'burstK' (K adjacent bits),
-    'stuck0', 'stuck1', 'random' or 'zero'; the name comes back in its one spelling
-    (lower case, 'bitflip1' and 'burst1' are 'bitflip'), which plans store."""
+    'stuck0', 'stuck1', 'random' or 'zero', K from 1 to MAX_FAULT_BITS; the name comes
+    back in its one spelling (lower case, 'bitflip1' and 'burst1' are 'bitflip'), which
+    plans store. This is the one check of fault-model names: plans and the CLI call it."""
     key = str(name).strip().lower()
     if key == "bitflip":
         return FaultModel(key, "flip", 1)
     if key in ("stuck0", "stuck1", "random", "zero"):
         return FaultModel(key, key, 1)
     match = _PATTERN.fullmatch(key)
-    if match and int(match[2]) >= 1:
+    if match and not 1 <= int(match[2]) <= MAX_FAULT_BITS:
+        raise UnknownNameError(
+            f"unknown fault model {str(name)!r}: {match[1]}K takes K from 1 to "
+            f"{MAX_FAULT_BITS} (the widest code has {MAX_FAULT_BITS} bits); choose e.g. {match[1]}2")
+    if match:
         k = int(match[2])
         if k == 1:
             return FaultModel("bitflip", "flip", 1)

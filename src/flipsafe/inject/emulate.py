@@ -7,11 +7,19 @@ import math
 import torch
 
 from flipsafe import formats
-from flipsafe.errors import InjectionError, unknown
+from flipsafe.errors import ConfigError, InjectionError
 from flipsafe.faults import apply
 from flipsafe.formats import Encoded
 
+# Clamp modes for corrupted values (see clamp); this module owns the list.
 CLAMPS = ("none", "profiled", "goldeneye")
+
+
+def check_clamp(mode) -> str:
+    """`mode` if it is a clamp mode, else ConfigError naming the choices."""
+    if mode not in CLAMPS:
+        raise ConfigError(f"clamp must be one of: {', '.join(CLAMPS)}; got {mode!r}")
+    return mode
 
 
 def param_view_shape(shape) -> tuple[int, ...]:
@@ -142,8 +150,7 @@ def clamp(values: torch.Tensor, limit: torch.Tensor, mode: str, fmt=None) -> tor
     reproduces GoldenEye's range detector, where `NaN < 0` is false, so every NaN
     becomes +limit.
     """
-    if mode not in CLAMPS:
-        raise unknown("clamp mode", str(mode), CLAMPS)
+    check_clamp(mode)
     if mode == "none":
         return values
     limit = limit.to(values.dtype)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
-from flipsafe.faults import PARAMS, FaultSet, draw
+from flipsafe.faults import PARAMS, SITES, FaultSet, draw, site_param
 from flipsafe.inject import emulate
 from flipsafe.inject.capture import CaptureError, export_graph
 from flipsafe.inject.exhaustive import Exhaustive, exhaustive
@@ -25,11 +25,6 @@ from flipsafe.metrics.outcomes import (
     compute_outcomes,
     unchanged_outcomes,
 )
-
-# Site names accepted by layers()/sample() and the FaultSet param each one corrupts.
-SITES = {"activations": "output", "weights": "weight", "biases": "bias",
-         "metadata": "meta", "weight_metadata": "weight_meta"}
-SITES.update({p: p for p in PARAMS})
 
 KINDS = ("conv", "linear", "norm", "attention", "other")
 EMULATED = ("conv", "linear", "norm")  # kinds whose outputs are held in the format
@@ -116,8 +111,7 @@ class Engine:
     def __init__(self, model: nn.Module, format="fp32", clamp: str = "none", ranges=None,
                  device="cpu", suffix: bool = True, chunk: int = 64, input_shape=None,
                  memory: int = 1 << 30):
-        if clamp not in emulate.CLAMPS:
-            raise unknown("clamp mode", str(clamp), emulate.CLAMPS)
+        emulate.check_clamp(clamp)
         if not isinstance(chunk, int) or chunk < 1:
             raise ConfigError(f"chunk must be a positive integer, got {chunk!r}")
         self.device = torch.device(device)
@@ -293,9 +287,7 @@ class Engine:
                 "or call golden()/profile() with images first")
 
     def _site(self, site: str) -> str:
-        if site not in SITES:
-            raise unknown("site", str(site), list(SITES))
-        return SITES[site]
+        return site_param(site)
 
     def _candidates(self, param: str) -> list[str]:
         names = []

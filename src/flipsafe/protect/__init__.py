@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from flipsafe.errors import ConfigError
+from flipsafe.faults import WEIGHT_SITES
 
 # Protections for the weights site (stored codes) and for activations (layer outputs).
 WEIGHT_PROTECTIONS = ("ecc", "parity")
 ACTIVATION_PROTECTIONS = ("ranger",)
 PROTECTIONS = WEIGHT_PROTECTIONS + ACTIVATION_PROTECTIONS
-# Sites a weight protection can guard: the stored weight codes.
-WEIGHT_SITES = ("weights",)
+# Sites a weight protection can guard (the stored weight codes): faults.WEIGHT_SITES.
 
 
 @dataclass(frozen=True)
