@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flipsafe import formats
-from flipsafe.errors import ConfigError
+from flipsafe.errors import UnknownNameError
 from flipsafe.inject import emulate
 
 
@@ -52,5 +52,5 @@ def test_clamped_values_are_values_of_the_format_within_the_limit(name, mode):
 
 
 def test_clamp_refuses_an_unknown_mode():
-    with pytest.raises(ConfigError, match="clamp must be one of: none, profiled, goldeneye"):
+    with pytest.raises(UnknownNameError, match="clamp must be one of: none, profiled, goldeneye"):
         emulate.clamp(torch.ones(2), torch.tensor(1.0), "clip")

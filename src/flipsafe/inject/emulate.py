@@ -7,7 +7,7 @@ import math
 import torch
 
 from flipsafe import formats
-from flipsafe.errors import ConfigError, InjectionError
+from flipsafe.errors import InjectionError, UnknownNameError
 from flipsafe.faults import apply
 from flipsafe.formats import Encoded
 
@@ -16,9 +16,9 @@ CLAMPS = ("none", "profiled", "goldeneye")
 
 
 def check_clamp(mode) -> str:
-    """`mode` if it is a clamp mode, else ConfigError naming the choices."""
+    """`mode` if it is a clamp mode, else UnknownNameError naming the choices."""
     if mode not in CLAMPS:
-        raise ConfigError(f"clamp must be one of: {', '.join(CLAMPS)}; got {mode!r}")
+        raise UnknownNameError(f"clamp must be one of: {', '.join(CLAMPS)}; got {mode!r}")
     return mode
 
 
