@@ -97,3 +97,19 @@ def test_toward_zero_int8_and_fixed_by_hand():
     fixed = formats.get("fixed_q4.4")  # steps of 1/16, range [-8, 8 - 1/16]
     assert fixed.toward_zero(torch.tensor([1.99, -1.99, 9.0, -9.0])).tolist() == [
         1.9375, -1.9375, 7.9375, -8.0]
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp4_e2m1", "mxint8", "bfp8", "int8_channel"])
+def test_toward_zero_in_formats_with_a_shared_scale(name):
+    """Under the scale quantize would choose, each value is the nearest one not above |x|:
+    quantize's value where that is not above, else the next one toward zero."""
+    fmt = formats.get(name)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 64, generator=g) * torch.exp2(torch.randint(-20, 20, (6, 1), generator=g))
+    out = fmt.toward_zero(x)
+    near = fmt.quantize(x)
+    assert bool((out.abs() <= x.abs()).all())
+    assert torch.equal(out.sign() * (out != 0), x.sign() * (out != 0))
+    keep = near.abs() <= x.abs()
+    assert torch.equal(out[keep], near[keep]) and bool((out[~keep].abs() < near[~keep].abs()).all())
+    assert torch.equal(fmt.quantize(out), out)  # still values of the format, same scales
