@@ -223,7 +223,9 @@ def test_every_option_of_every_subcommand_has_help():
 
 
 def test_help_shows_defaults_and_choices_from_their_owners():
-    from flipsafe.campaign.plan import CLAMPS, FAULTS, SITES
+    from flipsafe.faults import CAMPAIGN_SITES as SITES
+    from flipsafe.faults import FAULT_MODELS as FAULTS
+    from flipsafe.inject.emulate import CLAMPS
     from flipsafe.models import ARCHITECTURES
 
     subs = _subparsers()

@@ -16,7 +16,6 @@ from flipsafe.errors import CheckpointError, ConfigError, FlipsafeError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-HEAD_KINDS = ("linear", "cosine", "text")
 
 
 @dataclass
@@ -46,12 +45,13 @@ def build_model(config: dict) -> nn.Module:
         in_channels=config["in_channels"],
         image_size=config["image_size"],
     )
+    from flipsafe.textguided import HEAD_KINDS, make_text_guided
+
     head = config.get("head", "linear")
     if head == "linear":
         return backbone
     if head not in HEAD_KINDS:
         raise CheckpointError(f"config.json names an unknown head {head!r}; expected one of {HEAD_KINDS}")
-    from flipsafe.textguided import make_text_guided
 
     # The head's weights come from the state dict, so a randomly initialised
     # cosine head of the right width rebuilds the same structure for both kinds.

@@ -281,16 +281,16 @@ def cmd_fit(args) -> None:
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     from flipsafe.campaign.plan import (
         ALLOCATIONS,
-        CLAMPS,
         CONVENTION_DEFAULTS,
-        FAULTS,
         IMAGES,
         PROTOCOLS,
-        SITES,
         CampaignPlan,
     )
     from flipsafe.data import KINDS
+    from flipsafe.faults import CAMPAIGN_SITES as SITES
+    from flipsafe.faults import FAULT_MODELS as FAULTS
     from flipsafe.formats import names as format_names
+    from flipsafe.inject.emulate import CLAMPS
 
     # Defaults are None here and filled in by the plan, so a flag given against --protocol
     # can be told from one left out; the help shows the plan's defaults.
@@ -321,7 +321,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                         "(default: fp32)")
     p.add_argument("--fault", default=None,
                    help=f"fault model: one of {_one_of(FAULTS)}, or bitflipK / burstK for K bits "
-                        f"(default: {d.fault})")
+                        f"(K from 1 to 32) (default: {d.fault})")
     p.add_argument("--layers", default=None,
                    help="all (Conv and Linear), last, a layer name, a layer type or a regular "
                         f"expression on layer names (default: {d.layers})")

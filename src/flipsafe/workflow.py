@@ -10,10 +10,13 @@ from torch import nn
 
 from flipsafe import checkpoint
 from flipsafe.errors import CheckpointError, ConfigError, DataError
+from flipsafe.textguided.describe import BUNDLED_SETS as BUNDLED_DESCRIPTION_SETS
+from flipsafe.textguided.head import HEAD_KINDS
 from flipsafe.train import TrainConfig, TrainResult, train
 
-BUNDLED_DESCRIPTION_SETS = ("digits", "cifar10", "cifar100")
-HEAD_SPECS = ("linear", "cosine", "cosine:<width>", "text:minilm", "text:<classes.safetensors>")
+# The --head spellings: a head kind (textguided owns them), with its source where it has one.
+PLAIN_HEADS = tuple(k for k in HEAD_KINDS if k != "text")  # linear, cosine
+HEAD_SPECS = (*PLAIN_HEADS, "cosine:<width>", "text:minilm", "text:<classes.safetensors>")
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class HeadSpec:
 
     @classmethod
     def parse(cls, spec: str) -> HeadSpec:
-        if spec in ("linear", "cosine"):
+        if spec in PLAIN_HEADS:
             return cls(spec)
         if spec.startswith("cosine:") and spec[len("cosine:"):].isdigit():
             return cls("cosine", spec[len("cosine:"):])

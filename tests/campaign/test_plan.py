@@ -151,6 +151,32 @@ def test_plan_accepts_what_the_faults_module_parses(fault):
     assert _plan(fault=fault).fault == parse(fault).name
 
 
+@pytest.mark.parametrize("fault", ["bitflip3", "burst3", "BURST32", "bitflip32"])
+def test_multi_bit_plans_validate(fault):
+    from flipsafe.campaign import FaultPlan
+
+    assert _plan(fault=fault).fault == fault.lower()
+    assert FaultPlan(fault=fault, n=5).fault == fault.lower()
+
+
+@pytest.mark.parametrize("fault", ["bitflip0", "burst99", "burst0", "bitflip33", "flip"])
+def test_plan_refuses_what_the_faults_module_refuses_with_its_one_line(fault):
+    from flipsafe.faults import parse
+
+    with pytest.raises(FlipsafeError) as want:
+        parse(fault)
+    with pytest.raises(FlipsafeError) as got:
+        _plan(fault=fault)
+    assert str(got.value) == str(want.value) and "\n" not in str(got.value)
+    assert type(got.value) is type(want.value)
+
+
+def test_bitflip_k_beyond_the_widest_code_says_the_range():
+    for fault in ("bitflip0", "burst99"):
+        with pytest.raises(FlipsafeError, match=r"K from 1 to 32"):
+            _plan(fault=fault)
+
+
 def test_proportional_allocation_largest_remainder():
     # fp32 over 100 elements: sign 100, exponent 800, mantissa 2300 pairs (total 3200).
     # n = 385: quotas 12.03, 96.25, 276.72 -> floors 12, 96, 276 (384); the one left goes

@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,32 @@ def test_apply_random_and_zero_by_python_ints():
         assert r == want
 
 
+@pytest.mark.parametrize("dtype,width", [(torch.int32, 32), (torch.int64, 64)])
+def test_apply_matches_a_numpy_brute_force(dtype, width):
+    """Every op, bit by bit in NumPy: FLIP inverts the masked bits, SET0/ZERO clear them,
+    SET1 sets them, RANDOM copies them from the value; masks and values are taken as
+    codes of the codes' width (an int64 mask's bit 31 is an int32 code's sign bit)."""
+    g = gen(width)
+    n = 600
+    codes = torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64).to(dtype)
+    mask = torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64)
+    mask[:200] = torch.ones(200, dtype=torch.int64) << torch.randint(width, (200,), generator=g)
+    value = torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64)
+    ops = torch.randint(0, 5, (n,), generator=g)
+    got = apply(codes, mask, ops, value).numpy().astype(np.int64)
+    c, m = codes.numpy().astype(np.int64), mask.to(dtype).numpy().astype(np.int64)
+    v, o = value.to(dtype).numpy().astype(np.int64), ops.numpy()
+    want = c.copy()
+    for b in range(width):
+        bit = np.int64(-(2**63)) if b == 63 else np.int64(1) << np.int64(b)
+        hit, old = (m & bit) != 0, (c & bit) != 0
+        new = np.select([o == FLIP, o == SET1, o == RANDOM], [~old, True, (v & bit) != 0], False)
+        want = np.where(hit & (new != old), want ^ bit, want)
+    if width == 32:  # bits above 31 of the sign-extended int64 follow bit 31
+        want = want.astype(np.int32).astype(np.int64)
+    assert np.array_equal(got, want)
+
+
 def test_mask_bits_round_trip_and_parse_errors():
     rows = [[0], [31], [3, 4], [], [0, 5, 31]]
     assert mask_bits(bits_mask(rows)) == rows
@@ -128,6 +155,13 @@ def test_mask_bits_round_trip_and_parse_errors():
         parse("flipflop")
     with pytest.raises(FlipsafeError):
         parse("bitflip0")
+
+
+def test_parse_takes_k_from_1_to_the_widest_code():
+    assert parse("bitflip32").k == 32 and parse("burst32").kind == "burst"
+    for name in ("bitflip33", "burst99", "burst0", "bitflip0"):
+        with pytest.raises(UnknownNameError, match=r"K from 1 to 32 \(the widest code has 32"):
+            parse(name)
 
 
 def test_parse_gives_one_spelling_per_fault_model():

@@ -1,5 +1,6 @@
 """Bit primitives: flipping or forcing bit k changes exactly that bit, vectorised."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,50 @@ def test_bit_mask():
     assert formats.bit_mask([0, 3, 31, 63]).tolist() == [1, 8, 2**31, -(2**63)]
     with pytest.raises(ConfigError, match="0..63"):
         formats.bit_mask([64])
+
+
+def brute_force(codes, masks, flips, values, width):
+    """Bit by bit in NumPy: each masked bit flipped, or copied from the value."""
+    codes = np.asarray(codes).astype(np.int64)
+    masks, values = np.asarray(masks).astype(np.int64), np.asarray(values).astype(np.int64)
+    out = codes.copy()
+    for b in range(width):
+        bit = np.int64(1) << np.int64(b) if b < 63 else np.int64(-(2**63))
+        hit = (masks & bit) != 0
+        old = (codes & bit) != 0
+        new = np.where(np.asarray(flips), ~old, (values & bit) != 0)
+        out = np.where(hit & (new != old), out ^ bit, out)
+    return out
+
+
+@pytest.mark.parametrize("dtype,width", [(torch.int32, 32), (torch.int64, 64)])
+def test_write_bits_matches_a_numpy_brute_force(dtype, width):
+    g = torch.Generator().manual_seed(width)
+    n = 500
+    codes = torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64).to(dtype)
+    masks = torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64)
+    masks[:100] &= torch.randint(0, 2, (100,), generator=g) << torch.randint(
+        width, (100,), generator=g)  # single bits, the top one included
+    values = torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64)
+    flips = torch.rand(n, generator=g) < 0.5
+    got = formats.write_bits(codes, masks, flips, values)
+    # The primitive sees masks and values as codes' dtype (int64 -> int32 wraps).
+    m, v = masks.to(dtype).numpy(), values.to(dtype).numpy()
+    want = brute_force(codes.numpy(), m, flips.numpy(), v, width)
+    assert got.dtype == dtype
+    assert np.array_equal(got.numpy().astype(np.int64), want.astype(dtype_np(dtype)))
+    assert torch.equal(formats.write_bits(codes, masks, True), formats.write_bits(
+        codes, masks, torch.ones(n, dtype=torch.bool), values))
+    idx = torch.arange(n)
+    assert torch.equal(formats.flip_bits(codes, idx, masks & 0xFFFFFFFF if width == 32 else masks),
+                       torch.from_numpy(brute_force(codes.numpy(), m, True, v, width)
+                                        .astype(dtype_np(dtype))))
+    ones = torch.from_numpy(brute_force(codes.numpy(), m, False, -1, width).astype(dtype_np(dtype)))
+    zeros = torch.from_numpy(brute_force(codes.numpy(), m, False, 0, width).astype(dtype_np(dtype)))
+    m_ok = masks & 0xFFFFFFFF if width == 32 else masks
+    assert torch.equal(formats.force_bits(codes, idx, m_ok, 1), ones)
+    assert torch.equal(formats.force_bits(codes, idx, m_ok, 0), zeros)
+
+
+def dtype_np(dtype):
+    return np.int32 if dtype == torch.int32 else np.int64

@@ -1,41 +1,15 @@
-"""Format emulation helpers: the MX quantiser shortcut equals the format, bit for bit."""
+"""Format emulation helpers: clamping (the MX quantiser shortcut is tested in tests/formats)."""
 
 import pytest
 import torch
 
 from flipsafe import formats
+from flipsafe.errors import UnknownNameError
 from flipsafe.inject import emulate
 
 
 def bits(t):
     return t.contiguous().view(torch.int32)
-
-
-@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2",
-                                  "mxfp4_e2m1"])
-def test_mx_shortcut_is_used_and_equals_the_format(name):
-    fmt = formats.get(name)
-    fast = emulate.fast_quantizer(fmt)
-    assert getattr(fast, "__self__", None) is not fmt  # the shortcut, not fmt.quantize
-    g = torch.Generator().manual_seed(0)
-    for shape in [(40, 64), (7, 3, 32), (5, 16), (9, 4), (2, 3, 96), (6, 48)]:
-        scale = torch.exp2(torch.randint(-150, 125, (*shape[:-1], 1), generator=g).float())
-        x = torch.randn(*shape, generator=g) * scale
-        x.view(-1)[::17] = 0.0
-        x.view(-1)[5] = float("nan") if shape[0] % 2 else float("-inf")
-        assert torch.equal(bits(fast(x)), bits(fmt.quantize(x))), shape
-
-
-def test_shortcut_is_refused_when_it_would_differ():
-    class Skewed(formats.get("mxfp8_e4m3").__class__):
-        def quantize(self, x):
-            return super().quantize(x) * 1.0000001  # not what the shortcut computes
-
-    ref = formats.get("mxfp8_e4m3")
-    fmt = Skewed(ref.name, ref.element, ref.block_size, ref.meta_name)
-    q = emulate.fast_quantizer(fmt)
-    assert getattr(q, "__self__", None) is fmt
-    assert emulate.fast_quantizer(formats.get("bf16")).__self__.name == "bf16"
 
 
 def test_clamp_modes_by_hand():
@@ -47,3 +21,36 @@ def test_clamp_modes_by_hand():
     assert prof == [1.0, -5.0, 5.0, 5.0, -5.0, 5.0, -5.0]
     assert ge == [1.0, -5.0, 5.0, 5.0, -5.0, 5.0, 5.0]
     assert emulate.clamp(v, limit, "none") is v
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16", "fp8_e4m3", "int8"])
+@pytest.mark.parametrize("mode", ["profiled", "goldeneye"])
+def test_clamped_values_are_values_of_the_format_within_the_limit(name, mode):
+    """A profiled limit such as 7.5234375 is no bf16 value (8 significant bits needed 10):
+    it is written as the largest format value below it, never above."""
+    fmt = formats.get(name)
+    if fmt.needs_calibration:
+        fmt = fmt.calibrate(7.5234375 * 1.3)  # a scale whose grid misses the limit
+    g = torch.Generator().manual_seed(0)
+    values = fmt.quantize(torch.randn(500, generator=g) * 20)
+    values = torch.cat([values, torch.tensor([float("inf"), float("-inf"), float("nan")])])
+    for lim in (7.5234375, 0.3337, 100.1):
+        limit = torch.tensor(lim)
+        out = emulate.clamp(values, limit, mode, fmt)
+        assert bool((out.abs() <= lim).all())
+        assert torch.equal(bits(fmt.decode(fmt.encode(out))), bits(out))
+        # Values already within the limit are kept as they are.
+        inside = values.abs() <= lim
+        assert torch.equal(bits(out[inside]), bits(values[inside]))
+        clamped = out[~inside].abs()
+        assert clamped.numel() and bool((clamped == clamped[0]).all())
+        # The largest format value <= limit: the next one up exceeds the limit.
+        assert bool((fmt.quantize(torch.tensor([lim])) >= clamped[0]).all())
+    bf = emulate.clamp(torch.tensor([9.0, -9.0]), torch.tensor(7.5234375), "profiled",
+                       formats.get("bf16"))
+    assert bf.tolist() == [7.5, -7.5]  # bf16 values near 7.5 are 7.5 and 7.53125
+
+
+def test_clamp_refuses_an_unknown_mode():
+    with pytest.raises(UnknownNameError, match="clamp must be one of: none, profiled, goldeneye"):
+        emulate.clamp(torch.ones(2), torch.tensor(1.0), "clip")

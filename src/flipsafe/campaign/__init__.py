@@ -2,11 +2,8 @@
 
 from flipsafe.campaign.plan import (
     ALLOCATIONS,
-    CLAMPS,
-    FAULTS,
     IMAGES,
     PLAN_VERSION,
-    SITES,
     CampaignPlan,
     FaultPlan,
     Stratum,
@@ -15,6 +12,9 @@ from flipsafe.campaign.plan import (
     plan_strata,
 )
 from flipsafe.campaign.store import ROW_SCHEMA, ResultsStore, content_checksum
+from flipsafe.faults import CAMPAIGN_SITES as SITES
+from flipsafe.faults import FAULT_MODELS as FAULTS
+from flipsafe.inject.emulate import CLAMPS
 
 __all__ = [
     "ALLOCATIONS",

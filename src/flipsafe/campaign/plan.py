@@ -11,19 +11,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flipsafe.errors import CampaignError, ConfigError
-from flipsafe.faults import FAULT_MODELS
+from flipsafe.faults import check_campaign_site
 from flipsafe.faults import parse as parse_fault
 from flipsafe.formats import canonical as canonical_format
+from flipsafe.inject.emulate import check_clamp
 from flipsafe.metrics.stats import sample_size, z_value
 from flipsafe.protect import check_protection
 
 PLAN_VERSION = 1
 
 IMAGES = ("correct", "all")
-SITES = ("activations", "weights", "metadata")
-# The named fault models (faults owns them; bitflipK and burstK are accepted too).
-FAULTS = FAULT_MODELS
-CLAMPS = ("none", "profiled", "goldeneye")
+# Sites, fault models and clamp modes are owned (and checked) by flipsafe.faults
+# (CAMPAIGN_SITES, parse) and flipsafe.inject.emulate (CLAMPS).
 ALLOCATIONS = ("proportional", "equal")
 
 # The checkpoint folder may be moved between runs; model_sha identifies the model instead.
@@ -104,8 +103,8 @@ def _check_faults(plan) -> None:
     object.__setattr__(plan, "format", canonical_format(plan.format))
     object.__setattr__(plan, "fault", parse_fault(plan.fault).name)
     _choice("images", plan.images, IMAGES)
-    _choice("site", plan.site, SITES)
-    _choice("clamp", plan.clamp, CLAMPS)
+    check_campaign_site(plan.site)
+    check_clamp(plan.clamp)
     _choice("allocation", plan.allocation, ALLOCATIONS)
     if plan.layers not in ("all", "last"):
         try:

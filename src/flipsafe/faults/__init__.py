@@ -4,6 +4,7 @@ from flipsafe.faults.faultset import PARAMS, FaultSet
 from flipsafe.faults.models import (
     FAULT_MODELS,
     FLIP,
+    MAX_FAULT_BITS,
     OPS,
     RANDOM,
     SET0,
@@ -20,25 +21,38 @@ from flipsafe.faults.models import (
     positions,
     stratum_size,
 )
+from flipsafe.faults.sites import (
+    CAMPAIGN_SITES,
+    SITES,
+    WEIGHT_SITES,
+    check_campaign_site,
+    site_param,
+)
 
 __all__ = [
+    "CAMPAIGN_SITES",
     "FAULT_MODELS",
     "FLIP",
+    "MAX_FAULT_BITS",
     "OPS",
     "PARAMS",
     "RANDOM",
     "SET0",
     "SET1",
+    "SITES",
+    "WEIGHT_SITES",
     "ZERO",
     "Draw",
     "FaultModel",
     "FaultSet",
     "apply",
     "bits_mask",
+    "check_campaign_site",
     "draw",
     "every_fault",
     "mask_bits",
     "parse",
     "positions",
+    "site_param",
     "stratum_size",
 ]

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flipsafe.errors import ConfigError, unknown
+from flipsafe.errors import ConfigError, UnknownNameError, unknown
+from flipsafe.formats.bits import write_bits
 
 FAULT_MODELS = ("bitflip", "bitflip2", "burst2", "stuck0", "stuck1", "random", "zero")
 
@@ -19,6 +20,8 @@ FLIP, SET0, SET1, RANDOM, ZERO = 0, 1, 2, 3, 4
 OPS = ("flip", "set0", "set1", "random", "zero")
 
 _PATTERN = re.compile(r"(bitflip|burst)(\d+)")
+# The most bits one fault can touch: no element or metadata code is wider than 32 bits.
+MAX_FAULT_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -42,15 +45,20 @@ class FaultModel:
 
 def parse(name: str) -> FaultModel:
     """Parse 'bitflip', 'bitflipK' (K distinct random bits), 'burstK' (K adjacent bits),
-    'stuck0', 'stuck1', 'random' or 'zero'; the name comes back in its one spelling
-    (lower case, 'bitflip1' and 'burst1' are 'bitflip'), which plans store."""
+    'stuck0', 'stuck1', 'random' or 'zero', K from 1 to MAX_FAULT_BITS; the name comes
+    back in its one spelling (lower case, 'bitflip1' and 'burst1' are 'bitflip'), which
+    plans store. This is the one check of fault-model names: plans and the CLI call it."""
     key = str(name).strip().lower()
     if key == "bitflip":
         return FaultModel(key, "flip", 1)
     if key in ("stuck0", "stuck1", "random", "zero"):
         return FaultModel(key, key, 1)
     match = _PATTERN.fullmatch(key)
-    if match and int(match[2]) >= 1:
+    if match and not 1 <= int(match[2]) <= MAX_FAULT_BITS:
+        raise UnknownNameError(
+            f"unknown fault model {str(name)!r}: {match[1]}K takes K from 1 to "
+            f"{MAX_FAULT_BITS} (the widest code has {MAX_FAULT_BITS} bits); choose e.g. {match[1]}2")
+    if match:
         k = int(match[2])
         if k == 1:
             return FaultModel("bitflip", "flip", 1)
@@ -274,16 +282,12 @@ def every_fault(fault_model: str, fmt, numel: int, top=None,
 def apply(codes: torch.Tensor, mask: torch.Tensor, op: torch.Tensor,
           value: torch.Tensor | None = None) -> torch.Tensor:
     """Faulty codes: element i of `codes` (int32 or int64) under fault (mask, op, value)[i]."""
-    dtype = codes.dtype
-    m = mask.to(dtype)  # int64 -> int32 wraps bit 31 onto the sign bit, as the codes have it
     op = op.to(codes.device)
     if value is None:
         value = torch.zeros_like(mask)
-    v = value.to(dtype)
     # SET0/SET1/ZERO are defined by the op alone, so hand-built fault sets need no value.
-    v = torch.where(op == SET1, m, torch.where((op == SET0) | (op == ZERO), 0, v))
-    replaced = (codes & ~m) | (v & m)
-    return torch.where(op == FLIP, codes ^ m, replaced)
+    value = torch.where(op == SET1, mask, torch.where((op == SET0) | (op == ZERO), 0, value))
+    return write_bits(codes, mask, op == FLIP, value)
 
 
 def mask_bits(mask: torch.Tensor) -> list[list[int]]:

@@ -1,7 +1,7 @@
 """Bit-exact number formats (fp32 to MX) with vectorised bit-fault primitives."""
 
-from flipsafe.formats.base import Encoded, Format
-from flipsafe.formats.bits import bit_mask, flip_bits, force_bits
+from flipsafe.formats.base import Encoded, Format, MetaLayout
+from flipsafe.formats.bits import bit_mask, flip_bits, force_bits, write_bits
 from flipsafe.formats.blocks import BlockFormat, ScaledInt
 from flipsafe.formats.floats import FloatFormat
 from flipsafe.formats.integers import FixedFormat, IntFormat
@@ -14,6 +14,7 @@ __all__ = [
     "FloatFormat",
     "Format",
     "IntFormat",
+    "MetaLayout",
     "ScaledInt",
     "bit_mask",
     "canonical",
@@ -21,4 +22,5 @@ __all__ = [
     "force_bits",
     "get",
     "names",
+    "write_bits",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,12 +32,79 @@ class Encoded:
     meta: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+LAYOUTS = ("none", "tensor", "channel", "block")
+
+
+class MetaLayout:
+    """Which elements of a tensor of ``shape`` each metadata code governs.
+
+    ``kind``: ``"none"`` (no metadata), ``"tensor"`` (one code for the whole tensor),
+    ``"channel"`` (one code per dim-0 slice; a 1-D tensor has one per element) or
+    ``"block"`` (one code per run of ``block`` consecutive elements along the last
+    dimension; a partial final block holds the rest). Element positions are flat
+    (row-major) indices into the tensor, metadata positions flat indices into the metadata
+    tensor, whose shape the format's ``encode`` gives. ``name`` is the metadata tensor's
+    name in ``Encoded.meta`` (None for ``"none"``); ``numel`` is the number of metadata
+    codes and ``group_size`` the number of elements one code governs (a full block).
+    """
+
+    def __init__(self, kind: str, shape, name: str | None = None, block: int | None = None):
+        if kind not in LAYOUTS:
+            raise ConfigError(f"unknown metadata layout {kind!r}; choose one of: "
+                              f"{', '.join(LAYOUTS)}")
+        self.kind, self.name, self.block = kind, name, block
+        self.shape = tuple(shape) or (1,)
+        self.elements = math.prod(self.shape)
+        self.last = self.shape[-1]
+        if kind == "block":
+            self.blocks_per_row = -(-self.last // block)
+            self.numel = math.prod(self.shape[:-1]) * self.blocks_per_row
+            self.group_size = block
+        elif kind == "channel":
+            self.numel = self.shape[0]
+            self.group_size = self.elements // self.numel
+        elif kind == "tensor":
+            self.numel, self.group_size = 1, self.elements
+        else:
+            self.numel, self.group_size = 0, 1
+
+    def groups(self, k: torch.Tensor) -> torch.Tensor:
+        """Element positions [n, G] governed by metadata codes k [n] (G = group_size; a
+        partial block repeats its last element, which changes neither its maximum nor its
+        codes)."""
+        span = torch.arange(self.group_size, device=k.device)
+        if self.kind == "block":
+            row, blk = k // self.blocks_per_row, k % self.blocks_per_row
+            cols = (blk * self.block)[:, None] + span
+            return row[:, None] * self.last + cols.clamp_(max=self.last - 1)
+        return (k * self.group_size)[:, None] + span
+
+    def of_element(self, index: torch.Tensor) -> torch.Tensor:
+        """The metadata position governing each element position."""
+        if self.kind == "block":
+            row, col = index // self.last, index % self.last
+            return row * self.blocks_per_row + col // self.block
+        return index // self.group_size
+
+    def element_groups(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For element positions [n]: the positions [n, G] whose values an encoding of the
+        element depends on (its block; G = 1 outside block layouts), and the element's
+        offset in them."""
+        if self.kind != "block":
+            return index[:, None], torch.zeros_like(index)
+        return self.groups(self.of_element(index)), (index % self.last) % self.block
+
+    def __repr__(self) -> str:
+        return f"<MetaLayout {self.kind} of {self.shape}: {self.numel} codes>"
+
+
 class Format:
     """A number format: how values become bit patterns and back.
 
     Subclasses set ``name``, ``bits`` (width of one element code), ``fields``
     (field name -> tuple of element bit positions, 0 = LSB), ``meta_fields``
-    (metadata name -> bit width) and ``block_size`` (None for element formats).
+    (metadata name -> bit width) and ``block_size`` (None for element formats), and
+    ``needs_calibration`` when their scale must come from a calibration range.
     """
 
     name: str
@@ -44,10 +112,51 @@ class Format:
     fields: dict[str, tuple[int, ...]]
     meta_fields: dict[str, int]
     block_size: int | None = None
+    # True when the scale comes from a range (calibrate / calibrated_for): without one
+    # it would follow whatever tensor is encoded, so a batch would change its neighbours.
+    needs_calibration: bool = False
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest representable values of x as a float32 tensor of x's shape."""
         return self.decode(self.encode(x))
+
+    def fast_quantizer(self):
+        """A function equal to ``quantize`` bit for bit, possibly faster (it skips input
+        checks, so give it float tensors)."""
+        return self.quantize
+
+    def meta_layout(self, shape) -> MetaLayout:
+        """How the metadata codes of a tensor of ``shape`` map onto its elements."""
+        if self.meta_fields:
+            raise NotImplementedError(f"{self.name} has metadata but no layout")
+        return MetaLayout("none", shape)
+
+    def calibrated_for(self, x: torch.Tensor) -> Format:
+        """A copy calibrated to the range of x itself (per channel where the format has
+        channels); formats without a scale return self."""
+        return self
+
+    def step_toward_zero(self, codes: torch.Tensor) -> torch.Tensor:
+        """Element codes of the next value closer to zero (codes of zero stay)."""
+        raise NotImplementedError
+
+    def toward_zero(self, x: torch.Tensor) -> torch.Tensor:
+        """For finite x: the values of the format nearest x whose magnitude is at most
+        |x|, keeping x's sign (rounding toward zero; as ``quantize`` in everything else,
+        e.g. the scale a block or an uncalibrated tensor gets)."""
+        x = as_float32(x, f"{self.name}.toward_zero")
+        enc = self.encode(x)
+        v = self.decode(enc)
+        # Round to nearest gave the neighbour below or above; one step down from above
+        # suffices, a second covers a scale product that rounded up.
+        for _ in range(2):
+            over = ~(v.abs() <= x.abs())  # NaN (an overflow code) counts as over
+            if not bool(over.any()):
+                break
+            enc = Encoded(torch.where(over, self.step_toward_zero(enc.codes), enc.codes),
+                          enc.meta)
+            v = self.decode(enc)
+        return v
 
     def encode(self, x: torch.Tensor) -> Encoded:
         raise NotImplementedError

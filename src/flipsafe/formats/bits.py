@@ -1,4 +1,7 @@
-"""Vectorised bit faults on code tensors: flip, or force to 0/1, given bits of given elements."""
+"""Vectorised bit faults on code tensors: flip, or force to 0/1, given bits of given elements.
+
+``write_bits`` is the one bit primitive; ``flip_bits``, ``force_bits`` and
+``flipsafe.faults.apply`` are built on it."""
 
 from __future__ import annotations
 
@@ -17,6 +20,25 @@ def bit_mask(positions) -> torch.Tensor:
     if p.numel() and not bool(((p >= 0) & (p <= 63)).all()):
         raise ConfigError(f"bit positions must be in 0..63, got {positions}")
     return torch.ones_like(p) << p
+
+
+def write_bits(codes: torch.Tensor, mask, flip, value=0) -> torch.Tensor:
+    """Elementwise, broadcasting: ``codes`` with the bits of ``mask`` flipped where
+    ``flip`` is true, and elsewhere replaced by the same bits of ``value``.
+
+    ``flip``: a bool or a bool tensor. ``mask`` and ``value`` are integer bit patterns,
+    converted to codes' dtype first (an int64 mask on int32 codes wraps bit 31 onto the
+    sign bit, as the codes hold it). Returns a new tensor.
+    """
+    m = torch.as_tensor(mask, device=codes.device).to(codes.dtype)
+    flipped = codes ^ m
+    if flip is True:
+        return flipped
+    v = torch.as_tensor(value, device=codes.device).to(codes.dtype)
+    replaced = (codes & ~m) | (v & m)
+    if flip is False:
+        return replaced
+    return torch.where(torch.as_tensor(flip, device=codes.device), flipped, replaced)
 
 
 def _prepare(codes, index, mask, who):
@@ -92,11 +114,11 @@ def flip_bits(codes: torch.Tensor, index, mask) -> torch.Tensor:
     """
     flat, index, mask = _prepare(codes, index, mask, "flip_bits")
     if index is None:
-        return (flat ^ mask).view(codes.shape)
+        return write_bits(flat, mask, True).view(codes.shape)
     flat = flat.clone()
     for take in _rounds(index):
         i, m = (index, mask) if take is None else (index[take], mask[take])
-        flat[i] = flat[i] ^ m
+        flat[i] = write_bits(flat[i], m, True)
     return flat.view(codes.shape)
 
 
@@ -119,11 +141,11 @@ def force_bits(codes: torch.Tensor, index, mask, value) -> torch.Tensor:
     except RuntimeError:
         raise ConfigError(f"force_bits: value has {v.numel()} entries but there are "
                           f"{mask.numel()} masks; give one value or one per mask") from None
+    ones = v.to(flat.dtype).neg_()  # all bits set where the value is 1
     if index is None:
-        return torch.where(v, flat | mask, flat & ~mask).view(codes.shape)
+        return write_bits(flat, mask, False, ones).view(codes.shape)
     flat = flat.clone()
     for take in _rounds(index):
-        i, m, b = (index, mask, v) if take is None else (index[take], mask[take], v[take])
-        old = flat[i]
-        flat[i] = torch.where(b, old | m, old & ~m)
+        i, m, b = (index, mask, ones) if take is None else (index[take], mask[take], ones[take])
+        flat[i] = write_bits(flat[i], m, False, b)
     return flat.view(codes.shape)

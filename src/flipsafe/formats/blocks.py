@@ -12,12 +12,14 @@ from flipsafe.formats.base import (
     INF32,
     Encoded,
     Format,
+    MetaLayout,
     as_codes,
     as_float32,
     chunked,
     pow2,
 )
-from flipsafe.formats.integers import sign_extend, twos_fields
+from flipsafe.formats.floats import FloatFormat
+from flipsafe.formats.integers import sign_extend, twos_fields, twos_toward_zero
 
 SCALE_NAN = 255  # the E8M0 NaN code
 
@@ -37,6 +39,9 @@ class ScaledInt:
 
     def decode_codes(self, c: torch.Tensor) -> torch.Tensor:
         return sign_extend(c, self.bits).to(torch.float32).mul_(2.0**-self.frac)
+
+    def step_toward_zero(self, codes: torch.Tensor) -> torch.Tensor:
+        return twos_toward_zero(codes, self.bits)
 
 
 class BlockFormat(Format):
@@ -73,6 +78,74 @@ class BlockFormat(Format):
         self.meta_fields = {meta_name: 8}
         self._step = max(1, CHUNK // block_size)
         self.emax = element.emax
+
+    def meta_layout(self, shape) -> MetaLayout:
+        """One scale per block of ``block_size`` along the last dimension."""
+        return MetaLayout("block", shape, self.meta_name, self.block_size)
+
+    def step_toward_zero(self, codes: torch.Tensor) -> torch.Tensor:
+        """Element codes one step closer to zero under the same scale."""
+        return self.element.step_toward_zero(codes)
+
+    def fast_quantizer(self):
+        """``quantize`` in a few fused-friendly tensor operations for blocks of saturating
+        float elements (OCP MX FP8/FP6/FP4) along a last dimension that is a multiple of
+        the block size or shorter than one block; other shapes, and other formats, go to
+        ``quantize``.
+
+        The shortcut is used only if it reproduces ``quantize`` bit for bit on a probe
+        tensor (zeros, float32 subnormals, huge values, ±inf and NaN in rows of several
+        lengths), so a format whose ``quantize`` changes cannot silently disagree.
+        """
+        fast = self._mx_float_quantizer()
+        if fast is None:
+            return self.quantize
+        probe = _probe_tensor()
+        for t in (probe, probe[:, :32], probe[:, :4], probe[:, :16].reshape(8, 8, 16)):
+            want, got = self.quantize(t), fast(t)
+            if not torch.equal(want.view(torch.int32), got.view(torch.int32)):
+                return self.quantize
+        return fast
+
+    def _mx_float_quantizer(self):
+        """The shared exponent from the block maximum, then each scaled value rounded to
+        the element's mantissa width by adding and subtracting 2**(its exponent + 23 - m),
+        the exponent clamped at the element's smallest normal so that subnormals round at
+        its spacing; None unless the elements are saturating floats."""
+        el = self.element
+        if not isinstance(el, FloatFormat) or not el.saturate:
+            return None
+        bs, emax, top = self.block_size, self.emax, float(el.max)
+        lo, shift = (el.emin + 127) << 23, (23 - el.man_bits) << 23
+        slow = self.quantize
+
+        def quantize(x: torch.Tensor) -> torch.Tensor:
+            length = x.shape[-1] if x.dim() else 1
+            if length % bs == 0:
+                xb = x.reshape(*x.shape[:-1], length // bs, bs)
+            elif length < bs:
+                xb = x.unsqueeze(-2)  # one short block per row: zero padding leaves its max
+            else:
+                return slow(x)
+            xb = xb.float()
+            lo_, hi_ = torch.aminmax(xb, dim=-1, keepdim=True)  # one pass; NaN propagates
+            amax = torch.maximum(-lo_, hi_).view(torch.int32) & ABS32
+            shared = ((amax >> 23) - (127 + emax)).clamp_(min=-127)
+            v = (xb * pow2(-shared)).clamp_(-top, top)  # -shared <= 127: a normal factor
+            a = v.abs()
+            c = (a.view(torch.int32) & INF32).clamp_(min=lo).add_(shift).view(torch.float32)
+            r = torch.copysign(a.add_(c).sub_(c), v, out=v)
+            # 2**shared is a normal float32 except for the smallest shared exponent, -127,
+            # where two normal factors give the one rounding a subnormal result needs.
+            if bool((shared < -126).any()):
+                half = shared >> 1
+                out = r * pow2(half) * pow2(shared - half)
+            else:
+                out = r.mul_(pow2(shared))
+            if bool((amax >= INF32).any()):
+                out = torch.where(amax >= INF32, float("nan"), out)
+            return out.reshape(x.shape)
+        return quantize
 
     def _blocks(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         t = t.reshape(1) if t.dim() == 0 else t
@@ -135,3 +208,15 @@ class BlockFormat(Format):
         # A NaN scale makes the whole block the canonical quiet NaN; a NaN * NaN product
         # would carry whichever payload the CPU's kernel picks (vector and scalar differ).
         return out.masked_fill_((scale == SCALE_NAN).expand_as(out), float("nan"))
+
+
+def _probe_tensor() -> torch.Tensor:
+    """Values that exercise every branch of a block quantiser: spread exponents, zeros,
+    float32 subnormals, huge values, ±inf and NaN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.exp2(torch.randint(-140, 120, (64, 1),
+                                                                    generator=g).float())
+    x[0, :5] = torch.tensor([0.0, -0.0, 1e-45, -3e-39, 3e38])
+    x[1, 7], x[2, 40], x[3, 3] = float("inf"), float("-inf"), float("nan")
+    x[4] = torch.randn(96, generator=g) * 1e-30
+    return x

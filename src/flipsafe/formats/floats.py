@@ -173,6 +173,13 @@ class FloatFormat(Format):
             a = torch.where(a > self._inf_code, self.nan_code, a.clamp(max=self.max_code))
         return a
 
+    def step_toward_zero(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes of the next magnitude down, same sign (sign-magnitude codes: the magnitude
+        code minus one; from an overflow code (inf, or NaN in ``fn`` formats) that is
+        ±max)."""
+        magnitude = (1 << (self.bits - 1)) - 1
+        return (codes & magnitude).sub_(1).clamp_(min=0).bitwise_or_(codes & ~magnitude)
+
     def decode(self, enc: Encoded) -> torch.Tensor:
         """Float32 values of the codes; bits above ``bits`` are ignored."""
         c = as_codes(enc.codes, f"{self.name}.decode")

@@ -7,7 +7,16 @@ import copy
 import torch
 
 from flipsafe.errors import ConfigError
-from flipsafe.formats.base import CHUNK, Encoded, Format, as_codes, as_float32, bit_range, chunked
+from flipsafe.formats.base import (
+    CHUNK,
+    Encoded,
+    Format,
+    MetaLayout,
+    as_codes,
+    as_float32,
+    bit_range,
+    chunked,
+)
 
 
 def sign_extend(c: torch.Tensor, bits: int) -> torch.Tensor:
@@ -16,6 +25,13 @@ def sign_extend(c: torch.Tensor, bits: int) -> torch.Tensor:
         return c
     sign = 1 << (bits - 1)
     return (c & ((1 << bits) - 1)).bitwise_xor_(sign).sub_(sign)
+
+
+def twos_toward_zero(c: torch.Tensor, bits: int) -> torch.Tensor:
+    """Two's-complement codes (low ``bits`` bits) one step closer to zero."""
+    v = sign_extend(c, bits)
+    v = v - torch.sign(v)
+    return v if bits == 32 else v.bitwise_and_((1 << bits) - 1)
 
 
 def twos_fields(bits: int) -> dict[str, tuple[int, ...]]:
@@ -50,6 +66,8 @@ class IntFormat(Format):
     code -2**(bits-1), which quantization never produces, decodes to -2**(bits-1) * scale.
     """
 
+    needs_calibration = True
+
     def __init__(self, name: str, bits: int, per_channel: bool = False, amax=None):
         self.name, self.bits, self.per_channel = name, bits, per_channel
         self.fields = twos_fields(bits)
@@ -72,6 +90,22 @@ class IntFormat(Format):
         out = copy.copy(self)
         out.scale = self._scale_from(amax)
         return out
+
+    def calibrated_for(self, x: torch.Tensor) -> IntFormat:
+        """A copy whose scale comes from x's largest |value|: per dim-0 channel when
+        ``per_channel`` and x has two or more dimensions, else over all of x. An all-zero
+        tensor (or channel) has no range; it gets amax 1, which holds it exactly."""
+        a = x.detach().abs().float()
+        amax = a.reshape(a.shape[0], -1).amax(1) if self.per_channel and a.dim() > 1 else a.amax()
+        return self.calibrate(torch.where(amax > 0, amax, torch.ones_like(amax)))
+
+    def meta_layout(self, shape) -> MetaLayout:
+        """One scale per tensor, or per dim-0 channel when ``per_channel``."""
+        kind = "channel" if self.per_channel and len(tuple(shape)) > 0 else "tensor"
+        return MetaLayout(kind, shape, "scale")
+
+    def step_toward_zero(self, codes: torch.Tensor) -> torch.Tensor:
+        return twos_toward_zero(codes, self.bits)
 
     def _scales(self, x: torch.Tensor) -> torch.Tensor:
         """The scale per tensor (shape ()) or per channel (shape (C,))."""
@@ -147,6 +181,9 @@ class FixedFormat(Format):
         self.meta_fields = {}
         self._lo, self._hi = -(2 ** (n - 1)), 2 ** (n - 1) - 1
         self._mask = -1 if n == 32 else (1 << n) - 1
+
+    def step_toward_zero(self, codes: torch.Tensor) -> torch.Tensor:
+        return twos_toward_zero(codes, self.bits)
 
     def _ints(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.mul(x, 2.0**self.frac_bits).round_().nan_to_num_(nan=0.0)

@@ -7,25 +7,19 @@ import math
 import torch
 
 from flipsafe import formats
-from flipsafe.errors import InjectionError
+from flipsafe.errors import InjectionError, UnknownNameError
 from flipsafe.faults import apply
 from flipsafe.formats import Encoded
 
+# Clamp modes for corrupted values (see clamp); this module owns the list.
 CLAMPS = ("none", "profiled", "goldeneye")
 
 
-def needs_scale(fmt) -> bool:
-    """Formats whose scale must be calibrated (else it would depend on the whole batch)."""
-    return fmt.calibrate(1.0) is not fmt
-
-
-def meta_name(fmt) -> str | None:
-    if not fmt.meta_fields:
-        return None
-    if len(fmt.meta_fields) > 1:
-        raise InjectionError(f"format {fmt.name} has {len(fmt.meta_fields)} metadata tensors; "
-                             f"the engine handles formats with at most one")
-    return next(iter(fmt.meta_fields))
+def check_clamp(mode) -> str:
+    """`mode` if it is a clamp mode, else UnknownNameError naming the choices."""
+    if mode not in CLAMPS:
+        raise UnknownNameError(f"clamp must be one of: {', '.join(CLAMPS)}; got {mode!r}")
+    return mode
 
 
 def param_view_shape(shape) -> tuple[int, ...]:
@@ -35,20 +29,14 @@ def param_view_shape(shape) -> tuple[int, ...]:
 
 
 def calibrate_param(fmt, p: torch.Tensor):
-    if not needs_scale(fmt):
+    """fmt calibrated to parameter p's own range (as held: [out, fan_in])."""
+    if not fmt.needs_calibration:
         return fmt
-    view = p.reshape(param_view_shape(p.shape)) if p.dim() else p.reshape(1)
-    a = view.abs().float()
-    if getattr(fmt, "per_channel", False) and view.dim() > 1:
-        amax = a.reshape(view.shape[0], -1).amax(1)
-    else:
-        amax = a.amax()
-    # An all-zero tensor (or channel) has no range; any positive scale holds it exactly.
-    return fmt.calibrate(torch.where(amax > 0, amax, torch.ones_like(amax)))
+    return fmt.calibrated_for(p.reshape(param_view_shape(p.shape)) if p.dim() else p.reshape(1))
 
 
 def calibrate_output(fmt, amax: float | None, layer: str):
-    if not needs_scale(fmt):
+    if not fmt.needs_calibration:
         return fmt
     if amax is None:
         raise InjectionError(
@@ -66,50 +54,21 @@ class TensorCoder:
     """
 
     def __init__(self, fmt, shape, is_param: bool):
+        if len(fmt.meta_fields) > 1:
+            raise InjectionError(f"format {fmt.name} has {len(fmt.meta_fields)} metadata "
+                                 f"tensors; the engine handles formats with at most one")
         self.fmt = fmt
         self.shape = tuple(shape)
         self.numel = math.prod(self.shape)
         self.view = param_view_shape(self.shape) if is_param else (self.shape or (1,))
-        self.meta = meta_name(fmt)
-        self.block = fmt.block_size
-        self.last = self.view[-1]
-        if self.block:
-            self.nb = -(-self.last // self.block)
-            self.meta_numel = math.prod(self.view[:-1]) * self.nb
-            self.group_size = self.block
-        elif self.meta:
-            # Per-channel scales follow dim 0, as the format does (1-D: one per element).
-            channels = getattr(fmt, "per_channel", False)
-            self.meta_numel = self.view[0] if channels else 1
-            self.group_size = self.numel // self.meta_numel
-        else:
-            self.meta_numel = 0
-            self.group_size = 1
-
-    def meta_groups(self, k: torch.Tensor) -> torch.Tensor:
-        """Flat element positions [n, G] governed by metadata codes k [n] (a partial block
-        repeats its last element, which changes neither its maximum nor its codes)."""
-        if self.block:
-            row, blk = k // self.nb, k % self.nb
-            cols = (blk * self.block)[:, None] + torch.arange(self.block, device=k.device)
-            return row[:, None] * self.last + cols.clamp_(max=self.last - 1)
-        return (k * self.group_size)[:, None] + torch.arange(self.group_size, device=k.device)
-
-    def element_groups(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For element faults encoded on the fly: the block around each element [n, G]
-        and the element's offset in it (G = 1 outside block formats)."""
-        if not self.block:
-            return index[:, None], torch.zeros_like(index)
-        row, col = index // self.last, index % self.last
-        k = row * self.nb + col // self.block
-        return self.meta_groups(k), col % self.block
-
-    def meta_of_element(self, index: torch.Tensor) -> torch.Tensor:
-        """Flat metadata index governing each element (parameters, precomputed codes)."""
-        if self.block:
-            row, col = index // self.last, index % self.last
-            return row * self.nb + col // self.block
-        return index // self.group_size
+        self.layout = fmt.meta_layout(self.view)
+        self.meta = self.layout.name
+        self.block = self.layout.kind == "block"
+        self.meta_numel = self.layout.numel
+        self.group_size = self.layout.group_size
+        self.meta_groups = self.layout.groups
+        self.element_groups = self.layout.element_groups
+        self.meta_of_element = self.layout.of_element
 
     def encode_rows(self, vals: torch.Tensor):
         """Codes [n, G] and one metadata code per row [n] (None without metadata)."""
@@ -179,17 +138,25 @@ def corrupt_values(coder: TensorCoder, pre: torch.Tensor, index, is_meta, mask, 
     return index[:, None], new[:, None]
 
 
-def clamp(values: torch.Tensor, limit: torch.Tensor, mode: str) -> torch.Tensor:
-    """Clamp corrupted values beyond +-limit (or NaN/Inf) to +-limit.
+def clamp(values: torch.Tensor, limit: torch.Tensor, mode: str, fmt=None) -> torch.Tensor:
+    """Clamp corrupted values beyond +-limit (or NaN/Inf) to +-L, where L is the limit
+    rounded into the emulated format `fmt` toward zero: the largest value of the format
+    whose magnitude is at most the limit (a block format: as a lone value in its block),
+    so a clamped value is one the format holds and never exceeds the limit. With fmt None
+    the limit is used as it is (it must then be a value of the format already, like the
+    largest emulated weight, or the values are not held in a format).
 
     'profiled' keeps the sign (a NaN goes to the side of its sign bit); 'goldeneye'
     reproduces GoldenEye's range detector, where `NaN < 0` is false, so every NaN
     becomes +limit.
     """
+    check_clamp(mode)
     if mode == "none":
         return values
     limit = limit.to(values.dtype)
     bad = ~torch.isfinite(values) | (values.abs() > limit)
+    if fmt is not None:
+        limit = fmt.toward_zero(limit)
     if mode == "profiled":
         fixed = torch.copysign(limit.expand_as(values), values)
     else:
@@ -200,82 +167,6 @@ def clamp(values: torch.Tensor, limit: torch.Tensor, mode: str) -> torch.Tensor:
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise identity of float32 values as bit patterns (NaN equals itself)."""
     return a.contiguous().view(torch.int32) == b.contiguous().view(torch.int32)
-
-
-def _probe_tensor() -> torch.Tensor:
-    """Values that exercise every branch of a block quantiser: spread exponents, zeros,
-    float32 subnormals, huge values, +-Inf and NaN, in rows of several lengths."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 96, generator=g) * torch.exp2(torch.randint(-140, 120, (64, 1),
-                                                                    generator=g).float())
-    x[0, :5] = torch.tensor([0.0, -0.0, 1e-45, -3e-39, 3e38])
-    x[1, 7], x[2, 40], x[3, 3] = float("inf"), float("-inf"), float("nan")
-    x[4] = torch.randn(96, generator=g) * 1e-30
-    return x
-
-
-def _pow2(e: torch.Tensor) -> torch.Tensor:
-    return ((e + 127) << 23).view(torch.float32)
-
-
-def _mul_pow2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """x * 2**e for integer e in [-252, 254]: two normal factors, one final rounding."""
-    half = e >> 1
-    return x * _pow2(half) * _pow2(e - half)
-
-
-def _mx_quantizer(fmt):
-    """Block quantiser for MX formats with saturating float elements, in a few fused-friendly
-    tensor ops: shared exponent from the block maximum, then each scaled value rounded to
-    the element's mantissa width by adding and subtracting 2**(its exponent + 23 - m), the
-    exponent clamped at the element's smallest normal so subnormals round at its spacing."""
-    el = getattr(fmt, "element", None)
-    if not all(hasattr(el, a) for a in ("exp_bits", "man_bits", "max")) or not getattr(
-            el, "saturate", False):
-        return None
-    bs, emax, top = fmt.block_size, fmt.emax, float(el.max)
-    emin = 2 - 2 ** (el.exp_bits - 1)
-    lo, shift = (emin + 127) << 23, (23 - el.man_bits) << 23
-
-    def quantize(x: torch.Tensor) -> torch.Tensor:
-        length = x.shape[-1] if x.dim() else 1
-        if length % bs == 0:
-            xb = x.reshape(*x.shape[:-1], length // bs, bs)
-        elif length < bs:
-            xb = x.unsqueeze(-2)  # one short block per row: zero padding leaves its max
-        else:
-            return fmt.quantize(x)
-        xb = xb.float()
-        lo_, hi_ = torch.aminmax(xb, dim=-1, keepdim=True)  # one pass; NaN propagates
-        amax = torch.maximum(-lo_, hi_).view(torch.int32) & 0x7FFFFFFF
-        shared = ((amax >> 23) - (127 + emax)).clamp_(min=-127)
-        v = (xb * _pow2(-shared)).clamp_(-top, top)  # -shared <= 127: a normal factor
-        a = v.abs()
-        c = (a.view(torch.int32) & 0x7F800000).clamp_(min=lo).add_(shift).view(torch.float32)
-        r = torch.copysign(a.add_(c).sub_(c), v, out=v)
-        # 2**shared is a normal float32 except for the smallest shared exponent, -127.
-        out = _mul_pow2(r, shared) if bool((shared < -126).any()) else r.mul_(_pow2(shared))
-        if bool((amax >= 0x7F800000).any()):
-            out = torch.where(amax >= 0x7F800000, float("nan"), out)
-        return out.reshape(x.shape)
-    return quantize
-
-
-def fast_quantizer(fmt):
-    """fmt.quantize, or a faster equivalent for OCP MX float formats. The shortcut is used
-    only if it reproduces fmt.quantize bit for bit on a probe tensor, so a change in the
-    format cannot go unnoticed."""
-    if getattr(fmt, "block_size", None) is None:
-        return fmt.quantize
-    fast = _mx_quantizer(fmt)
-    if fast is None:
-        return fmt.quantize
-    probe = _probe_tensor()
-    for t in (probe, probe[:, :32], probe[:, :4], probe[:, :16].reshape(8, 8, 16)):
-        want, got = fmt.quantize(t), fast(t)
-        if not bool(same_bits(want, got).all()):
-            return fmt.quantize
-    return fast
 
 
 def get_format(name):

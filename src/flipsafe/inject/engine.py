@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
-from flipsafe.faults import PARAMS, FaultSet, draw
+from flipsafe.faults import PARAMS, SITES, FaultSet, draw, site_param
 from flipsafe.inject import emulate
 from flipsafe.inject.capture import CaptureError, export_graph
 from flipsafe.inject.exhaustive import Exhaustive, exhaustive
@@ -25,11 +25,6 @@ from flipsafe.metrics.outcomes import (
     compute_outcomes,
     unchanged_outcomes,
 )
-
-# Site names accepted by layers()/sample() and the FaultSet param each one corrupts.
-SITES = {"activations": "output", "weights": "weight", "biases": "bias",
-         "metadata": "meta", "weight_metadata": "weight_meta"}
-SITES.update({p: p for p in PARAMS})
 
 KINDS = ("conv", "linear", "norm", "attention", "other")
 EMULATED = ("conv", "linear", "norm")  # kinds whose outputs are held in the format
@@ -130,8 +125,7 @@ class Engine:
     def __init__(self, model: nn.Module, format="fp32", clamp: str = "none", ranges=None,
                  device="cpu", suffix: bool = True, chunk: int = 64, input_shape=None,
                  memory: int = 1 << 30, guards: dict | None = None):
-        if clamp not in emulate.CLAMPS:
-            raise unknown("clamp mode", str(clamp), emulate.CLAMPS)
+        emulate.check_clamp(clamp)
         if not isinstance(chunk, int) or chunk < 1:
             raise ConfigError(f"chunk must be a positive integer, got {chunk!r}")
         self.device = torch.device(device)
@@ -203,7 +197,7 @@ class Engine:
                 continue
             fmt = self._output_format(name)
             if id(fmt) not in fast:
-                fast[id(fmt)] = emulate.fast_quantizer(fmt)
+                fast[id(fmt)] = fmt.fast_quantizer()
             quant[name] = fast[id(fmt)]
         emit = dict(quant)
         for name, guard in self.guards.items():
@@ -239,7 +233,7 @@ class Engine:
     @property
     def needs_ranges(self) -> bool:
         """Whether clamping or the format's output scales need activation ranges (profile)."""
-        return self.clamp != "none" or (not self.exact_fp32 and emulate.needs_scale(self.fmt))
+        return self.clamp != "none" or (not self.exact_fp32 and self.fmt.needs_calibration)
 
     def set_ranges(self, ranges: dict):
         """Use these activation ranges (as returned by profile) from now on."""
@@ -341,9 +335,7 @@ class Engine:
                 "or call golden()/profile() with images first")
 
     def _site(self, site: str) -> str:
-        if site not in SITES:
-            raise unknown("site", str(site), list(SITES))
-        return SITES[site]
+        return site_param(site)
 
     def _candidates(self, param: str) -> list[str]:
         names = []
@@ -474,7 +466,7 @@ class Engine:
             x = x.to(self.device)
             self._probe(x)
             # Calibrated formats are profiled unquantised: their scale comes from this range.
-            emulated = not emulate.needs_scale(self.fmt)
+            emulated = not self.fmt.needs_calibration
             if emulated:
                 self._ensure_emulation()
             # Ranges are those of the unguarded model (guards are built from them).
@@ -749,7 +741,10 @@ class Engine:
             return new
         site = ("output" if pname in ("output", "meta") else
                 "weight" if pname == "weight_meta" else pname)
-        return emulate.clamp(new, self.clamp_limit(name, site), self.clamp)
+        # Weight limits are emulated values already; profiled ranges are rounded.
+        fmt = self._coder(name, "output").fmt if site == "output" and name in self._quant \
+            else None
+        return emulate.clamp(new, self.clamp_limit(name, site), self.clamp, fmt)
 
     def _faulty_output(self, name, pname, g, img, pos, new, old):
         """Output of layer `name` in the format for these faults, before any guard, one

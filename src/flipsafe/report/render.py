@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flipsafe import atomic
-from flipsafe.campaign.plan import FAULTS, SITES
 from flipsafe.errors import ConfigError, EnvironmentFailure, is_disk_full
+from flipsafe.faults import CAMPAIGN_SITES as SITES
+from flipsafe.faults import FAULT_MODELS as FAULTS
 from flipsafe.metrics.calibration import expected_calibration_error
 from flipsafe.report import plots
 from flipsafe.report.results import Results, load_results, with_unique_names

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from flipsafe import atomic
+from flipsafe.data.digits import DIGIT_NAMES
 from flipsafe.errors import ConfigError, DataError, unknown
 
 BUNDLED_SETS = ("digits", "cifar10", "cifar100")
@@ -42,7 +43,6 @@ SYSTEM_PROMPT = (
     "Answer in one or two plain sentences, without lists or headings."
 )
 
-_DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _CACHE_FORMAT = "flipsafe.llm_cache/1"
 
 
@@ -58,10 +58,10 @@ def canonical_class(name) -> str:
     """The key class names are matched by: case, spaces, '-' and '_' ignored; '3' = 'three'."""
     key = "_".join(str(name).strip().lower().replace("-", " ").replace("_", " ").split())
     if len(key) == 1 and key.isdigit():
-        return _DIGIT_WORDS[int(key)]
+        return DIGIT_NAMES[int(key)]
     # torchvision's MNIST names its classes like "3 - three".
     m = re.fullmatch(r"(\d)_([a-z]+)", key)
-    if m and _DIGIT_WORDS[int(m.group(1))] == m.group(2):
+    if m and DIGIT_NAMES[int(m.group(1))] == m.group(2):
         return m.group(2)
     return key
 

@@ -11,7 +11,11 @@ from torch import nn
 from flipsafe.errors import ConfigError, unknown
 from flipsafe.textguided.embeddings import ClassEmbeddings, normalize_rows
 
-HEAD_KINDS = ("text", "cosine")
+# The classifier heads flipsafe builds (this module owns the list): the backbone's own
+# Linear, a cosine head from random unit vectors (the control), and a cosine head started
+# at the class embeddings. make_text_guided builds the last two.
+HEAD_KINDS = ("linear", "cosine", "text")
+COSINE_HEADS = tuple(k for k in HEAD_KINDS if k != "linear")
 INITIAL_TEMPERATURE = 0.07
 
 
@@ -131,8 +135,8 @@ def make_text_guided(
     None if `embed_dim` and `num_classes` are given). `embed_dim` / `num_classes`,
     when given, must agree with the embeddings. The backbone is changed in place.
     """
-    if head not in HEAD_KINDS:
-        raise unknown("head", head, HEAD_KINDS)
+    if head not in COSINE_HEADS:
+        raise unknown("head", head, COSINE_HEADS)
     if isinstance(backbone, TextGuidedClassifier) or any(
         isinstance(m, CosineHead) for m in backbone.modules()
     ):

@@ -1,0 +1,47 @@
+"""Each name list (sites, clamps, fault models, head kinds, description sets) has one owner;
+everyone else imports it."""
+
+import ast
+import pathlib
+
+SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "flipsafe"
+
+
+def string_lists():
+    """{frozenset of names: [where]} for every literal tuple/list/set of two or more strings
+    assigned to an UPPER_CASE name in src/."""
+    found = {}
+    for f in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.Assign, ast.AnnAssign)):
+                continue
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if not any(isinstance(t, ast.Name) and t.id.lstrip("_").isupper() for t in targets):
+                continue
+            value = node.value
+            if isinstance(value, (ast.Tuple, ast.List, ast.Set)) and len(value.elts) >= 2 and all(
+                    isinstance(e, ast.Constant) and isinstance(e.value, str) for e in value.elts):
+                key = frozenset(e.value for e in value.elts)
+                found.setdefault(key, []).append(f"{f.relative_to(SRC)}:{node.lineno}")
+    return found
+
+
+def test_no_name_list_is_defined_twice():
+    twice = {tuple(sorted(k)): v for k, v in string_lists().items() if len(v) > 1}
+    assert not twice
+
+
+def test_the_owners_and_their_importers_agree():
+    from flipsafe import campaign, checkpoint, faults, inject, textguided, workflow
+    from flipsafe.inject import emulate
+    from flipsafe.protect.spec import KINDS
+
+    assert campaign.SITES is faults.CAMPAIGN_SITES
+    assert campaign.FAULTS is faults.FAULT_MODELS
+    assert campaign.CLAMPS is emulate.CLAMPS is inject.CLAMPS
+    assert inject.SITES is faults.SITES
+    assert {s for k in KINDS.values() for s in k.sites} <= set(faults.CAMPAIGN_SITES)
+    assert workflow.BUNDLED_DESCRIPTION_SETS is textguided.BUNDLED_SETS
+    assert not hasattr(checkpoint, "HEAD_KINDS")
+    assert set(faults.CAMPAIGN_SITES) <= set(faults.SITES)
+    assert set(workflow.PLAIN_HEADS) < set(textguided.HEAD_KINDS)
