@@ -386,13 +386,11 @@ def _inject(prep: Prepared, part, golden=None):
     """Outcomes (on the CPU) of the faults of `part`, whose images index prep.images."""
     if golden is not None:
         ids, gold = golden
-        local = part.select(slice(None))
-        local.image = torch.searchsorted(ids, part.image)
+        local = part.with_image(torch.searchsorted(ids, part.image))
         out = prep.engine.run(local, gold.images, gold.labels, golden=gold)
     else:
         used, image_pos = torch.unique(part.image, return_inverse=True)
-        local = part.select(slice(None))
-        local.image = image_pos
+        local = part.with_image(image_pos)
         images, labels = prep.images[used], prep.labels[used]
         out = prep.engine.run(local, images, labels)
     return _on_cpu(out)
@@ -425,10 +423,7 @@ def _protected(prep: Prepared, part, out, golden=None):
         reread[rows], flip[rows] = v.reread, v.flip
     if reread.any():
         rows = torch.from_numpy(np.nonzero(reread)[0])
-        again = part.select(rows)
-        again.mask = torch.from_numpy(flip[reread])
-        again.op = torch.full((len(rows),), FLIP, dtype=torch.int64)
-        again.value = torch.zeros(len(rows), dtype=torch.int64)
+        again = part.select(rows).replace(mask=torch.from_numpy(flip[reread]), op=FLIP, value=0)
         res = _inject(prep, again, golden)
         for name_ in vars(res):
             column = getattr(out, name_, None)

@@ -580,7 +580,7 @@ class Engine:
             ids = used[start:start + block]
             rows = torch.isin(faults.image, ids).nonzero().reshape(-1)
             local = faults.select(rows)
-            local.image = torch.searchsorted(ids, local.image)
+            local = local.with_image(torch.searchsorted(ids, local.image))
             dev_ids = ids.to(self.device)
             g = self.golden(images[dev_ids], labels[dev_ids], layers=set(local.layer_names))
             res = self._run_groups(local, g)
