@@ -455,3 +455,21 @@ def test_non_finite_images_are_refused_in_one_line(files, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "image(s) with NaN or infinite pixels" in err[0], err
     assert not (tmp_path / "out" / "parts").exists()
+
+
+def test_module_sha_covers_zero_dim_buffers():
+    """A model with BatchNorm (its num_batches_tracked is a 0-dim buffer) hashes like any
+    other: sha256 over each state entry's name, dtype, shape and bytes, in order."""
+    import hashlib
+
+    from flipsafe.campaign.targets import state_sha
+
+    model = build("resnet20", 10, in_channels=1, image_size=8)
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}\x00{tensor.dtype}\x00{list(tensor.shape)}\x00".encode())
+        digest.update(tensor.numpy().tobytes())
+    assert resolve(model).sha == state_sha(model) == digest.hexdigest()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.num_batches_tracked.fill_(3)
+    assert state_sha(model) != digest.hexdigest()
