@@ -138,7 +138,7 @@ def _assert_rows_equal_engine(out, engine_model):
     store = ResultsStore(out)
     plan = store.open()
     prep = prepare(plan)
-    faults, _ = fault_list(prep)
+    faults = fault_list(prep)
     engine = Engine(engine_model, format=plan.format, clamp=plan.clamp)
     direct = engine.run(faults, prep.images, prep.labels)
     rows = _rows(out)
@@ -303,7 +303,7 @@ def test_golden_runs_shared_across_parts_give_the_same_rows(files, tmp_path, mon
 
     monkeypatch.setattr(work, "GOLDEN_CACHE_BYTES", 0)  # each part its own golden runs
     prep = prepare(plan)
-    assert runner_mod.golden_cache(prep, fault_list(prep)[0]) is None
+    assert runner_mod.golden_cache(prep, fault_list(prep)) is None
     runner_mod.run_campaign(plan, tmp_path / "per-part", show_progress=False)
     _assert_same_rows(_rows(tmp_path / "shared"), _rows(tmp_path / "per-part"))
 

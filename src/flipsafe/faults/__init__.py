@@ -1,4 +1,5 @@
-"""Fault models on format bits and the columnar FaultSet the injection engine consumes."""
+"""Fault models on format bits, the columnar FaultSet the injection engine consumes, and the
+one sampler that draws FaultSets (uniform or stratified by layer and highest-bit field)."""
 
 from flipsafe.faults.faultset import PARAMS, FaultSet
 from flipsafe.faults.models import (
@@ -20,6 +21,7 @@ from flipsafe.faults.models import (
     positions,
     stratum_size,
 )
+from flipsafe.faults.sample import VALUE, Sampler, stratum_seed
 
 __all__ = [
     "FAULT_MODELS",
@@ -29,10 +31,12 @@ __all__ = [
     "RANDOM",
     "SET0",
     "SET1",
+    "VALUE",
     "ZERO",
     "Draw",
     "FaultModel",
     "FaultSet",
+    "Sampler",
     "apply",
     "bits_mask",
     "draw",
@@ -40,5 +44,6 @@ __all__ = [
     "mask_bits",
     "parse",
     "positions",
+    "stratum_seed",
     "stratum_size",
 ]
