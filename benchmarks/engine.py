@@ -218,8 +218,8 @@ def bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key
     n_w = args.hf_weight_faults
     base = engine.sample(n_w, "weights", "Conv2d|Linear", "bitflip",
                          images=torch.zeros(n_w, dtype=torch.long), generator=gen, by="element")
-    wf = base.select(torch.arange(n_w).repeat_interleave(per))
-    wf.image = torch.arange(per).repeat(n_w)
+    wf = base.select(torch.arange(n_w).repeat_interleave(per)).with_image(
+        torch.arange(per).repeat(n_w))
     clean_w = clean_pair_for(model, w_imgs, f"clean {key} w (all)")
     g_w = meter(f"{key} w", 0, lambda: engine.golden(w_imgs, w_lbls, layers=set(wf.layers)))
     per_r = -(-n_w // args.rounds) * per
@@ -376,8 +376,8 @@ def main(argv=None):
         base = engine.sample(args.weight_faults, "weights", "Conv2d|Linear", "bitflip",
                              images=torch.zeros(args.weight_faults, dtype=torch.long),
                              generator=gen, by=by)
-        wf = base.select(torch.arange(len(base)).repeat_interleave(per))
-        wf.image = torch.arange(per).repeat(len(base))
+        wf = base.select(torch.arange(len(base)).repeat_interleave(per)).with_image(
+            torch.arange(per).repeat(len(base)))
         tag = "weights uniform" if by == "element" else "layers uniform"
         g_w = meter(f"w ours {by}", 0, lambda wf=wf: engine.golden(w_imgs, w_lbls,
                                                                    layers=set(wf.layers)))

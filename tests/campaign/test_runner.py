@@ -43,22 +43,22 @@ def _columns(faults):
 
 
 def test_same_plan_same_fault_list(mlp_checkpoint):
-    a, fa = fault_list(prepare(_plan(mlp_checkpoint)))
-    b, fb = fault_list(prepare(_plan(mlp_checkpoint)))
-    assert a.layers == b.layers and fa == fb
+    a = fault_list(prepare(_plan(mlp_checkpoint)))
+    b = fault_list(prepare(_plan(mlp_checkpoint)))
+    assert a.layers == b.layers and a.stratum_names == b.stratum_names
     for name, col in _columns(a).items():
         assert torch.equal(col, getattr(b, name)), name
-    c, _ = fault_list(prepare(_plan(mlp_checkpoint, seed=6)))
+    c = fault_list(prepare(_plan(mlp_checkpoint, seed=6)))
     assert not torch.equal(a.index, c.index)
 
 
 def test_fault_list_is_stratified_and_on_selected_images(mlp_checkpoint):
     prep = prepare(_plan(mlp_checkpoint, n=200))
-    faults, fields = fault_list(prep)
+    faults = fault_list(prep)
     assert len(faults) == prep.total == 200 * len(prep.layers)
     bits = faults.bits()
     exponent = set(prep.engine.fmt.fields["exponent"])
-    for f, b in zip(fields, bits):
+    for f, b in zip(faults.stratum_names, bits):
         assert len(b) == 1
         assert (b[0] in exponent) == (f == "exponent")
     # Only correctly classified images with a positive margin are used.
@@ -241,13 +241,13 @@ def test_multi_bit_campaigns_stratify_by_the_highest_bit(mlp_checkpoint, tmp_pat
 
 def test_n_all_burst2_lists_every_run_once(mlp_checkpoint):
     prep = prepare(_plan(mlp_checkpoint, layers="last", n="all", fault="burst2"))
-    faults, fields = fault_list(prep)
+    faults = fault_list(prep)
     (info,) = prep.layers
     assert len(faults) == info.numel * 31
     rows = set(zip(faults.index.tolist(), map(tuple, faults.bits())))
     assert rows == {(i, (b, b + 1)) for i in range(info.numel) for b in range(31)}
     field_of = _field_of()
-    assert fields == [field_of[max(b)] for b in faults.bits()]
+    assert faults.stratum_names == [field_of[max(b)] for b in faults.bits()]
 
 
 def test_format_names_are_normalised_in_plans_and_range_caches(mlp_checkpoint, tmp_path):
@@ -479,10 +479,18 @@ def test_protocol_goldeneye_refuses_a_conflicting_flag_in_one_line(mlp_checkpoin
     assert not (out / "plan.json").exists()
 
 
-@pytest.mark.parametrize("fault", ["burst33", "bitflip40"])
+@pytest.mark.parametrize("fault", ["burst20", "bitflip17"])
 def test_a_fault_wider_than_the_codes_is_refused_by_name(mlp_checkpoint, fault):
     from flipsafe.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=f"{fault} flips .* bits, but the fp32 codes at the "
-                                          "activations site hold 32"):
-        prepare(_plan(mlp_checkpoint, fault=fault, layers="last"))
+    with pytest.raises(ConfigError, match=f"{fault} flips .* bits, but the fp16 codes at the "
+                                          "activations site hold 16"):
+        prepare(_plan(mlp_checkpoint, fault=fault, layers="last", format="fp16"))
+
+
+@pytest.mark.parametrize("fault", ["burst33", "bitflip40"])
+def test_a_fault_wider_than_any_code_is_refused_by_the_plan(mlp_checkpoint, fault):
+    from flipsafe.errors import FlipsafeError
+
+    with pytest.raises(FlipsafeError, match=f"{fault}.*K from 1 to 32"):
+        _plan(mlp_checkpoint, fault=fault, layers="last")

@@ -138,7 +138,7 @@ def _assert_rows_equal_engine(out, engine_model):
     store = ResultsStore(out)
     plan = store.open()
     prep = prepare(plan)
-    faults, _ = fault_list(prep)
+    faults = fault_list(prep)
     engine = Engine(engine_model, format=plan.format, clamp=plan.clamp)
     direct = engine.run(faults, prep.images, prep.labels)
     rows = _rows(out)
@@ -303,7 +303,7 @@ def test_golden_runs_shared_across_parts_give_the_same_rows(files, tmp_path, mon
 
     monkeypatch.setattr(work, "GOLDEN_CACHE_BYTES", 0)  # each part its own golden runs
     prep = prepare(plan)
-    assert runner_mod.golden_cache(prep, fault_list(prep)[0]) is None
+    assert runner_mod.golden_cache(prep, fault_list(prep)) is None
     runner_mod.run_campaign(plan, tmp_path / "per-part", show_progress=False)
     _assert_same_rows(_rows(tmp_path / "shared"), _rows(tmp_path / "per-part"))
 
@@ -455,3 +455,21 @@ def test_non_finite_images_are_refused_in_one_line(files, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "image(s) with NaN or infinite pixels" in err[0], err
     assert not (tmp_path / "out" / "parts").exists()
+
+
+def test_module_sha_covers_zero_dim_buffers():
+    """A model with BatchNorm (its num_batches_tracked is a 0-dim buffer) hashes like any
+    other: sha256 over each state entry's name, dtype, shape and bytes, in order."""
+    import hashlib
+
+    from flipsafe.campaign.targets import state_sha
+
+    model = build("resnet20", 10, in_channels=1, image_size=8)
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}\x00{tensor.dtype}\x00{list(tensor.shape)}\x00".encode())
+        digest.update(tensor.numpy().tobytes())
+    assert resolve(model).sha == state_sha(model) == digest.hexdigest()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.num_batches_tracked.fill_(3)
+    assert state_sha(model) != digest.hexdigest()

@@ -1,5 +1,7 @@
 """FaultSet: columns, broadcasting, selection, concatenation and validation."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -47,3 +49,39 @@ def test_validation_errors():
     empty = FaultSet(["a"], layer=torch.zeros(0, dtype=torch.long),
                      index=torch.zeros(0, dtype=torch.long), mask=1)
     assert len(empty) == 0 and empty.mask.numel() == 0
+
+
+def test_faultset_is_immutable_and_replace_returns_a_new_one():
+    fs = FaultSet(["a", "b"], layer=[0, 1], index=[4, 5], mask=[1, 2], image=[0, 1])
+    for name, value in (("image", torch.tensor([3, 3])), ("mask", torch.tensor([8, 8])),
+                        ("op", 1), ("value", 0), ("layers", ["c"]), ("stratum", 0)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(fs, name, value)
+    moved = fs.with_image([7, 9])
+    assert moved.image.tolist() == [7, 9] and fs.image.tolist() == [0, 1]
+    assert moved.index.tolist() == [4, 5] and moved.layer_names == ["a", "b"]
+    flipped = fs.replace(mask=1 << 4, op=SET1)  # scalars broadcast, as in the constructor
+    assert flipped.mask.tolist() == [16, 16] and flipped.op.tolist() == [SET1, SET1]
+    assert fs.mask.tolist() == [1, 2] and fs.op.tolist() == [0, 0]
+    with pytest.raises(ConfigError, match="layer must be in 0..1"):
+        fs.replace(layer=[0, 2])  # validated anew
+    with pytest.raises(UnknownNameError, match="FaultSet column"):
+        fs.replace(colour=[1, 2])
+    with pytest.raises(UnknownNameError, match="FaultSet column"):
+        fs.replace(_n=5)
+
+
+def test_stratum_column_follows_select_and_cat():
+    a = FaultSet(["x"], layer=0, index=[1, 2, 3], mask=[1, 2, 4],
+                 strata=["mantissa", "exponent"], stratum=[0, 1, 0])
+    b = FaultSet(["y"], layer=0, index=[5, 6], mask=[1, 1], strata=["sign", "mantissa"],
+                 stratum=[0, 1])
+    hand = FaultSet(["x"], layer=0, index=0, mask=1)
+    assert hand.stratum_names == [""]  # built by hand: no stratum
+    c = FaultSet.cat([a, b, hand])
+    assert c.strata == ["mantissa", "exponent", "sign", ""]
+    assert c.stratum_names == ["mantissa", "exponent", "mantissa", "sign", "mantissa", ""]
+    assert c.select(torch.tensor([4, 1])).stratum_names == ["mantissa", "exponent"]
+    assert c.to_dict()["stratum"] == c.stratum_names
+    with pytest.raises(ConfigError, match="stratum must be in 0..1"):
+        FaultSet(["x"], layer=0, index=0, mask=1, strata=["a", "b"], stratum=2)

@@ -156,14 +156,16 @@ def test_layer_selection():
     torch.manual_seed(0)
     engine = Engine(TinyNet(), "mxfp8_e4m3", input_shape=(3, 8, 8))
     names = lambda site, sel: [i.name for i in engine.layers(site, sel)]
-    assert names("activations", "all") == ["conv1", "bn1", "conv2", "bn2", "conv3", "fc1",
-                                           "fc"]
+    # 'all' is the Conv and Linear layers at every site (as a campaign's --layers all).
+    assert names("activations", "all") == ["conv1", "conv2", "conv3", "fc1", "fc"]
+    assert names("weights", "all") == names("metadata", "all") == names("activations", "all")
     assert names("activations", "last") == ["fc"]
     assert names("activations", "Conv2d|Linear") == ["conv1", "conv2", "conv3", "fc1", "fc"]
     assert names("activations", "norm") == ["bn1", "bn2"]
     assert names("activations", r"conv\d") == ["conv1", "conv2", "conv3"]
     assert names("activations", "relu1") == ["relu1"]
-    assert names("biases", "all") == ["conv1", "bn1", "bn2", "conv3", "fc1", "fc"]
+    assert names("biases", "all") == ["conv1", "conv3", "fc1", "fc"]  # conv2 has none
+    assert names("biases", "norm") == ["bn1", "bn2"]
     info = {i.name: i for i in engine.layers("activations", "all")}
     assert info["conv3"].output_shape == (16, 4, 4) and info["conv3"].numel == 256
     w = {i.name: i for i in engine.layers("weights", "all")}

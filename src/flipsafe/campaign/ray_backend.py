@@ -65,7 +65,7 @@ class _PartWorker:
         try:
             # The driver's ranges: profiling again on another node could differ slightly.
             self.prep = prepare(CampaignPlan.from_json(plan_json), ranges=ranges, device=device)
-            self.faults, self.fields = fault_list(self.prep)
+            self.faults = fault_list(self.prep)
             # The same golden runs as a local campaign makes (all images at once when they
             # fit GOLDEN_CACHE_BYTES), so the rows are identical to the local run's.
             self.golden = golden_cache(self.prep, self.faults)
@@ -83,7 +83,7 @@ class _PartWorker:
 
         if self._error is not None:
             raise self._error
-        return k, run_part(self.prep, self.faults, self.fields, start, stop, self.golden)
+        return k, run_part(self.prep, self.faults, start, stop, self.golden)
 
 
 def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:

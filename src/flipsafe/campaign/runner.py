@@ -98,7 +98,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     prep = prepare(plan, ranges=cached, target=target, data=data, device=device)
     plan = prep.plan  # with the data hash
     refuse_other_data(plan, out)
-    faults, fields = fault_list(prep)
+    faults = fault_list(prep)
     store = ResultsStore(out)
     try:
         with store.lock():
@@ -119,7 +119,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
                 # Always the same decision (not one that depends on the parts left), so a
                 # resumed or Ray run computes exactly the golden values a whole run does.
                 golden = golden_cache(prep, faults) if todo else None
-                _run_parts_locally(prep, faults, fields, store, todo, show_progress, golden)
+                _run_parts_locally(prep, faults, store, todo, show_progress, golden)
             seconds = time.perf_counter() - started
     except OSError as exc:
         if not is_disk_full(exc):
@@ -132,7 +132,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     return CampaignRun(Path(out), len(faults), len(todo), kept, seconds, ran / max(seconds, 1e-9))
 
 
-def _run_parts_locally(prep, faults, fields, store, todo, show_progress, golden=None) -> None:
+def _run_parts_locally(prep, faults, store, todo, show_progress, golden=None) -> None:
     total = sum(store.expected_rows(k) for k in todo)
     sdc = done = 0
     desc = f"{prep.plan.site} {prep.plan.format} {prep.plan.fault}"
@@ -142,7 +142,7 @@ def _run_parts_locally(prep, faults, fields, store, todo, show_progress, golden=
             # One engine call per part: the golden runs (of the whole campaign when
             # golden_cache allowed it, else of the part) are shared by every fault in it
             # (measured: twice the rate of 256-fault slices, each with its own golden run).
-            table = run_part(prep, faults, fields, start, stop, golden)
+            table = run_part(prep, faults, start, stop, golden)
             store.write_part(k, table)
             done += table.num_rows
             sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))

@@ -79,7 +79,9 @@ def state_sha(module: nn.Module) -> str:
     for name, tensor in module.state_dict().items():
         array = tensor.detach().cpu().contiguous()
         digest.update(f"{name}\x00{array.dtype}\x00{list(array.shape)}\x00".encode())
-        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+        # reshape: a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes.
+        digest.update(array.reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if array.numel() else b"")
     return digest.hexdigest()
 
 

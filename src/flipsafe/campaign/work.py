@@ -22,6 +22,7 @@ from flipsafe.errors import (
     DataError,
     FlipsafeError,
 )
+from flipsafe.faults import VALUE, Sampler
 
 # Activation ranges a campaign profiled, kept in its results folder (never the checkpoint's,
 # which may be read-only or shared) so a resume uses the very same ranges.
@@ -89,36 +90,9 @@ class Prepared:
         return self.plan.data_sha
 
 
-def _stratum_seed(seed: int, layer: str, field: str) -> int:
-    """A seed per stratum that depends on nothing but the plan, so any worker agrees."""
-    digest = hashlib.sha256(f"{seed}\x00{layer}\x00{field}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _strata_sizes(plan: CampaignPlan, layers, n_images: int, fmt) -> dict[tuple[str, str], int]:
-    """Fault-space size of each (layer, field) stratum.
-
-    A bit fault belongs to the field of its highest bit (a burst2 on the top mantissa
-    and lowest exponent bits is an exponent fault); random and zero act on whole values,
-    one 'value' stratum per layer. A fault is a (fault, element, image) triple, so
-    sampled plans size the population with the images included. `--n all` enumerates
-    every fault of every element once, each on a seeded random image, so there the
-    images are left out.
-    """
-    from flipsafe.faults import parse, stratum_size
-
-    per_image = 1 if plan.n == "all" else n_images
-    meta = plan.site == "metadata"
-    whole_value = parse(plan.fault).whole_value
-    sizes = {}
-    for info in layers:
-        if whole_value:
-            sizes[(info.name, "value")] = info.numel * per_image
-            continue
-        for field in info.fields:
-            per_element = stratum_size(plan.fault, fmt, field, meta)
-            sizes[(info.name, field)] = info.numel * per_element * per_image
-    return sizes
+def _sampler(plan: CampaignPlan, engine, layers):
+    """The one fault sampler (faults.Sampler) over the plan's layers at its site."""
+    return Sampler(layers, plan.fault, engine.fmt, _ENGINE_PARAM[plan.site])
 
 
 def _check_fault_width(plan: CampaignPlan, layers) -> None:
@@ -138,7 +112,7 @@ def _with_exposure(plan: CampaignPlan, layers, strata: list[Stratum]) -> list[St
     out = []
     for s in strata:
         fields = info[s.layer].fields
-        width = (sum(_width(bits) for bits in fields.values()) if s.field == "value"
+        width = (sum(_width(bits) for bits in fields.values()) if s.field == VALUE
                  else _width(fields[s.field]))
         out.append(dataclasses.replace(s, elements=info[s.layer].numel, width=width))
     return out
@@ -283,12 +257,15 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
             f"no {plan.images} images to inject into: the model classifies none of the "
             f"{len(labels)} evaluation images correctly; check the model and dataset"
         )
-    # "all" follows GoldenEye: the Conv and Linear layers (normalisations are usually
-    # folded into them on deployment); a regex selects anything else.
-    select = "conv|linear" if plan.layers == "all" else plan.layers
-    layers = engine.layers(plan.site, select)
+    # The engine owns layer selection; its "all" (Conv and Linear, GoldenEye's convention)
+    # is the one meaning of "all" for campaigns and Engine.sample alike.
+    layers = engine.layers(plan.site, plan.layers)
     _check_fault_width(plan, layers)
-    sizes = _strata_sizes(plan, layers, int(image_ids.numel()), engine.fmt)
+    # A fault is a (fault, element, image) triple, so sampled plans size the population
+    # with the images included; `--n all` enumerates every fault of every element once,
+    # each on a seeded random image, so there the images are left out.
+    sizes = _sampler(plan, engine, layers).sizes(
+        images=1 if plan.n == "all" else int(image_ids.numel()))
     strata = _with_exposure(plan, layers, plan_strata(plan, sizes))
     try:
         classifier = engine.classifier()
@@ -305,48 +282,30 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
 
 
 def fault_list(prep: Prepared):
-    """The plan's whole fault list (a FaultSet) and each fault's stratum field, in order.
+    """The plan's whole fault list: a FaultSet whose `stratum` column holds each fault's
+    stratum field, strata in prep.strata order.
 
-    Each stratum draws from its own generator seeded by (seed, layer, field), so the list
-    is the same on any machine and however the work is later split. A stratum holds the
-    faults whose highest bit lies in its field; `--n all` lists each of them once per
-    element (random and zero: each element once).
+    faults.Sampler.stratified draws it: each stratum from its own generator seeded by
+    (seed, layer, field), so the list is the same on any machine and however the work is
+    later split. A stratum holds the faults whose highest bit lies in its field; `--n all`
+    lists each of them once per element (random and zero: each element once).
     """
-    from flipsafe.faults import FaultSet, draw, every_fault
-
-    plan, engine = prep.plan, prep.engine
-    numel = {info.name: info.numel for info in prep.layers}
-    names = [info.name for info in prep.layers]
-    meta = plan.site == "metadata"
-    sets, fields = [], []
-    for s in prep.strata:
-        if s.n == 0:
-            continue
-        gen = torch.Generator().manual_seed(_stratum_seed(plan.seed, s.layer, s.field))
-        top = None if s.field == "value" else s.field
-        if plan.n == "all":
-            index, d = every_fault(plan.fault, engine.fmt, numel[s.layer], top, gen, meta=meta)
-            if len(index) != s.n:
-                raise CampaignError(  # the stratum sizes and the enumeration disagree
-                    f"internal error: {s.layer} {s.field} lists {len(index)} faults, not {s.n}")
-        else:
-            index = torch.randint(numel[s.layer], (s.n,), generator=gen)
-            d = draw(plan.fault, engine.fmt, s.n, None, gen, meta=meta, top=top)
-        image = prep.image_ids[torch.randint(prep.image_ids.numel(), (s.n,), generator=gen)]
-        sets.append(FaultSet(names, layer=torch.full((s.n,), names.index(s.layer)), index=index,
-                             mask=d.mask, op=d.op, value=d.value, image=image,
-                             param=_ENGINE_PARAM[plan.site]))
-        fields += [s.field] * s.n
-    if not sets:
+    plan = prep.plan
+    counts = {(s.layer, s.field): s.n for s in prep.strata}
+    try:
+        faults = _sampler(plan, prep.engine, prep.layers).stratified(
+            counts, plan.seed, prep.image_ids, every=plan.n == "all")
+    except ConfigError as exc:  # the stratum sizes and the sampler disagree
+        raise CampaignError(f"internal error: {exc}") from None
+    if not len(faults):
         raise CampaignError("the plan allocates no faults; raise --n or lower the confidence")
-    return FaultSet.cat(sets), fields
+    return faults
 
 
 _ENGINE_PARAM = {"activations": "output", "weights": "weight", "metadata": "meta"}
 
 
-def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int,
-             golden=None) -> pa.Table:
+def run_part(prep: Prepared, faults, start: int, stop: int, golden=None) -> pa.Table:
     """Inject faults [start, stop) and return their rows, ready for the store.
 
     `golden` (from golden_cache) is the golden run of every image faults land on, reused
@@ -359,7 +318,7 @@ def run_part(prep: Prepared, faults, fields: list[str], start: int, stop: int,
     return pa.table({
         "fault_id": pa.array(np.arange(start, stop, dtype=np.int64)),
         "layer": pa.array(part.layer_names, pa.string()),
-        "field": pa.array(fields[start:stop], pa.string()),
+        "field": pa.array(part.stratum_names, pa.string()),
         "site": pa.array([plan.site] * n, pa.string()),
         "param": pa.array(part.param_names, pa.string()),
         "index": pa.array(part.index.numpy()),
@@ -386,13 +345,11 @@ def _inject(prep: Prepared, part, golden=None):
     """Outcomes (on the CPU) of the faults of `part`, whose images index prep.images."""
     if golden is not None:
         ids, gold = golden
-        local = part.select(slice(None))
-        local.image = torch.searchsorted(ids, part.image)
+        local = part.with_image(torch.searchsorted(ids, part.image))
         out = prep.engine.run(local, gold.images, gold.labels, golden=gold)
     else:
         used, image_pos = torch.unique(part.image, return_inverse=True)
-        local = part.select(slice(None))
-        local.image = image_pos
+        local = part.with_image(image_pos)
         images, labels = prep.images[used], prep.labels[used]
         out = prep.engine.run(local, images, labels)
     return _on_cpu(out)
@@ -425,10 +382,7 @@ def _protected(prep: Prepared, part, out, golden=None):
         reread[rows], flip[rows] = v.reread, v.flip
     if reread.any():
         rows = torch.from_numpy(np.nonzero(reread)[0])
-        again = part.select(rows)
-        again.mask = torch.from_numpy(flip[reread])
-        again.op = torch.full((len(rows),), FLIP, dtype=torch.int64)
-        again.value = torch.zeros(len(rows), dtype=torch.int64)
+        again = part.select(rows).replace(mask=torch.from_numpy(flip[reread]), op=FLIP, value=0)
         res = _inject(prep, again, golden)
         for name_ in vars(res):
             column = getattr(out, name_, None)

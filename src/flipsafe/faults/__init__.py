@@ -1,4 +1,5 @@
-"""Fault models on format bits and the columnar FaultSet the injection engine consumes."""
+"""Fault models on format bits, the columnar FaultSet the injection engine consumes, and the
+one sampler that draws FaultSets (uniform or stratified by layer and highest-bit field)."""
 
 from flipsafe.faults.faultset import PARAMS, FaultSet
 from flipsafe.faults.models import (
@@ -21,6 +22,7 @@ from flipsafe.faults.models import (
     positions,
     stratum_size,
 )
+from flipsafe.faults.sample import VALUE, Sampler, stratum_seed
 from flipsafe.faults.sites import (
     CAMPAIGN_SITES,
     SITES,
@@ -40,11 +42,13 @@ __all__ = [
     "SET0",
     "SET1",
     "SITES",
+    "VALUE",
     "WEIGHT_SITES",
     "ZERO",
     "Draw",
     "FaultModel",
     "FaultSet",
+    "Sampler",
     "apply",
     "bits_mask",
     "check_campaign_site",
@@ -54,5 +58,6 @@ __all__ = [
     "parse",
     "positions",
     "site_param",
+    "stratum_seed",
     "stratum_size",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,7 +16,9 @@ from flipsafe.faults.models import FLIP, OPS, mask_bits
 # weight ("weight_meta"), which corrupts every element that code scales.
 PARAMS = ("output", "weight", "bias", "meta", "weight_meta")
 
-_COLUMNS = ("layer", "param", "index", "mask", "op", "value", "image")
+_COLUMNS = ("layer", "param", "index", "mask", "op", "value", "image", "stratum")
+# Columns indexing a list of names: (column, the FaultSet attribute holding the names).
+_NAMED = (("layer", "layers"), ("stratum", "strata"))
 
 
 def _column(value, name: str) -> torch.Tensor:
@@ -35,9 +38,9 @@ def _param_codes(param) -> torch.Tensor:
     return _column([PARAMS.index(p) for p in names], "param")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class FaultSet:
-    """Faults as int64 columns of equal length n.
+    """Faults as int64 columns of equal length n; immutable (see `replace`).
 
     - `layers`: layer names (as in `named_modules()`); `layer[i]` indexes this list;
     - `param[i]`: index into PARAMS (built from a name, or one name per fault);
@@ -45,7 +48,10 @@ class FaultSet:
       excluded), the weight or bias, or the metadata tensor of the output or weight;
     - `mask[i]`: bit mask (bit 0 = LSB of the format code), `op[i]`: op code (faults.OPS),
       `value[i]`: replacement bits for non-flip ops;
-    - `image[i]`: position of the image in the batch given to the engine.
+    - `image[i]`: position of the image in the batch given to the engine;
+    - `strata`: field names; `stratum[i]` indexes this list: the field of the fault's
+      stratum (with its layer, the stratum the sampler drew it from: the field of its
+      highest bit, or 'value'); "" for faults built by hand.
     Scalars broadcast to n.
     """
 
@@ -57,11 +63,17 @@ class FaultSet:
     value: torch.Tensor | int = 0
     image: torch.Tensor | int = 0
     param: torch.Tensor | str | Sequence[str] = "output"
+    strata: list[str] = ("",)
+    stratum: torch.Tensor | int = 0
     _n: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
-        self.layers = [str(x) for x in ([self.layers] if isinstance(self.layers, str)
-                                        else self.layers)]
+        def put(name, value):
+            object.__setattr__(self, name, value)  # frozen: set once, here
+
+        for _, attr in _NAMED:
+            names = getattr(self, attr)
+            put(attr, [str(x) for x in ([names] if isinstance(names, str) else names)])
         cols = {c: _param_codes(self.param) if c == "param" else _column(getattr(self, c), c)
                 for c in _COLUMNS}
         lengths = {t.numel() for t in cols.values()} - {1}
@@ -71,14 +83,27 @@ class FaultSet:
                               f"got {listed}")
         n = lengths.pop() if lengths else 1
         for c, t in cols.items():
-            setattr(self, c, t.expand(n).clone() if t.numel() != n else t)
-        self._n = n
+            put(c, t.expand(n).clone() if t.numel() != n else t)
+        put("_n", n)
         for c, limit, names in (("layer", len(self.layers), self.layers),
-                                ("param", len(PARAMS), PARAMS), ("op", len(OPS), OPS)):
+                                ("param", len(PARAMS), PARAMS), ("op", len(OPS), OPS),
+                                ("stratum", len(self.strata), self.strata)):
             col = getattr(self, c)
             if n and (int(col.min()) < 0 or int(col.max()) >= limit):
                 raise ConfigError(f"FaultSet.{c} must be in 0..{limit - 1} (indexing "
                                   f"{list(names)}), got values {col.min()}..{col.max()}")
+
+    def replace(self, **changes) -> FaultSet:
+        """A new FaultSet with the given columns (or name lists) replaced, validated anew."""
+        allowed = (*_COLUMNS, *(names for _, names in _NAMED))
+        bad = [k for k in changes if k not in allowed]
+        if bad:
+            raise unknown("FaultSet column", str(bad[0]), allowed)
+        return dataclasses.replace(self, **changes)
+
+    def with_image(self, image) -> FaultSet:
+        """The same faults on other image positions (e.g. renumbered for a sub-batch)."""
+        return self.replace(image=image)
 
     def __len__(self) -> int:
         return self._n
@@ -91,6 +116,11 @@ class FaultSet:
     def layer_names(self) -> list[str]:
         return [self.layers[i] for i in self.layer.tolist()]
 
+    @property
+    def stratum_names(self) -> list[str]:
+        """Each fault's stratum field (what the campaign store records as `field`)."""
+        return [self.strata[i] for i in self.stratum.tolist()]
+
     def bits(self) -> list[list[int]]:
         """Bit positions of each fault's mask."""
         return mask_bits(self.mask)
@@ -98,21 +128,26 @@ class FaultSet:
     def select(self, idx) -> FaultSet:
         """The faults at positions idx (a slice, index tensor or boolean mask)."""
         cols = {c: getattr(self, c)[idx] for c in _COLUMNS}
-        return FaultSet(self.layers, **cols)
+        return FaultSet(self.layers, strata=self.strata, **cols)
 
     @staticmethod
     def cat(sets: Sequence[FaultSet]) -> FaultSet:
-        """Concatenate fault sets, merging their layer lists."""
-        names: list[str] = []
-        for s in sets:
-            names += [x for x in s.layers if x not in names]
+        """Concatenate fault sets, merging their layer lists and their strata lists."""
+        merged = {}
+        for col, attr in _NAMED:
+            names: list[str] = []
+            for s in sets:
+                names += [x for x in getattr(s, attr) if x not in names]
+            merged[attr] = names
         cols = {c: [] for c in _COLUMNS}
         for s in sets:
-            remap = torch.tensor([names.index(x) for x in s.layers] or [0], dtype=torch.int64)
+            remaps = {col: torch.tensor([merged[attr].index(x) for x in getattr(s, attr)] or [0],
+                                        dtype=torch.int64) for col, attr in _NAMED}
             for c in _COLUMNS:
-                cols[c].append(remap[s.layer] if c == "layer" else getattr(s, c))
+                cols[c].append(remaps[c][getattr(s, c)] if c in remaps else getattr(s, c))
         empty = torch.zeros(0, dtype=torch.int64)
-        return FaultSet(names, **{c: torch.cat(v) if v else empty for c, v in cols.items()})
+        return FaultSet(merged["layers"], strata=merged["strata"] or [""],
+                        **{c: torch.cat(v) if v else empty for c, v in cols.items()})
 
     def to_dict(self) -> dict:
         """Plain columns (numpy arrays, layer and param names, bit lists) for storage."""
@@ -125,4 +160,5 @@ class FaultSet:
             "op": [OPS[i] for i in self.op.tolist()],
             "value": self.value.numpy(),
             "image": self.image.numpy(),
+            "stratum": self.stratum_names,
         }

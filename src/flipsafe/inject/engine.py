@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
-from flipsafe.faults import PARAMS, SITES, FaultSet, draw, site_param
+from flipsafe.faults import PARAMS, SITES, FaultSet, Sampler, site_param
 from flipsafe.inject import emulate
 from flipsafe.inject.capture import CaptureError, export_graph
 from flipsafe.inject.exhaustive import Exhaustive, exhaustive
@@ -28,6 +28,9 @@ from flipsafe.metrics.outcomes import (
 
 KINDS = ("conv", "linear", "norm", "attention", "other")
 EMULATED = ("conv", "linear", "norm")  # kinds whose outputs are held in the format
+# What select='all' means at every site, for layers(), sample() and campaigns alike: the Conv
+# and Linear layers (GoldenEye's convention; normalisations are folded into them on deployment).
+ALL = ("conv", "linear")
 GOLDEN_BATCH = 256  # images per slice of a golden forward
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
@@ -403,10 +406,10 @@ class Engine:
 
     def layers(self, site: str = "activations", select: str = "all") -> list[LayerInfo]:
         """Layers at `site` ('activations', 'weights', 'biases', 'metadata',
-        'weight_metadata') matching `select`: 'all' (Conv/Linear/normalisation layers for
-        activations and metadata, every parameterised layer otherwise), 'last' (the
-        classifier), an exact layer name, type names or kinds joined by '|' (e.g.
-        'Conv2d|Linear', 'conv', 'norm'), or else a regular expression searched in names."""
+        'weight_metadata') matching `select`: 'all' (the Conv and Linear layers, see ALL),
+        'last' (the classifier), an exact layer name, type names or kinds joined by '|'
+        (e.g. 'Conv2d|Linear', 'conv', 'norm'), or else a regular expression searched in
+        names."""
         self._need_probe()
         param = self._site(site)
         if param in ("meta", "weight_meta") and not self.fmt.meta_fields:
@@ -421,8 +424,7 @@ class Engine:
         if not cands:
             raise InjectionError(f"the model has no layer with {_a(param)} site")
         if select == "all":
-            chosen = [n for n in cands if param not in ("output", "meta")
-                      or self.kinds[n] in EMULATED]
+            chosen = [n for n in cands if self.kinds[n] in ALL]
         elif select == "last":
             chosen = [n for n in cands if n == self.classifier()]
         elif select in cands:
@@ -621,7 +623,7 @@ class Engine:
             ids = used[start:start + block]
             rows = torch.isin(faults.image, ids).nonzero().reshape(-1)
             local = faults.select(rows)
-            local.image = torch.searchsorted(ids, local.image)
+            local = local.with_image(torch.searchsorted(ids, local.image))
             dev_ids = ids.to(self.device)
             g = self.golden(images[dev_ids], labels[dev_ids], layers=set(local.layer_names))
             res = self._run_groups(local, g)
@@ -841,26 +843,9 @@ class Engine:
     def sample(self, n: int, site: str = "activations", select: str = "all",
                fault_model: str = "bitflip", images: int | torch.Tensor = 1, field=None,
                generator: torch.Generator | None = None, by: str = "layer") -> FaultSet:
-        """n random faults: layers uniformly (by='layer') or every element equally likely
-        (by='element'), elements uniformly within a layer, bits from `fault_model`
-        restricted to `field`, and images uniformly from range(images) (or, given a tensor,
-        in that order)."""
-        infos = self.layers(site, select)
-        if by not in ("layer", "element"):
-            raise unknown("layer weighting", str(by), ["layer", "element"])
-        numel = torch.tensor([i.numel for i in infos], dtype=torch.float64)
-        weights = torch.ones_like(numel) if by == "layer" else numel
-        layer = torch.multinomial(weights, n, replacement=True, generator=generator)
-        u = torch.rand(n, dtype=torch.float64, generator=generator)
-        index = (u * numel[layer]).floor().long().clamp_(max=(numel[layer] - 1).long())
-        param = self._site(site)
-        d = draw(fault_model, self.fmt, n, field, generator, meta=param in ("meta", "weight_meta"))
-        if isinstance(images, torch.Tensor):
-            image = images.long().reshape(-1)
-        else:
-            image = torch.randint(int(images), (n,), generator=generator)
-        return FaultSet([i.name for i in infos], layer=layer, index=index, mask=d.mask,
-                        op=d.op, value=d.value, image=image, param=param)
+        """n random faults in the layers(site, select): see faults.Sampler.uniform."""
+        sampler = Sampler(self.layers(site, select), fault_model, self.fmt, self._site(site))
+        return sampler.uniform(n, images, field, generator, by)
 
     # -- exhaustive classifier faults -----------------------------------------------------
 
