@@ -509,7 +509,7 @@ def protections(results: Results, vs: Sequence[Results] = ()) -> list[dict] | No
     campaign's SDC rate over its own paired on the same faults (`factor`, a RateRatio whose
     p_value is McNemar's exact p; None for the first campaign and for other fault lists)
     and its memory overhead (extra bits per stored bit)."""
-    from flipsafe.protect import cost
+    from flipsafe.protect import word_cost
 
     everyone = [results, *vs]
     if all(r.plan.protect is None for r in everyone):
@@ -527,7 +527,7 @@ def protections(results: Results, vs: Sequence[Results] = ()) -> list[dict] | No
             "detected": int(pc.sum(r.table["detected"]).as_py() or 0),
             "corrected": int(pc.sum(r.table["corrected"]).as_py() or 0),
             "factor": factor,
-            "memory": 0.0 if name is None else cost(name).memory_overhead,
+            "memory": 0.0 if name is None else word_cost(name).memory_overhead,
         })
     return out
 
