@@ -674,8 +674,11 @@ def measure(model: nn.Module, selection: Selection, images: torch.Tensor,
     if len(in_model) > 1:
         copies["total"] = guard(model, {n: selection[n] for n in in_model}, bounds, per_channel)
     clean = copy.deepcopy(model)
-    latency, repeats = _time({"none": clean, **{k: g.model for k, g in copies.items()}},
-                             images, seconds)
+    if copies:
+        latency, repeats = _time({"none": clean, **{k: g.model for k, g in copies.items()}},
+                                 images, seconds)
+    else:  # nothing runs in the model: nothing to time
+        latency, repeats = {"none": None}, 0
     clean_acc, _ = _accuracy(clean, images, labels)
 
     def entry(keys, copy_key):
@@ -693,7 +696,7 @@ def measure(model: nn.Module, selection: Selection, images: torch.Tensor,
         return ProtectionCost(
             flops=f, flops_overhead=f / base, memory_bits=b,
             memory_overhead=b / param_bits if param_bits else 0.0,
-            latency_s=lat, latency_overhead=lat / latency["none"] - 1,
+            latency_s=lat, latency_overhead=0.0 if lat is None else lat / latency["none"] - 1,
             accuracy=acc,
             accuracy_change=None if acc is None or clean_acc is None else acc - clean_acc,
             detected_clean=detected)
@@ -706,6 +709,17 @@ def measure(model: nn.Module, selection: Selection, images: torch.Tensor,
         images=int(images.shape[0]), repeats=repeats, clean_latency_s=latency["none"],
         clean_accuracy=clean_acc, protections=per, total=total, skipped=skipped,
         machine=_machine())
+
+
+def layer_selection(engine, protections: Iterable[Protection], site: str) -> Selection:
+    """Whole layers each protection guards, as `engine` (flipsafe.inject.Engine) resolves its
+    `layers` option at `site` (ecc and parity at the weights). Channels that dup/tmr choose
+    under a budget come from a vulnerability map: the campaign passes those instead."""
+    out: Selection = {}
+    for p in protections:
+        where = "weights" if p.name in IN_MEMORY else site
+        out[p.name] = {info.name: None for info in engine.layers(where, p.layers)}
+    return out
 
 
 def for_plan(model: nn.Module, protections, selection: Selection, images: torch.Tensor,
