@@ -348,7 +348,7 @@ def _bound_shape(bound: torch.Tensor, out: torch.Tensor, dim: int) -> torch.Tens
 
 def ranger_hook(bound: torch.Tensor, dim: int = 1, channels=None):
     """A forward hook clamping the output (its `channels` along `dim`, or all of it) to
-    [-bound, bound] (a scalar, or one bound per kept channel); NaN goes to 0's side."""
+    [-bound, bound] (a scalar, or one bound per kept channel); NaN becomes 0."""
     def hook(mod, inputs, out):
         if not isinstance(out, torch.Tensor):
             return None
@@ -608,7 +608,9 @@ def _machine() -> str:
 
 def _predict(model, images) -> torch.Tensor:
     with torch.no_grad():
-        return _first(model(images))
+        out = model(images)
+    # Class scores: a tensor, the first of a tuple, or a model output's logits.
+    return _first(getattr(out, "logits", out))
 
 
 def _time(models: dict[str, nn.Module], images, seconds: float, min_repeats: int = 3,
