@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flipsafe.errors import ConfigError
-from flipsafe.protect import check_protection, cost
+from flipsafe.protect import check_protection, word_cost
 from flipsafe.protect.ecc import (
     CLEAN,
     CORRECTED,
@@ -127,8 +127,8 @@ def test_parity_detects_odd_counts_only():
 
 
 def test_costs_and_bad_names():
-    assert cost("ecc").memory_overhead == 8 / 64
-    assert cost("parity").memory_overhead == 1 / 64
+    assert word_cost("ecc").memory_overhead == 8 / 64
+    assert word_cost("parity").memory_overhead == 1 / 64
     with pytest.raises(ConfigError):
         check_protection("tmr2")
     with pytest.raises(ConfigError, match="weights"):

@@ -3,6 +3,7 @@ backend (local, or Ray) inject the missing parts."""
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from flipsafe.campaign.plan import CampaignPlan
-from flipsafe.campaign.store import ResultsStore
+from flipsafe.campaign.store import ResultsStore, read_cost
 from flipsafe.campaign.work import (  # re-exported: the campaign API callers know
     DEVICES,
     GOLDEN_CACHE_BYTES,
@@ -29,15 +30,17 @@ from flipsafe.campaign.work import (  # re-exported: the campaign API callers kn
     resolve_device,
     run_part,
 )
-from flipsafe.errors import ConfigError, EnvironmentFailure, is_disk_full
+from flipsafe.errors import ConfigError, EnvironmentFailure, FlipsafeError, is_disk_full
 from flipsafe.progress import progress_bar
 
 __all__ = [
+    "COST_IMAGES",
     "DEVICES",
     "GOLDEN_CACHE_BYTES",
     "RANGES_FILE",
     "CampaignRun",
     "Prepared",
+    "campaign_cost",
     "data_sha",
     "estimate_seconds",
     "fault_list",
@@ -52,6 +55,8 @@ __all__ = [
     "run_campaign",
     "run_part",
 ]
+# Images the cost of a campaign's protections is measured on (flipsafe.protect.cost).
+COST_IMAGES = 16
 
 
 def _cache_ranges(out, plan: CampaignPlan, ranges: dict) -> None:
@@ -63,6 +68,31 @@ def _cache_ranges(out, plan: CampaignPlan, ranges: dict) -> None:
                                  "split": "train", "ranges": ranges})
     except OSError:
         pass  # only a cache: the campaign profiles again next time
+
+
+def campaign_cost(prep: Prepared, selection: dict | None = None) -> dict:
+    """What the plan's protections cost on the campaign's model (protect.cost.for_plan, on a
+    CPU copy and the first COST_IMAGES fault images): `selection` as for_plan takes it,
+    default the whole layers each protection's `layers` option names. Model FLOPs and
+    clean accuracy are recorded for unprotected plans too (the text-guided head's cost)."""
+    from flipsafe.protect import cost
+    from flipsafe.protect.spec import parse
+
+    items = parse(prep.plan.protect, prep.plan.site)
+    if selection is None:
+        selection = cost.layer_selection(prep.engine, items, prep.plan.site)
+    ids = prep.image_ids[:COST_IMAGES].cpu()
+    model = copy.deepcopy(prep.engine.model).cpu()
+    return cost.for_plan(model, items, selection, prep.images[ids].cpu(),
+                         prep.labels[ids].cpu(), ranges=prep.ranges, format=prep.plan.format)
+
+
+def _record_cost(prep: Prepared, store: ResultsStore) -> None:
+    try:
+        record = campaign_cost(prep)
+    except (FlipsafeError, RuntimeError) as exc:  # a report shows n/a; the campaign runs on
+        record = {"error": f"{type(exc).__name__}: {exc}"}
+    store.write_cost(record)
 
 
 @dataclass
@@ -106,6 +136,8 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
             if prep.ranges and cached is None:
                 _cache_ranges(out, plan, prep.ranges)
             store.write_model_info(prep.model_info)
+            if read_cost(out) is None:  # measured once: a resume keeps the first figures
+                _record_cost(prep, store)
             todo = store.missing_parts()
             kept = store.n_parts - len(todo)
             started = time.perf_counter()

@@ -76,6 +76,21 @@ def read_model_info(folder) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+# The manifest key holding what the campaign's protections cost (protect.cost.for_plan).
+COST_KEY = "cost"
+
+
+def read_cost(folder) -> dict | None:
+    """What results folder `folder` records its protections cost (manifest key COST_KEY,
+    written by ResultsStore.write_cost), or None (folders written before it, or unprotected)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = manifest.get(COST_KEY) if isinstance(manifest, dict) else None
+    return value if isinstance(value, dict) else None
+
+
 def content_checksum(table: pa.Table) -> str:
     """sha256 over a table's column names and values, independent of how it is chunked."""
     h = hashlib.sha256()
@@ -223,6 +238,9 @@ class ResultsStore:
         }
         if strata is not None:
             manifest["strata"] = [s.to_dict() for s in strata]
+        kept = read_cost(self.out_dir)  # measured once: a rewrite keeps it
+        if kept is not None:
+            manifest[COST_KEY] = kept
         atomic.write_text(self.out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
 
     def create_or_resume(self, plan: CampaignPlan, total_rows: int,
@@ -322,6 +340,17 @@ class ResultsStore:
         self.plan, self.total_rows = plan, int(manifest["total_rows"])
         self.strata = self._read_strata(manifest, self.out_dir / MANIFEST_FILE)
         return plan
+
+    def write_cost(self, cost: dict) -> None:
+        """Record what the campaign's protections cost (a JSON-able dict, as
+        protect.cost.for_plan returns) in the manifest under COST_KEY; the folder must be
+        open (create_or_resume) and this store its writer."""
+        self._require_open()
+        if not self.is_writer:
+            raise CampaignError("only the campaign holding the folder's lock records its cost")
+        manifest = self._read_manifest() or {}
+        manifest[COST_KEY] = cost
+        atomic.write_text(self.out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
 
     def _remove_stale_temps(self) -> None:
         # Left by a writer killed before its rename; incomplete by construction. Only the

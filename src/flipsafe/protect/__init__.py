@@ -36,8 +36,10 @@ class Cost:
         return self.extra_bits / self.word_bits if self.word_bits else 0.0
 
 
-def cost(name: str) -> Cost:
-    """The cost of protection `name` (ConfigError for an unknown one)."""
+def word_cost(name: str) -> Cost:
+    """The storage cost per word of protection `name` (ConfigError for an unknown one); what
+    a protection costs on a given model, FLOPs and latency included: flipsafe.protect.cost.
+    (Not called `cost`: that name is the module.)"""
     check_protection(name)
     if name == "ecc":
         return Cost("ecc", 8, 64)

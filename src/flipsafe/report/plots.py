@@ -334,3 +334,83 @@ def reliability_figure(models: Sequence[Results], n_bins: int = 15) -> Figure | 
                bbox_to_anchor=(0.5, -0.06))
     fig.suptitle("Reliability on clean test images", y=0.98)
     return fig
+
+
+PARETO_AXES = (("flops", "FLOP overhead (%)"), ("latency", "latency overhead (%), CPU emulation"))
+PARETO_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
+
+
+def pareto_groups(entries: Sequence[dict]) -> dict[str, list[dict]]:
+    """Protection entries (report.tables.protections) by model: each under the name of the
+    unprotected campaign it is compared with (its own name when it has none)."""
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        ref = e["reference"] if e["reference"] is not None else e["campaign"]
+        groups.setdefault(ref.name, []).append(e)
+    # A model with nothing to compare ('none' alone) is left out, unless every model is so.
+    compared = {k: g for k, g in groups.items() if len(g) > 1}
+    return compared or groups
+
+
+def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both overhead and SDC rate, by overhead."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def pareto_figure(entries: Sequence[dict]) -> Figure:
+    """SDC rate (with its interval) against FLOP and latency overhead: a row of two panels
+    per model (pareto_groups), one labelled marker per protection, 'none' included; a dashed
+    line joins the protections no other beats on both axes. Protections whose overhead was
+    not recorded are named under the panel."""
+    groups = pareto_groups(entries)
+    fig = Figure(figsize=(10, 0.6 + 3.6 * len(groups)))
+    axes = fig.subplots(len(groups), len(PARETO_AXES), squeeze=False)
+    markers: dict[str, str] = {}
+    for row, (model, group) in zip(axes, groups.items()):
+        for ax, (key, label) in zip(row, PARETO_AXES):
+            points, missing = [], []
+            for e in group:
+                name = e["protection"] or "none"
+                marker = markers.setdefault(name, PARETO_MARKERS[len(markers)
+                                                                 % len(PARETO_MARKERS)])
+                x = e[key]
+                if x is None or not math.isfinite(x):
+                    missing.append(name)
+                    continue
+                sdc = e["sdc"]
+                rate, err = _errors([_Rate(sdc)])
+                colour = {"none": "black", "text-guided head": "#E69F00"}.get(name, "#0072B2")
+                ax.plot([100 * x], rate, marker=marker, color=colour, markersize=8,
+                        linestyle="none", zorder=6)
+                _whiskers(ax, [100 * x], rate, yerr=err)
+                ax.annotate(name, (100 * x, rate[0]), textcoords="offset points", xytext=(6, 5),
+                            fontsize="small")
+                points.append((100 * x, float(rate[0])))
+            if len({x for x, _ in points}) == 1:
+                ax.set_xlim(points[0][0] - 5, points[0][0] + 5)
+            front = _front(points)
+            if len(front) > 1:
+                ax.plot(*zip(*front), linestyle="--", color="#8C8C8C", zorder=4)
+            if missing:
+                ax.text(0.0, -0.22, f"not recorded: {', '.join(missing)}",
+                        transform=ax.transAxes, fontsize="small", va="top")
+            ax.set_xlabel(label)
+            ax.set_ylabel("SDC rate (%)")
+            ax.set_ylim(bottom=0)
+            ax.grid(color="#dddddd")
+            ax.set_axisbelow(True)
+            ax.set_title(model, loc="left", fontweight="bold", fontsize="medium")
+    fig.suptitle("SDC rate against what each protection costs (lower left is better)")
+    fig.tight_layout()
+    return fig
+
+
+class _Rate:
+    """A RateEstimate in the shape _errors reads (a group with .sdc)."""
+
+    def __init__(self, sdc):
+        self.sdc = sdc

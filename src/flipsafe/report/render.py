@@ -25,6 +25,7 @@ from flipsafe.report.tables import (
     fmt_interval,
     fmt_rate,
     fmt_value,
+    protections,
     summary_lines,
     summary_tables,
     verdict,
@@ -88,6 +89,26 @@ def summary_section(models: Sequence[Results]) -> list:
     blocks += [Paragraph(line, "warning") for line in lines[1:] if line.startswith("note (")]
     blocks += [Table(t, summary=True) for t in summary_tables(ref, others)]
     return blocks
+
+
+def protection_section(models: Sequence[Results]) -> list:
+    """The Pareto plot of the protections (none when no campaign ran one); their table is in
+    the summary."""
+    entries = protections(models[0], list(models[1:]))
+    if entries is None:
+        return []
+    from flipsafe.protect.cost import LABEL
+
+    names = list(dict.fromkeys(e["protection"] or "none" for e in entries))
+    return [
+        Heading("Protections: SDC rate against cost"),
+        Paragraph("Each protection replays the unprotected campaign's very faults; the table "
+                  "in the summary gives the paired factors. Lower left is better: fewer SDCs "
+                  f"for less overhead. Latencies are {LABEL}."),
+        Image("pareto", plots.to_png(plots.pareto_figure(entries)),
+              f"SDC rate against FLOP and latency overhead per model, one marker per "
+              f"protection ({', '.join(names)}); {plots.interval_words(models[0])}"),
+    ]
 
 
 def layer_section(models: Sequence[Results]) -> list:
@@ -301,6 +322,7 @@ def build_blocks(models: Sequence[Results], fit=None) -> list:
     return [
         Heading(report_title(models), 1),
         *summary_section(models),
+        *protection_section(models),
         *layer_section(models),
         *bit_section(models),
         *delta_loss_section(models),

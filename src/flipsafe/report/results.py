@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flipsafe.campaign.plan import CampaignPlan, Stratum, is_flipsafe_spec
-from flipsafe.campaign.store import PLAN_FILE, ResultsStore, read_model_info
+from flipsafe.campaign.store import PLAN_FILE, ResultsStore, read_cost, read_model_info
 from flipsafe.errors import CampaignError, ConfigError, FlipsafeError
 from flipsafe.metrics.stats import Summary, summarise
 
@@ -64,6 +64,9 @@ class Results:
     # What the results folder records about its model (store.MODEL_FILE): spec, kind,
     # sha256, description, clean accuracy; None for folders written before it existed.
     model_info: dict | None = None
+    # What the campaign's protections cost on its model (protect.cost.for_plan, manifest key
+    # "cost"): FLOPs, memory, CPU latency and accuracy; None for folders without it.
+    cost: dict | None = None
 
     @property
     def n(self) -> int:
@@ -272,6 +275,7 @@ def load_results(
         complete=complete,
         planned_rows=int(store.total_rows),
         model_info=info,
+        cost=read_cost(folder),
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flipsafe.errors import FlipsafeError
 from flipsafe.metrics.factors import OUTLIER_MOVE, FactorTable, improvement_factors
 from flipsafe.metrics.stats import (
     OVERALL,
@@ -503,33 +504,139 @@ def same_faults(a: Results, b: Results) -> bool:
     return all(a.table[c].equals(b.table[c]) for c in PAIRED_COLUMNS)
 
 
+TEXT_GUIDED = "text-guided head"
+
+
+def _is_text_guided(r: Results) -> bool:
+    return r.head not in ("linear", "unknown")
+
+
+def _same_plan(a: Results, b: Results) -> bool:
+    try:
+        check_same_plan(a, b)
+    except FlipsafeError:
+        return False
+    return True
+
+
+def _cost_total(r: Results) -> dict | None:
+    total = (r.cost or {}).get("total")
+    return total if isinstance(total, dict) else None
+
+
+def _number_or_none(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _own_costs(r: Results) -> dict:
+    """Overheads of campaign r's protections on its model, as fractions (None: unknown).
+
+    An unprotected campaign costs nothing by definition. Without a recorded cost (folders
+    from before flipsafe measured it) only ecc and parity over every word have a known
+    memory figure: their check bits per stored weight bit."""
+    from flipsafe.protect import word_cost
+
+    if r.plan.protect is None:
+        return {"flops": 0.0, "latency": 0.0, "memory": 0.0, "accuracy": 0.0}
+    total = _cost_total(r)
+    if total is None:
+        memory = (word_cost(r.plan.protect).memory_overhead
+                  if r.plan.protect in ("ecc", "parity") else None)
+        return {"flops": None, "latency": None, "memory": memory, "accuracy": None}
+    return {"flops": _number_or_none(total.get("flops_overhead")),
+            "latency": _number_or_none(total.get("latency_overhead")),
+            "memory": _number_or_none(total.get("memory_overhead")),
+            "accuracy": _number_or_none(total.get("accuracy_change"))}
+
+
+def _ratio_of(a: Results, b: Results, key: str) -> float | None:
+    """b's recorded model figure `key` over a's, minus 1 (None unless both recorded it)."""
+    x, y = (_number_or_none((r.cost or {}).get(key)) for r in (a, b))
+    return None if not x or y is None else y / x - 1
+
+
+def _head_costs(base: Results, tg: Results) -> dict:
+    """What the text-guided head costs against the baseline: the accuracy difference and
+    the two models' FLOPs and parameter bits as recorded by their campaigns; latency is not
+    compared (measured in different runs)."""
+    acc = (None if base.accuracy is None or tg.accuracy is None
+           else tg.accuracy - base.accuracy)
+    return {"flops": _ratio_of(base, tg, "model_flops"), "latency": None,
+            "memory": _ratio_of(base, tg, "param_bits"), "accuracy": acc}
+
+
+def _count(r: Results, column: str) -> int:
+    return int(pc.sum(r.table[column]).as_py() or 0)
+
+
 def protections(results: Results, vs: Sequence[Results] = ()) -> list[dict] | None:
     """Protections side by side (None when no campaign ran one), one dict per campaign: its
-    protection, SDC rate (a RateEstimate), faults detected and corrected, the first
-    campaign's SDC rate over its own paired on the same faults (`factor`, a RateRatio whose
-    p_value is McNemar's exact p; None for the first campaign and for other fault lists)
-    and its memory overhead (extra bits per stored bit)."""
-    from flipsafe.protect import cost
+    protection, SDC rate (a RateEstimate), faults detected and corrected, its `reference`
+    (the first unprotected campaign with the very same fault rows, itself when unprotected;
+    None if there is none), the reference's SDC rate over its own paired on the same faults
+    (`factor`, a RateRatio whose p_value is McNemar's exact p; None for the reference) and
+    its overheads against the unprotected model as fractions (`flops`, `latency`, `memory`;
+    `accuracy`: the clean top-1 change), None where unknown (costs are read from the
+    folder's manifest, see protect.cost.for_plan).
 
+    An unprotected text-guided campaign on the same plan as an unprotected baseline also
+    gets a "text-guided head" entry: its factor is the baseline's SDC rate over its own
+    (unpaired, Katz, other faults), its costs the accuracy difference and the models'
+    recorded FLOPs and parameter bits."""
     everyone = [results, *vs]
     if all(r.plan.protect is None for r in everyone):
         return None
     conf = results.by_layer.confidence
+    bare = [r for r in everyone if r.plan.protect is None]
     out = []
     for r in everyone:
+        ref = r if r.plan.protect is None else next(
+            (b for b in bare if same_faults(b, r)), None)
         factor = None
-        if r is not results and same_faults(results, r):
-            factor = paired_ratio(results.table["sdc"].to_numpy(zero_copy_only=False),
+        if ref is not None and ref is not r:
+            factor = paired_ratio(ref.table["sdc"].to_numpy(zero_copy_only=False),
                                   r.table["sdc"].to_numpy(zero_copy_only=False), conf).ratio
-        name = r.plan.protect
         out.append({
-            "campaign": r, "protection": name, "sdc": r.by_layer.overall.sdc,
-            "detected": int(pc.sum(r.table["detected"]).as_py() or 0),
-            "corrected": int(pc.sum(r.table["corrected"]).as_py() or 0),
-            "factor": factor,
-            "memory": 0.0 if name is None else cost(name).memory_overhead,
+            "campaign": r, "protection": r.plan.protect, "sdc": r.by_layer.overall.sdc,
+            "detected": _count(r, "detected"), "corrected": _count(r, "corrected"),
+            "reference": ref, "factor": factor, "paired": True, **_own_costs(r),
         })
+        if r.plan.protect is None and _is_text_guided(r):
+            base = next((b for b in bare if b.head == "linear" and _same_plan(b, r)), None)
+            if base is not None:
+                out.append({
+                    "campaign": r, "protection": TEXT_GUIDED, "sdc": r.by_layer.overall.sdc,
+                    "detected": 0, "corrected": 0, "reference": base,
+                    "factor": comparison(base, r).overall.sdc, "paired": False,
+                    **_head_costs(base, r),
+                })
     return out
+
+
+def fmt_overhead(x: float | None) -> str:
+    """An overhead fraction as a signed percentage (+12.5%, -3.10%), n/a when unknown."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return "+0%" if x == 0 else f"{100 * x:+.3g}%"
+
+
+def fmt_points(x: float | None) -> str:
+    """An accuracy change in percentage points (+0.56 pp), n/a when unknown."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return "+0 pp" if x == 0 else f"{100 * x:+.2f} pp"
+
+
+def _latency_note(entries: list[dict]) -> str | None:
+    costs = [e["campaign"].cost for e in entries if e["campaign"].cost]
+    if not costs:
+        return None
+    from flipsafe.protect.cost import LABEL
+
+    machines = sorted({str(c.get("machine") or "unknown machine") for c in costs})
+    return (f"latency: median time of clean inference on the campaign's example images with "
+            f"the protections against without, repeats interleaved; {LABEL} "
+            f"({'; '.join(machines)}).")
 
 
 def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable | None:
@@ -539,26 +646,45 @@ def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable 
         return None
     c = fmt_confidence(results.by_layer.confidence)
     rows = []
+    paired_any = False
     for e in entries:
         r, sdc, f = e["campaign"], e["sdc"], e["factor"]
-        if r is results:
-            paired = ["reference" if vs else "-", "", ""]
-        elif f is None:
+        if e["reference"] is r:
+            referenced = any(x["reference"] is r and x["campaign"] is not r for x in entries)
+            paired = ["reference" if referenced else "-", "", ""]
+        elif e["reference"] is None:
             paired = ["n/a (other faults)", "", ""]
         else:
-            paired = [fmt_factor(f.ratio), fmt_factor_interval(f.low, f.high), f"{f.p_value:.3g}"]
+            paired_any = True
+            p = f"{f.p_value:.3g}" if e["paired"] else f"{f.p_value:.3g} (Katz)"
+            paired = [fmt_factor(f.ratio), fmt_factor_interval(f.low, f.high), p]
         rows.append([r.name, e["protection"] or "none", fmt_rate(sdc.rate),
                      fmt_interval(sdc.low, sdc.high), fmt_count(e["detected"]),
-                     fmt_count(e["corrected"]), *paired, f"+{100 * e['memory']:.3g}%"])
-    note = ("An SDC is a changed top-1 no protection flagged; memory: extra stored bits per "
-            "weight bit (ecc: 8 per 64, parity: 1 per 64).")
-    if vs:
-        note = (f"SDC factor = SDC rate of {results.name} / that of the campaign, on the very "
-                "same fault rows; above 1 means the campaign has fewer (paired: pooled rows, "
-                "log interval for paired proportions, McNemar's exact p). " + note)
+                     fmt_count(e["corrected"]), *paired, fmt_overhead(e["flops"]),
+                     fmt_overhead(e["latency"]), fmt_overhead(e["memory"]),
+                     fmt_points(e["accuracy"])])
+    notes = [("An SDC is a changed top-1 no protection flagged. Overheads against the "
+             "unprotected model: FLOPs counted per image, memory as extra stored bits per "
+             "parameter bit (ecc 8 and parity 1 per 64-bit word of the protected weights; "
+             "without a recorded cost, per protected weight bit), accuracy the change in "
+             "clean top-1 in percentage points; n/a: not recorded by the campaign.")]
+    if paired_any:
+        notes.insert(0, "SDC factor = SDC rate of the unprotected campaign on the very same "
+                        "fault rows / that of the campaign; above 1 means the campaign has "
+                        "fewer (paired: pooled rows, log interval for paired proportions, "
+                        "McNemar's exact p).")
+    if any(e["protection"] == TEXT_GUIDED for e in entries):
+        notes.append(f"{TEXT_GUIDED}: the baseline's SDC rate / the text-guided model's, on "
+                     "other faults (unpaired: Katz interval and its p); its cost is the "
+                     "accuracy difference and the FLOPs and parameters of the two models "
+                     "(the cosine head against the linear one).")
+    latency = _latency_note(entries)
+    if latency:
+        notes.append(latency)
     return TextTable("Protections", ["campaign", "protection", "SDC", f"SDC {c} CI", "detected",
                                      "corrected", "SDC factor", f"factor {c} CI",
-                                     "McNemar p", "memory"], rows, [note])
+                                     "McNemar p", "FLOPs", "latency", "memory", "accuracy"],
+                     rows, notes, key_columns=2)
 
 
 def summary_tables(results: Results, vs: Sequence[Results] = ()) -> list[TextTable]:
@@ -716,6 +842,12 @@ def _protections_json(results: Results, vs: Sequence[Results]) -> dict:
     return {"protections": [
         {"name": e["campaign"].name, "protection": e["protection"], "sdc": _rate_json(e["sdc"]),
          "detected": e["detected"], "corrected": e["corrected"],
-         "paired_factor": None if e["factor"] is None else _ratio_json(e["factor"]),
-         "memory_overhead": e["memory"]}
+         "reference": None if e["reference"] is None else e["reference"].name,
+         "paired_factor": (None if e["factor"] is None or not e["paired"]
+                           else _ratio_json(e["factor"])),
+         "unpaired_factor": (None if e["factor"] is None or e["paired"]
+                             else _ratio_json(e["factor"])),
+         "flops_overhead": _number(e["flops"]), "latency_overhead": _number(e["latency"]),
+         "memory_overhead": _number(e["memory"]), "accuracy_change": _number(e["accuracy"]),
+         "cost": e["campaign"].cost if e["protection"] != TEXT_GUIDED else None}
         for e in entries]}
