@@ -1,5 +1,6 @@
 """The offline demo: train baseline, text-guided and cosine-control models on digits,
-run last-layer and all-layer campaigns with and without range clamping, write a report."""
+run last-layer and all-layer campaigns with and without range clamping, replay them under
+hardening (ranger, abft, dup, ecc) with its cost, write the reports."""
 
 from __future__ import annotations
 
@@ -43,6 +44,34 @@ def demo_campaigns(quick: bool) -> tuple[DemoCampaign, ...]:
         DemoCampaign("last-layer-clamped", "last", last, "profiled"),
         DemoCampaign("all-layers", "all", every, "none"),
         DemoCampaign("all-layers-clamped", "all", every, "profiled"),
+    )
+
+
+@dataclass(frozen=True)
+class DemoHardening:
+    """A hardening comparison: one plan replayed unprotected and under each protection, on
+    the baseline and the text-guided model. `seed` differs from the campaigns whose rows
+    choose what `dup` duplicates (map=), so selection and evaluation use other faults."""
+
+    name: str
+    site: str
+    layers: str
+    n: int
+    seed: int
+    protections: tuple[str, ...]
+
+
+HARDENED_MODELS = ("baseline", "text-guided")
+
+
+def demo_hardening(quick: bool) -> tuple[DemoHardening, ...]:
+    last, every, weights = (600, 60, 400) if quick else (3000, 300, 2000)
+    return (
+        DemoHardening("hardening-last-layer", "activations", "last", last, 1,
+                      ("ranger", "abft", "dup:layers=last")),
+        DemoHardening("hardening-all-layers", "activations", "all", every, 1,
+                      ("ranger", "abft", "dup:budget=10%:map={map}")),
+        DemoHardening("hardening-weights", "weights", "last", weights, 1, ("ecc",)),
     )
 
 
@@ -145,12 +174,17 @@ def _run_demo(out: Path, quick: bool, console: Console) -> dict:
         results = [load_results(f) for f in folders]
         console.rule(f"{c.name}: fp32 single-bit flips in activations, clamp={c.clamp}")
         print(summary_table(results[0], vs=results[1:]), flush=True)
+    hardened = _run_hardening(out, quick, models, campaigns, console)
     injected = time.perf_counter()
 
     # One report per campaign: a report compares models under a single plan.
     reports = {c.name: write_report(campaigns[c.name], out / report_name(c.name),
                                     names=list(models))
                for c in demo_campaigns(quick)}
+    for h in demo_hardening(quick):
+        folders = hardened[h.name]
+        reports[h.name] = write_report(list(folders.values()), out / report_name(h.name),
+                                       names=list(folders))
     console.print(
         f"training {trained - started:.0f} s, campaigns {injected - trained:.0f} s, "
         f"total {time.perf_counter() - started:.0f} s"
@@ -159,6 +193,36 @@ def _run_demo(out: Path, quick: bool, console: Console) -> dict:
         console.print(f"report ({name}): {path}", highlight=False)
     return {"models": models, "campaigns": campaigns, "report": reports["last-layer"],
             "reports": reports}
+
+
+def _run_hardening(out: Path, quick: bool, models: dict, campaigns: dict,
+                   console: Console) -> dict:
+    """Run every hardening comparison; returns {comparison: {label: results folder}} with
+    each model's unprotected campaign first."""
+    from flipsafe.campaign.runner import make_plan, run_campaign
+    from flipsafe.report import load_results, summary_table
+
+    done = {}
+    for h in demo_hardening(quick):
+        folders = {}
+        for name in HARDENED_MODELS:
+            # dup chooses its channels from the all-layer campaign of another seed.
+            source = dict(zip(models, campaigns.get("all-layers", ())))
+            for spec in ("", *h.protections):
+                spec = spec.format(map=source.get(name, ""))
+                plan = make_plan(models[name]["dir"], site=h.site, layers=h.layers, n=h.n,
+                                 format="fp32", fault="bitflip", seed=h.seed,
+                                 protect=spec or None)
+                label = f"{name}+{spec.split(':')[0]}" if spec else name
+                folder = out / "campaigns" / h.name / label.replace("+", "-")
+                run_campaign(plan, folder, show_progress=True)
+                folders[label] = folder
+        console.rule(f"{h.name}: fp32 single-bit flips in the {h.site} of layers {h.layers!r}, "
+                     f"replayed under {', '.join(p.split(':')[0] for p in h.protections)}")
+        results = [load_results(f) for f in folders.values()]
+        print(summary_table(results[0], vs=results[1:]), flush=True)
+        done[h.name] = folders
+    return done
 
 
 def report_name(campaign: str) -> str:
