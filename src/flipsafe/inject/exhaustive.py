@@ -17,7 +17,7 @@ from flipsafe.errors import ConfigError, InjectionError
 from flipsafe.faults import parse, positions
 from flipsafe.inject import emulate
 from flipsafe.inject.graph import POINTWISE_FUNCS
-from flipsafe.metrics.outcomes import FIELDS, Outcomes, compute_outcomes
+from flipsafe.metrics.outcomes import FIELDS, Outcomes, column_outcomes, compute_outcomes
 
 _BUDGET = 1 << 22  # float elements per image chunk
 
@@ -83,41 +83,6 @@ def _post(engine, node, g, values: torch.Tensor, img: torch.Tensor | None) -> to
     for c in plan.constants:
         env[c] = g.nodes[c]
     return prog.run_suffix(plan, values, env)
-
-
-def _column_outcomes(v, logits, labels, gold):
-    """Outcomes of faulty scores v [b, k, C] (column c = class c changed, others golden)."""
-    b, _, C = v.shape
-    dev = v.device
-    eye = torch.eye(C, dtype=torch.bool, device=dev)
-    others = logits[:, None, :].expand(b, C, C).masked_fill(eye, float("-inf"))
-    others = torch.where(torch.isnan(others), float("-inf"), others)
-    idx1 = others.argmax(-1)  # best other class (first on ties)
-    m1 = others.gather(-1, idx1[..., None])
-    m2 = others.scatter(-1, idx1[..., None], float("-inf")).amax(-1)
-    m1 = m1[..., 0]
-    s = torch.exp(others - m1[..., None]).sum(-1)
-    m1, m2, s, idx1 = (t[:, None, :] for t in (m1, m2, s, idx1))
-    cls = torch.arange(C, device=dev)
-    due = ~torch.isfinite(v) | gold.due[:, None, None]
-    top1 = torch.where((v > m1) | ((v == m1) & (cls < idx1)), cls, idx1)
-    big = torch.maximum(m1, v)
-    lse = big + torch.log(s * torch.exp(m1 - big) + torch.exp(v - big))
-    label_score = logits.gather(1, labels[:, None])[:, :, None]
-    label_score = torch.where(cls == labels[:, None, None], v, label_score)
-    loss = lse - label_score
-    t1 = torch.maximum(v, m1)
-    t2 = torch.where(v >= m1, m1, torch.maximum(v, m2))
-    diff = (torch.exp(t1 - lse) - torch.exp(t2 - lse)) * 100.0
-    diff = torch.where(due, float("nan"), diff)
-    return {
-        "faulty_top1": top1,
-        "sdc": (top1 != gold.top1[:, None, None]) & ~due,
-        "due": due,
-        "faulty_loss": loss,
-        "delta_loss": (loss - gold.loss[:, None, None]).abs(),
-        "faulty_top2diff": diff,
-    }
 
 
 def exhaustive(engine, images, labels, fault_model="bitflip", bits=None, golden=None):
@@ -193,7 +158,7 @@ def exhaustive(engine, images, labels, fault_model="bitflip", bits=None, golden=
                 v = engine.quantize_output(name, scores)
                 v = _post(engine, node, golden, v.reshape(-1, out_dim), None)
                 v = v.reshape(b, k * in_dim, out_dim)
-                res = _column_outcomes(v, golden.logits[img], labels[img],
+                res = column_outcomes(v, golden.logits[img], labels[img],
                                        golden.outcomes.select(img))
                 for f, t in res.items():
                     t = t.reshape(b, k, in_dim, out_dim).transpose(2, 3)
