@@ -1,9 +1,8 @@
 """The fault-injection engine: one facade over the emulated model, its executor and verbs."""
 
-# The parts (one job each): emulated.EmulatedModel (the model's copy in the format, its
-# layer table, output quantisers and guards), executors (graph or hooks, chosen once),
-# sites (one class per fault site), injector.Injector (`run`) and
-# exhaustive.ExhaustiveLastLayer, two peers on the public API of the others.
+# Its parts: emulated.EmulatedModel, executors (graph or hooks, chosen once), sites (one
+# class per fault site), and two peers on their public API: injector.Injector (`run`) and
+# exhaustive.ExhaustiveLastLayer.
 
 from __future__ import annotations
 
@@ -15,14 +14,7 @@ from torch import nn
 
 from flipsafe.errors import ConfigError, InjectionError, unknown
 from flipsafe.faults import FaultSet, draw
-from flipsafe.inject import emulate
-from flipsafe.inject.emulated import (
-    EmulatedModel,
-    check_guards,
-    classifier_of,
-    kind_of,
-    leaf_modules,
-)
+from flipsafe.inject import emulate, emulated
 from flipsafe.inject.executors import GOLDEN_BATCH, Golden, check_batch, choose_executor
 from flipsafe.inject.exhaustive import Exhaustive, ExhaustiveLastLayer
 from flipsafe.inject.injector import Injector, SiteValues
@@ -33,10 +25,7 @@ __all__ = ["GOLDEN_BATCH", "SITES", "Engine", "Golden", "LayerInfo", "SiteValues
 
 
 def _as_batches(data) -> Iterable[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        yield data
-        return
-    for item in data:
+    for item in [data] if isinstance(data, torch.Tensor) else data:
         yield item[0] if isinstance(item, (tuple, list)) else item
 
 
@@ -48,12 +37,11 @@ class Engine:
     clamp: 'none', 'profiled' (faulty values beyond the layer's range, or NaN/Inf, go to
     +-range keeping their sign) or 'goldeneye' (as GoldenEye: NaN goes to +range).
     ranges: {layer: max |activation|} from `profile` (needed by clamping and by formats
-    with a calibrated scale). suffix: run only the graph after the faulty layer when the
-    model can be captured as a graph, with torch.fx or else torch.export (False forces
-    full forwards with hooks). The emulated model and its executor are made from the
-    first input the engine sees (or from `input_shape`). chunk: faulty images per forward
-    pass. memory: bytes of cached activations `run` may hold when it makes its own golden
-    runs (images are then taken in blocks). guards: see set_guards.
+    with a calibrated scale). suffix: run only the graph after the faulty layer where the
+    model is captured as a graph by torch.fx or torch.export (False: full forwards with
+    hooks); the executor is chosen with the emulated model, from the first input seen (or
+    `input_shape`). chunk: faulty images per forward pass. memory: bytes of cached
+    activations `run` may hold when it makes its own golden runs. guards: see set_guards.
     """
 
     def __init__(self, model: nn.Module, format="fp32", clamp: str = "none", ranges=None,
@@ -71,30 +59,26 @@ class Engine:
         self.model = copy.deepcopy(model)  # the emulated model's own, once it is made
         self.trace_error = None  # why faulty runs are not graph runs
         self._suffix = suffix
-        self._em = self._ex = None
-        self._sites: dict = {}
+        self._em, self._ex, self._sites = None, None, {}
         if input_shape is not None:
             self._made(torch.zeros(1, *input_shape, device=self.device))
         if guards:
             self.set_guards(guards)
 
-    def _made(self, images: torch.Tensor) -> EmulatedModel:
+    def _made(self, images: torch.Tensor) -> emulated.EmulatedModel:
         """The emulated model and its executor, made once from the first input seen."""
         if self._em is None:
-            em = EmulatedModel(self.model, self.fmt, images[:1].to(self.device), self.device,
-                               self.ranges, self.guards)
+            em = emulated.EmulatedModel(self.model, self.fmt, images, self.device, self.ranges,
+                                        self.guards)
             self._ex, self.trace_error = choose_executor(em, self._suffix)
             self._em, self._sites = em, bind_sites(em, self._ex)
         return self._em
 
-    def _need(self) -> EmulatedModel:
+    def _need(self) -> emulated.EmulatedModel:
         if self._em is None:
-            raise InjectionError(
-                "the engine has not seen an input yet; pass input_shape=(C, H, W) to Engine "
-                "or call golden()/profile() with images first")
+            raise InjectionError("the engine has not seen an input yet; pass input_shape=(C, H, "
+                                 "W) to Engine or call golden()/profile() with images first")
         return self._em
-
-    # -- the emulated model -----------------------------------------------------------------
 
     @property
     def suffix(self) -> bool:
@@ -104,11 +88,11 @@ class Engine:
 
     @property
     def leaves(self) -> dict:
-        return self._em.leaves if self._em else leaf_modules(self.model)
+        return self._em.leaves if self._em else emulated.leaf_modules(self.model)
 
     @property
     def kinds(self) -> dict:
-        return {n: kind_of(m) for n, m in self.leaves.items()}
+        return {n: emulated.kind_of(m) for n, m in self.leaves.items()}
 
     @property
     def params(self) -> dict:
@@ -123,7 +107,7 @@ class Engine:
     def _emulation_changed(self):
         if self._em is not None:
             self._em.emulate(self.ranges, self.guards)
-            self._ex.refresh()
+            self._ex.refresh()  # a graph executor compiles the quantisers into its program
 
     def set_guards(self, guards: dict | None):
         """Protect layers with guards {layer name: fn(value) -> value}: each function is
@@ -131,7 +115,7 @@ class Engine:
         injected there) in golden and faulty runs alike. A guard must act element by
         element (it may be given a slice of the output: all channels, the last dim whole)
         and leave its own results unchanged (clamps, clips). None or {} removes them."""
-        self.guards = check_guards(guards, self.leaves)
+        self.guards = emulated.check_guards(guards, self.leaves)
         self._emulation_changed()
 
     def set_ranges(self, ranges: dict):
@@ -154,7 +138,7 @@ class Engine:
 
     def classifier(self) -> str:
         """Name of the Linear producing the class scores ('last')."""
-        return classifier_of(self.model)
+        return emulated.classifier_of(self.model)
 
     def _site(self, site: str) -> str:
         return site_param(site)
@@ -201,8 +185,7 @@ class Engine:
         reuse (for `layers`, default every injectable layer)."""
         images, labels = self.prepare(images, labels)
         if layers is None:
-            layers = set(self._sites["output"].candidates()) | set(
-                self._sites["weight"].candidates())
+            layers = {n for p in ("output", "weight") for n in self._sites[p].candidates()}
         return self._ex.golden(images, labels, layers, GOLDEN_BATCH)
 
     def cache(self, golden: Golden, layers) -> None:
@@ -225,10 +208,8 @@ class Engine:
 
     def _image_block(self, faults: FaultSet) -> int:
         return self._injector().image_block(faults)
-
     def site_values(self, faults: FaultSet, golden: Golden, chunk: int = 256):
-        """SiteValues of each group of at most `chunk` faults of one layer (see
-        Injector.site_values): what protections that check a layer's own computation see."""
+        """SiteValues of groups of at most `chunk` faults (see Injector.site_values)."""
         return self._injector().site_values(faults, golden, chunk)
 
     # -- sampling -------------------------------------------------------------------------
