@@ -37,6 +37,11 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
         not list(m.children()) or isinstance(m, nn.MultiheadAttention))}
 
 
+def kinds_of(leaves: dict) -> dict[str, str]:
+    """{layer name: kind} of leaf modules."""
+    return {n: kind_of(m) for n, m in leaves.items()}
+
+
 def classifier_of(model: nn.Module) -> str:
     """Name of the Linear producing the class scores ('last')."""
     from flipsafe.textguided.head import classifier_layer_name
@@ -81,7 +86,7 @@ class EmulatedModel:
                 m.inplace = False  # a cached output must not be overwritten downstream
         self.modules = dict(self.model.named_modules())
         self.leaves = leaf_modules(self.model)
-        self.kinds = {n: kind_of(m) for n, m in self.leaves.items()}
+        self.kinds = kinds_of(self.leaves)
         self.emulated = [n for n, k in self.kinds.items() if k in EMULATED]
         self.params: dict[tuple[str, str], emulate.ParamCodes] = {}
         self.param_limits: dict[tuple[str, str], torch.Tensor] = {}

@@ -92,7 +92,7 @@ class Engine:
 
     @property
     def kinds(self) -> dict:
-        return {n: emulated.kind_of(m) for n, m in self.leaves.items()}
+        return self._em.kinds if self._em else emulated.kinds_of(self.leaves)
 
     @property
     def params(self) -> dict:

@@ -300,7 +300,7 @@ class WeightMetaSite(WeightSite):
     name, param, meta = "weight_metadata", "weight_meta", True
 
     def numel(self, layer):
-        return self.em.params[(layer, "weight")].coder.meta_numel
+        return self.em.params[(layer, self.pname)].coder.meta_numel
 
 
 # Site names accepted by layers()/sample() and the FaultSet param each one corrupts.
