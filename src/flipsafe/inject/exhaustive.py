@@ -4,7 +4,8 @@
 # element-wise and what follows the Linear acts on each class score alone (nothing, or a
 # scale multiply as in text-guided heads), all faults of an image are evaluated at once
 # as columns and their outcomes follow in closed form from the golden scores of the other
-# classes. Otherwise every faulty score row is built and run through the rest of the graph.
+# classes (metrics.outcomes.column_outcomes). Otherwise every faulty score row is built and
+# run through the rest of the graph (Executor.logits_after).
 
 from __future__ import annotations
 
