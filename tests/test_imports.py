@@ -82,7 +82,7 @@ def test_the_scan_finds_circles_and_private_imports():
     assert circles({"a": {"b"}, "b": set()}) == set()
     mods = modules()
     edges, _ = imports(mods)
-    assert "flipsafe.inject.graph" in edges["flipsafe.inject.engine"]
+    assert "flipsafe.inject.graph" in edges["flipsafe.inject.executors"]
     assert "flipsafe.inject.exhaustive" in edges["flipsafe.inject.engine"]
 
 

@@ -45,3 +45,11 @@ def test_the_owners_and_their_importers_agree():
     assert not hasattr(checkpoint, "HEAD_KINDS")
     assert set(faults.CAMPAIGN_SITES) <= set(faults.SITES)
     assert set(workflow.PLAIN_HEADS) < set(textguided.HEAD_KINDS)
+
+
+def test_the_site_registry_names_exactly_the_sites_faults_owns():
+    from flipsafe.faults import PARAMS, SITES
+    from flipsafe.inject.sites import SITE_TYPES
+
+    assert set(SITE_TYPES) == set(PARAMS)
+    assert all(SITES[cls.name] == p for p, cls in SITE_TYPES.items())

@@ -5,7 +5,13 @@ import math
 import torch
 from inject_reference import outcome
 
-from flipsafe.metrics.outcomes import FIELDS, GoldenOutcomes, Outcomes, compute_outcomes
+from flipsafe.metrics.outcomes import (
+    FIELDS,
+    GoldenOutcomes,
+    Outcomes,
+    column_outcomes,
+    compute_outcomes,
+)
 
 
 def test_outcomes_match_plain_computation():
@@ -50,3 +56,30 @@ def test_outcome_containers():
     assert len(both) == 8
     d = o.to_dict()
     assert set(d) == set(FIELDS) and d["golden_top1"].shape == (6,)
+
+
+def test_closed_form_column_outcomes_agree_with_compute_outcomes_on_the_full_rows():
+    """column_outcomes (one class score changed, the others golden) gives what
+    compute_outcomes gives for the same logits built as full rows: ties, NaN and Inf too."""
+    g = torch.Generator().manual_seed(1)
+    b, k, C = 6, 4, 5
+    logits = torch.randn(b, C, generator=g) * 3
+    labels = torch.randint(C, (b,), generator=g)
+    v = logits[:, None, :] + torch.randn(b, k, C, generator=g) * 4
+    v[0, 0, 1], v[1, 1, 2], v[2, 2, 3] = float("nan"), float("inf"), float("-inf")
+    v[3, 3] = logits[3].max()  # ties with the best class: the first index wins
+    v[4, 0] = logits[4].min() - 1  # below every other class
+    gold = GoldenOutcomes.of(logits, labels)
+    cols = column_outcomes(v, logits, labels, gold)
+    rows = logits[:, None, None, :].expand(b, k, C, C).clone()
+    cls = torch.arange(C)
+    rows[:, :, cls, cls] = v
+    img = torch.arange(b).repeat_interleave(k * C)
+    full = compute_outcomes(gold.select(img), rows.reshape(-1, C), labels[img])
+    for f, got in cols.items():
+        want = getattr(full, f).reshape(b, k, C)
+        if got.dtype.is_floating_point:
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True), f
+        else:
+            assert torch.equal(got, want), f
+    assert cols["due"][[0, 1, 2], [0, 1, 2], [1, 2, 3]].all()

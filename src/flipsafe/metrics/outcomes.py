@@ -125,6 +125,48 @@ def compute_outcomes(golden: GoldenOutcomes, faulty_logits: torch.Tensor, labels
     )
 
 
+def column_outcomes(v: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                    gold: GoldenOutcomes) -> dict[str, torch.Tensor]:
+    """The faulty columns of compute_outcomes in closed form, for many faults at once.
+
+    v [b, k, C] holds faulty scores of b images: v[i, j, c] is class c's score with every
+    other class at its golden score `logits[i]` [b, C] (what one fault in a classifier
+    weight of class c does). Returns faulty_top1, sdc, due, faulty_loss, delta_loss and
+    faulty_top2diff [b, k, C], each as compute_outcomes gives it for that full row, from
+    the two best other classes and the sum of their exponentials (no row is built)."""
+    b, _, C = v.shape
+    dev = v.device
+    eye = torch.eye(C, dtype=torch.bool, device=dev)
+    others = logits[:, None, :].expand(b, C, C).masked_fill(eye, float("-inf"))
+    others = torch.where(torch.isnan(others), float("-inf"), others)
+    idx1 = others.argmax(-1)  # best other class (first on ties)
+    m1 = others.gather(-1, idx1[..., None])
+    m2 = others.scatter(-1, idx1[..., None], float("-inf")).amax(-1)
+    m1 = m1[..., 0]
+    s = torch.exp(others - m1[..., None]).sum(-1)
+    m1, m2, s, idx1 = (t[:, None, :] for t in (m1, m2, s, idx1))
+    cls = torch.arange(C, device=dev)
+    due = ~torch.isfinite(v) | gold.due[:, None, None]
+    top1 = torch.where((v > m1) | ((v == m1) & (cls < idx1)), cls, idx1)
+    big = torch.maximum(m1, v)
+    lse = big + torch.log(s * torch.exp(m1 - big) + torch.exp(v - big))
+    label_score = logits.gather(1, labels[:, None])[:, :, None]
+    label_score = torch.where(cls == labels[:, None, None], v, label_score)
+    loss = lse - label_score
+    t1 = torch.maximum(v, m1)
+    t2 = torch.where(v >= m1, m1, torch.maximum(v, m2))
+    diff = (torch.exp(t1 - lse) - torch.exp(t2 - lse)) * 100.0
+    diff = torch.where(due, float("nan"), diff)
+    return {
+        "faulty_top1": top1,
+        "sdc": (top1 != gold.top1[:, None, None]) & ~due,
+        "due": due,
+        "faulty_loss": loss,
+        "delta_loss": (loss - gold.loss[:, None, None]).abs(),
+        "faulty_top2diff": diff,
+    }
+
+
 def unchanged_outcomes(golden: GoldenOutcomes, nonfinite: torch.Tensor | None = None) -> Outcomes:
     """Outcomes of injections that provably left the logits equal to the golden ones."""
     n = golden.top1.shape
@@ -143,5 +185,5 @@ def unchanged_outcomes(golden: GoldenOutcomes, nonfinite: torch.Tensor | None = 
     )
 
 
-__all__ = ["FIELDS", "GoldenOutcomes", "Outcomes", "compute_outcomes", "cross_entropy", "top1",
-           "top2diff", "unchanged_outcomes"]
+__all__ = ["FIELDS", "GoldenOutcomes", "Outcomes", "column_outcomes", "compute_outcomes",
+           "cross_entropy", "top1", "top2diff", "unchanged_outcomes"]

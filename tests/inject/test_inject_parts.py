@@ -1,0 +1,96 @@
+"""The engine's parts on their own: emulated model, executors, site registry, the two peers."""
+
+import copy
+
+import pytest
+import torch
+from inject_reference import TinyNet
+from test_inject_engine import FP32_REASSOCIATION, data
+
+from flipsafe import formats
+from flipsafe.faults import PARAMS, FaultSet
+from flipsafe.inject import Engine
+from flipsafe.inject.emulated import EmulatedModel
+from flipsafe.inject.executors import GraphExecutor, HookExecutor, choose_executor
+from flipsafe.inject.exhaustive import ExhaustiveLastLayer
+from flipsafe.inject.injector import Injector
+from flipsafe.inject.sites import SITE_TYPES, SITES
+from flipsafe.metrics.outcomes import FIELDS
+
+
+def assert_identical(a, b):
+    for f in FIELDS:
+        x, y = getattr(a, f), getattr(b, f)
+        if x.dtype.is_floating_point:
+            assert torch.equal(torch.isnan(x), torch.isnan(y)), f
+            x, y = x[~torch.isnan(x)], y[~torch.isnan(y)]
+        assert torch.equal(x, y), f
+
+
+def test_the_emulated_model_is_complete_when_constructed():
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    x, _ = data(2)
+    bf16 = formats.get("bf16")
+    em = EmulatedModel(copy.deepcopy(model), bf16, x, "cpu")
+    # Parameters are the format's values of the model's own, held by the copy.
+    assert torch.equal(em.model.conv1.weight, bf16.quantize(model.conv1.weight.detach()))
+    assert em.params[("conv1", "weight")].values is em.model.conv1.weight
+    assert em.shapes["conv1"] == (8, 8, 8) and em.shapes["fc"] == (10,)
+    assert all(em.calls[n] == 1 for n in em.leaves)
+    assert set(em.quant) == {n for n, k in em.kinds.items() if k in ("conv", "linear", "norm")}
+    raw = torch.randn(2, 8, 8, 8)
+    assert torch.equal(em.quantize_output("conv1", raw), bf16.quantize(raw))
+    assert torch.equal(em.quantize_output("relu1", raw), raw)  # not held in the format
+    em.emulate({}, {"conv1": lambda v: v.clamp(-1, 1)})
+    assert torch.equal(em.held_output("conv1", raw), bf16.quantize(raw).clamp(-1, 1))
+
+
+def test_every_fault_parameter_has_one_site_class_and_its_user_name():
+    assert tuple(SITE_TYPES) == PARAMS
+    assert {cls.name: p for p, cls in SITE_TYPES.items()} == {
+        "activations": "output", "weights": "weight", "biases": "bias", "metadata": "meta",
+        "weight_metadata": "weight_meta"}
+    assert all(SITES[p] == p and SITES[cls.name] == p for p, cls in SITE_TYPES.items())
+
+
+def test_both_executors_give_the_logits_of_the_model_with_a_layer_replaced_by_hand():
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    x, y = data(4)
+    em = EmulatedModel(copy.deepcopy(model), formats.get("fp32"), x, "cpu")
+    graph, error = choose_executor(em, suffix=True)
+    assert isinstance(graph, GraphExecutor) and error is None
+    hooks = HookExecutor(em)
+    img = torch.tensor([2, 0, 2])
+    for ex in (graph, hooks):
+        g = ex.golden(x, y, {"conv2"})
+        value = g.raw["conv2"][img] * 1.5 - 0.25
+        ref = copy.deepcopy(model)
+        ref.conv2.register_forward_hook(lambda mod, inp, out, v=value: v)
+        with torch.no_grad():
+            want = ref(x[img])
+            got = ex.logits_after("conv2", value, img, g)
+        assert torch.allclose(got, want, rtol=FP32_REASSOCIATION, atol=FP32_REASSOCIATION)
+        assert torch.allclose(g.logits, model(x), rtol=FP32_REASSOCIATION,
+                              atol=FP32_REASSOCIATION)
+
+
+@pytest.mark.parametrize("suffix", [True, False])
+def test_the_peers_on_the_parts_give_the_engines_outcomes(suffix):
+    """Injector and ExhaustiveLastLayer need only the parts' public API: built from an
+    EmulatedModel and its executor, they give what the Engine facade gives."""
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    x, y = data(6)
+    engine = Engine(model, "bf16", suffix=suffix)
+    ranges = engine.profile(x)
+    gen = torch.Generator().manual_seed(4)
+    faults = FaultSet.cat([engine.sample(30, s, images=6, generator=gen)
+                           for s in ("activations", "weights", "biases")])
+    em = EmulatedModel(copy.deepcopy(model), formats.get("bf16"), x, "cpu", ranges)
+    ex, _ = choose_executor(em, suffix)
+    assert ex.suffix == engine.suffix == suffix
+    assert_identical(Injector(em, ex).run(faults, x, y), engine.run(faults, x, y))
+    assert_identical(ExhaustiveLastLayer(em, ex).run(x, y, bits=[3, 7, 14]).outcomes,
+                     engine.exhaustive_last_layer(x, y, bits=[3, 7, 14]).outcomes)
