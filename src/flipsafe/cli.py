@@ -219,6 +219,11 @@ def _print_strata(prep) -> None:
     Console().print(table)
     print(f"images: {prep.image_ids.numel()} of {len(prep.labels)} ({prep.plan.images}); "
           f"classifier layer ('last'): {prep.classifier}")
+    if prep.protector is not None:
+        layers = "; ".join(f"{k} on {', '.join(v)}" for k, v in prep.protector.layers.items())
+        print(f"protect: {prep.plan.protect} ({layers})")
+        for note in prep.protector.notes:
+            print(f"  {note}")
 
 
 def cmd_plan(args) -> None:

@@ -3,6 +3,7 @@ backend (local, or Ray) inject the missing parts."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     cached = read_cached_ranges(out, plan)
     prep = prepare(plan, ranges=cached, target=target, data=data, device=device)
     plan = prep.plan  # with the data hash
+    for warning in getattr(prep.protector, "warnings", ()):
+        print(f"flipsafe: warning: {warning}", file=sys.stderr)
     refuse_other_data(plan, out)
     faults, fields = fault_list(prep)
     store = ResultsStore(out)
