@@ -296,6 +296,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     )
     from flipsafe.data import KINDS
     from flipsafe.formats import names as format_names
+    from flipsafe.protect.spec import KINDS as PROTECTION_KINDS
 
     # Defaults are None here and filled in by the plan, so a flag given against --protocol
     # can be told from one left out; the help shows the plan's defaults.
@@ -348,10 +349,14 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help=f"activation range clamp: one of {_one_of(CLAMPS)} (profiled is "
                         f"sign-preserving) (default: {d.clamp})")
     p.add_argument("--protect", default=None,
-                   help="a protection replayed on the same faults as the unprotected campaign: "
-                        "ecc (SECDED over 64-bit words of stored weights: corrects 1 bit, "
-                        "detects 2; +12.5%% memory) or parity (detects odd flips; +1/64 "
-                        "memory); --site weights only (default: none)")
+                   help="protections replayed on the same faults as the unprotected "
+                        "campaign, comma-separated, each with :key=value options (layers=SEL "
+                        "as --layers, default all; per=layer|channel; budget=P%%:map=RESULTS "
+                        "for dup/tmr channels from a vulnerability map), e.g. "
+                        "ranger,abft:layers=last,dup; "
+                        + "; ".join(f"{n} ({', '.join(k.sites)}): {k.does.replace('%', '%%')}"
+                                    for n, k in PROTECTION_KINDS.items())
+                        + " (default: none)")
     p.add_argument("--allocation", default=None,
                    help="how a layer's injections split across bit fields: one of "
                         f"{_one_of(ALLOCATIONS)} (default: {d.allocation})")
