@@ -255,12 +255,23 @@ def cmd_summary(args) -> None:
     from flipsafe.report import load_results, summary_table, with_unique_names
 
     base, *others = with_unique_names([load_results(d) for d in [args.results_dir, *args.vs]])
+    top = getattr(args, "channels", None)
     if getattr(args, "json", False):
         from flipsafe.report import summary_json
 
-        print(json.dumps(summary_json(base, vs=others), indent=2, allow_nan=False))
+        data = summary_json(base, vs=others)
+        if top is not None:
+            from flipsafe.report.channels import channel_rows
+
+            data["channels"] = channel_rows(base, top)
+        print(json.dumps(data, indent=2, allow_nan=False))
     else:
         print(summary_table(base, vs=others))
+        if top is not None:
+            from flipsafe.report.channels import channel_text
+
+            print()
+            print(channel_text(base, top))
 
 
 def cmd_report(args) -> None:
@@ -449,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results folders of other models run with the same plan")
     p.add_argument("--json", action="store_true",
                    help="print the same figures as one JSON object (null where undefined)")
+    p.add_argument("--channels", type=int, nargs="?", const=5, default=None, metavar="K",
+                   help="also show the K output channels of each layer with the highest SDC "
+                        "rate, with intervals (an activation campaign's vulnerability map; "
+                        "K defaults to 5; in --json: a channels list)")
     p.set_defaults(func=cmd_summary)
 
     p = add("report", help="write an HTML (or Markdown) report")

@@ -133,3 +133,29 @@ def test_a_budget_needs_a_map(tmp_path):
     model = tiny()
     with pytest.raises(ConfigError, match="map="):
         rows(model, data(model), tmp_path / "x", protect="tmr:budget=10%", n=5)
+
+
+def test_summary_channels_prints_the_map_top_channels(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    model = tiny()
+    table = rows(model, data(model), tmp_path / "bare", n=200)
+    cmap = channel_map(table, read_model_info(tmp_path / "bare")["layers"]).to_pylist()
+    top2 = [r for r in cmap if r["layer"] == "0"][:2] + [r for r in cmap if r["layer"] == "3"][:2]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flipsafe", "summary",
+                               str(tmp_path / "bare"), *args],
+                              check=False, capture_output=True, text=True)
+    r = cli("--channels", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["channels"]
+    assert [(g["layer"], g["channel"], g["sdc"], g["n"]) for g in got] == \
+        [(w["layer"], w["channel"], w["sdc"], w["n"]) for w in top2]
+    r = cli("--channels", "2")
+    assert r.returncode == 0 and "Output channels with the highest SDC rate" in r.stdout
+    assert f"[{top2[0]['low']:.2%}, {top2[0]['high']:.2%}]" in r.stdout
+    r = cli("--channels", "0")
+    assert r.returncode == 2 and "at least 1" in r.stderr
