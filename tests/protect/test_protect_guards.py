@@ -102,7 +102,7 @@ def _clamp_by_hand(lo, hi, fault=None):
 def test_a_ranger_campaign_equals_the_clamped_model_run_by_hand(tmp_path):
     model = tiny()
     xy = data(model)
-    x, y = xy
+    x = xy[0]
     bare = rows(model, xy, tmp_path / "bare", n=40)
     prot = rows(model, xy, tmp_path / "r", protect="ranger", n=40)
     for c in FAULT_COLUMNS:  # the same faults, replayed

@@ -33,9 +33,7 @@ def verdicts(golden: torch.Tensor, faulty: torch.Tensor, mask: torch.Tensor, kin
     """(detected, corrected) numpy bool arrays for faulty outputs `faulty` of golden outputs
     `golden` ([n, ...] each) of a layer whose elements `mask` ([...]) are duplicated
     (kind 'dup') or triplicated ('tmr')."""
-    a = faulty.contiguous().view(torch.int32) if faulty.dtype == torch.float32 else faulty
-    b = golden.contiguous().view(torch.int32) if golden.dtype == torch.float32 else golden
-    changed = (a != b).reshape(a.shape[0], -1)
+    changed = (_bits(faulty) != _bits(golden)).reshape(faulty.shape[0], -1)
     flat = mask.to(changed.device).reshape(1, -1)
     inside = (changed & flat).any(1)
     outside = (changed & ~flat).any(1)
@@ -43,6 +41,16 @@ def verdicts(golden: torch.Tensor, faulty: torch.Tensor, mask: torch.Tensor, kin
     if kind == "dup":
         return inside.cpu().numpy(), np.zeros(n, dtype=bool)
     return np.zeros(n, dtype=bool), (inside & ~outside).cpu().numpy()
+
+
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """Float values as their bit patterns (so NaN equals itself and -0 differs from 0)."""
+    if not x.is_floating_point():
+        return x
+    return x.contiguous().view(_INTS[x.element_size()])
 
 
 @dataclass(frozen=True)

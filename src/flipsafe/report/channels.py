@@ -26,8 +26,8 @@ def channel_rows(results, top: int | None = None) -> list[dict]:
 def channel_text(results, top: int = 5) -> str:
     """The `top` output channels of each layer by SDC rate, with intervals, as lines."""
     confidence = results.plan.confidence
-    lines = [f"Output channels with the highest SDC rate ({top} per layer; "
-             f"{confidence:.0%} Wilson intervals)",
+    lines = [(f"Output channels with the highest SDC rate ({top} per layer; "
+              f"{confidence:.0%} Wilson intervals)"),
              f"{'layer':<24} {'channel':>7} {'faults':>7} {'SDC':>5} {'rate':>8}  interval"]
     for r in channel_rows(results, top):
         lines.append(f"{r['layer']:<24} {r['channel']:>7} {r['n']:>7} {r['sdc']:>5} "
