@@ -43,6 +43,8 @@ def test_abft_flags_exactly_the_output_faults_beyond_its_tolerance(tmp_path):
     assert prot.num_rows == 3 * 5 * 5 * 32  # the whole fault space: every element x bit
     for c in FAULT_COLUMNS:
         assert bare.column(c).to_pylist() == prot.column(c).to_pylist(), c
+    # Every image has faults, so the campaign's golden run is of this very batch.
+    assert sorted(set(prot.column("image_id").to_pylist())) == list(range(12))
     with torch.no_grad():
         gold = model[0](x)
     # Clean outputs are never flagged: the tolerance bounds the float32 rounding.
@@ -90,6 +92,7 @@ def test_abft_on_weight_faults_checks_the_faulty_output_against_clean_filters(tm
     got = prot.column("detected").to_numpy()
     with torch.no_grad():
         hidden = F.relu(model[0](x)).flatten(1)
+    clear = 0
     for i in range(len(layer)):
         mod = model[int(layer[i])]
         w = mod.weight.detach().clone().reshape(-1)
@@ -106,8 +109,16 @@ def test_abft_on_weight_faults_checks_the_faulty_output_against_clean_filters(tm
                 diff = (y.double().sum(1) - (h @ wc.sum(0) + bc.sum())).abs()
                 tol = (U / (1 - U) * y.double().abs().sum(1) + 4 * 2.0 ** -150
                        + (75 + 1) * U * (h.abs() @ wc.abs().sum(0) + bc.abs().sum()))
-        assert bool((~(diff <= tol)).any()) == bool(got[i]), i
-    assert got.any()
+        # Faulty outputs here come from one-image convolutions, the engine's from a batch:
+        # the two may round differently, so only decisions clear of the threshold by more
+        # than a rounding step must agree.
+        clearly_flagged = bool((~(diff <= tol * (1 + 1e-3))).any())
+        clearly_not = bool((diff < tol * (1 - 1e-3)).all())
+        if clearly_flagged or clearly_not:
+            assert clearly_flagged == bool(got[i]), i
+            clear += 1
+    assert clear >= 0.9 * len(layer)
+    assert got.any() and not got.all()
 
 
 def test_abft_needs_a_conv_or_linear_layer(tmp_path):
