@@ -1,6 +1,8 @@
 """dup and tmr against brute force, channel selection under a FLOP budget by hand, and the
 per-channel vulnerability map they take it from."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,22 @@ def test_summary_channels_prints_the_map_top_channels(tmp_path):
     assert f"[{top2[0]['low']:.2%}, {top2[0]['high']:.2%}]" in r.stdout
     r = cli("--channels", "0")
     assert r.returncode == 2 and "at least 1" in r.stderr
+
+
+def test_a_resume_refuses_a_map_that_now_selects_other_channels(tmp_path):
+    from flipsafe.errors import CampaignError
+
+    model = tiny()
+    xy = data(model)
+    rows(model, xy, tmp_path / "map", n=300, seed=9)
+    spec = f"tmr:budget=30%:map={tmp_path / 'map'}"
+    rows(model, xy, tmp_path / "tmr", protect=spec, n=60)
+    rows(model, xy, tmp_path / "tmr", protect=spec, n=60)  # the same map: resumes
+    info_path = tmp_path / "tmr" / "model.json"
+    info = json.loads(info_path.read_text())
+    chosen = info["protect"]["channels"]["tmr"]
+    layer = next(iter(chosen))
+    chosen[layer] = chosen[layer][:-1] + [999]  # as if the map had chosen otherwise
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(CampaignError, match="other channels"):
+        rows(model, xy, tmp_path / "tmr", protect=spec, n=60)

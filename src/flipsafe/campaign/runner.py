@@ -66,6 +66,21 @@ def _cache_ranges(out, plan: CampaignPlan, ranges: dict) -> None:
         pass  # only a cache: the campaign profiles again next time
 
 
+def _refuse_other_channels(out, prep) -> None:
+    """Refuse to resume a dup/tmr campaign whose map now selects other channels (the map's
+    folder changed since the campaign started): its parts would mix two protections."""
+    from flipsafe.campaign.store import read_model_info
+    from flipsafe.errors import CampaignError
+
+    was = ((read_model_info(out) or {}).get("protect") or {}).get("channels")
+    now = (prep.model_info.get("protect") or {}).get("channels")
+    if was is not None and now is not None and was != now:
+        raise CampaignError(
+            f"the vulnerability map of {prep.plan.protect} now selects other channels than "
+            f"when the campaign in {out} started (its results folder changed); restore it, "
+            "or choose another --out")
+
+
 @dataclass
 class CampaignRun:
     """What a finished (or resumed) campaign did."""
@@ -106,6 +121,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     try:
         with store.lock():
             store.create_or_resume(plan, total_rows=len(faults), strata=prep.strata)
+            _refuse_other_channels(out, prep)
             if prep.ranges and cached is None:
                 _cache_ranges(out, plan, prep.ranges)
             store.write_model_info(prep.model_info)

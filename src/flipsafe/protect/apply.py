@@ -50,6 +50,7 @@ class Protector:
     notes: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     layers: dict = field(default_factory=dict)
+    channels: dict = field(default_factory=dict)  # dup/tmr under a budget: {layer: [channel]}
 
     @property
     def spec(self) -> str | None:
@@ -120,6 +121,7 @@ class Protector:
         chosen = redundancy.choose_channels(cands, budget)
         spent = sum(redundancy.channel_flops(info[n]) * len(c) for n, c in chosen.items())
         self.layers[item.name] = sorted(chosen)
+        self.channels[item.name] = chosen
         count = sum(len(c) for c in chosen.values())
         self.notes.append(f"{item.name}: {count} channel(s) of {len(chosen)} layer(s) from "
                           f"{item.get('map')}, {spent:,} of a {budget:,.0f}-FLOP budget "
@@ -172,7 +174,10 @@ class Protector:
 
     def to_dict(self) -> dict:
         """What a results folder records about the protections that ran."""
-        return {"spec": self.spec, "layers": self.layers, "notes": list(self.notes)}
+        out = {"spec": self.spec, "layers": self.layers, "notes": list(self.notes)}
+        if self.channels:
+            out["channels"] = self.channels
+        return out
 
 
 def _select(item: Protection) -> str:
