@@ -317,16 +317,18 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
             bound_batches=lambda: train_images().split(256),
             bound_source="evaluation (no training split given)" if data is not None
             else "training",
-            channel_rates=lambda item: _map_rates(item, plan))
+            channel_rates=lambda item: _map_rates(item, plan, engine))
         protector.set_on(engine)
         info["protect"] = protector.to_dict()
     return Prepared(plan, engine, images, labels, image_ids, classifier, layers, strata,
                     dict(ranges), info, protector)
 
 
-def _map_rates(item, plan: CampaignPlan):
+def _map_rates(item, plan: CampaignPlan, engine):
     """The ChannelRates of the vulnerability map protection `item` names (map=RESULTS, an
-    activation campaign's folder) and a warning when that campaign ran the same faults."""
+    activation campaign's folder) and a warning when that campaign ran the same faults.
+    Channels follow the output shapes the map's folder recorded (those of `engine`'s
+    layers for a folder written before they were recorded)."""
     from flipsafe.campaign.store import read_model_info
     from flipsafe.metrics.vulnerability import channel_map
     from flipsafe.protect.apply import ChannelRate
@@ -340,8 +342,10 @@ def _map_rates(item, plan: CampaignPlan):
     if mplan.site != "activations":
         raise ConfigError(f"{item.name}:map={folder} is a campaign on the {mplan.site} site; "
                           "a channel map comes from an activation campaign")
-    table = channel_map(store.read(), (read_model_info(folder) or {}).get("layers"),
-                        mplan.confidence)
+    shapes = (read_model_info(folder) or {}).get("layers") or {
+        i.name: {"kind": i.kind, "output_shape": list(i.output_shape)}
+        for i in engine.layers("activations", "all")}
+    table = channel_map(store.read(), shapes, mplan.confidence)
     rates = [ChannelRate(lay, int(c), float(r)) for lay, c, r in
              zip(table.column("layer").to_pylist(), table.column("channel").to_pylist(),
                  table.column("rate").to_pylist())]
