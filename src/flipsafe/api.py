@@ -35,8 +35,9 @@ class Campaign:
     compared only on equally named data.
     device: "cpu", "cuda" or "auto". classes: class names of in-memory data, checked
     against the model's class count. preprocess: {"image_size", "mean", "std"} for
-    spec-string data on a model that does not say its own. protect: a protection replayed
-    on the plan's very faults ("ecc" or "parity" for a weights plan; flipsafe.protect).
+    spec-string data on a model that does not say its own. protect: protections replayed
+    on the plan's very faults, e.g. "ranger,abft:layers=last,dup", or "ecc" for a weights
+    plan (flipsafe.protect.spec).
     """
 
     def __init__(self, model, data=None, plan: FaultPlan | None = None, out=None, *,

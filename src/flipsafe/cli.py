@@ -219,6 +219,11 @@ def _print_strata(prep) -> None:
     Console().print(table)
     print(f"images: {prep.image_ids.numel()} of {len(prep.labels)} ({prep.plan.images}); "
           f"classifier layer ('last'): {prep.classifier}")
+    if prep.protector is not None:
+        layers = "; ".join(f"{k} on {', '.join(v)}" for k, v in prep.protector.layers.items())
+        print(f"protect: {prep.plan.protect} ({layers})")
+        for note in prep.protector.notes:
+            print(f"  {note}")
 
 
 def cmd_plan(args) -> None:
@@ -250,12 +255,23 @@ def cmd_summary(args) -> None:
     from flipsafe.report import load_results, summary_table, with_unique_names
 
     base, *others = with_unique_names([load_results(d) for d in [args.results_dir, *args.vs]])
+    top = getattr(args, "channels", None)
     if getattr(args, "json", False):
         from flipsafe.report import summary_json
 
-        print(json.dumps(summary_json(base, vs=others), indent=2, allow_nan=False))
+        data = summary_json(base, vs=others)
+        if top is not None:
+            from flipsafe.report.channels import channel_rows
+
+            data["channels"] = channel_rows(base, top)
+        print(json.dumps(data, indent=2, allow_nan=False))
     else:
         print(summary_table(base, vs=others))
+        if top is not None:
+            from flipsafe.report.channels import channel_text
+
+            print()
+            print(channel_text(base, top))
 
 
 def cmd_report(args) -> None:
@@ -291,6 +307,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     from flipsafe.faults import FAULT_MODELS as FAULTS
     from flipsafe.formats import names as format_names
     from flipsafe.inject.emulate import CLAMPS
+    from flipsafe.protect.spec import KINDS as PROTECTION_KINDS
 
     # Defaults are None here and filled in by the plan, so a flag given against --protocol
     # can be told from one left out; the help shows the plan's defaults.
@@ -343,10 +360,14 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help=f"activation range clamp: one of {_one_of(CLAMPS)} (profiled is "
                         f"sign-preserving) (default: {d.clamp})")
     p.add_argument("--protect", default=None,
-                   help="a protection replayed on the same faults as the unprotected campaign: "
-                        "ecc (SECDED over 64-bit words of stored weights: corrects 1 bit, "
-                        "detects 2; +12.5%% memory) or parity (detects odd flips; +1/64 "
-                        "memory); --site weights only (default: none)")
+                   help="protections replayed on the same faults as the unprotected "
+                        "campaign, comma-separated, each with :key=value options (layers=SEL "
+                        "as --layers, default all; per=layer|channel; budget=P%%:map=RESULTS "
+                        "for dup/tmr channels from a vulnerability map), e.g. "
+                        "ranger,abft:layers=last,dup; "
+                        + "; ".join(f"{n} ({', '.join(k.sites)}): {k.does.replace('%', '%%')}"
+                                    for n, k in PROTECTION_KINDS.items())
+                        + " (default: none)")
     p.add_argument("--allocation", default=None,
                    help="how a layer's injections split across bit fields: one of "
                         f"{_one_of(ALLOCATIONS)} (default: {d.allocation})")
@@ -439,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results folders of other models run with the same plan")
     p.add_argument("--json", action="store_true",
                    help="print the same figures as one JSON object (null where undefined)")
+    p.add_argument("--channels", type=int, nargs="?", const=5, default=None, metavar="K",
+                   help="also show the K output channels of each layer with the highest SDC "
+                        "rate, with intervals (an activation campaign's vulnerability map; "
+                        "K defaults to 5; in --json: a channels list)")
     p.set_defaults(func=cmd_summary)
 
     p = add("report", help="write an HTML (or Markdown) report")

@@ -214,3 +214,57 @@ def test_python_campaign_takes_a_protection(mlp_checkpoint, tmp_path):
     assert "Protections" in table
     with pytest.raises(ConfigError, match="stored weights"):
         Campaign(str(mlp_checkpoint), plan=FaultPlan(n=5), out=tmp_path / "a", protect="ecc")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "flipsafe", *map(str, args)], check=False,
+                          capture_output=True, text=True)
+
+
+def test_combined_protections_replay_the_unprotected_rows(mlp_checkpoint, tmp_path):
+    plan = {"site": "activations", "layers": "all", "n": 60}
+    bare = _rows(_plan(mlp_checkpoint, **plan), tmp_path / "bare")
+    spec = "ranger,abft:layers=last,dup"
+    prot_plan = _plan(mlp_checkpoint, protect=" DUP, ranger , abft:layers=last", **plan)
+    assert prot_plan.protect == "abft:layers=last,dup,ranger"  # canonical, as stored
+    assert prot_plan.fingerprint() == _plan(mlp_checkpoint, protect=spec, **plan).fingerprint()
+    prot = _rows(prot_plan, tmp_path / "prot")
+    for name in FAULT_COLUMNS:
+        assert bare.column(name).equals(prot.column(name)), name
+    # dup copies every Conv/Linear ('all'): every fault is flagged, none is an SDC.
+    assert prot.column("detected").to_numpy().all()
+    assert not prot.column("sdc").to_numpy().any()
+    # Weights: ecc with abft and ranger; corrected overrides what a detector saw.
+    wplan = {"site": "weights", "layers": "all", "n": 60, "fault": "burst2"}
+    wbare = _rows(_plan(mlp_checkpoint, **wplan), tmp_path / "wbare")
+    wprot = _rows(_plan(mlp_checkpoint, protect="ecc,ranger,abft", **wplan), tmp_path / "w")
+    for name in FAULT_COLUMNS:
+        assert wbare.column(name).equals(wprot.column(name)), name
+    det, cor = wprot.column("detected").to_numpy(), wprot.column("corrected").to_numpy()
+    assert det.all() and not cor.any()  # double flips in one word: ecc detects them all
+    assert not wprot.column("sdc").to_numpy().any()
+
+
+def test_cli_runs_protections_and_refuses_bad_selections_in_one_line(mlp_checkpoint,
+                                                                      tmp_path):
+    r = _cli("campaign", mlp_checkpoint, "--out", tmp_path / "r", "--n", "5", "--quiet",
+             "--protect", "ranger:per=channel,tmr:layers=last")
+    assert r.returncode == 0, r.stderr
+    assert "ranger" in r.stdout
+    for spec, words in (("abft:layers=nomatch", "abft:layers=nomatch"),
+                        ("dup:budget=10%", "map="),
+                        ("dup:budget=150%", "budget"),
+                        (f"tmr:budget=5%:map={tmp_path / 'none'}", "not a campaign")):
+        r = _cli("campaign", mlp_checkpoint, "--out", tmp_path / "x", "--n", "5", "--quiet",
+                 "--protect", spec)
+        assert r.returncode == 2, (spec, r.stderr)
+        assert r.stderr.strip().count("\n") == 0 and words in r.stderr, (spec, r.stderr)
+
+
+def test_campaign_help_lists_the_protections():
+    from flipsafe.protect.spec import KINDS
+
+    r = _cli("campaign", "--help")
+    text = " ".join(r.stdout.split())
+    for name, kind in KINDS.items():
+        assert name in text and " ".join(kind.does.split())[:30] in text, name

@@ -211,8 +211,9 @@ class CampaignPlan(FaultPlan):
     did not train (None: none given). protocol names a set of conventions (PROTOCOLS, e.g.
     "goldeneye"): site, layers, images, clamp and fault left as None take the protocol's
     values (without a protocol, CONVENTION_DEFAULTS), and a value given that differs from the
-    protocol's is refused. protect names a protection (flipsafe.protect: "ecc" or "parity"
-    on a weights campaign) replayed on the very faults of the unprotected plan: it is no
+    protocol's is refused. protect is a protection specification (flipsafe.protect.spec, e.g.
+    "ranger,abft:layers=last,dup" or "ecc" on a weights campaign; stored in its canonical
+    spelling) replayed on the very faults of the unprotected plan: it is no
     fault field, so the fault list of a protected plan is the unprotected one's.
     """
 
@@ -235,10 +236,8 @@ class CampaignPlan(FaultPlan):
         ):
             raise ConfigError(f"data_sha must be a sha256 hex digest or None, got {self.data_sha!r}")
         check_preprocess(self.preprocess)
-        check_protection(self.protect, self.site)
-        if self.protect in ("ranger",):
-            raise ConfigError("campaigns take the weight protections ecc and parity so far; "
-                              "ranger is available from flipsafe.protect.ranger")
+        # One spelling per specification ('ecc' stays 'ecc'), so fingerprints agree.
+        object.__setattr__(self, "protect", check_protection(self.protect, self.site))
         if self.preprocess is not None:
             clean = {k: (list(v) if isinstance(v, (list, tuple)) else v)
                      for k, v in self.preprocess.items() if v is not None}

@@ -4,6 +4,7 @@ backend (local, or Ray) inject the missing parts."""
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,14 @@ def campaign_cost(prep: Prepared, selection: dict | None = None) -> dict:
     items = parse(prep.plan.protect, prep.plan.site)
     if selection is None:
         selection = cost.layer_selection(prep.engine, items, prep.plan.site)
+        # What the protector chose: abft's Conv/Linear layers, dup/tmr's budgeted channels.
+        protector = getattr(prep, "protector", None)
+        if protector is not None:
+            for name in ("ranger", "clip", "abft", "dup", "tmr"):
+                if name in protector.layers and name not in protector.channels:
+                    selection[name] = {layer: None for layer in protector.layers[name]}
+            for name, chosen in protector.channels.items():
+                selection[name] = {layer: list(ch) for layer, ch in chosen.items()}
     ids = prep.image_ids[:COST_IMAGES].cpu()
     model = copy.deepcopy(prep.engine.model).cpu()
     return cost.for_plan(model, items, selection, prep.images[ids].cpu(),
@@ -93,6 +102,21 @@ def _record_cost(prep: Prepared, store: ResultsStore) -> None:
     except (FlipsafeError, RuntimeError) as exc:  # a report shows n/a; the campaign runs on
         record = {"error": f"{type(exc).__name__}: {exc}"}
     store.write_cost(record)
+
+
+def _refuse_other_channels(out, prep) -> None:
+    """Refuse to resume a dup/tmr campaign whose map now selects other channels (the map's
+    folder changed since the campaign started): its parts would mix two protections."""
+    from flipsafe.campaign.store import read_model_info
+    from flipsafe.errors import CampaignError
+
+    was = ((read_model_info(out) or {}).get("protect") or {}).get("channels")
+    now = (prep.model_info.get("protect") or {}).get("channels")
+    if was is not None and now is not None and was != now:
+        raise CampaignError(
+            f"the vulnerability map of {prep.plan.protect} now selects other channels than "
+            f"when the campaign in {out} started (its results folder changed); restore it, "
+            "or choose another --out")
 
 
 @dataclass
@@ -127,12 +151,15 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     cached = read_cached_ranges(out, plan)
     prep = prepare(plan, ranges=cached, target=target, data=data, device=device)
     plan = prep.plan  # with the data hash
+    for warning in getattr(prep.protector, "warnings", ()):
+        print(f"flipsafe: warning: {warning}", file=sys.stderr)
     refuse_other_data(plan, out)
     faults = fault_list(prep)
     store = ResultsStore(out)
     try:
         with store.lock():
             store.create_or_resume(plan, total_rows=len(faults), strata=prep.strata)
+            _refuse_other_channels(out, prep)
             if prep.ranges and cached is None:
                 _cache_ranges(out, plan, prep.ranges)
             store.write_model_info(prep.model_info)

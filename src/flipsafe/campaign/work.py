@@ -80,6 +80,8 @@ class Prepared:
     ranges: dict = dataclasses.field(default_factory=dict)
     # What reports say about the model (see store.MODEL_FILE): source, hash, clean accuracy.
     model_info: dict = dataclasses.field(default_factory=dict)
+    # The plan's protections, built on `engine` (its guards already set); None without.
+    protector: object = None
 
     @property
     def total(self) -> int:
@@ -277,8 +279,60 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
             "description": target.description, "classes": target.classes,
             "classifier": classifier,
             "accuracy": float((top1 == labels).double().mean())}
+    if plan.site == "activations":
+        # What a per-channel vulnerability map of these rows needs (metrics.vulnerability).
+        info["layers"] = {i.name: {"kind": i.kind, "output_shape": list(i.output_shape)}
+                          for i in layers}
+    protector = None
+    if plan.protect is not None:
+        # Built after the images are chosen on the unprotected model, so the fault list
+        # (and each fault's image) is the unprotected campaign's.
+        from flipsafe.protect.apply import Protector
+
+        protector = Protector.build(
+            plan.protect, engine, plan.site,
+            bound_batches=lambda: train_images().split(256),
+            bound_source="evaluation (no training split given)" if data is not None
+            else "training",
+            channel_rates=lambda item: _map_rates(item, plan, engine))
+        protector.set_on(engine)
+        info["protect"] = protector.to_dict()
     return Prepared(plan, engine, images, labels, image_ids, classifier, layers, strata,
-                    dict(ranges), info)
+                    dict(ranges), info, protector)
+
+
+def _map_rates(item, plan: CampaignPlan, engine):
+    """The ChannelRates of the vulnerability map protection `item` names (map=RESULTS, an
+    activation campaign's folder) and a warning when that campaign ran the same faults.
+    Channels follow the output shapes the map's folder recorded (those of `engine`'s
+    layers for a folder written before they were recorded)."""
+    from flipsafe.campaign.store import read_model_info
+    from flipsafe.metrics.vulnerability import channel_map
+    from flipsafe.protect.apply import ChannelRate
+
+    folder = Path(item.get("map"))
+    if not (folder / PLAN_FILE).is_file():
+        raise ConfigError(f"{item.name}:map={folder} is not a campaign results folder; give "
+                          "the --out folder of an activation campaign")
+    store = ResultsStore(folder)
+    mplan = store.open()
+    if mplan.site != "activations":
+        raise ConfigError(f"{item.name}:map={folder} is a campaign on the {mplan.site} site; "
+                          "a channel map comes from an activation campaign")
+    shapes = (read_model_info(folder) or {}).get("layers") or {
+        i.name: {"kind": i.kind, "output_shape": list(i.output_shape)}
+        for i in engine.layers("activations", "all")}
+    table = channel_map(store.read(), shapes, mplan.confidence)
+    rates = [ChannelRate(lay, int(c), float(r)) for lay, c, r in
+             zip(table.column("layer").to_pylist(), table.column("channel").to_pylist(),
+                 table.column("rate").to_pylist())]
+    same = {**mplan.fault_plan.to_dict(), "part_size": 0} == \
+        {**plan.fault_plan.to_dict(), "part_size": 0}
+    warning = None
+    if same and mplan.model_sha == plan.model_sha:
+        warning = (f"{item.name}:map={folder} ran this very plan and seed, so its channels are "
+                   "chosen and judged on the same faults (optimistic); map with another --seed")
+    return rates, warning
 
 
 def fault_list(prep: Prepared):
@@ -356,23 +410,62 @@ def _inject(prep: Prepared, part, golden=None):
 
 
 def _protected(prep: Prepared, part, out, golden=None):
-    """(corrected, detected) of each fault of `part` under the plan's protection (all False
-    without one), with `out` changed in place to what the protected model gives: a corrected
-    fault has the golden outcome (masked), a detected one is no SDC, and a fault the code
-    miscorrected within its element is run again with the code the model then reads (one
-    whose miscorrection lands in another element of the word keeps its injected outcome)."""
+    """(corrected, detected) of each fault of `part` under the plan's protections (all False
+    without one), with `out` changed in place to what the protected model gives (guards,
+    ranger and clip, already act in the engine's runs): a corrected fault (ecc, tmr) has
+    the golden outcome (masked), a detected one (ecc, parity, abft, dup) is no SDC, and
+    corrected overrides detected. A fault the code miscorrected within its element is run
+    again with the code the model then reads (one whose miscorrection lands in another
+    element of the word keeps its injected outcome)."""
+    n = len(part)
+    corrected, detected = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    p = prep.protector
+    if p is None:
+        return corrected, detected
+    for name, layers in p.weight.items():
+        c, d = _weight_protected(prep, name, layers, part, out, golden)
+        corrected |= c
+        detected |= d
+    if p.checks:
+        c, d = p.output_verdicts(prep.engine, *_local_golden(prep, part, p.checks, golden))
+        corrected |= c
+        detected |= d
+    detected &= ~corrected
+    fix = torch.from_numpy(corrected)
+    out.faulty_top1[fix] = out.golden_top1[fix]
+    out.faulty_loss[fix] = out.golden_loss[fix]
+    out.delta_loss[fix] = 0.0
+    out.faulty_top2diff[fix] = out.golden_top2diff[fix]
+    for flag in (out.sdc, out.due, out.nonfinite):
+        flag[fix] = False
+    out.sdc[torch.from_numpy(detected)] = False
+    return corrected, detected
+
+
+def _local_golden(prep: Prepared, part, layers, golden=None):
+    """(faults of `part` with images indexing the golden run, that golden run)."""
+    if golden is not None:
+        ids, gold = golden
+        return part.with_image(torch.searchsorted(ids, part.image)), gold
+    used, image = torch.unique(part.image, return_inverse=True)
+    local = part.with_image(image)
+    return local, prep.engine.golden(prep.images[used], prep.labels[used], layers=set(layers))
+
+
+def _weight_protected(prep: Prepared, name: str, layers, part, out, golden=None):
+    """(corrected, detected) of weight protection `name` (ecc, parity) on the faults of
+    `part` in `layers` (None: all), rerunning the faults it miscorrected (see _protected)."""
     from flipsafe.faults.models import FLIP
     from flipsafe.protect import weight_verdicts
 
     n = len(part)
     corrected, detected = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-    name = prep.plan.protect
-    if name is None:
-        return corrected, detected
     reread, flip = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
-    layers = np.array(part.layer_names, dtype=object)
+    names = np.array(part.layer_names, dtype=object)
     for layer in dict.fromkeys(part.layer_names):
-        rows = np.nonzero(layers == layer)[0]
+        if layers is not None and layer not in layers:
+            continue
+        rows = np.nonzero(names == layer)[0]
         codes = prep.engine.params[(layer, "weight")]
         sel = torch.from_numpy(rows)
         v = weight_verdicts(name, codes.codes, codes.coder.fmt.bits,
@@ -388,14 +481,6 @@ def _protected(prep: Prepared, part, out, golden=None):
             column = getattr(out, name_, None)
             if isinstance(column, torch.Tensor):
                 column[rows] = getattr(res, name_)
-    fix = torch.from_numpy(corrected)
-    out.faulty_top1[fix] = out.golden_top1[fix]
-    out.faulty_loss[fix] = out.golden_loss[fix]
-    out.delta_loss[fix] = 0.0
-    out.faulty_top2diff[fix] = out.golden_top2diff[fix]
-    for flag in (out.sdc, out.due, out.nonfinite):
-        flag[fix] = False
-    out.sdc[torch.from_numpy(detected)] = False
     return corrected, detected
 
 

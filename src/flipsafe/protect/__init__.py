@@ -3,7 +3,9 @@ is never changed.
 
 Weight protections (`ecc`, `parity`) are pure functions of the stored weight codes: given
 the original and the faulty codes they say, per fault, whether the code corrected it or
-detected it. `ranger` clamps a layer's outputs to their profiled range.
+detected it. Protections of layer outputs: `ranger`/`clip` (guards within the profiled
+range), `abft` (checksums), `redundancy` (dup, tmr); `apply.Protector` builds a campaign's
+protections on its engine; `spec` parses specifications.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""Ranger (Chen et al., DSN 2021): each protected layer's outputs clamped to the range
-profiled on clean data, so a fault cannot push an activation beyond what the layer ever
-produced. A NaN or an infinity goes to the bound on its side (sign kept), as the engine's
-'profiled' clamp does.
+"""Ranger (Chen et al., DSN 2021) and FT-ClipAct (Hoang et al., DATE 2020): each protected
+layer's outputs held within the range [lo, hi] profiled on clean data, so a fault cannot
+push an activation beyond what the layer ever produced.
 
-`protect(model, ranges)` returns a protected copy; the model given is never changed.
+Campaigns use `profile_bounds` (the held outputs of an Engine, per layer or per channel)
+and `guards` (engine guards: ranger clamps to [lo, hi], a NaN going to the bound on the
+side of its sign bit and an infinity to the bound on its side; clip sets a value outside
+[lo, hi], NaN or infinite, to 0). `protect(model, ranges)` returns a clamped copy of a
+plain model (symmetric +-range); the model given is never changed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,96 @@ from flipsafe.inject.emulate import clamp
 DEFAULT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Operations a clamp costs per output value: one comparison with each bound.
 FLOPS_PER_VALUE = 2
+
+
+def profile_bounds(engine, layers, batches, per_channel: bool = False) -> dict:
+    """{layer: (lo, hi)} of what each of `layers` hands on (its output held in the engine's
+    format, engine.quantize_output of the raw output) over image `batches` (an iterable of
+    image tensors), the engine's guards unset. Per layer, lo and hi are 0-d tensors; per
+    channel they hold one value per output channel, shaped to broadcast over an output
+    (C, 1, ...) for Conv outputs (channel dim 1 of the batch) and (F,) on the last dim
+    otherwise. Non-finite clean values are left out."""
+    layers = list(layers)
+    if engine.guards:
+        raise ConfigError("profile_bounds needs an engine without guards (bounds are those "
+                          "of the unprotected model)")
+    lo: dict = {}
+    hi: dict = {}
+    seen = False
+    for x in batches:
+        labels = torch.zeros(x.shape[0], dtype=torch.long)
+        g = engine.golden(x, labels, layers=set(layers))
+        for name in layers:
+            held = engine.quantize_output(name, g.raw[name])
+            dim = _channel_dim(engine, name, held) if per_channel else None
+            a, b = _extremes(held, dim)
+            lo[name] = a if name not in lo else torch.minimum(lo[name], a)
+            hi[name] = b if name not in hi else torch.maximum(hi[name], b)
+        seen = True
+    if not seen:
+        raise ConfigError("ranger/clip bounds need at least one batch of images")
+    out = {}
+    for name in layers:
+        a, b = lo[name], hi[name]
+        if per_channel:
+            shape = _bound_shape(engine, name, a.numel())
+            a, b = a.reshape(shape), b.reshape(shape)
+        out[name] = (a, b)
+    return out
+
+
+def _channel_dim(engine, name: str, held: torch.Tensor) -> int:
+    """The batch dim of `held` that holds output channels: 1 for Conv, else the last."""
+    return 1 if engine.kinds.get(name) == "conv" and held.dim() >= 3 else held.dim() - 1
+
+
+def _bound_shape(engine, name: str, channels: int) -> tuple:
+    """Shape of per-channel bounds broadcasting over one or more outputs of `name`."""
+    shape = engine.layers("activations", name)[0].output_shape
+    if engine.kinds.get(name) == "conv" and len(shape) >= 2:
+        return (channels,) + (1,) * (len(shape) - 1)
+    return (channels,)
+
+
+def _extremes(held: torch.Tensor, dim: int | None):
+    finite = torch.isfinite(held)
+    big = torch.finfo(held.dtype).max
+    low = torch.where(finite, held, big)
+    high = torch.where(finite, held, -big)
+    if dim is None:
+        return low.amin(), high.amax()
+    other = [d for d in range(held.dim()) if d != dim]
+    return low.amin(dim=other), high.amax(dim=other)
+
+
+def guards(bounds: dict, mode: str = "ranger", device=None) -> dict:
+    """Engine guards {layer: fn} holding each layer of `bounds` ({layer: (lo, hi)}) within
+    its bounds: mode 'ranger' clamps (NaN to the bound on its sign bit's side), 'clip'
+    sets values outside [lo, hi] and non-finite ones to 0. Both act element-wise and are
+    idempotent, as engine guards must be."""
+    if mode not in ("ranger", "clip"):
+        raise ConfigError(f"guard mode must be ranger or clip, got {mode!r}")
+    make = ranger_guard if mode == "ranger" else clip_guard
+    return {name: make(torch.as_tensor(lo, device=device, dtype=torch.float32),
+                       torch.as_tensor(hi, device=device, dtype=torch.float32))
+            for name, (lo, hi) in bounds.items()}
+
+
+def ranger_guard(lo: torch.Tensor, hi: torch.Tensor):
+    """x clamped to [lo, hi]; a NaN goes to lo when its sign bit is set, else to hi."""
+    def guard(x):
+        held = torch.maximum(torch.minimum(x, hi), lo)  # NaN propagates through both
+        side = torch.where(torch.signbit(x), lo, hi)
+        return torch.where(torch.isnan(x), side.to(x.dtype), held)
+    return guard
+
+
+def clip_guard(lo: torch.Tensor, hi: torch.Tensor):
+    """x where lo <= x <= hi, else 0 (NaN and infinities included): FT-ClipAct."""
+    def guard(x):
+        inside = (x >= lo) & (x <= hi)
+        return torch.where(inside, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return guard
 
 
 def protected_layers(model: nn.Module, ranges: dict, select: str | None = None) -> list[str]:

@@ -1,0 +1,182 @@
+"""dup and tmr against brute force, channel selection under a FLOP budget by hand, and the
+per-channel vulnerability map they take it from."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from protect_models import FAULT_COLUMNS, data, rows, tiny
+
+from flipsafe.campaign.store import read_model_info
+from flipsafe.errors import ConfigError
+from flipsafe.metrics.vulnerability import channel_map
+from flipsafe.protect.redundancy import Candidate, channel_mask, choose_channels, verdicts
+
+
+def test_tmr_on_a_layer_leaves_no_sdc_from_its_output_faults(tmp_path):
+    model = tiny()
+    xy = data(model)
+    bare = rows(model, xy, tmp_path / "bare", n=80)
+    tmr = rows(model, xy, tmp_path / "tmr", protect="tmr:layers=3", n=80)
+    for c in FAULT_COLUMNS:
+        assert bare.column(c).to_pylist() == tmr.column(c).to_pylist(), c
+    last = np.array(tmr.column("layer").to_pylist()) == "3"
+    corrected, sdc = tmr.column("corrected").to_numpy(), tmr.column("sdc").to_numpy()
+    assert bare.column("sdc").to_numpy()[last].any()  # they did harm unprotected
+    assert corrected[last].all() and not sdc[last].any()  # every bit flip changes its value
+    assert (tmr.column("faulty_top1").to_numpy()[last]
+            == tmr.column("golden_top1").to_numpy()[last]).all()
+    # The other layer's faults are as unprotected.
+    assert not corrected[~last].any()
+    assert np.array_equal(sdc[~last], bare.column("sdc").to_numpy()[~last])
+
+
+def test_dup_detects_every_changed_output_it_duplicates_and_nothing_else(tmp_path):
+    model = tiny()
+    xy = data(model)
+    dup = rows(model, xy, tmp_path / "dup", protect="dup:layers=0", n=80)
+    first = np.array(dup.column("layer").to_pylist()) == "0"
+    detected = dup.column("detected").to_numpy()
+    assert detected[first].all() and not detected[~first].any()
+    assert not dup.column("sdc").to_numpy()[first].any()
+
+
+def test_verdicts_by_hand():
+    golden = torch.zeros(4, 2, 3)
+    faulty = golden.clone()
+    faulty[0, 0, 1] = 1.0  # in a protected channel
+    faulty[1, 1, 2] = float("nan")  # outside it
+    faulty[2, 0, 0] = -0.0  # a sign flip of zero changes the bits
+    mask = channel_mask((2, 3), conv=True, channels=[0])
+    d, c = verdicts(golden, faulty, mask, "dup")
+    assert d.tolist() == [True, False, True, False] and not c.any()
+    d, c = verdicts(golden, faulty, mask, "tmr")
+    assert c.tolist() == [True, False, True, False] and not d.any()
+    # Last-dim channels for Linear outputs (also over tokens).
+    assert channel_mask((2, 3), conv=False, channels=[2]).tolist() == [[False, False, True]] * 2
+
+
+def test_channels_are_chosen_by_rate_within_the_budget():
+    cands = [Candidate("a", 0, 0.5, 60), Candidate("a", 1, 0.4, 30), Candidate("b", 0, 0.3, 30),
+             Candidate("b", 1, 0.0, 1), Candidate("b", 2, 0.2, 50)]
+    # 0.5 (60) fits 100; 0.4 (30) fits the 40 left; 0.3 (30) does not fit 10; 0.2 neither;
+    # a channel without SDCs is never worth copying.
+    assert choose_channels(cands, 100) == {"a": [0, 1]}
+    assert choose_channels(cands, 59) == {"a": [1]}  # 0.5 does not fit, 0.3 no longer does
+    assert choose_channels(cands, 120) == {"a": [0, 1], "b": [0]}
+    assert choose_channels(cands, 10) == {}
+    for budget in range(0, 200, 7):
+        chosen = choose_channels(cands, budget)
+        cost = {(c.layer, c.channel): c.flops for c in cands}
+        assert sum(cost[(k, ch)] for k, v in chosen.items() for ch in v) <= budget
+
+
+def test_channel_map_counts_sdcs_per_output_channel(tmp_path):
+    model = tiny()
+    xy = data(model)
+    table = rows(model, xy, tmp_path / "bare", n=300)
+    layers = read_model_info(tmp_path / "bare")["layers"]
+    assert layers == {"0": {"kind": "conv", "output_shape": [3, 5, 5]},
+                      "3": {"kind": "linear", "output_shape": [4]}}
+    cmap = channel_map(table, layers).to_pylist()
+    names = np.array(table.column("layer").to_pylist())
+    index = table.column("index").to_numpy()
+    sdc = table.column("sdc").to_numpy()
+    for r in cmap:
+        rows_ = names == r["layer"]
+        ch = index // 25 if r["layer"] == "0" else index % 4
+        mine = rows_ & (ch == r["channel"])
+        assert r["n"] == mine.sum() and r["sdc"] == sdc[mine].sum()
+        assert r["rate"] == pytest.approx(r["sdc"] / r["n"])
+        assert r["low"] <= r["rate"] <= r["high"]
+    assert sum(r["n"] for r in cmap) == table.num_rows
+    rates = [r["rate"] for r in cmap if r["layer"] == "0"]
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_dup_under_a_budget_copies_the_most_vulnerable_channels(tmp_path, capsys):
+    model = tiny()
+    xy = data(model)
+    rows(model, xy, tmp_path / "map", n=300, seed=9)
+    spec = f"dup:budget=30%:map={tmp_path / 'map'}"
+    dup = rows(model, xy, tmp_path / "dup", protect=spec, n=120)
+    info = read_model_info(tmp_path / "dup")["protect"]
+    chosen = info["layers"]["dup"]
+    assert chosen and not any("warning" in n for n in info["notes"])
+    # Budget: conv channel = 2*18*25 = 900 FLOPs, linear feature = 2*75 = 150; the model's
+    # Conv/Linear FLOPs are 3*900 + 4*150 = 3300, so 30 % is 990.
+    cmap = channel_map(_read_rows(tmp_path / "map"), read_model_info(tmp_path / "map")["layers"])
+    want = choose_channels([Candidate(r["layer"], r["channel"], r["rate"],
+                                      900 if r["layer"] == "0" else 150)
+                            for r in cmap.to_pylist()], 990)
+    assert sorted(want) == chosen
+    names = np.array(dup.column("layer").to_pylist())
+    index = dup.column("index").to_numpy()
+    channel = np.where(names == "0", index // 25, index % 4)
+    copied = np.array([int(c) in want.get(n, []) for n, c in zip(names, channel)])
+    assert np.array_equal(dup.column("detected").to_numpy(), copied)
+    # The same plan and seed as the map: selection and evaluation on the same faults.
+    rows(model, xy, tmp_path / "same", protect=spec, n=300, seed=9)
+    notes = read_model_info(tmp_path / "same")["protect"]["notes"]
+    assert any("same faults" in n for n in notes)
+    assert "same faults" in capsys.readouterr().err
+
+
+def _read_rows(folder):
+    from flipsafe.campaign import ResultsStore
+
+    store = ResultsStore(folder)
+    store.open()
+    return store.read()
+
+
+def test_a_budget_needs_a_map(tmp_path):
+    model = tiny()
+    with pytest.raises(ConfigError, match="map="):
+        rows(model, data(model), tmp_path / "x", protect="tmr:budget=10%", n=5)
+
+
+def test_summary_channels_prints_the_map_top_channels(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    model = tiny()
+    table = rows(model, data(model), tmp_path / "bare", n=200)
+    cmap = channel_map(table, read_model_info(tmp_path / "bare")["layers"]).to_pylist()
+    top2 = [r for r in cmap if r["layer"] == "0"][:2] + [r for r in cmap if r["layer"] == "3"][:2]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flipsafe", "summary",
+                               str(tmp_path / "bare"), *args],
+                              check=False, capture_output=True, text=True)
+    r = cli("--channels", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["channels"]
+    assert [(g["layer"], g["channel"], g["sdc"], g["n"]) for g in got] == \
+        [(w["layer"], w["channel"], w["sdc"], w["n"]) for w in top2]
+    r = cli("--channels", "2")
+    assert r.returncode == 0 and "Output channels with the highest SDC rate" in r.stdout
+    assert f"[{top2[0]['low']:.2%}, {top2[0]['high']:.2%}]" in r.stdout
+    r = cli("--channels", "0")
+    assert r.returncode == 2 and "at least 1" in r.stderr
+
+
+def test_a_resume_refuses_a_map_that_now_selects_other_channels(tmp_path):
+    from flipsafe.errors import CampaignError
+
+    model = tiny()
+    xy = data(model)
+    rows(model, xy, tmp_path / "map", n=300, seed=9)
+    spec = f"tmr:budget=30%:map={tmp_path / 'map'}"
+    rows(model, xy, tmp_path / "tmr", protect=spec, n=60)
+    rows(model, xy, tmp_path / "tmr", protect=spec, n=60)  # the same map: resumes
+    info_path = tmp_path / "tmr" / "model.json"
+    info = json.loads(info_path.read_text())
+    chosen = info["protect"]["channels"]["tmr"]
+    layer = next(iter(chosen))
+    chosen[layer] = chosen[layer][:-1] + [999]  # as if the map had chosen otherwise
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(CampaignError, match="other channels"):
+        rows(model, xy, tmp_path / "tmr", protect=spec, n=60)
