@@ -71,6 +71,7 @@ def test_demo_rerun_with_another_thread_count_resumes(tmp_path, small_demo, monk
         demo.DemoCampaign("last-layer", "last", 20, "none"),
         demo.DemoCampaign("all-layers", "all", 5, "profiled"),
     ))
+    monkeypatch.setattr(demo, "demo_hardening", lambda quick: ())
     import flipsafe.report
 
     # Report rendering is tested elsewhere; a stub keeps this test short.

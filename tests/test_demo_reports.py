@@ -1,5 +1,6 @@
 """The demo writes and names one report per campaign, each with its own title."""
 
+import dataclasses
 import io
 import re
 
@@ -14,10 +15,13 @@ def test_demo_prints_every_report_it_writes(tmp_path, monkeypatch, capfd):
     full = demo.demo_campaigns
     monkeypatch.setattr(demo, "demo_campaigns", lambda quick: tuple(
         demo.DemoCampaign(c.name, c.layers, 8, c.clamp) for c in full(quick)))
+    hardening = demo.demo_hardening
+    monkeypatch.setattr(demo, "demo_hardening", lambda quick: tuple(
+        dataclasses.replace(h, n=8) for h in hardening(quick)))
     buf = io.StringIO()
     done = demo.run_demo(tmp_path / "d", quick=True, console=Console(file=buf, width=200))
     printed = buf.getvalue()
-    names = [c.name for c in full(True)]
+    names = [c.name for c in full(True)] + [h.name for h in hardening(True)]
     assert set(done["reports"]) == set(names) and "last-layer-clamped" in names
     titles = set()
     for name, path in done["reports"].items():
@@ -26,3 +30,8 @@ def test_demo_prints_every_report_it_writes(tmp_path, monkeypatch, capfd):
     assert len(titles) == len(names)  # every report says which campaign it shows
     assert done["report"] == tmp_path / "d" / "report.html"
     assert "Loading weights" not in capfd.readouterr().err
+    for h in hardening(True):  # each hardening report holds its table and Pareto plot
+        page = done["reports"][h.name].read_text(encoding="utf-8")
+        assert "Protections" in page and "SDC rate against cost" in page
+        for spec in h.protections:
+            assert spec.split(":")[0] in page

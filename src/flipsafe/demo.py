@@ -200,12 +200,13 @@ def _run_hardening(out: Path, quick: bool, models: dict, campaigns: dict,
     """Run every hardening comparison; returns {comparison: {label: results folder}} with
     each model's unprotected campaign first."""
     from flipsafe.campaign.runner import make_plan, run_campaign
-    from flipsafe.report import load_results, summary_table
+    from flipsafe.report import load_results
+    from flipsafe.report.tables import protection_table
 
     done = {}
     for h in demo_hardening(quick):
         folders = {}
-        for name in HARDENED_MODELS:
+        for name in (n for n in HARDENED_MODELS if n in models):
             # dup chooses its channels from the all-layer campaign of another seed.
             source = dict(zip(models, campaigns.get("all-layers", ())))
             for spec in ("", *h.protections):
@@ -220,7 +221,7 @@ def _run_hardening(out: Path, quick: bool, models: dict, campaigns: dict,
         console.rule(f"{h.name}: fp32 single-bit flips in the {h.site} of layers {h.layers!r}, "
                      f"replayed under {', '.join(p.split(':')[0] for p in h.protections)}")
         results = [load_results(f) for f in folders.values()]
-        print(summary_table(results[0], vs=results[1:]), flush=True)
+        print(protection_table(results[0], vs=results[1:]).render_text(), flush=True)
         done[h.name] = folders
     return done
 

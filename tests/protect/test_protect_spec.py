@@ -47,3 +47,12 @@ def test_bad_specifications_give_one_line(spec, site, words):
 def test_every_protection_guards_some_campaign_site():
     for name, kind in KINDS.items():
         assert parse(name, kind.sites[0])[0].name == name
+
+
+def test_labels_shorten_map_folders_only():
+    from flipsafe.protect.spec import label
+
+    assert label(None) == "none"
+    assert label("ecc,abft:layers=last") == "ecc,abft:layers=last"
+    assert label("dup:budget=10%:map=/a/b/baseline/") == "dup:budget=10%:map=…/baseline"
+    assert label("tmr:budget=5%:map=res") == "tmr:budget=5%:map=res"

@@ -165,3 +165,17 @@ def _site_error(name: str, site: str, kind: Kind) -> str:
         why = "it guards " + " and ".join(kind.sites)
     return (f"{name} cannot guard a campaign on the {site} site: {why} "
             f"(use --site {kind.sites[0]})")
+
+
+def label(spec: str | None) -> str:
+    """A specification as tables and plots show it: 'none' for none, and a map= folder by
+    its last name (the full path stays in the plan and in --json)."""
+    if not spec:
+        return "none"
+    parts = []
+    for item in str(spec).split(","):
+        name, *opts = item.split(":")
+        opts = [f"map=…/{o[4:].rstrip('/').rsplit('/', 1)[-1]}" if o.startswith("map=") and "/"
+                in o[4:].rstrip("/") else o for o in opts]
+        parts.append(":".join([name, *opts]))
+    return ",".join(parts)

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from flipsafe.errors import FlipsafeError
 from flipsafe.metrics.calibration import ReliabilityBins, reliability_bins
 from flipsafe.metrics.stats import Summary, summarise
+from flipsafe.protect.spec import label as protection_label
 from flipsafe.report.results import LAST, Results, with_bit_column
 
 # Colours differ in lightness as well as hue, and each model also gets its own marker,
@@ -374,7 +375,7 @@ def pareto_figure(entries: Sequence[dict]) -> Figure:
         for ax, (key, label) in zip(row, PARETO_AXES):
             points, missing = [], []
             for e in group:
-                name = e["protection"] or "none"
+                name = protection_label(e["protection"])
                 marker = markers.setdefault(name, PARETO_MARKERS[len(markers)
                                                                  % len(PARETO_MARKERS)])
                 x = e[key]

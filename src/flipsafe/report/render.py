@@ -15,6 +15,7 @@ from flipsafe.errors import ConfigError, EnvironmentFailure, is_disk_full
 from flipsafe.faults import CAMPAIGN_SITES as SITES
 from flipsafe.faults import FAULT_MODELS as FAULTS
 from flipsafe.metrics.calibration import expected_calibration_error
+from flipsafe.protect.spec import label as protection_label
 from flipsafe.report import plots
 from flipsafe.report.results import Results, load_results, with_unique_names
 from flipsafe.report.tables import (
@@ -99,7 +100,7 @@ def protection_section(models: Sequence[Results]) -> list:
         return []
     from flipsafe.protect.cost import LABEL
 
-    names = list(dict.fromkeys(e["protection"] or "none" for e in entries))
+    names = list(dict.fromkeys(protection_label(e["protection"]) for e in entries))
     return [
         Heading("Protections: SDC rate against cost"),
         Paragraph("Each protection replays the unprotected campaign's very faults; the table "

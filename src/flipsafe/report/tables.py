@@ -22,6 +22,7 @@ from flipsafe.metrics.stats import (
     holm,
     paired_ratio,
 )
+from flipsafe.protect.spec import label as protection_label
 from flipsafe.report.results import LAST, Results, check_same_plan
 
 
@@ -658,7 +659,7 @@ def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable 
             paired_any = True
             p = f"{f.p_value:.3g}" if e["paired"] else f"{f.p_value:.3g} (Katz)"
             paired = [fmt_factor(f.ratio), fmt_factor_interval(f.low, f.high), p]
-        rows.append([r.name, e["protection"] or "none", fmt_rate(sdc.rate),
+        rows.append([r.name, protection_label(e["protection"]), fmt_rate(sdc.rate),
                      fmt_interval(sdc.low, sdc.high), fmt_count(e["detected"]),
                      fmt_count(e["corrected"]), *paired, fmt_overhead(e["flops"]),
                      fmt_overhead(e["latency"]), fmt_overhead(e["memory"]),
