@@ -201,3 +201,22 @@ def test_a_recorded_cost_survives_the_manifest_rewrite_of_a_resume(tmp_path, bas
     reader.open()
     with pytest.raises(CampaignError, match="lock"):
         reader.write_cost({})
+
+
+def test_protected_campaigns_are_compared_with_their_own_twin_in_paired_words(folders):
+    from flipsafe.report.tables import comparison_pairs, summary_lines
+
+    base, dup, cosine = (load_results(folders[k]) for k in ("base", "dup", "cosine"))
+    # Given after another model, the dup campaign still pairs with base (its fault rows).
+    pairs = comparison_pairs(cosine, [base, dup])
+    assert [(a.name, b.name) for a, b in pairs] == [(cosine.name, base.name),
+                                                    (base.name, dup.name)]
+    sdc = folders["rows"]["sdc"].to_numpy(zero_copy_only=False)
+    ratio, low, high, p = _hand_paired(sdc, sdc & ~folders["hit"])
+    line = next(x for x in summary_lines(cosine, [base, dup]) if x.startswith("On the very"))
+    assert f"paired factor {_factor(ratio)}" in line and f"p = {p:.3g}" in line
+    assert f"{int(folders['hit'].sum()):,} detected" in line
+    assert ("cuts SDCs" in line) == (low > 1)
+    js = summary_json(cosine, [base, dup])
+    assert [(c["reference"], c["other"]) for c in js["comparisons"]] == [
+        (cosine.name, base.name), (base.name, dup.name)]

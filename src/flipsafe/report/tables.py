@@ -696,12 +696,48 @@ def summary_tables(results: Results, vs: Sequence[Results] = ()) -> list[TextTab
     protections = protection_table(results, vs)
     if protections is not None:
         tables.append(protections)
-    for other in vs:
-        tables.append(comparison_table(results, other))
-        factors = factor_table(results, other)
+    for ref, other in comparison_pairs(results, vs):
+        tables.append(comparison_table(ref, other))
+        factors = factor_table(ref, other)
         if factors is not None:
             tables.append(factors)
     return tables
+
+
+def comparison_pairs(results: Results, vs: Sequence[Results] = ()) -> list[tuple]:
+    """(reference, other) for every campaign of `vs`: a protected campaign is compared with
+    the unprotected campaign of the very same fault rows (its own model), every other one
+    with `results`."""
+    everyone = [results, *vs]
+    bare = [r for r in everyone if r.plan.protect is None]
+    pairs = []
+    for other in vs:
+        ref = results
+        if other.plan.protect is not None:
+            ref = next((b for b in bare if same_faults(b, other)), results)
+        pairs.append((ref, other))
+    return pairs
+
+
+def protection_headline(entry: dict) -> str:
+    """The verdict sentence of a protected campaign against its unprotected twin (an entry
+    of `protections` with a paired factor)."""
+    r, ref, f = entry["campaign"], entry["reference"], entry["factor"]
+    sdc, base = entry["sdc"], ref.by_layer.overall.sdc
+    c = f"{100 * r.by_layer.confidence:g}%"
+    if f.low > 1:
+        reading = f"{protection_label(entry['protection'])} cuts SDCs {fmt_factor(f.ratio)}"
+    elif f.high < 1:
+        reading = (f"{protection_label(entry['protection'])} leaves MORE SDCs (factor "
+                   f"{fmt_factor(f.ratio)})")
+    else:
+        reading = f"{protection_label(entry['protection'])} makes no clear difference in SDCs"
+    return (f"On the very same {fmt_count(r.n)} faults of {ref.name}, {reading}: paired factor "
+            f"{fmt_factor(f.ratio)}, {c} interval {fmt_factor_interval(f.low, f.high)}, "
+            f"McNemar's exact p = {f.p_value:.3g}; SDC rate {fmt_rate(sdc.rate)} "
+            f"{fmt_interval(sdc.low, sdc.high)} against {fmt_rate(base.rate)} "
+            f"{fmt_interval(base.low, base.high)} unprotected; {fmt_count(entry['detected'])} "
+            f"detected, {fmt_count(entry['corrected'])} corrected.")
 
 
 def summary_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
@@ -711,8 +747,13 @@ def summary_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
     lines = [plan_line(results)]
     for r in (results, *vs):
         lines += [f"note ({r.name}): {note}" for note in r.notes]
-    for other in vs:
-        lines += headline(results, other)
+    entries = {id(e["campaign"]): e for e in protections(results, vs) or ()
+               if e["paired"] and e["factor"] is not None}
+    for ref, other in comparison_pairs(results, vs):
+        if id(other) in entries:
+            lines.append(protection_headline(entries[id(other)]))
+        else:
+            lines += headline(ref, other)
     return lines
 
 
@@ -831,7 +872,8 @@ def summary_json(results: Results, vs: Sequence[Results] = ()) -> dict:
         "plan_line": lines[0],
         "overall_method": STRATIFIED_METHOD if results.strata is not None else "pooled rows",
         "models": [_model_json(r) for r in (results, *vs)],
-        "comparisons": [_comparison_json(results, other) for other in vs],
+        "comparisons": [_comparison_json(ref, other)
+                        for ref, other in comparison_pairs(results, vs)],
         **_protections_json(results, vs),
     }
 
