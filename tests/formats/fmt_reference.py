@@ -110,3 +110,17 @@ class MXReference:
         scale = 255 if bad else shared + 127
         decoded = [math.nan if bad else float(self.element_value(c) * x) for c in codes]
         return scale, codes, decoded
+
+
+# The element type of each block format, as MXReference takes it.
+ELEMENTS = {
+    "mxfp8_e4m3": ("float", 4, 3, "fn"),
+    "mxfp8_e5m2": ("float", 5, 2, "ieee"),
+    "mxfp6_e2m3": ("float", 2, 3, "finite"),
+    "mxfp6_e3m2": ("float", 3, 2, "finite"),
+    "mxfp4_e2m1": ("float", 2, 1, "finite"),
+    "mxint8": ("int", 8),
+    "bfp8": ("int", 8),
+    "bfp4": ("int", 4),
+    "bfp12": ("int", 12),
+}

@@ -6,24 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from fmt_reference import MXReference
+from fmt_reference import ELEMENTS, MXReference
 
 from flipsafe import formats
 from flipsafe.errors import ConfigError
 
 NAN, INF = float("nan"), float("inf")
-
-ELEMENTS = {
-    "mxfp8_e4m3": ("float", 4, 3, "fn"),
-    "mxfp8_e5m2": ("float", 5, 2, "ieee"),
-    "mxfp6_e2m3": ("float", 2, 3, "finite"),
-    "mxfp6_e3m2": ("float", 3, 2, "finite"),
-    "mxfp4_e2m1": ("float", 2, 1, "finite"),
-    "mxint8": ("int", 8),
-    "bfp8": ("int", 8),
-    "bfp4": ("int", 4),
-    "bfp12": ("int", 12),
-}
 
 
 def block_inputs(seed: int) -> torch.Tensor:

@@ -7,17 +7,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from fmt_reference import MXReference
+from fmt_reference import ELEMENTS, MXReference
 
 from flipsafe import formats
 
-MX_FLOATS = {
-    "mxfp8_e4m3": ("float", 4, 3, "fn"),
-    "mxfp8_e5m2": ("float", 5, 2, "ieee"),
-    "mxfp6_e2m3": ("float", 2, 3, "finite"),
-    "mxfp6_e3m2": ("float", 3, 2, "finite"),
-    "mxfp4_e2m1": ("float", 2, 1, "finite"),
-}
+MX_FLOATS = {k: v for k, v in ELEMENTS.items() if k.startswith("mx") and v[0] == "float"}
 # The element types ml_dtypes has (their casts round to nearest even, like OCP MX).
 ML_DTYPES = {
     "mxfp8_e4m3": ml_dtypes.float8_e4m3fn,

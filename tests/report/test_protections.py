@@ -212,7 +212,7 @@ def test_protected_campaigns_are_compared_with_their_own_twin_in_paired_words(fo
     assert [(a.name, b.name) for a, b in pairs] == [(cosine.name, base.name),
                                                     (base.name, dup.name)]
     sdc = folders["rows"]["sdc"].to_numpy(zero_copy_only=False)
-    ratio, low, high, p = _hand_paired(sdc, sdc & ~folders["hit"])
+    ratio, low, _, p = _hand_paired(sdc, sdc & ~folders["hit"])
     line = next(x for x in summary_lines(cosine, [base, dup]) if x.startswith("On the very"))
     assert f"paired factor {_factor(ratio)}" in line and f"p = {p:.3g}" in line
     assert f"{int(folders['hit'].sum()):,} detected" in line
