@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 from scipy.stats import binomtest
 
@@ -66,3 +67,44 @@ def test_unpaired_lengths_are_refused():
         paired_ratio([True, False], [True])
     with pytest.raises(ConfigError):
         mcnemar_exact(-1, 2)
+
+
+def test_stratified_paired_ratio_is_the_ratio_of_stratified_rates_by_hand():
+    import math
+
+    from flipsafe.metrics.stats import stratified_paired_ratio, stratified_rate, z_value
+
+    # Stratum x: 4 rows, weight 0.8; stratum y: 6 rows, weight 0.2 (unequal allocation).
+    keys = ["x"] * 4 + ["y"] * 6
+    a = np.array([1, 1, 0, 0, 1, 1, 1, 0, 0, 0], dtype=bool)
+    b = np.array([1, 0, 0, 0, 1, 0, 0, 0, 0, 0], dtype=bool)
+    sizes = {"x": 800, "y": 200}
+    got = stratified_paired_ratio(a, b, keys, sizes, 0.95)
+    ra = 0.8 * 2 / 4 + 0.2 * 3 / 6  # stratified rates, as stratified_rate gives them
+    rb = 0.8 * 1 / 4 + 0.2 * 1 / 6
+    assert stratified_rate([2, 3], [4, 6], [800, 200]).rate == pytest.approx(ra)
+    assert got.ratio.ratio == pytest.approx(ra / rb)
+    n_eff = 1 / (0.8 ** 2 / 4 + 0.2 ** 2 / 6)
+    n11 = n_eff * (0.8 * 1 / 4 + 0.2 * 1 / 6)
+    n10 = n_eff * (0.8 * 1 / 4 + 0.2 * 2 / 6)
+    n01 = 0.0
+    se = math.sqrt((n10 + n01) / ((n11 + n10) * (n11 + n01)))
+    z = z_value(0.95)
+    assert got.ratio.low == pytest.approx(ra / rb * math.exp(-z * se))
+    assert got.ratio.high == pytest.approx(ra / rb * math.exp(z * se))
+    # McNemar on the pooled discordant rows: 3 only-a, 0 only-b.
+    assert got.ratio.p_value == pytest.approx(2 * 0.5 ** 3)
+    assert (got.both, got.only_a, got.only_b) == (2, 3, 0)
+
+
+def test_stratified_paired_ratio_with_proportional_allocation_is_the_pooled_one():
+    from flipsafe.metrics.stats import paired_ratio, stratified_paired_ratio
+
+    rng = np.random.default_rng(3)
+    keys = ["x"] * 30 + ["y"] * 70
+    a, b = rng.random(100) < 0.3, rng.random(100) < 0.2
+    strat = stratified_paired_ratio(a, b, keys, {"x": 3, "y": 7}).ratio
+    pooled = paired_ratio(a, b).ratio
+    assert (strat.ratio, strat.low, strat.high, strat.p_value) == pytest.approx(
+        (pooled.ratio, pooled.low, pooled.high, pooled.p_value))
+    assert stratified_paired_ratio(a, b, keys, None).ratio == pooled

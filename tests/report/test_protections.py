@@ -67,13 +67,27 @@ def folders(tmp_path_factory, base_plan, campaigns):
             "cosine": campaigns["cosine"], "rows": rows, "hit": hit, "gone": gone}
 
 
-def _hand_paired(a: np.ndarray, b: np.ndarray):
-    """Ratio a/b of paired flags, its log interval and McNemar's exact p, written out."""
+def _hand_paired(a: np.ndarray, b: np.ndarray, table=None, strata=None):
+    """Ratio a/b of paired flags, its log interval and McNemar's exact p, written out; with
+    a results table and its strata, each cell is n_eff times its stratified share (the
+    ratio of the two stratified rates; n_eff = 1 / sum W_h^2 / n_h)."""
     n11, n10, n01 = np.sum(a & b), np.sum(a & ~b), np.sum(~a & b)
-    ratio = (n11 + n10) / (n11 + n01)
-    se = math.sqrt((n10 + n01) / ((n11 + n10) * (n11 + n01)))
     k, n = min(n10, n01), n10 + n01
     p = min(1.0, 2 * sum(math.comb(int(n), i) for i in range(int(k) + 1)) / 2 ** int(n))
+    if strata is not None:
+        keys = list(zip(table["layer"].to_pylist(), table["field"].to_pylist()))
+        present = [(s.layer, s.field) for s in strata if (s.layer, s.field) in set(keys)]
+        size = {(s.layer, s.field): s.size for s in strata}
+        total = sum(size[h] for h in present)
+        in_h = {h: np.array([key == h for key in keys]) for h in present}
+        w = {h: size[h] / total for h in present}
+        n_eff = 1 / sum(w[h] ** 2 / in_h[h].sum() for h in present)
+
+        def cell(m):
+            return n_eff * sum(w[h] * m[in_h[h]].sum() / in_h[h].sum() for h in present)
+        n11, n10, n01 = cell(a & b), cell(a & ~b), cell(~a & b)
+    ratio = (n11 + n10) / (n11 + n01)
+    se = math.sqrt((n10 + n01) / ((n11 + n10) * (n11 + n01)))
     return ratio, ratio * math.exp(-Z99 * se), ratio * math.exp(Z99 * se), p
 
 
@@ -101,7 +115,7 @@ def test_the_table_recomputed_by_hand_from_rows_and_recorded_costs(folders):
     p, low, high, _ = stratified_rows(dup_table, dup.strata)
     assert d["SDC"] == fmt_rate(p) and d["SDC 99% CI"] == f"[{fmt_rate(low)}, {fmt_rate(high)}]"
     assert d["detected"] == f"{int(hit.sum()):,}" and d["corrected"] == "0"
-    ratio, lo, hi, mcnemar = _hand_paired(sdc, sdc & ~hit)
+    ratio, lo, hi, mcnemar = _hand_paired(sdc, sdc & ~hit, folders["rows"], base.strata)
     assert d["SDC factor"] == _factor(ratio)
     assert d["factor 99% CI"] == f"[{_factor(lo)}, {_factor(hi)}]"
     assert float(d["McNemar p"]) == pytest.approx(mcnemar, rel=1e-2)
@@ -109,7 +123,8 @@ def test_the_table_recomputed_by_hand_from_rows_and_recorded_costs(folders):
         ["+25%", "+40%", "+0%", "-1.25 pp"]
     # abft, a folder without a recorded cost: its factor is still paired, its costs n/a.
     a = rows["abft"]
-    ratio, lo, hi, mcnemar = _hand_paired(sdc, sdc & ~folders["gone"])
+    ratio, lo, hi, mcnemar = _hand_paired(sdc, sdc & ~folders["gone"], folders["rows"],
+                                          base.strata)
     assert a["SDC factor"] == _factor(ratio) and float(a["McNemar p"]) == pytest.approx(
         mcnemar, rel=1e-2)
     assert [a[c] for c in ("FLOPs", "latency", "memory", "accuracy")] == ["n/a"] * 4
@@ -212,7 +227,7 @@ def test_protected_campaigns_are_compared_with_their_own_twin_in_paired_words(fo
     assert [(a.name, b.name) for a, b in pairs] == [(cosine.name, base.name),
                                                     (base.name, dup.name)]
     sdc = folders["rows"]["sdc"].to_numpy(zero_copy_only=False)
-    ratio, low, _, p = _hand_paired(sdc, sdc & ~folders["hit"])
+    ratio, low, _, p = _hand_paired(sdc, sdc & ~folders["hit"], folders["rows"], base.strata)
     line = next(x for x in summary_lines(cosine, [base, dup]) if x.startswith("On the very"))
     assert f"paired factor {_factor(ratio)}" in line and f"p = {p:.3g}" in line
     assert f"{int(folders['hit'].sum()):,} detected" in line

@@ -326,6 +326,50 @@ def paired_ratio(flags_a, flags_b, confidence: float = 0.99) -> PairedRatio:
     return PairedRatio(both, only_a, only_b, neither, rr)
 
 
+def stratified_paired_ratio(flags_a, flags_b, keys, sizes: Mapping | None,
+                            confidence: float = 0.99) -> PairedRatio:
+    """PairedRatio of two runs of the very same faults whose rows come from strata of
+    unequal weight (row i's stratum is keys[i]; sizes[key] its fault-space size): the ratio
+    of the two stratified rates sum W_h p_h (as stratified_rate), its interval the paired
+    log interval on Kish's effective sample size n_eff = 1 / sum W_h^2 / n_h, with each
+    cell (both, only a, only b) taken as n_eff times its stratified share. For
+    proportional allocation this is exactly paired_ratio; without sizes it is paired_ratio.
+    McNemar's exact p is on the pooled discordant pairs: under "no effect" each discordant
+    pair is equally likely either way in every stratum, so the pooled test stays exact.
+    When a side has no events, 0.5 is added to each effective cell (corrected)."""
+    a = np.asarray(flags_a, dtype=bool).reshape(-1)
+    b = np.asarray(flags_b, dtype=bool).reshape(-1)
+    pooled = paired_ratio(a, b, confidence)
+    if not sizes:
+        return pooled
+    keys = list(keys)
+    if len(keys) != a.size:
+        raise ConfigError(f"need one stratum key per row, got {len(keys)} for {a.size} rows")
+    # (n, both, only a, only b) per stratum
+    counts: dict = {}
+    for key, x, y in zip(keys, a.tolist(), b.tolist()):
+        c = counts.setdefault(key, np.zeros(4))
+        c += (1, x and y, x and not y, y and not x)
+    missing = [k for k in counts if k not in sizes]
+    if missing:
+        raise ConfigError(f"rows of stratum {missing[0]} have no fault-space size")
+    table = np.array([counts[k] for k in counts])
+    size = np.array([float(sizes[k]) for k in counts])
+    w = size / size.sum()
+    n = table[:, 0]
+    n_eff = 1.0 / float(np.sum(w * w / n))
+    n11, n10, n01 = (n_eff * float(np.sum(w * table[:, j] / n)) for j in (1, 2, 3))
+    corrected = n11 + n10 == 0 or n11 + n01 == 0
+    if corrected:
+        n11, n10, n01 = n11 + 0.5, n10 + 0.5, n01 + 0.5
+    ratio = (n11 + n10) / (n11 + n01)
+    se = math.sqrt((n10 + n01) / ((n11 + n10) * (n11 + n01))) if n10 + n01 > 0 else 0.0
+    z = z_value(confidence)
+    rr = RateRatio(ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se), confidence,
+                   corrected, pooled.ratio.p_value)
+    return PairedRatio(pooled.both, pooled.only_a, pooled.only_b, pooled.neither, rr)
+
+
 def holm(p_values) -> np.ndarray:
     """Holm's step-down adjusted p-values (family-wise error control), in input order.
 

@@ -20,7 +20,7 @@ from flipsafe.metrics.stats import (
     RateRatio,
     compare,
     holm,
-    paired_ratio,
+    stratified_paired_ratio,
 )
 from flipsafe.protect.spec import label as protection_label
 from flipsafe.report.results import LAST, Results, check_same_plan
@@ -595,8 +595,10 @@ def protections(results: Results, vs: Sequence[Results] = ()) -> list[dict] | No
             (b for b in bare if same_faults(b, r)), None)
         factor = None
         if ref is not None and ref is not r:
-            factor = paired_ratio(ref.table["sdc"].to_numpy(zero_copy_only=False),
-                                  r.table["sdc"].to_numpy(zero_copy_only=False), conf).ratio
+            keys = zip(ref.table["layer"].to_pylist(), ref.table["field"].to_pylist())
+            factor = stratified_paired_ratio(
+                ref.table["sdc"].to_numpy(zero_copy_only=False),
+                r.table["sdc"].to_numpy(zero_copy_only=False), keys, ref.sizes(), conf).ratio
         out.append({
             "campaign": r, "protection": r.plan.protect, "sdc": r.by_layer.overall.sdc,
             "detected": _count(r, "detected"), "corrected": _count(r, "corrected"),
@@ -654,11 +656,12 @@ def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable 
             referenced = any(x["reference"] is r and x["campaign"] is not r for x in entries)
             paired = ["reference" if referenced else "-", "", ""]
         elif e["reference"] is None:
-            paired = ["n/a (other faults)", "", ""]
+            paired = ["n/a (no unprotected run of these faults given)", "", ""]
         else:
             paired_any = True
             p = f"{f.p_value:.3g}" if e["paired"] else f"{f.p_value:.3g} (Katz)"
-            paired = [fmt_factor(f.ratio), fmt_factor_interval(f.low, f.high), p]
+            mark = " (0.5 added)" if f.corrected else ""
+            paired = [fmt_factor(f.ratio) + mark, fmt_factor_interval(f.low, f.high), p]
         rows.append([r.name, protection_label(e["protection"]), fmt_rate(sdc.rate),
                      fmt_interval(sdc.low, sdc.high), fmt_count(e["detected"]),
                      fmt_count(e["corrected"]), *paired, fmt_overhead(e["flops"]),
@@ -672,11 +675,14 @@ def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable 
     if paired_any:
         notes.insert(0, "SDC factor = SDC rate of the unprotected campaign on the very same "
                         "fault rows / that of the campaign; above 1 means the campaign has "
-                        "fewer (paired: pooled rows, log interval for paired proportions, "
-                        "McNemar's exact p).")
+                        "fewer: the ratio of the two stratified rates (the SDC column), its "
+                        "interval the log interval for paired proportions on Kish's effective "
+                        "sample size, McNemar's exact p on the discordant rows; '0.5 added': a "
+                        "side had no SDC, so 0.5 was added to each cell first.")
     if any(e["protection"] == TEXT_GUIDED for e in entries):
         notes.append(f"{TEXT_GUIDED}: the baseline's SDC rate / the text-guided model's, on "
-                     "other faults (unpaired: Katz interval and its p); its cost is the "
+                     "other faults, over the layers both models have (unpaired: Katz interval "
+                     "and its p; its SDC column covers all of its own layers); its cost is the "
                      "accuracy difference and the FLOPs and parameters of the two models "
                      "(the cosine head against the linear one).")
     latency = _latency_note(entries)
