@@ -133,7 +133,8 @@ def test_summary_pairs_a_protected_campaign_with_the_unprotected_one(mlp_checkpo
     assert row["corrected"] == "400" and row["detected"] == "0"
     # ECC removes all k SDCs: the paired table is (both 0, only ecc 0, only bare k, ...),
     # 0.5 added to each cell: factor bare / ecc = (k + 1) / 1; McNemar p = 2 * 0.5**k.
-    assert row["SDC factor"] == (f"{k + 1:.2f}x" if k + 1 < 10 else f"{k + 1:.1f}x")
+    assert row["SDC factor"] == (f"{k + 1:.2f}x" if k + 1 < 10 else f"{k + 1:.1f}x") + \
+        " (0.5 added)"
     assert float(row["McNemar p"]) == pytest.approx(2 * 0.5 ** k, rel=1e-2)
     assert row["memory"] == "+12.5%"
     prow = dict(zip(head, table.rows[2]))
