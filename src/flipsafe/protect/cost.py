@@ -33,8 +33,8 @@ or a channel list); dup and tmr none (every copy reads the same stored weights).
 Latency and accuracy come from real PyTorch implementations (forward hooks on a deep copy:
 clamp, clip, checksum convolution and comparison, recomputation and comparison, two
 recomputations and a median vote) timed against the clean copy on the same batch, repeats
-interleaved, a few seconds in all: CPU emulation figures on this machine, not accelerator
-figures.
+interleaved, a few seconds in all, the fastest repeat of each kept: CPU emulation figures on
+this machine, not accelerator figures.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import math
 import platform
-import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -615,8 +614,10 @@ def _predict(model, images) -> torch.Tensor:
 
 def _time(models: dict[str, nn.Module], images, seconds: float, min_repeats: int = 3,
           max_repeats: int = 50) -> tuple[dict[str, float], int]:
-    """Median seconds per batch of each model, repeats interleaved (the order rotated each
-    round, so no model always runs first), at least `min_repeats`, within `seconds`."""
+    """Fastest seconds per batch of each model, repeats interleaved (the order rotated each
+    round, so no model always runs first), at least `min_repeats`, within `seconds`. The
+    fastest repeat is the one other work on a shared machine disturbed least, so the ratio
+    of two of them moves least with load (a median follows the load)."""
     names = list(models)
     for m in models.values():
         _predict(m, images)  # warm-up
@@ -630,7 +631,7 @@ def _time(models: dict[str, nn.Module], images, seconds: float, min_repeats: int
             _predict(models[n], images)
             times[n].append(time.perf_counter() - t0)
         r += 1
-    return {n: statistics.median(t) for n, t in times.items()}, r
+    return {n: min(t) for n, t in times.items()}, r
 
 
 def _accuracy(model, images, labels) -> tuple[float | None, torch.Tensor]:

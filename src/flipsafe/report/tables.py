@@ -637,7 +637,7 @@ def _latency_note(entries: list[dict]) -> str | None:
     from flipsafe.protect.cost import LABEL
 
     machines = sorted({str(c.get("machine") or "unknown machine") for c in costs})
-    return (f"latency: median time of clean inference on the campaign's example images with "
+    return (f"latency: fastest of repeated clean inferences on the campaign's example images with "
             f"the protections against without, repeats interleaved; {LABEL} "
             f"({'; '.join(machines)}).")
 
