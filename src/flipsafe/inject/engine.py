@@ -714,7 +714,9 @@ class Engine:
             env = self.program.gather(g.nodes, plan.gathered, img)
             for c in plan.constants:
                 env[c] = g.nodes[c]
-            return self.program.run_suffix(plan, start, env)
+            # An output fault changes start only at pos (one row of a transformer's tokens).
+            return self.program.run_suffix(plan, start, env,
+                                           pos if pname in ("output", "meta") else None)
         return self._forward(g.images.index_select(0, img), name, start)
 
     def _masked(self, name, g, img, pos, new, is_meta) -> torch.Tensor:
