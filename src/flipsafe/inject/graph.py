@@ -61,6 +61,20 @@ def _gather(value, idx):
     return value
 
 
+class _Gathered(dict):
+    """A suffix run's env whose cached values are gathered on first read."""
+
+    def __init__(self, cache: dict, nodes: set, idx):
+        super().__init__()
+        self.cache, self.nodes, self.idx = cache, nodes, idx
+
+    def __missing__(self, node):
+        if node not in self.nodes:
+            raise KeyError(node)
+        value = self[node] = _gather(self.cache[node], self.idx)
+        return value
+
+
 def _last_uses(steps: list, output: fx.Node) -> list:
     """For each step, the values (its inputs) that no later step reads."""
     last = {}
@@ -569,7 +583,10 @@ class Program:
         return False
 
     def gather(self, cache: dict, nodes, idx):
-        return {n: _gather(cache[n], idx) for n in nodes}
+        """The env of a suffix run: cached values of `nodes` for the images idx, each
+        gathered when a step first reads it (a step that computes the value instead, as
+        the whole-image nodes of Plan.head_steps do without a one-row fault, skips it)."""
+        return _Gathered(cache, set(nodes), idx)
 
     def run_suffix(self, plan: Plan, start_value, env: dict, changed=None):
         """Execute plan's steps with env holding gathered/constant inputs; returns logits.
