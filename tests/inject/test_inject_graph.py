@@ -112,3 +112,24 @@ def test_a_fault_in_one_token_is_followed_on_that_token_up_to_the_mixer():
                             generator=torch.Generator().manual_seed(4))
     engine.run(weights, x, y, g)
     assert pre and all(s[1:] == (16, 8) for s in pre)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_weight_faults_on_every_image_leave_the_golden_cache_intact(fmt):
+    """Faults on images 0..B-1 read the cached values in place (no gather): the suffix
+    runs must not write into them, and outcomes equal the full path's."""
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    x, y = data()
+    engine = Engine(model, fmt, chunk=6)
+    ranges = engine.profile(x)
+    base = engine.sample(6, "weights", "all", "bitflip", images=1,
+                         generator=torch.Generator().manual_seed(5))
+    faults = base.select(torch.arange(6).repeat_interleave(6))
+    faults.image = torch.arange(6).repeat(6)
+    g = engine.golden(x, y)
+    before = {n: v.clone() for n, v in g.nodes.items() if isinstance(v, torch.Tensor)}
+    out = engine.run(faults, x, y, g)
+    assert all(torch.equal(g.nodes[n], v) for n, v in before.items())
+    full = Engine(model, fmt, ranges=ranges, suffix=False).run(faults, x, y)
+    assert_same_outcomes(out, full, tol=format_tolerance(engine.fmt))
