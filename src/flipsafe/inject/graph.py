@@ -380,7 +380,7 @@ class Program:
                 elif u in tail and n in u.args:
                     du, k = tail[u]
                     da = self._aligned(n, u, du)
-                    w = (da, k) if da is not None and da is not False and da >= 1 else None
+                    w = (da, k) if type(da) is int and da >= 1 else None
                 else:
                     w = None
                 if w is None or (want is not None and w != want):
