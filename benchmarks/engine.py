@@ -7,6 +7,7 @@ ResNet-18 and on Hugging Face transformers classifiers (ViT, ResNet)."""
 # the real-model section (--sections real) needs only transformers.
 #
 #     python benchmarks/engine.py [--device cpu] [--threads 2] [--quick] [--sections real]
+#                                 [--models vit,resnet]
 
 from __future__ import annotations
 
@@ -148,6 +149,8 @@ def bench_real_models(args, device, gen, meter, clean_pair_for, rows, result):
     """Every model of hf_models(), measured beside its clean inference in the same rounds."""
     result["hook_fallback_vs_clean"], result["cold_vs_warm"] = {}, {}
     for key, what, model, side in hf_models():
+        if args.models and key.removeprefix("hf_") not in args.models.split(","):
+            continue
         bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key, what,
                          model.to(device), side)
 
@@ -279,6 +282,8 @@ def main(argv=None):
                     help="weight faults per Hugging Face model, each on 32 images")
     ap.add_argument("--sections", default="builtin,real",
                     help="builtin (CIFAR ResNet-18 vs PyTorchFI), real (HF transformers models)")
+    ap.add_argument("--models", default="",
+                    help="real-model section: only these, comma-separated (vit, resnet)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few faults, for a smoke test")
     args = ap.parse_args(argv)

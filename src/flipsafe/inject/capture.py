@@ -18,6 +18,8 @@ import operator
 import torch
 from torch import fx, nn
 
+from flipsafe.inject.graph import POINTWISE_FUNCS
+
 # Nodes torch.export adds to check its shape assumptions at run time: the suffix runs feed
 # batches of any size (one faulty row included), so the checks are dropped.
 _CHECKS = {"_assert_scalar", "_assert_tensor_metadata", "sym_constrain_range_for_size",
@@ -68,7 +70,10 @@ def _fold_leaf(graph: fx.Graph, name: str, nodes: list, mod: nn.Module):
     out = outputs[0]
     with graph.inserting_after(out):
         call = graph.call_module(name, (tensors[0],))
-    call.meta = {"val": out.meta.get("val"), "nn_module_stack": out.meta.get("nn_module_stack")}
+    call.meta = {"val": out.meta.get("val"), "nn_module_stack": out.meta.get("nn_module_stack"),
+                 # element-wise modules of their own (transformers' GELUActivation): a
+                 # suffix run may compute them on one row of their input (Program.tail)
+                 "pointwise": all(n.target in POINTWISE_FUNCS for n in nodes)}
     out.replace_all_uses_with(call)
     for n in reversed(nodes):
         graph.erase_node(n)

@@ -58,9 +58,11 @@ class Executor(Protocol):
     def cache(self, golden: Golden, layers, batch: int = GOLDEN_BATCH) -> None:
         """Make `golden` hold what faulty runs of `layers` read."""
 
-    def logits_after(self, layer: str, values, images, golden: Golden):
+    def logits_after(self, layer: str, values, images, golden: Golden, changed=None):
         """Logits when `layer` hands on `values` (one row per image of `golden` at
-        positions `images`); None if the logits do not depend on `layer`."""
+        positions `images`); None if the logits do not depend on `layer`. changed: per
+        row, the flat positions where `values` differs from the golden output, if known
+        (a graph run may then compute only the rows that matter)."""
 
     def masked(self, layer, golden, img, pos, new, is_meta) -> torch.Tensor:
         """Which output faults provably leave the logits golden (checked cheaply)."""
@@ -199,7 +201,7 @@ class HookExecutor(_GoldenRuns):
     def start_error(self, layer):
         return None
 
-    def logits_after(self, layer, values, images, golden):
+    def logits_after(self, layer, values, images, golden, changed=None):
         hooks = self.em.emulation_hooks(skip={layer})
         hooks[layer] = lambda mod, inp, out: values
         with self.em.hooks(hooks):
@@ -253,14 +255,14 @@ class GraphExecutor(_GoldenRuns):
             return "the captured graph has no operation of it (it passes its input on)"
         return None
 
-    def logits_after(self, layer, values, images, golden):
+    def logits_after(self, layer, values, images, golden, changed=None):
         plan = self._plan(layer)
         if plan.dead:
             return None
         env = self.program.gather(golden.nodes, plan.gathered, images) if plan.gathered else {}
         for c in plan.constants:
             env[c] = golden.nodes[c]
-        return self.program.run_suffix(plan, values, env)
+        return self.program.run_suffix(plan, values, env, changed)
 
     def masked(self, layer, golden, img, pos, new, is_meta):
         """Faults whose change dies in the pointwise nodes right after the layer (e.g. a

@@ -157,7 +157,8 @@ class Injector:
             for start in range(0, live.numel(), self.chunk):
                 rows = live[start:start + self.chunk]
                 value = site.start_value(name, g, img[rows], pos[rows], new[rows], old[rows])
-                logits = self.ex.logits_after(name, value, img[rows], g)
+                logits = self.ex.logits_after(name, value, img[rows], g,
+                                              pos[rows] if site.on_output else None)
                 if logits is None:
                     continue
                 part = compute_outcomes(golden.select(rows), logits, g.labels[img[rows]],
