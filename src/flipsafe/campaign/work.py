@@ -323,9 +323,9 @@ def _map_rates(item, plan: CampaignPlan, engine):
         i.name: {"kind": i.kind, "output_shape": list(i.output_shape)}
         for i in engine.layers("activations", "all")}
     table = channel_map(store.read(), shapes, mplan.confidence)
-    rates = [ChannelRate(lay, int(c), float(r)) for lay, c, r in
+    rates = [ChannelRate(lay, int(c), float(r), float(lo)) for lay, c, r, lo in
              zip(table.column("layer").to_pylist(), table.column("channel").to_pylist(),
-                 table.column("rate").to_pylist())]
+                 table.column("rate").to_pylist(), table.column("low").to_pylist())]
     same = {**mplan.fault_plan.to_dict(), "part_size": 0} == \
         {**plan.fault_plan.to_dict(), "part_size": 0}
     warning = None

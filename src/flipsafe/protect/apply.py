@@ -24,11 +24,13 @@ ALL = "conv|linear"
 
 @dataclass(frozen=True)
 class ChannelRate:
-    """The SDC rate of one output channel, from a vulnerability map."""
+    """The SDC rate of one output channel and its Wilson lower bound, from a vulnerability
+    map."""
 
     layer: str
     channel: int
     rate: float
+    low: float
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Protector:
         info = {i.name: i for i in infos if i.kind in ("conv", "linear")
                 and i.weight_shape is not None}
         cands = [redundancy.Candidate(r.layer, r.channel, r.rate,
-                                      redundancy.channel_flops(info[r.layer]))
+                                      redundancy.channel_flops(info[r.layer]), r.low)
                  for r in rates if r.layer in info]
         chosen = redundancy.choose_channels(cands, budget)
         spent = sum(redundancy.channel_flops(info[n]) * len(c) for n, c in chosen.items())
