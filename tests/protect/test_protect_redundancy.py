@@ -225,3 +225,54 @@ def test_a_resume_refuses_a_map_that_now_selects_other_channels(tmp_path):
     info_path.write_text(json.dumps(info))
     with pytest.raises(CampaignError, match="other channels"):
         rows(model, xy, tmp_path / "tmr", protect=spec, n=60)
+
+
+def test_a_budget_that_chooses_no_channel_is_refused_with_the_cheapest_cost(tmp_path):
+    model = tiny()
+    xy = data(model)
+    table = rows(model, xy, tmp_path / "map", n=300, seed=9)
+    cmap = channel_map(table, read_model_info(tmp_path / "map")["layers"]).to_pylist()
+    # Copying one conv channel costs 2*18*25 = 900 FLOPs, one linear feature 2*75 = 150;
+    # 0.01 % of the model's 3300 Conv/Linear FLOPs is 0.33 FLOPs: nothing fits.
+    cheapest = min(900 if r["layer"] == "0" else 150 for r in cmap if r["sdc"])
+    with pytest.raises(ConfigError, match=f"chooses no channel.*cheapest channel with an SDC "
+                                          f"costs {cheapest:,} FLOPs") as err:
+        rows(model, xy, tmp_path / "dup", protect=f"dup:budget=0.01%:map={tmp_path / 'map'}",
+             n=20)
+    assert "\n" not in str(err.value)
+
+
+def test_a_map_without_sdcs_in_the_copyable_layers_is_refused(tmp_path):
+    model = tiny()
+    xy = data(model)
+    # The map faulted only the conv layer (0); tmr may copy only the Linear layer (3).
+    table = rows(model, xy, tmp_path / "map", n=60, seed=9, layers="0")
+    assert set(table.column("layer").to_pylist()) == {"0"}
+    with pytest.raises(ConfigError, match="chooses no channel: the map has no SDC in the "
+                                          "layers tmr may copy"):
+        rows(model, xy, tmp_path / "tmr",
+             protect=f"tmr:layers=3:budget=50%:map={tmp_path / 'map'}", n=20)
+
+
+@pytest.mark.parametrize("name", ["dup", "tmr", "abft"])
+def test_a_protection_of_layers_without_faults_is_refused_and_a_partial_one_noted(tmp_path,
+                                                                                  name):
+    model = tiny()
+    xy = data(model)
+    # The campaign injects into the Linear layer (3) only; the conv layer (0) gets none.
+    with pytest.raises(ConfigError, match=f"{name} would change nothing: it guards 0, but the "
+                                          "campaign injects faults only into 3") as err:
+        rows(model, xy, tmp_path / "x", protect=f"{name}:layers=0", n=5, layers="3")
+    assert "\n" not in str(err.value)
+    rows(model, xy, tmp_path / "y", protect=name, n=5, layers="3")
+    notes = read_model_info(tmp_path / "y")["protect"]["notes"]
+    assert any(n.startswith(f"{name}: 0 receive(s) no faults") for n in notes), notes
+    # ranger and clip act downstream of the layers they guard: no refusal.
+    rows(model, xy, tmp_path / "z", protect="ranger:layers=0", n=5, layers="3")
+
+
+def test_dup_of_a_relu_on_a_conv_linear_campaign_is_refused(tmp_path):
+    model = tiny()
+    with pytest.raises(ConfigError, match="it guards 1, but the campaign injects faults only "
+                                          "into 0, 3"):
+        rows(model, data(model), tmp_path / "x", protect="dup:layers=ReLU", n=5)

@@ -294,7 +294,8 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
             bound_batches=lambda: train_images().split(256),
             bound_source="evaluation (no training split given)" if data is not None
             else "training",
-            channel_rates=lambda item: _map_rates(item, plan, engine))
+            channel_rates=lambda item: _map_rates(item, plan, engine),
+            fault_layers=[i.name for i in layers])
         protector.set_on(engine)
         info["protect"] = protector.to_dict()
     return Prepared(plan, engine, images, labels, image_ids, classifier, layers, strata,
