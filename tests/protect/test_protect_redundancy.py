@@ -276,3 +276,14 @@ def test_dup_of_a_relu_on_a_conv_linear_campaign_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="it guards 1, but the campaign injects faults only "
                                           "into 0, 3"):
         rows(model, data(model), tmp_path / "x", protect="dup:layers=ReLU", n=5)
+
+
+def test_a_map_of_another_model_is_refused(tmp_path):
+    other = tiny(seed=1)
+    model = tiny()
+    xy = data(model)
+    rows(other, data(other), tmp_path / "map", n=300, seed=9)
+    with pytest.raises(ConfigError, match="made on another model") as err:
+        rows(model, xy, tmp_path / "dup", protect=f"dup:budget=30%:map={tmp_path / 'map'}",
+             n=20)
+    assert "\n" not in str(err.value)

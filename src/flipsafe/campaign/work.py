@@ -320,6 +320,10 @@ def _map_rates(item, plan: CampaignPlan, engine):
     if mplan.site != "activations":
         raise ConfigError(f"{item.name}:map={folder} is a campaign on the {mplan.site} site; "
                           "a channel map comes from an activation campaign")
+    if mplan.model_sha != plan.model_sha:
+        raise ConfigError(f"{item.name}:map={folder} was made on another model (sha256 "
+                          f"{mplan.model_sha[:12]}…, this campaign's is {plan.model_sha[:12]}…); "
+                          "map an activation campaign of this very model")
     shapes = (read_model_info(folder) or {}).get("layers") or {
         i.name: {"kind": i.kind, "output_shape": list(i.output_shape)}
         for i in engine.layers("activations", "all")}
