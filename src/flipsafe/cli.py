@@ -316,7 +316,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL",
                    help="checkpoint folder made by `flipsafe train`, hf:<folder>, "
                         "torchscript:<file.pt>, export:<file.pt2> or python:<module>:<callable>")
-    p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)}, tensors:<file.safetensors> "
+    p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)} "
                                      "(default: a flipsafe checkpoint's own; required for other "
                                      "models)")
     p.add_argument("--image-size", type=int, default=None,

@@ -268,3 +268,8 @@ def test_campaign_help_lists_the_protections():
     text = " ".join(r.stdout.split())
     for name, kind in KINDS.items():
         assert name in text and " ".join(kind.does.split())[:30] in text, name
+
+
+def test_campaign_help_names_each_dataset_kind_once():
+    text = " ".join(_cli("campaign", "--help").stdout.split())
+    assert text.count("tensors:<file.safetensors>") == 1
