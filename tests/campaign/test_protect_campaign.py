@@ -254,7 +254,9 @@ def test_cli_runs_protections_and_refuses_bad_selections_in_one_line(mlp_checkpo
     for spec, words in (("abft:layers=nomatch", "abft:layers=nomatch"),
                         ("dup:budget=10%", "map="),
                         ("dup:budget=150%", "budget"),
-                        (f"tmr:budget=5%:map={tmp_path / 'none'}", "not a campaign")):
+                        (f"tmr:budget=5%:map={tmp_path / 'none'}", "not a campaign"),
+                        # the run above is an activation campaign of this model: a map
+                        (f"dup:budget=0.01%:map={tmp_path / 'r'}", "chooses no channel")):
         r = _cli("campaign", mlp_checkpoint, "--out", tmp_path / "x", "--n", "5", "--quiet",
                  "--protect", spec)
         assert r.returncode == 2, (spec, r.stderr)
