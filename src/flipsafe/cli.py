@@ -316,7 +316,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL",
                    help="checkpoint folder made by `flipsafe train`, hf:<folder>, "
                         "torchscript:<file.pt>, export:<file.pt2> or python:<module>:<callable>")
-    p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)}, tensors:<file.safetensors> "
+    p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)} "
                                      "(default: a flipsafe checkpoint's own; required for other "
                                      "models)")
     p.add_argument("--image-size", type=int, default=None,
@@ -461,9 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the same figures as one JSON object (null where undefined)")
     p.add_argument("--channels", type=int, nargs="?", const=5, default=None, metavar="K",
-                   help="also show the K output channels of each layer with the highest SDC "
-                        "rate, with intervals (an activation campaign's vulnerability map; "
-                        "K defaults to 5; in --json: a channels list)")
+                   help="also show the K output channels of each layer ranked by the Wilson "
+                        "lower bound of their SDC rate (then by rate), with intervals (an "
+                        "activation campaign's vulnerability map; K defaults to 5; in --json: "
+                        "a channels list)")
     p.set_defaults(func=cmd_summary)
 
     p = add("report", help="write an HTML (or Markdown) report")

@@ -257,7 +257,9 @@ def test_cli_runs_protections_and_refuses_bad_selections_in_one_line(mlp_checkpo
     for spec, words in (("abft:layers=nomatch", "abft:layers=nomatch"),
                         ("dup:budget=10%", "map="),
                         ("dup:budget=150%", "budget"),
-                        (f"tmr:budget=5%:map={tmp_path / 'none'}", "not a campaign")):
+                        (f"tmr:budget=5%:map={tmp_path / 'none'}", "not a campaign"),
+                        # the run above is an activation campaign of this model: a map
+                        (f"dup:budget=0.01%:map={tmp_path / 'r'}", "chooses no channel")):
         r = _cli("campaign", mlp_checkpoint, "--out", tmp_path / "x", "--n", "5", "--quiet",
                  "--protect", spec)
         assert r.returncode == 2, (spec, r.stderr)
@@ -271,3 +273,8 @@ def test_campaign_help_lists_the_protections():
     text = " ".join(r.stdout.split())
     for name, kind in KINDS.items():
         assert name in text and " ".join(kind.does.split())[:30] in text, name
+
+
+def test_campaign_help_names_each_dataset_kind_once():
+    text = " ".join(_cli("campaign", "--help").stdout.split())
+    assert text.count("tensors:<file.safetensors>") == 1

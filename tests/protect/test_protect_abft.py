@@ -123,6 +123,8 @@ def test_abft_on_weight_faults_checks_the_faulty_output_against_clean_filters(tm
 
 def test_abft_needs_a_conv_or_linear_layer(tmp_path):
     model = tiny()
-    with pytest.raises(ConfigError, match="abft checks Conv and Linear"):
+    # The error lists the layers abft could take (Conv 0 and Linear 3), not the ones chosen.
+    with pytest.raises(ConfigError, match=r"abft checks Conv and Linear.*selects none of them "
+                                          r"\(choose from: 0, 3\)$"):
         rows(model, data(model), tmp_path / "x", protect="abft:layers=Flatten|ReLU", n=5,
              layers="0")

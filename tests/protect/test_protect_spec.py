@@ -56,3 +56,15 @@ def test_labels_shorten_map_folders_only():
     assert label("ecc,abft:layers=last") == "ecc,abft:layers=last"
     assert label("dup:budget=10%:map=/a/b/baseline/") == "dup:budget=10%:map=…/baseline"
     assert label("tmr:budget=5%:map=res") == "tmr:budget=5%:map=res"
+
+
+@pytest.mark.parametrize("spec,site", [("dup", "weights"), ("tmr", "weights"),
+                                       ("ecc", "activations"), ("ranger", "metadata")])
+def test_site_errors_are_one_clean_sentence(spec, site):
+    with pytest.raises(ConfigError) as err:
+        parse(spec, site)
+    text = str(err.value)
+    assert "(" not in text and ")" not in text, text  # no stacked parentheticals
+    assert text.count("use ") == 1 and "--site" in text, text
+    if spec in ("dup", "tmr"):
+        assert text.endswith("; use ecc to protect weights, or --site activations")

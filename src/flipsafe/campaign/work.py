@@ -294,7 +294,8 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
             bound_batches=lambda: train_images().split(256),
             bound_source="evaluation (no training split given)" if data is not None
             else "training",
-            channel_rates=lambda item: _map_rates(item, plan, engine))
+            channel_rates=lambda item: _map_rates(item, plan, engine),
+            fault_layers=[i.name for i in layers])
         protector.set_on(engine)
         info["protect"] = protector.to_dict()
     return Prepared(plan, engine, images, labels, image_ids, classifier, layers, strata,
@@ -319,13 +320,17 @@ def _map_rates(item, plan: CampaignPlan, engine):
     if mplan.site != "activations":
         raise ConfigError(f"{item.name}:map={folder} is a campaign on the {mplan.site} site; "
                           "a channel map comes from an activation campaign")
+    if mplan.model_sha != plan.model_sha:
+        raise ConfigError(f"{item.name}:map={folder} was made on another model (sha256 "
+                          f"{mplan.model_sha[:12]}…, this campaign's is {plan.model_sha[:12]}…); "
+                          "map an activation campaign of this very model")
     shapes = (read_model_info(folder) or {}).get("layers") or {
         i.name: {"kind": i.kind, "output_shape": list(i.output_shape)}
         for i in engine.layers("activations", "all")}
     table = channel_map(store.read(), shapes, mplan.confidence)
-    rates = [ChannelRate(lay, int(c), float(r)) for lay, c, r in
+    rates = [ChannelRate(lay, int(c), float(r), float(lo)) for lay, c, r, lo in
              zip(table.column("layer").to_pylist(), table.column("channel").to_pylist(),
-                 table.column("rate").to_pylist())]
+                 table.column("rate").to_pylist(), table.column("low").to_pylist())]
     same = {**mplan.fault_plan.to_dict(), "part_size": 0} == \
         {**plan.fault_plan.to_dict(), "part_size": 0}
     warning = None

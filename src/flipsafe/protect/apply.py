@@ -24,11 +24,13 @@ ALL = "conv|linear"
 
 @dataclass(frozen=True)
 class ChannelRate:
-    """The SDC rate of one output channel, from a vulnerability map."""
+    """The SDC rate of one output channel and its Wilson lower bound, from a vulnerability
+    map."""
 
     layer: str
     channel: int
     rate: float
+    low: float
 
 
 @dataclass
@@ -58,11 +60,14 @@ class Protector:
 
     @classmethod
     def build(cls, spec, engine, site: str, bound_batches=None, bound_source: str = "training",
-              channel_rates=None) -> Protector:
+              channel_rates=None, fault_layers=None) -> Protector:
         """Protections `spec` of a campaign at `site` on `engine` (guards unset, emulation
         and ranges ready). bound_batches() gives image batches to profile ranger/clip bounds
         on (`bound_source` names them in the notes); channel_rates(protection) gives the
-        ChannelRate list of a dup/tmr map (with any warning as a second item)."""
+        ChannelRate list of a dup/tmr map (with any warning as a second item);
+        fault_layers names the layers the campaign injects faults into: abft, dup and tmr
+        guarding none of them is refused (they would change nothing), guarding some of
+        them gives a note naming the rest (ranger and clip act downstream, so not them)."""
         from flipsafe.protect import abft, ranger, redundancy
 
         items = parse(spec, site)
@@ -88,8 +93,11 @@ class Protector:
                 kept = [n for n in names if isinstance(engine.leaves[n], abft.TYPES)]
                 skipped = [n for n in names if n not in kept]
                 if not kept:
+                    able = [i.name for i in engine.layers("activations", ALL)
+                            if isinstance(engine.leaves[i.name], abft.TYPES)]
                     raise ConfigError(f"abft checks Conv and Linear layers; abft:layers="
-                                      f"{item.layers} selects none ({', '.join(names)})")
+                                      f"{item.layers} selects none of them (choose from: "
+                                      f"{', '.join(able) or 'none in this model'})")
                 for n in kept:
                     p.checksums[n] = abft.Checksum(engine.leaves[n], engine.fmt, engine.device)
                 p.layers["abft"] = kept
@@ -103,7 +111,23 @@ class Protector:
                 else:
                     masks = p._channels(item, engine, infos, channel_rates, redundancy)
                 p.copies[item.name] = masks
+            if item.name in ("abft", "dup", "tmr") and fault_layers is not None:
+                p._check_faulted(item, list(fault_layers))
         return p
+
+    def _check_faulted(self, item, fault_layers: list) -> None:
+        """Refuse `item` (abft, dup, tmr) when none of its layers receives faults; note the
+        ones that receive none."""
+        guarded = self.layers[item.name]
+        idle = [n for n in guarded if n not in fault_layers]
+        if len(idle) == len(guarded):
+            raise ConfigError(f"{item.name} would change nothing: it guards "
+                              f"{', '.join(guarded)}, but the campaign injects faults only "
+                              f"into {', '.join(fault_layers)}; choose {item.name}:layers= "
+                              f"among those")
+        if idle:
+            self.notes.append(f"{item.name}: {', '.join(idle)} receive(s) no faults in this "
+                              f"campaign (it injects into {', '.join(fault_layers)})")
 
     def _channels(self, item, engine, infos, channel_rates, redundancy) -> dict:
         if item.get("map") is None:
@@ -116,9 +140,11 @@ class Protector:
         info = {i.name: i for i in infos if i.kind in ("conv", "linear")
                 and i.weight_shape is not None}
         cands = [redundancy.Candidate(r.layer, r.channel, r.rate,
-                                      redundancy.channel_flops(info[r.layer]))
+                                      redundancy.channel_flops(info[r.layer]), r.low)
                  for r in rates if r.layer in info]
         chosen = redundancy.choose_channels(cands, budget)
+        if not chosen:
+            raise ConfigError(_none_chosen(item, cands, budget))
         spent = sum(redundancy.channel_flops(info[n]) * len(c) for n, c in chosen.items())
         self.layers[item.name] = sorted(chosen)
         self.channels[item.name] = chosen
@@ -178,6 +204,19 @@ class Protector:
         if self.channels:
             out["channels"] = self.channels
         return out
+
+
+def _none_chosen(item: Protection, cands, budget: float) -> str:
+    """Why `item`'s budget chooses no channel from its map (one line)."""
+    where = (f"{item.name}:budget={item.get('budget')}:map={item.get('map')} chooses no "
+             "channel")
+    sdc = [c for c in cands if c.rate > 0]
+    if not sdc:
+        return (f"{where}: the map has no SDC in the layers {item.name} may copy, and only "
+                "channels with an SDC are copied; map a campaign with more faults")
+    cheapest = min(c.flops for c in sdc)
+    return (f"{where}: its cheapest channel with an SDC costs {cheapest:,} FLOPs, over the "
+            f"{budget:,.0f}-FLOP budget; raise the budget")
 
 
 def _select(item: Protection) -> str:

@@ -55,20 +55,24 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One output channel that may be protected: its SDC rate and what copying it costs."""
+    """One output channel that may be protected: its SDC rate, the Wilson lower bound of
+    that rate (what channels are ranked by) and what copying it costs."""
 
     layer: str
     channel: int
     rate: float
     flops: int
+    low: float
 
 
 def choose_channels(candidates, budget: float) -> dict[str, list[int]]:
-    """Channels to protect, chosen greedily by SDC rate (highest first; ties to the cheaper,
-    then by layer and channel) while their summed FLOPs stay within `budget`; channels
-    without SDCs are not chosen. {layer: sorted channels}."""
+    """Channels to protect, chosen greedily by the Wilson lower bound of their SDC rate
+    (highest first, so one SDC in one fault does not outrank a well-sampled channel; ties
+    to the higher rate, then the cheaper, then by layer and channel) while their summed
+    FLOPs stay within `budget`; channels without SDCs are not chosen. {layer: sorted
+    channels}."""
     order = sorted((c for c in candidates if c.rate > 0),
-                   key=lambda c: (-c.rate, c.flops, c.layer, c.channel))
+                   key=lambda c: (-c.low, -c.rate, c.flops, c.layer, c.channel))
     left = budget
     chosen: dict[str, list[int]] = {}
     for c in order:

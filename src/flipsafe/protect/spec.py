@@ -156,15 +156,15 @@ def _fraction(text: str, name: str) -> float:
 
 
 def _site_error(name: str, site: str, kind: Kind) -> str:
+    hint = f"use --site {kind.sites[0]}"
     if name in ("ecc", "parity"):
         why = "it protects stored weights"
     elif name in ("dup", "tmr"):
-        why = ("it repeats computation, and every copy reads the same stored weights "
-               "(use ecc for those)")
+        why = "it repeats computation, and every copy reads the same stored weights"
+        hint = f"use ecc to protect weights, or --site {kind.sites[0]}"
     else:
         why = "it guards " + " and ".join(kind.sites)
-    return (f"{name} cannot guard a campaign on the {site} site: {why} "
-            f"(use --site {kind.sites[0]})")
+    return f"{name} cannot guard a campaign on the {site} site: {why}; {hint}"
 
 
 def label(spec: str | None) -> str:
