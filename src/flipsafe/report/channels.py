@@ -24,10 +24,11 @@ def channel_rows(results, top: int | None = None) -> list[dict]:
 
 
 def channel_text(results, top: int = 5) -> str:
-    """The `top` output channels of each layer by SDC rate, with intervals, as lines."""
+    """The `top` output channels of each layer ranked by the lower end of their SDC-rate
+    interval (a channel hit once stays below well-sampled ones), as lines."""
     confidence = results.plan.confidence
-    lines = [(f"Output channels with the highest SDC rate ({top} per layer; "
-              f"{confidence:.0%} Wilson intervals)"),
+    lines = [(f"Output channels most likely to turn a fault into an SDC ({top} per layer, "
+              f"ranked by the lower end of their {confidence:.0%} Wilson interval)"),
              f"{'layer':<24} {'channel':>7} {'faults':>7} {'SDC':>5} {'rate':>8}  interval"]
     for r in channel_rows(results, top):
         lines.append(f"{r['layer']:<24} {r['channel']:>7} {r['n']:>7} {r['sdc']:>5} "
