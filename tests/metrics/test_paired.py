@@ -108,3 +108,27 @@ def test_stratified_paired_ratio_with_proportional_allocation_is_the_pooled_one(
     assert (strat.ratio, strat.low, strat.high, strat.p_value) == pytest.approx(
         (pooled.ratio, pooled.low, pooled.high, pooled.p_value))
     assert stratified_paired_ratio(a, b, keys, None).ratio == pooled
+
+
+def test_a_side_with_less_than_one_effective_event_gets_the_half_count():
+    import math
+
+    from flipsafe.metrics.stats import stratified_paired_ratio, z_value
+
+    # b's only event sits in stratum y of weight 0.01: 0.01 * n_eff / 50 effective events.
+    keys = ["x"] * 50 + ["y"] * 50
+    a = np.zeros(100, dtype=bool)
+    a[:20] = True
+    b = np.zeros(100, dtype=bool)
+    b[50] = True
+    got = stratified_paired_ratio(a, b, keys, {"x": 99, "y": 1}, 0.99)
+    w = {"x": 0.99, "y": 0.01}
+    n_eff = 1 / (w["x"] ** 2 / 50 + w["y"] ** 2 / 50)
+    n11, n10, n01 = 0.0, n_eff * w["x"] * 20 / 50, n_eff * w["y"] * 1 / 50
+    assert n01 < 1 and got.ratio.corrected
+    n11, n10, n01 = n11 + 0.5, n10 + 0.5, n01 + 0.5
+    ratio = (n11 + n10) / (n11 + n01)
+    se = math.sqrt((n10 + n01) / ((n11 + n10) * (n11 + n01)))
+    assert (got.ratio.ratio, got.ratio.low) == pytest.approx(
+        (ratio, ratio * math.exp(-z_value(0.99) * se)))
+    assert got.ratio.low > 1  # 20 against 1 in 100 paired rows: clearly fewer

@@ -336,7 +336,8 @@ def stratified_paired_ratio(flags_a, flags_b, keys, sizes: Mapping | None,
     proportional allocation this is exactly paired_ratio; without sizes it is paired_ratio.
     McNemar's exact p is on the pooled discordant pairs: under "no effect" each discordant
     pair is equally likely either way in every stratum, so the pooled test stays exact.
-    When a side has no events, 0.5 is added to each effective cell (corrected)."""
+    When a side has less than one effective event (none, or a few in lightly weighted
+    strata), 0.5 is added to each effective cell (corrected)."""
     a = np.asarray(flags_a, dtype=bool).reshape(-1)
     b = np.asarray(flags_b, dtype=bool).reshape(-1)
     pooled = paired_ratio(a, b, confidence)
@@ -359,7 +360,10 @@ def stratified_paired_ratio(flags_a, flags_b, keys, sizes: Mapping | None,
     n = table[:, 0]
     n_eff = 1.0 / float(np.sum(w * w / n))
     n11, n10, n01 = (n_eff * float(np.sum(w * table[:, j] / n)) for j in (1, 2, 3))
-    corrected = n11 + n10 == 0 or n11 + n01 == 0
+    # A side with less than one effective event (a few events in lightly weighted strata)
+    # gets the same 0.5 as a side with none: a log interval on a fraction of an event says
+    # nothing (with whole counts, below one is none).
+    corrected = n11 + n10 < 1 or n11 + n01 < 1
     if corrected:
         n11, n10, n01 = n11 + 0.5, n10 + 0.5, n01 + 0.5
     ratio = (n11 + n10) / (n11 + n01)
