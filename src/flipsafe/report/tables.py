@@ -738,8 +738,10 @@ def protection_headline(entry: dict) -> str:
                    f"{fmt_factor(f.ratio)})")
     else:
         reading = f"{protection_label(entry['protection'])} makes no clear difference in SDCs"
+    half = (" (0.5 added to each paired count: a side had less than one effective SDC)"
+            if f.corrected else "")
     return (f"On the very same {fmt_count(r.n)} faults of {ref.name}, {reading}: paired factor "
-            f"{fmt_factor(f.ratio)}, {c} interval {fmt_factor_interval(f.low, f.high)}, "
+            f"{fmt_factor(f.ratio)}{half}, {c} interval {fmt_factor_interval(f.low, f.high)}, "
             f"McNemar's exact p = {f.p_value:.3g}; SDC rate {fmt_rate(sdc.rate)} "
             f"{fmt_interval(sdc.low, sdc.high)} against {fmt_rate(base.rate)} "
             f"{fmt_interval(base.low, base.high)} unprotected; {fmt_count(entry['detected'])} "
