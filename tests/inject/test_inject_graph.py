@@ -39,6 +39,15 @@ def data(n=6, seed=0):
     return torch.randn(n, 3, 4, 4, generator=g), torch.randint(5, (n,), generator=g)
 
 
+def token_engine():
+    """TokenNet (seeded), six images, an fp32 engine on it and their golden run."""
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    x, y = data()
+    engine = Engine(model, "fp32", chunk=4)
+    return model, x, y, engine, engine.golden(x, y)
+
+
 def shapes_seen(engine, name):
     seen = []
     dict(engine.model.named_modules())[name].register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape))
@@ -62,11 +71,7 @@ def test_one_row_tail_equals_the_full_path(fmt):
 
 
 def test_suffix_runs_compute_only_the_token_the_head_reads():
-    torch.manual_seed(0)
-    model = TokenNet().eval()
-    x, y = data()
-    engine = Engine(model, "fp32", chunk=4)
-    g = engine.golden(x, y)
+    _, x, y, engine, g = token_engine()
     seen = shapes_seen(engine, "fc2")
     # Faults in the token mixer's output change every token after it; fc2 sees token 0.
     faults = engine.sample(8, "activations", "mix", "bitflip", images=6,
@@ -76,11 +81,7 @@ def test_suffix_runs_compute_only_the_token_the_head_reads():
 
 
 def test_faults_off_the_token_the_head_reads_change_nothing():
-    torch.manual_seed(0)
-    model = TokenNet().eval()
-    x, y = data()
-    engine = Engine(model, "fp32", chunk=4)
-    g = engine.golden(x, y)
+    _, x, y, engine, g = token_engine()
     # fc1's output [16 tokens, 16]: index 16 * token + feature.
     index = torch.tensor([16 * 3 + 2, 16 * 15 + 0, 16 * 0 + 5, 16 * 7 + 9])
     faults = FaultSet(["fc1"], layer=0, index=index, mask=1 << 30, image=torch.arange(4))
@@ -92,11 +93,7 @@ def test_faults_off_the_token_the_head_reads_change_nothing():
 
 
 def test_a_fault_in_one_token_is_followed_on_that_token_up_to_the_mixer():
-    torch.manual_seed(0)
-    model = TokenNet().eval()
-    x, y = data()
-    engine = Engine(model, "fp32", chunk=4)
-    g = engine.golden(x, y)
+    model, x, y, engine, g = token_engine()
     pre, mix = shapes_seen(engine, "pre"), shapes_seen(engine, "mix")
     faults = engine.sample(8, "activations", "embed", "bitflip", images=6,
                            generator=torch.Generator().manual_seed(3))
