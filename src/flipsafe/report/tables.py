@@ -678,7 +678,8 @@ def protection_table(results: Results, vs: Sequence[Results] = ()) -> TextTable 
                         "fewer: the ratio of the two stratified rates (the SDC column), its "
                         "interval the log interval for paired proportions on Kish's effective "
                         "sample size, McNemar's exact p on the discordant rows; '0.5 added': a "
-                        "side had no SDC, so 0.5 was added to each cell first.")
+                        "side had less than one effective SDC (none, or a few in lightly "
+                        "weighted strata), so 0.5 was added to each cell first.")
     if any(e["protection"] == TEXT_GUIDED for e in entries):
         notes.append(f"{TEXT_GUIDED}: the baseline's SDC rate / the text-guided model's, on "
                      "other faults, over the layers both models have (unpaired: Katz interval "
