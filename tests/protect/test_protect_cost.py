@@ -239,3 +239,21 @@ def test_a_layer_the_model_lacks_or_an_unknown_protection_is_one_line():
         cost.measure(_net(), {"bogus": {"0": None}}, X, seconds=0.1)
     with pytest.raises(ConfigError, match="no resolved selection for tmr"):
         cost.for_plan(_net(), "tmr", {}, X)
+
+
+@pytest.mark.parametrize("name", ["ranger", "clip"])
+def test_campaign_bounds_are_held_as_the_campaign_guards_hold_them(name):
+    from flipsafe.protect.ranger import clip_guard, ranger_guard
+
+    model = _net()
+    lo, hi = torch.tensor(0.05), torch.tensor(0.2)  # asymmetric, as profiled [lo, hi]
+    g = cost.guard(model, {name: {"0": None}}, {"0": (lo, hi)})
+    seen = {}
+    first = dict(g.model.named_modules())["0"]
+    first.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
+    _run(g, X)
+    with torch.no_grad():
+        raw = nn.Sequential(*list(model)[:1])(X)
+    make = ranger_guard if name == "ranger" else clip_guard
+    assert torch.equal(seen["out"], make(lo, hi)(raw))
+    assert not torch.equal(seen["out"], raw)

@@ -92,8 +92,12 @@ def campaign_cost(prep: Prepared, selection: dict | None = None) -> dict:
                 selection[name] = {layer: list(ch) for layer, ch in chosen.items()}
     ids = prep.image_ids[:COST_IMAGES].cpu()
     model = copy.deepcopy(prep.engine.model).cpu()
+    # ranger/clip cost what the campaign guards with: the protector's [lo, hi] bounds.
+    bounds = {layer: tuple(b.cpu() for b in pair) for layer, pair in
+              getattr(getattr(prep, "protector", None), "bounds", {}).items()}
     return cost.for_plan(model, items, selection, prep.images[ids].cpu(),
-                         prep.labels[ids].cpu(), ranges=prep.ranges, format=prep.plan.format)
+                         prep.labels[ids].cpu(), ranges=prep.ranges, bounds=bounds,
+                         format=prep.plan.format)
 
 
 def _record_cost(prep: Prepared, store: ResultsStore) -> None:

@@ -345,27 +345,20 @@ def _bound_shape(bound: torch.Tensor, out: torch.Tensor, dim: int) -> torch.Tens
     return bound.reshape(shape)
 
 
-def ranger_hook(bound: torch.Tensor, dim: int = 1, channels=None):
-    """A forward hook clamping the output (its `channels` along `dim`, or all of it) to
-    [-bound, bound] (a scalar, or one bound per kept channel); NaN becomes 0."""
+def bound_hook(name: str, lo: torch.Tensor, hi: torch.Tensor, dim: int = 1, channels=None):
+    """A forward hook holding the output (its `channels` along `dim`, or all of it) within
+    [lo, hi] (scalars, or one per kept channel) as the campaign's guards do
+    (protect.ranger.guards): 'ranger' clamps, 'clip' sets values outside to 0."""
+    from flipsafe.protect.ranger import clip_guard, ranger_guard
+
+    make = ranger_guard if name == "ranger" else clip_guard
+
     def hook(mod, inputs, out):
         if not isinstance(out, torch.Tensor):
             return None
         part = _index(out, dim, channels)
-        b = _bound_shape(bound.to(out.device, out.dtype), part, dim)
-        clamped = torch.minimum(torch.maximum(torch.nan_to_num(part, nan=0.0), -b), b)
-        return _put(out, dim, channels, clamped)
-    return hook
-
-
-def clip_hook(bound: torch.Tensor, dim: int = 1, channels=None):
-    """A forward hook setting output values beyond +-bound (and NaN) to 0 (FT-ClipAct)."""
-    def hook(mod, inputs, out):
-        if not isinstance(out, torch.Tensor):
-            return None
-        part = _index(out, dim, channels)
-        b = _bound_shape(bound.to(out.device, out.dtype), part, dim)
-        return _put(out, dim, channels, torch.where(part.abs() <= b, part, torch.zeros_like(part)))
+        low, high = (_bound_shape(b.to(out.device, out.dtype), part, dim) for b in (lo, hi))
+        return _put(out, dim, channels, make(low, high)(part))
     return hook
 
 
@@ -495,13 +488,8 @@ def guard(model: nn.Module, selection: Selection, bounds: dict | None = None,
             if name in ("ranger", "clip"):
                 if layer not in bounds:
                     raise ConfigError(f"{name}: no profiled bound for layer {layer!r}")
-                b = torch.as_tensor(bounds[layer], dtype=torch.float32)
-                if b.dim() == 1 and channels is not None:
-                    b = b[torch.as_tensor(channels)]
-                elif b.dim() == 1 and name not in per_channel:
-                    b = b.max()
-                make = ranger_hook if name == "ranger" else clip_hook
-                mod.register_forward_hook(make(b, dim, channels))
+                lo, hi = _lo_hi(bounds[layer], channels, name in per_channel)
+                mod.register_forward_hook(bound_hook(name, lo, hi, dim, channels))
             elif name == "abft":
                 if abft_guardable(mod):
                     mod.register_forward_hook(abft_hook(monitor, summed_filters(mod, channels),
@@ -511,6 +499,23 @@ def guard(model: nn.Module, selection: Selection, bounds: dict | None = None,
             elif name == "tmr":
                 mod.register_forward_hook(tmr_hook(channels))
     return Guarded(guarded, monitor)
+
+
+def _lo_hi(bound, channels, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of a ranger/clip bound: a (lo, hi) pair as the campaign profiles it, or a
+    max |output| (a number, or one per channel) standing for [-max, max]."""
+    if isinstance(bound, (tuple, list)):
+        lo, hi = (torch.as_tensor(b, dtype=torch.float32) for b in bound)
+        if channels is not None and lo.dim():
+            idx = torch.as_tensor(channels)
+            lo, hi = lo.reshape(-1)[idx], hi.reshape(-1)[idx]
+        return lo, hi
+    b = torch.as_tensor(bound, dtype=torch.float32)
+    if b.dim() == 1 and channels is not None:
+        b = b[torch.as_tensor(channels)]
+    elif b.dim() == 1 and not per_channel:
+        b = b.max()
+    return -b, b
 
 
 def profile_bounds(model: nn.Module, layers: Iterable[str], images: torch.Tensor
@@ -643,12 +648,14 @@ def _accuracy(model, images, labels) -> tuple[float | None, torch.Tensor]:
 
 def measure(model: nn.Module, selection: Selection, images: torch.Tensor,
             labels: torch.Tensor | None = None, *, protections: Iterable[Protection] = (),
-            ranges: dict | None = None, weight_bits: int = 32, seconds: float = 2.0
-            ) -> CostReport:
+            ranges: dict | None = None, bounds: dict | None = None, weight_bits: int = 32,
+            seconds: float = 2.0) -> CostReport:
     """The cost of each protection of `selection` on `model` and of all together: FLOPs and
     memory counted, latency and top-1 accuracy on `images` (against `labels`, when given)
     measured with and without. `ranges` (layer -> max |output| profiled on training data, as
-    Engine.profile gives) bound ranger and clip; layers it lacks are profiled on `images`.
+    Engine.profile gives) bound ranger and clip to [-max, max]; `bounds` ({layer: (lo, hi)},
+    as the campaign profiles them: protect.ranger.profile_bounds) take precedence; layers
+    neither has are profiled on `images`.
     `protections` (parsed specification items) say which use per-channel bounds. The model
     given is never changed."""
     model = model.eval()
@@ -658,11 +665,13 @@ def measure(model: nn.Module, selection: Selection, images: torch.Tensor,
     base = max(counts.total, 1)
     per_channel = {p.name for p in protections if p.per_channel}
     guarded_layers = {layer for n in ("ranger", "clip") for layer in selection.get(n, {})}
+    given = bounds
     bounds = profile_bounds(model, guarded_layers, images) if guarded_layers else {}
     for layer, value in (ranges or {}).items():
         if layer in bounds and not (isinstance(value, (int, float)) and not math.isfinite(value)):
             value = torch.as_tensor(value, dtype=torch.float32)
             bounds[layer] = value if value.dim() else value.expand_as(bounds[layer]).clone()
+    bounds.update({layer: pair for layer, pair in (given or {}).items() if layer in bounds})
     skipped = [f"abft: {layer} is no Conv/Linear (left unchecked)"
                for layer in selection.get("abft", {})
                if not abft_guardable(dict(model.named_modules())[layer])]
@@ -727,6 +736,7 @@ def layer_selection(engine, protections: Iterable[Protection], site: str) -> Sel
 
 def for_plan(model: nn.Module, protections, selection: Selection, images: torch.Tensor,
              labels: torch.Tensor | None = None, *, ranges: dict | None = None,
+             bounds: dict | None = None,
              format: str = "fp32", seconds: float = 2.0) -> dict:
     """What a campaign records as its results folder's cost (manifest key "cost", see
     `flipsafe.campaign.store.ResultsStore.write_cost`): `measure(...).to_json()` for
@@ -743,5 +753,6 @@ def for_plan(model: nn.Module, protections, selection: Selection, images: torch.
         raise ConfigError(f"no resolved selection for {', '.join(sorted(missing))}")
     selection = {n: selection[n] for n in KINDS if n in selection and n in names}
     report = measure(model, selection, images, labels, protections=items, ranges=ranges,
+                     bounds=bounds,
                      weight_bits=get_format(format).bits, seconds=seconds)
     return replace(report, protect=",".join(str(p) for p in items) or None).to_json()

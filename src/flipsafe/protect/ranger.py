@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from flipsafe.errors import ConfigError
-from flipsafe.inject.emulate import clamp
 
 # The layers Ranger guards by default: Conv and Linear outputs, as the campaigns' "all".
 DEFAULT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -102,16 +101,17 @@ def guards(bounds: dict, mode: str = "ranger", device=None) -> dict:
 def ranger_guard(lo: torch.Tensor, hi: torch.Tensor):
     """x clamped to [lo, hi]; a NaN goes to lo when its sign bit is set, else to hi."""
     def guard(x):
-        held = torch.maximum(torch.minimum(x, hi), lo)  # NaN propagates through both
-        side = torch.where(torch.signbit(x), lo, hi)
-        return torch.where(torch.isnan(x), side.to(x.dtype), held)
+        low, high = lo.to(x.device, x.dtype), hi.to(x.device, x.dtype)
+        held = torch.maximum(torch.minimum(x, high), low)  # NaN propagates through both
+        side = torch.where(torch.signbit(x), low, high)
+        return torch.where(torch.isnan(x), side, held)
     return guard
 
 
 def clip_guard(lo: torch.Tensor, hi: torch.Tensor):
     """x where lo <= x <= hi, else 0 (NaN and infinities included): FT-ClipAct."""
     def guard(x):
-        inside = (x >= lo) & (x <= hi)
+        inside = (x >= lo.to(x.device, x.dtype)) & (x <= hi.to(x.device, x.dtype))
         return torch.where(inside, x, torch.zeros((), dtype=x.dtype, device=x.device))
     return guard
 
@@ -149,10 +149,13 @@ def protect(model: nn.Module, ranges: dict, select: str | None = None) -> nn.Mod
 
 
 def _clamp_hook(limit: float):
+    """The campaign's ranger guard on [-limit, limit] as a forward hook."""
+    guard = ranger_guard(torch.tensor(-limit), torch.tensor(limit))
+
     def hook(mod, inputs, out):
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return None
-        return clamp(out, torch.tensor(limit, device=out.device), "profiled")
+        return guard(out)
     return hook
 
 
