@@ -346,16 +346,15 @@ def stratified_paired_ratio(flags_a, flags_b, keys, sizes: Mapping | None,
     keys = list(keys)
     if len(keys) != a.size:
         raise ConfigError(f"need one stratum key per row, got {len(keys)} for {a.size} rows")
-    # (n, both, only a, only b) per stratum
-    counts: dict = {}
-    for key, x, y in zip(keys, a.tolist(), b.tolist()):
-        c = counts.setdefault(key, np.zeros(4))
-        c += (1, x and y, x and not y, y and not x)
-    missing = [k for k in counts if k not in sizes]
+    index: dict = {}
+    ids = np.fromiter((index.setdefault(k, len(index)) for k in keys), np.int64, a.size)
+    missing = [k for k in index if k not in sizes]
     if missing:
         raise ConfigError(f"rows of stratum {missing[0]} have no fault-space size")
-    table = np.array([counts[k] for k in counts])
-    size = np.array([float(sizes[k]) for k in counts])
+    # (n, both, only a, only b) per stratum
+    table = np.stack([np.bincount(ids, c, len(index)) for c in
+                      (np.ones(a.size), a & b, a & ~b, ~a & b)], axis=1)
+    size = np.array([float(sizes[k]) for k in index])
     w = size / size.sum()
     n = table[:, 0]
     n_eff = 1.0 / float(np.sum(w * w / n))
