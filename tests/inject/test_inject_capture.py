@@ -257,15 +257,7 @@ def test_in_place_writes_through_views_are_not_made_out_of_place():
     """Made out-of-place, the add would not reach the slice: such a model is not captured,
     and the hooks give the reference outcomes."""
     torch.manual_seed(0)
-    model = ViewWrite()
-    x, y = data(4, 8)
-    engine = Engine(model, "fp32", input_shape=(3, 8, 8))
-    assert not engine.suffix and "in-place" in engine.trace_error
-    faults = FaultSet.cat([engine.sample(12, s, "all", "bitflip", images=4,
-                                         generator=torch.Generator().manual_seed(4))
-                           for s in ("activations", "weights")])
-    check(engine.run(faults, x, y), reference_outcomes(Reference(model, "fp32"), x, y, faults),
-          "fp32")
+    hooks_give_the_reference(ViewWrite(), "in-place", "all", seed=4)
 
 
 class Doubler(torch.nn.Module):
@@ -290,12 +282,18 @@ class WithDoubler(ViewWrite):
 
 def test_leaf_modules_that_change_their_input_in_place_are_not_captured():
     torch.manual_seed(0)
-    model = WithDoubler()
+    hooks_give_the_reference(WithDoubler(), "changes its input in place", "Conv2d|Linear",
+                             seed=5)
+
+
+def hooks_give_the_reference(model, why: str, select: str, seed: int):
+    """`model` is not captured (its trace error says `why`), and hook runs of activation
+    and weight faults in `select` give the slow reference's outcomes."""
     x, y = data(4, 8)
     engine = Engine(model, "fp32", input_shape=(3, 8, 8))
-    assert not engine.suffix and "changes its input in place" in engine.trace_error
-    faults = FaultSet.cat([engine.sample(12, s, "Conv2d|Linear", "bitflip", images=4,
-                                         generator=torch.Generator().manual_seed(5))
+    assert not engine.suffix and why in engine.trace_error
+    faults = FaultSet.cat([engine.sample(12, s, select, "bitflip", images=4,
+                                         generator=torch.Generator().manual_seed(seed))
                            for s in ("activations", "weights")])
     check(engine.run(faults, x, y), reference_outcomes(Reference(model, "fp32"), x, y, faults),
           "fp32")
