@@ -219,6 +219,10 @@ def _print_strata(prep) -> None:
     Console().print(table)
     print(f"images: {prep.image_ids.numel()} of {len(prep.labels)} ({prep.plan.images}); "
           f"classifier layer ('last'): {prep.classifier}")
+    if prep.inputs is not None:
+        print(prep.inputs.describe())
+        for warning in prep.inputs.warnings():
+            print(f"flipsafe: warning: {warning}", file=sys.stderr)
     if prep.protector is not None:
         layers = "; ".join(f"{k} on {', '.join(v)}" for k, v in prep.protector.layers.items())
         print(f"protect: {prep.plan.protect} ({layers})")
@@ -328,9 +332,9 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda or auto (cuda when available) (default: cpu)")
     p.add_argument("--protocol", default=None,
                    help=f"one of {_one_of(PROTOCOLS)}: an evaluation protocol's conventions in "
-                        "one flag (goldeneye: site activations, layers all, images correct, clamp "
-                        "goldeneye, fault bitflip); recorded in the plan, and a flag that "
-                        "contradicts it is refused")
+                        "one flag (goldeneye: site activations, images correct, clamp goldeneye, "
+                        "fault bitflip; --layers stays free, default all); recorded in the "
+                        "plan, and a flag that contradicts it is refused")
     p.add_argument("--site", default=None,
                    help=f"what faults corrupt: one of {_one_of(SITES)} (default: {d.site})")
     p.add_argument("--format", default=None,
@@ -514,6 +518,8 @@ OUT_IS_FOLDER = {"train": True, "campaign": True, "demo": True,
 def _check_out(args) -> None:
     from flipsafe.atomic import check_output
 
+    if args.command == "campaign" and (Path(args.out) / "plan.json").is_file():
+        return  # a campaign to resume: a finished one needs no write (the runner checks)
     if args.command in OUT_IS_FOLDER:
         check_output(args.out, folder=OUT_IS_FOLDER[args.command], what="--out")
 
@@ -531,14 +537,34 @@ def main(argv=None) -> int:
         return 141
 
 
+# Flags whose values are names from a list the help prints in lower case: any case is taken.
+CASELESS = ("protocol", "site", "images", "clamp", "allocation", "backend", "device",
+            "optimizer")
+CASELESS_BY_COMMAND = {"report": ("format",)}
+
+
+def _caseless(args) -> None:
+    for name in CASELESS + CASELESS_BY_COMMAND.get(args.command, ()):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, value.lower())
+
+
 def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _caseless(args)
     try:
         _check_out(args)
         args.func(args)
     except FlipsafeError as exc:
         print(f"flipsafe: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # user code (a python: model, say) may not end a command quietly
+        spec = getattr(args, "model_dir", None)
+        where = f" ({spec})" if spec else ""
+        print(f"flipsafe: error: user code{where} called sys.exit({exc.code!r}) during "
+              f"`flipsafe {args.command}`; results already written are kept", file=sys.stderr)
         return 2
     except EnvironmentFailure as exc:
         print(f"flipsafe: error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from flipsafe.errors import ConfigError, TrainingError, unknown
 from flipsafe.progress import progress_bar
+from flipsafe.seeds import check_seed
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -53,6 +54,7 @@ class TrainConfig:
             raise unknown("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule not in SCHEDULES:
             raise unknown("schedule", self.schedule, SCHEDULES)
+        check_seed(self.seed)
         for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0)):
             value = getattr(self, name)
             if not _is_int(value) or value < low:

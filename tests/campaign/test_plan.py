@@ -260,7 +260,7 @@ def test_plan_uses_published_t_values_for_large_strata():
     assert n_from_plan(plan(0.95, 0.05), 10**9) == 385
 
 
-GOLDENEYE = {"site": "activations", "layers": "all", "images": "correct", "clamp": "goldeneye",
+GOLDENEYE = {"site": "activations", "images": "correct", "clamp": "goldeneye",
              "fault": "bitflip"}
 
 
@@ -278,7 +278,7 @@ def test_goldeneye_protocol_sets_exactly_its_conventions():
 
 
 @pytest.mark.parametrize("name, value", [("clamp", "none"), ("clamp", "profiled"),
-                                         ("layers", "last"), ("images", "all"),
+                                         ("images", "all"),
                                          ("site", "weights"), ("fault", "bitflip2")])
 def test_goldeneye_protocol_refuses_a_conflicting_field_in_one_line(name, value):
     with pytest.raises(ConfigError) as err:
@@ -290,6 +290,15 @@ def test_goldeneye_protocol_refuses_a_conflicting_field_in_one_line(name, value)
     # replace() on a protocol plan is held to the protocol too.
     with pytest.raises(ConfigError):
         dataclasses.replace(_plan(protocol="goldeneye"), **{name: value})
+
+
+@pytest.mark.parametrize("layers", ["last", "all", "conv.*"])
+def test_goldeneye_protocol_takes_any_layer_choice(layers):
+    # The paper's headline figure is the last layer's, under GoldenEye's conventions.
+    plan = _plan(protocol="goldeneye", layers=layers)
+    assert plan.layers == layers and plan.clamp == "goldeneye"
+    assert json.loads(plan.to_json())["protocol"] == "goldeneye"
+    assert _plan(protocol="goldeneye").layers == "all"  # the default when left out
 
 
 def test_unknown_protocol_is_refused():
@@ -325,7 +334,7 @@ def test_fault_plan_is_the_plan_without_its_model_and_data():
     assert a.fault_plan == b.fault_plan == faults
     assert a.differing_fields(b) == ["model_sha"]  # another model in a folder is refused
     assert set(FAULT_FIELDS) | {"model", "model_sha", "dataset", "data_sha", "preprocess",
-                                "protect", "version"} == set(a.to_dict())
+                                "protect", "inputs", "version"} == set(a.to_dict())
     with pytest.raises(ConfigError, match="confidence"):
         FaultPlan(confidence=1.5)
 
@@ -353,6 +362,6 @@ def test_a_campaign_plan_is_a_fault_plan_with_a_model_and_data():
         f.name for f in dataclasses.fields(FaultPlan)}
     # protect is no fault field: a protected plan replays the unprotected plan's faults.
     assert own == {"model", "model_sha", "dataset", "data_sha", "preprocess", "protect",
-                   "version"}
+                   "inputs", "version"}
     assert set(FAULT_FIELDS) == {f.name for f in dataclasses.fields(FaultPlan)}
     assert plan.fault_plan == FaultPlan(format="fp16", seed=3, n=50, clamp="profiled")

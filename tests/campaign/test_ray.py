@@ -170,7 +170,7 @@ def test_missing_ray_says_how_to_install(plan, tmp_path, monkeypatch):
 
 
 def test_bad_worker_count_is_refused(plan, tmp_path):
-    with pytest.raises(FlipsafeError, match="--workers must be at least 1"):
+    with pytest.raises(FlipsafeError, match="--workers must be a whole number of at least 1"):
         run_campaign(plan, tmp_path / "r", backend="ray", workers=0, show_progress=False)
 
 

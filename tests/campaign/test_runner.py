@@ -455,11 +455,26 @@ def test_protocol_goldeneye_from_the_cli_sets_its_conventions_and_is_named(mlp_c
         "fp32", 0, 0.99, None, 4)
     assert "plan: protocol goldeneye (GoldenEye's conventions:" in capsys.readouterr().out
     python = make_plan(mlp_checkpoint, protocol="goldeneye", n=4, margin=None)
-    assert python == dataclasses.replace(plan, data_sha=None, model=str(mlp_checkpoint))
+    assert python == dataclasses.replace(plan, data_sha=None, inputs=None,
+                                         model=str(mlp_checkpoint))
+
+
+@pytest.mark.parametrize("spelling", ["goldeneye", "GoldenEye"])
+def test_protocol_goldeneye_on_the_last_layer_is_the_papers_headline(mlp_checkpoint, tmp_path,
+                                                                     capsys, spelling):
+    from flipsafe.cli import main
+
+    out = tmp_path / "ge-last"
+    assert main(["campaign", str(mlp_checkpoint), "--protocol", spelling, "--layers", "last",
+                 "--n", "4", "--out", str(out), "--quiet"]) == 0
+    recorded = json.loads((out / "plan.json").read_text())
+    assert (recorded["protocol"], recorded["layers"], recorded["clamp"]) == (
+        "goldeneye", "last", "goldeneye")
+    assert {r["layer"] for r in _store(out).read().to_pylist()} == {"fc"}
 
 
 @pytest.mark.parametrize("flags, name, value", [
-    (["--clamp", "none"], "clamp", "none"), (["--layers", "last"], "layers", "last"),
+    (["--clamp", "none"], "clamp", "none"),
     (["--images", "all"], "images", "all"), (["--fault", "stuck1"], "fault", "stuck1"),
     (["--site", "weights"], "site", "weights"),
 ])

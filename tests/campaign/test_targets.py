@@ -453,7 +453,8 @@ def test_non_finite_images_are_refused_in_one_line(files, tmp_path, capsys):
                 f"tensors:{tmp_path / 'nan.safetensors'}", "--n", 2, "--images", "all",
                 "--quiet", "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "image(s) with NaN or infinite pixels" in err[0], err
+    # Named, not "20 images": the NaN must not spread through the dataset's statistics.
+    assert len(err) == 1 and "1 of 20 images hold NaN or infinite pixels (index 3)" in err[0], err
     assert not (tmp_path / "out" / "parts").exists()
 
 

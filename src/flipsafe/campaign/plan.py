@@ -17,6 +17,7 @@ from flipsafe.formats import canonical as canonical_format
 from flipsafe.inject.emulate import check_clamp
 from flipsafe.metrics.stats import sample_size, z_value
 from flipsafe.protect import check_protection
+from flipsafe.seeds import check_seed
 
 PLAN_VERSION = 1
 
@@ -26,7 +27,9 @@ IMAGES = ("correct", "all")
 ALLOCATIONS = ("proportional", "equal")
 
 # The checkpoint folder may be moved between runs; model_sha identifies the model instead.
-NOT_FINGERPRINTED = ("model",)
+# `inputs` records how the pixels were prepared (mean, std, size and where each came from);
+# their effect is in data_sha (the images as the model takes them), which is fingerprinted.
+NOT_FINGERPRINTED = ("model", "inputs")
 # Fields added after plans were first written: left out of the fingerprint while None, so
 # the fingerprints of folders written before them stay valid.
 OPTIONAL_FINGERPRINTED = ("data_sha", "preprocess", "protocol", "protect")
@@ -39,14 +42,16 @@ FAULT_FIELDS = ("format", "images", "site", "fault", "layers", "n", "confidence"
 CONVENTION_DEFAULTS = {"site": "activations", "layers": "all", "images": "correct",
                        "clamp": "none", "fault": "bitflip"}
 # Named evaluation protocols: the plan fields each one fixes. GoldenEye (Mahmoud et al.,
-# DSN-W 2022): faults in the outputs of Conv/Linear layers (layers "all"), each fault on one
-# image (every fault here is a (fault, element, image) triple), correctly classified images
-# with a positive top-1 margin ("correct"), NaN clamped to +max ("goldeneye"), single-bit
-# flips. Its non-finite outcomes are dropped from mismatch and mean delta-loss, which the
-# improvement-factor table reports beside flipsafe's own definitions.
+# DSN-W 2022): faults in the outputs of layers, each fault on one image (every fault here is
+# a (fault, element, image) triple), correctly classified images with a positive top-1
+# margin ("correct"), NaN clamped to +max ("goldeneye"), single-bit flips. It fixes no layer
+# choice: GoldenEye injects every Conv/Linear layer in turn, and the text-guided paper's
+# headline is its last layer, so --layers stays free (default "all"). Its non-finite
+# outcomes are dropped from mismatch and mean delta-loss, which the improvement-factor table
+# reports beside flipsafe's own definitions.
 PROTOCOLS = {
-    "goldeneye": {"site": "activations", "layers": "all", "images": "correct",
-                  "clamp": "goldeneye", "fault": "bitflip"},
+    "goldeneye": {"site": "activations", "images": "correct", "clamp": "goldeneye",
+                  "fault": "bitflip"},
 }
 PREPROCESS_KEYS = ("image_size", "mean", "std")
 # Prefixes of a plan's `model` that name models flipsafe did not train (the kinds of
@@ -60,9 +65,12 @@ def is_flipsafe_spec(spec: str) -> bool:
     return not (sep and prefix in TARGET_PREFIXES)
 
 
-def _choice(name: str, value, choices) -> None:
+def _choice(name: str, value, choices) -> str:
+    """`value` in its one spelling (choices are lower-case; any case is accepted)."""
+    value = value.lower() if isinstance(value, str) else value
     if value not in choices:
         raise ConfigError(f"{name} must be one of: {', '.join(choices)}; got {value!r}")
+    return value
 
 
 def _is_int(value) -> bool:
@@ -77,7 +85,11 @@ def _apply_protocol(plan) -> None:
     """Fill the conventions left None from the plan's protocol (else CONVENTION_DEFAULTS) and
     refuse one given against the protocol."""
     if plan.protocol is not None:
-        _choice("protocol", plan.protocol, tuple(PROTOCOLS))
+        object.__setattr__(plan, "protocol", _choice("protocol", plan.protocol, tuple(PROTOCOLS)))
+    for name in ("site", "images", "clamp"):  # one spelling, so the protocol's compare equal
+        value = getattr(plan, name)
+        if isinstance(value, str):
+            object.__setattr__(plan, name, value.lower())
     conventions = PROTOCOLS.get(plan.protocol, {})
     for name, usual in CONVENTION_DEFAULTS.items():
         if getattr(plan, name) is None:
@@ -102,10 +114,10 @@ def _check_faults(plan) -> None:
     # One spelling per name, so plans, fingerprints and range caches agree.
     object.__setattr__(plan, "format", canonical_format(plan.format))
     object.__setattr__(plan, "fault", parse_fault(plan.fault).name)
-    _choice("images", plan.images, IMAGES)
-    check_campaign_site(plan.site)
-    check_clamp(plan.clamp)
-    _choice("allocation", plan.allocation, ALLOCATIONS)
+    object.__setattr__(plan, "images", _choice("images", plan.images, IMAGES))
+    object.__setattr__(plan, "site", check_campaign_site(plan.site))
+    object.__setattr__(plan, "clamp", check_clamp(plan.clamp))
+    object.__setattr__(plan, "allocation", _choice("allocation", plan.allocation, ALLOCATIONS))
     if plan.layers not in ("all", "last"):
         try:
             re.compile(plan.layers)
@@ -129,9 +141,9 @@ def _check_faults(plan) -> None:
         )
     if plan.n is None and plan.margin is None:
         raise ConfigError("give n (faults per layer) or a margin to size n from; both are None")
-    for name in ("seed", "part_size"):
-        if not _is_int(getattr(plan, name)):
-            raise ConfigError(f"{name} must be an integer, got {getattr(plan, name)!r}")
+    check_seed(plan.seed)
+    if not _is_int(plan.part_size):
+        raise ConfigError(f"part_size must be an integer, got {plan.part_size!r}")
     if plan.part_size < 1:
         raise ConfigError(f"part_size must be at least 1, got {plan.part_size}")
 
@@ -192,6 +204,11 @@ def check_preprocess(preprocess) -> None:
             raise ConfigError(f"{key} must be a list of numbers, one per channel, got {value!r}")
         if key == "std" and any(v <= 0 for v in value):
             raise ConfigError(f"std values must be positive, got {list(value)}")
+    if (preprocess.get("mean") is None) != (preprocess.get("std") is None):
+        given, missing = ("mean", "std") if preprocess.get("mean") is not None else ("std", "mean")
+        raise ConfigError(f"--{given} was given without --{missing}: give both (one value per "
+                          "channel, e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225), or "
+                          "neither to use the model's or the dataset's")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,6 +240,7 @@ class CampaignPlan(FaultPlan):
     data_sha: str | None = None
     preprocess: dict | None = None
     protect: str | None = None
+    inputs: dict | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self):
@@ -236,6 +254,8 @@ class CampaignPlan(FaultPlan):
         ):
             raise ConfigError(f"data_sha must be a sha256 hex digest or None, got {self.data_sha!r}")
         check_preprocess(self.preprocess)
+        if self.inputs is not None and not isinstance(self.inputs, Mapping):
+            raise ConfigError(f"inputs must be a dict or None, got {self.inputs!r}")
         # One spelling per specification ('ecc' stays 'ecc'), so fingerprints agree.
         object.__setattr__(self, "protect", check_protection(self.protect, self.site))
         if self.preprocess is not None:
@@ -401,7 +421,7 @@ def allocate(
     the field's size with the excess shared by the others. A layer whose n reaches its
     fault-space size is injected exhaustively.
     """
-    _choice("allocation", allocation, ALLOCATIONS)
+    allocation = _choice("allocation", allocation, ALLOCATIONS)
     layers: dict[str, list[tuple[str, int]]] = {}
     for (layer, field_name), size in strata_sizes.items():
         if not _is_int(size) or size < 0:

@@ -4,6 +4,7 @@ backend (local, or Ray) inject the missing parts."""
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -148,6 +149,9 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     """
     if backend not in ("local", "ray"):
         raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ConfigError(f"--workers must be a whole number of at least 1, got {workers!r}")
     resolve_device(device)
     if backend == "ray" and (data is not None or getattr(target, "kind", "") == "module"):
         raise ConfigError("the ray backend rebuilds the model and data from the plan on each "
@@ -155,11 +159,25 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     cached = read_cached_ranges(out, plan)
     prep = prepare(plan, ranges=cached, target=target, data=data, device=device)
     plan = prep.plan  # with the data hash
+    if prep.inputs is not None:
+        if show_progress:
+            print(prep.inputs.describe(), file=sys.stderr, flush=True)
+        for warning in prep.inputs.warnings():
+            print(f"flipsafe: warning: {warning}", file=sys.stderr)
     for warning in getattr(prep.protector, "warnings", ()):
         print(f"flipsafe: warning: {warning}", file=sys.stderr)
     refuse_other_data(plan, out)
     faults = fault_list(prep)
     store = ResultsStore(out)
+    if _finished(store, plan, len(faults), prep):
+        # Nothing to do and nothing written: a finished campaign resumes on a read-only folder.
+        if show_progress:
+            print(f"the campaign in {out} is complete ({store.n_parts} parts); nothing to run",
+                  file=sys.stderr)
+        return CampaignRun(Path(out), len(faults), 0, store.n_parts, 0.0, 0.0)
+    if not os.access(out, os.W_OK) and Path(out).is_dir():
+        raise ConfigError(f"cannot write --out '{out}': permission denied (the campaign there "
+                          "is not finished); make the folder writable to resume it")
     try:
         with store.lock():
             store.create_or_resume(plan, total_rows=len(faults), strata=prep.strata)
@@ -193,6 +211,24 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
         ) from None
     ran = sum(store.expected_rows(k) for k in todo)
     return CampaignRun(Path(out), len(faults), len(todo), kept, seconds, ran / max(seconds, 1e-9))
+
+
+def _finished(store: ResultsStore, plan: CampaignPlan, total_rows: int, prep) -> bool:
+    """True when results folder `store` holds this very plan with every part whole and
+    everything a resume would record (strata, cost, model record); reads only."""
+    from flipsafe.campaign.store import read_model_info
+
+    try:
+        held = store.open()
+    except FlipsafeError:
+        return False
+    info = read_model_info(store.out_dir)
+    return (held.fingerprint() == plan.fingerprint() and store.total_rows == total_rows
+            and store.strata is not None and read_cost(store.out_dir) is not None
+            and info is not None
+            and info.get("protect", {}).get("channels") ==
+            prep.model_info.get("protect", {}).get("channels")
+            and not store.missing_parts() and not store.damaged)
 
 
 def _run_parts_locally(prep, faults, store, todo, show_progress, golden=None) -> None:

@@ -118,6 +118,20 @@ def _with_added_columns(table: pa.Table) -> pa.Table:
     return table
 
 
+def other_model_error(out_dir, held: CampaignPlan, plan: CampaignPlan) -> CampaignError:
+    """The refusal of results folder `out_dir`, which holds a campaign of another model."""
+    return CampaignError(
+        f"{out_dir} holds a campaign of another model: {held.model} (sha256 "
+        f"{held.model_sha[:12]}…), not {plan.model} (sha256 {plan.model_sha[:12]}…); choose a "
+        f"new --out for this model, or remove {out_dir} to start afresh (its results are lost)"
+    )
+
+
+# What a results folder may hold before its plan.json is written: the writer's lock, the
+# parts folder, the manifest (written first), the model record and cached ranges.
+CAMPAIGN_ENTRIES = re.compile(r"^(\.lock|parts|manifest\.json|model\.json|ranges-.+\.json)$")
+
+
 class ResultsStore:
     """Results of one campaign in out_dir: plan.json, manifest.json and parts/part-NNNNNN.parquet.
 
@@ -259,6 +273,9 @@ class ResultsStore:
         if plan_path.exists():
             existing = self._read_plan()
             if existing.fingerprint() != plan.fingerprint():
+                if (existing.model_sha != plan.model_sha
+                        and Path(existing.model).resolve() != Path(plan.model).resolve()):
+                    raise other_model_error(self.out_dir, existing, plan)
                 if existing.differing_fields(plan) == ["model_sha"]:
                     raise CampaignError(
                         f"{self.out_dir} holds this campaign run on other weights: the "
@@ -312,6 +329,14 @@ class ResultsStore:
                 "with the campaign's original settings to restore plan.json, or choose "
                 "another --out (nothing there is deleted)"
             )
+        others = sorted(p.name + ("/" if p.is_dir() else "") for p in self.out_dir.iterdir()
+                        if not CAMPAIGN_ENTRIES.match(p.name)) if self.out_dir.is_dir() else []
+        if others:
+            listed = ", ".join(others[:5]) + (", …" if len(others) > 5 else "")
+            raise CampaignError(
+                f"{self.out_dir} is not empty and holds no campaign ({len(others)} other "
+                f"entr{'y' if len(others) == 1 else 'ies'}: {listed}); give a new or empty "
+                "folder for --out, so no file of yours is mixed with results")
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         # The manifest goes first: plan.json is what marks the folder as a campaign.
         self._write_manifest(plan, total_rows, strata)

@@ -259,18 +259,61 @@ def _hf_size(size, crop) -> int | None:
 
 @dataclass
 class FileTarget:
-    """A TorchScript file (kind "torchscript") or a saved torch.export program ("export")."""
+    """A TorchScript file (kind "torchscript") or a saved torch.export program ("export");
+    an export program says the input shape it was exported with (`input_shape`), so its
+    image size and channels are the model's."""
 
     spec: str
     path: Path
     kind: str
     flipsafe: bool = False
     classes: list[str] | None = None
-    preprocess: Preprocess = field(default_factory=Preprocess)
 
     @cached_property
     def sha(self) -> str:
         return sha256_file(self.path)
+
+    @cached_property
+    def program(self):
+        """The saved torch.export program (kind "export" only)."""
+        with _quiet_torch():
+            try:
+                return torch.export.load(str(self.path))
+            except Exception as exc:  # noqa: BLE001 - a file that is not an export archive
+                raise ModelError(f"{self.path} is not a saved torch.export program "
+                                 f"({type(exc).__name__}); save one with torch.export.save"
+                                 ) from None
+
+    @cached_property
+    def input_shape(self) -> tuple | None:
+        """The export program's input shape, one entry per dimension: an int where it was
+        exported static, None where dynamic; None for TorchScript or several inputs."""
+        if self.kind != "export":
+            return None
+        program = self.program
+        names = program.graph_signature.user_inputs
+        vals = [n.meta.get("val") for n in program.graph.nodes
+                if n.op == "placeholder" and n.name in names]
+        if len(vals) != 1 or not hasattr(vals[0], "shape"):
+            return None
+        return tuple(d if isinstance(d, int) else None for d in vals[0].shape)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        shape = self.input_shape
+        if shape is None or len(shape) != 4:
+            return Preprocess()
+        _, channels, h, w = shape
+        return Preprocess(h if h is not None and h == w else None, channels)
+
+    def shape_text(self) -> str | None:
+        """The exported input shape as text, e.g. "[batch, 1, 8, 8]" (None if unknown)."""
+        shape = self.input_shape
+        if shape is None:
+            return None
+        dims = ["batch" if i == 0 and d is None else "any" if d is None else str(d)
+                for i, d in enumerate(shape)]
+        return f"[{', '.join(dims)}]"
 
     @property
     def description(self) -> str:
@@ -285,13 +328,7 @@ class FileTarget:
         from flipsafe.campaign.lift import lift_layers
 
         if self.kind == "export":
-            try:
-                program = torch.export.load(str(self.path))
-            except Exception as exc:  # noqa: BLE001 - a file that is not an export archive
-                raise ModelError(f"{self.path} is not a saved torch.export program "
-                                 f"({type(exc).__name__}); save one with torch.export.save"
-                                 ) from None
-            return lift_layers(program.module()).eval()
+            return lift_layers(self.program.module()).eval()
         try:
             scripted = torch.jit.load(str(self.path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
@@ -333,6 +370,9 @@ class PythonTarget:
                 sys.path.insert(0, "")  # a module in the working folder, as `python -m` finds
             try:
                 mod = importlib.import_module(self.module)
+            except SystemExit as exc:
+                raise ModelError(f"importing {self.module!r} ({self.spec}) called "
+                                 f"sys.exit({exc.code!r})") from None
             except Exception as exc:  # noqa: BLE001 - any import failure is the user's
                 raise ModelError(f"cannot import {self.module!r} ({self.spec}): "
                                  f"{_first_line(exc)}") from None
@@ -341,6 +381,10 @@ class PythonTarget:
                 raise ModelError(f"{self.module} has no callable {self.attr!r} ({self.spec})")
             try:
                 model = fn()
+            except SystemExit as exc:  # user code must not end the campaign quietly
+                raise ModelError(f"{self.module}.{self.attr}() ({self.spec}) called "
+                                 f"sys.exit({exc.code!r}) instead of returning an nn.Module"
+                                 ) from None
             except Exception as exc:  # noqa: BLE001
                 raise ModelError(f"{self.module}.{self.attr}() failed: {_first_line(exc)}") from None
             if not isinstance(model, nn.Module):
@@ -436,43 +480,185 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def model_inputs(target: Target, split, bundle, preprocess: dict | None) -> torch.Tensor:
-    """The images of dataset `split` (an ImageTensors of `bundle`) as `target` takes them:
-    pixels on the 0..1 scale, resized to the image size and normalised with the mean/std
-    the model asks for, else those of `preprocess` (--image-size/--mean/--std), else (for
-    normalisation) the dataset's own. ModelError when the channel counts disagree."""
-    import torch.nn.functional as F
+def _numbers(values) -> str:
+    return ", ".join(f"{v:.4g}" for v in values)
 
+
+@dataclass(frozen=True)
+class Inputs:
+    """How a campaign turns a dataset's pixels into what the model takes, and where each
+    setting came from; printed once when a campaign starts and recorded in plan.json.
+
+    `size` is the data's own (H, W); `image_size` the size images are resized to (None:
+    kept); `pixel_min`/`pixel_max` the raw pixels on the 0..1 scale (uint8 divided by 255).
+    """
+
+    dataset: str
+    channels: int
+    size: tuple[int, int]
+    image_size: int | None
+    size_source: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    norm_source: str
+    pixel_min: float
+    pixel_max: float
+
+    def to_dict(self) -> dict:
+        return {"channels": self.channels, "data_size": list(self.size),
+                "image_size": self.image_size, "size_source": self.size_source,
+                "mean": list(self.mean), "std": list(self.std),
+                "normalisation_source": self.norm_source,
+                "pixel_range": [self.pixel_min, self.pixel_max]}
+
+    def describe(self) -> str:
+        h, w = self.size
+        resize = (f"kept at {h}x{w}" if self.image_size is None
+                  else f"resized to {self.image_size}x{self.image_size}")
+        return (f"inputs: {self.channels}x{h}x{w} images of {self.dataset}, {resize} "
+                f"({self.size_source}); mean {_numbers(self.mean)}, std {_numbers(self.std)} "
+                f"({self.norm_source})")
+
+    def warnings(self) -> list[str]:
+        """What the user must hear about these inputs: pixels off the 0..1 scale that are
+        normalised again."""
+        low, high = self.pixel_min, self.pixel_max
+        if self.norm_source == USER_NORMALISATION or (low >= -1e-6 and high <= 1 + 1e-6):
+            return []
+        seen = f"{self.dataset}'s pixels range from {low:.4g} to {high:.4g}, not 0..1"
+        source = self.norm_source.split(";")[0]
+        if low >= 0:
+            return [f"{seen} (0..255 as floats?), yet are taken as 0..1 pixels and normalised "
+                    f"with {source} mean/std; store them as uint8 or divided by 255, or give "
+                    "--mean/--std in the data's own units"]
+        return [f"{seen} (already normalised?), yet are normalised again with {source} "
+                "mean/std; give --mean 0 --std 1 to take them as they are"]
+
+
+USER_NORMALISATION = "--mean/--std"
+
+
+def _pixel_range(bundle) -> tuple[float, float]:
+    lows, highs = [], []
+    for split in {id(bundle.test): bundle.test, id(bundle.train): bundle.train}.values():
+        x = split.pixels
+        if x.numel():
+            scale = 255.0 if x.dtype == torch.uint8 else 1.0
+            lows.append(float(x.min()) / scale)
+            highs.append(float(x.max()) / scale)
+    return (min(lows), max(highs)) if lows else (0.0, 1.0)
+
+
+def resolve_inputs(target: Target, bundle, preprocess: dict | None) -> Inputs:
+    """How `target` takes the images of `bundle`: image size and mean/std given by the user
+    (`preprocess`: --image-size/--mean/--std) override the model's own (a Hugging Face
+    preprocessor_config.json, an export program's input shape), which override the data's.
+    A flipsafe checkpoint takes its images as it was trained: normalised with the dataset's
+    statistics. ModelError when the channel counts disagree or a size cannot be taken."""
     pre, opts = target.preprocess, preprocess or {}
-    x = split.pixels
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    if pre.channels is not None and x.shape[1] != pre.channels:
+    pixels = bundle.test.pixels
+    channels, size = int(pixels.shape[1]), tuple(int(d) for d in pixels.shape[-2:])
+    low, high = _pixel_range(bundle)
+    if target.flipsafe:
+        return Inputs(bundle.spec, channels, size, None, "the data's size, as trained",
+                      tuple(bundle.test.mean.reshape(-1).tolist()),
+                      tuple(bundle.test.std.reshape(-1).tolist()),
+                      "the dataset's, as in training", low, high)
+    exported = getattr(target, "shape_text", lambda: None)()
+    if pre.channels is not None and channels != pre.channels:
+        held = f"{channels}x{size[0]}x{size[1]}"
         raise ModelError(
-            f"{bundle.spec} has {x.shape[1]}-channel images but the model takes "
-            f"{pre.channels} channels; use a dataset of {pre.channels}-channel images"
+            f"{bundle.spec} has {held} images ({channels} channels) but the model takes "
+            f"{pre.channels} channels"
+            + (f" (it was exported for inputs of shape {exported})" if exported else "")
+            + f"; use a dataset of {pre.channels}-channel images stored channels first "
+            "([N, C, H, W])"
             + (" (imagefolder:<dir>?channels=3)" if pre.channels == 3 else ""))
-    size = pre.image_size or opts.get("image_size")
-    if size and tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)
-    if pre.mean is not None:
-        mean, std, source = pre.mean, pre.std, "the model's"
-    elif opts.get("mean") is not None or opts.get("std") is not None:
-        mean = opts.get("mean") or [0.0] * x.shape[1]
-        std = opts.get("std") or [1.0] * x.shape[1]
-        source = "--mean/--std"
+    if opts.get("image_size") is not None:
+        wanted = opts["image_size"]
+        if exported and pre.image_size is not None and wanted != pre.image_size:
+            raise ModelError(f"--image-size {wanted} does not fit {target.spec}: it was "
+                             f"exported for inputs of shape {exported}; leave --image-size "
+                             f"out (images are then resized to {pre.image_size})")
+        source = "--image-size"
+        if pre.image_size is not None and wanted != pre.image_size:
+            source += f"; the model says {pre.image_size}"
+    elif pre.image_size is not None:
+        wanted, source = pre.image_size, ("its exported input shape" if exported
+                                          else "the model's own size")
     else:
-        mean, std, source = bundle.mean or split.mean.reshape(-1).tolist(), \
-            bundle.std or split.std.reshape(-1).tolist(), "the dataset's"
+        wanted, source = None, "the data's size; the model says none"
+    if wanted is not None and tuple(size) == (wanted, wanted):
+        wanted = None
+    if wanted is not None:
+        _check_fits(bundle, channels, wanted, pre.image_size)
+    if opts.get("mean") is not None:
+        mean, std, norm = opts["mean"], opts["std"], USER_NORMALISATION
+        if pre.mean is not None:
+            norm += f"; the model's own: mean {_numbers(pre.mean)}, std {_numbers(pre.std)}"
+    elif pre.mean is not None:
+        mean, std, norm = pre.mean, pre.std, "the model's own"
+    else:
+        mean = bundle.mean or tuple(bundle.test.mean.reshape(-1).tolist())
+        std = bundle.std or tuple(bundle.test.std.reshape(-1).tolist())
+        norm = "the dataset's; the model says none"
     mean, std = list(mean), list(std)
     if len(mean) == 1 and len(std) == 1:
-        mean, std = mean * x.shape[1], std * x.shape[1]
-    if len(mean) != x.shape[1] or len(std) != x.shape[1]:
-        raise ModelError(f"{source} mean/std have {len(mean)}/{len(std)} values but the images "
-                         f"have {x.shape[1]} channels; give one value per channel")
-    m = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels or len(std) != channels:
+        raise ModelError(f"{norm.split(';')[0]} mean/std have {len(mean)}/{len(std)} values "
+                         f"but the images have {channels} channels; give one value per channel")
+    return Inputs(bundle.spec, channels, size, wanted, source, tuple(mean), tuple(std), norm,
+                  low, high)
+
+
+def _check_fits(bundle, channels: int, size: int, expected: int | None) -> None:
+    """Refuse, in one line, a resize whose images would not fit in memory."""
+    from flipsafe.data.imagefolder import available_memory_bytes
+
+    n = len(bundle.test) + (len(bundle.train) if bundle.train is not bundle.test else 0)
+    need = 4 * n * channels * size * size
+    free = available_memory_bytes() or 2**40
+    if need > free // 2:
+        says = (f"the model expects {expected}x{expected}" if expected is not None
+                else "the model does not say its size")
+        raise ModelError(f"--image-size {size} would need {need / 2**30:,.1f} GiB for "
+                         f"{n:,} images of {channels}x{size}x{size} ({free / 2**30:,.1f} GiB "
+                         f"free); {says}, and the data's images are "
+                         f"{'x'.join(str(d) for d in bundle.test.pixels.shape[-2:])}")
+
+
+def apply_inputs(inputs: Inputs, split) -> torch.Tensor:
+    """The images of dataset `split` (an ImageTensors) as `inputs` says the model takes
+    them: pixels on the 0..1 scale, resized, normalised; float32 [N, C, H, W]."""
+    import torch.nn.functional as F
+
+    x = split.pixels
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if inputs.image_size is not None:
+        size = (inputs.image_size, inputs.image_size)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(inputs.mean, dtype=torch.float32).reshape(-1, 1, 1)
+    s = torch.tensor(inputs.std, dtype=torch.float32).reshape(-1, 1, 1)
     return ((x - m) / s).contiguous()
+
+
+def model_inputs(target: Target, split, bundle, preprocess: dict | None) -> torch.Tensor:
+    """The images of dataset `split` (an ImageTensors of `bundle`) as `target` takes them
+    (resolve_inputs, then apply_inputs)."""
+    return apply_inputs(resolve_inputs(target, bundle, preprocess), split)
+
+
+def _export_hint(target, images: torch.Tensor) -> str:
+    """Why an export program may refuse `images`: the input shape it was exported with."""
+    exported = target.shape_text()
+    if exported is None:
+        return ""
+    shape = target.input_shape
+    if shape and isinstance(shape[0], int):
+        return (f" (the program was exported for inputs of shape {exported}, a static batch "
+                f"of {shape[0]}: export it with a dynamic batch dimension)")
+    return f" (the program was exported for inputs of shape {exported})"
 
 
 def check_model(target: Target, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -485,10 +671,13 @@ def check_model(target: Target, model: nn.Module, images: torch.Tensor, labels: 
     try:
         with torch.no_grad():
             out = model(batch)
+    except SystemExit as exc:
+        raise ModelError(f"the model ({target.spec}) called sys.exit({exc.code!r}) when run on "
+                         f"{shape} images") from None
     except Exception as exc:  # noqa: BLE001 - whatever the model raises on these images
-        hint = (" (a torch.export program must be exported with a dynamic batch dimension)"
-                if target.kind == "export" else
-                "" if target.flipsafe else " (for other image sizes give --image-size)")
+        hint = ("" if target.flipsafe else
+                _export_hint(target, images) if target.kind == "export" else
+                " (for other image sizes give --image-size)")
         raise ModelError(f"the model ({target.spec}) fails on {shape} images{hint}: "
                          f"{_first_line(exc)}") from None
     if not isinstance(out, torch.Tensor):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from flipsafe.campaign.plan import CampaignPlan, FaultPlan, Stratum, plan_strata
-from flipsafe.campaign.store import PLAN_FILE, ROW_SCHEMA, ResultsStore
+from flipsafe.campaign.store import PLAN_FILE, ROW_SCHEMA, ResultsStore, other_model_error
 from flipsafe.errors import (
     CampaignError,
     ConfigError,
@@ -82,6 +82,9 @@ class Prepared:
     model_info: dict = dataclasses.field(default_factory=dict)
     # The plan's protections, built on `engine` (its guards already set); None without.
     protector: object = None
+    # How the dataset's pixels became the model's inputs (targets.Inputs); None for data
+    # given in Python, which the model takes as it is.
+    inputs: object = None
 
     @property
     def total(self) -> int:
@@ -185,7 +188,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
     `ranges` if given, else profiled on the training split (on the evaluation images
     with `data`). `device` is cpu, cuda or auto. prepare writes no file.
     """
-    from flipsafe.campaign.targets import check_model, model_inputs, resolve
+    from flipsafe.campaign.targets import apply_inputs, check_model, resolve, resolve_inputs
     from flipsafe.checkpoint import check_dataset, load_checkpoint
     from flipsafe.data import load
     from flipsafe.inject import Engine
@@ -198,7 +201,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
             f"the model at {plan.model} is not the model this plan was made for "
             f"(its weights hash differs{hint}); use a new --out folder for a new model"
         )
-    classes = None
+    classes = inputs = None
     if data is not None:
         images, labels = data
 
@@ -213,6 +216,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
             )
         bundle = load(plan.dataset)
         check_dataset(ckpt.config, bundle)
+        inputs = resolve_inputs(target, bundle, None)
         images, labels = bundle.test.tensors()
 
         def train_images():
@@ -220,16 +224,22 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
     else:
         bundle = load(plan.dataset)
         classes = bundle.classes if bundle.classes_known else None
-        images = model_inputs(target, bundle.test, bundle, plan.preprocess)
+        inputs = resolve_inputs(target, bundle, plan.preprocess)
+        images = apply_inputs(inputs, bundle.test)
         labels = bundle.test.labels
 
         def train_images():
-            return model_inputs(target, bundle.train, bundle, plan.preprocess)
-    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum()) if images.numel() else 0
-    if bad:
-        raise DataError(f"{plan.dataset} has {bad} image(s) with NaN or infinite pixels; a "
-                        "fault campaign needs finite inputs (its golden runs would be DUEs)")
+            return apply_inputs(inputs, bundle.train)
+    bad = (~torch.isfinite(images)).flatten(1).any(1) if images.numel() else torch.zeros(0)
+    if bad.any():
+        ids = torch.nonzero(bad).reshape(-1).tolist()
+        listed = ", ".join(str(i) for i in ids[:10]) + (", …" if len(ids) > 10 else "")
+        raise DataError(f"{plan.dataset} has {len(ids)} image(s) with NaN or infinite values "
+                        f"as the model takes them (ids {listed}); a fault campaign needs "
+                        "finite inputs (its golden runs would be DUEs): remove or repair them")
     sha = data_sha(images, labels)
+    if inputs is not None and plan.inputs is None:
+        plan = dataclasses.replace(plan, inputs=inputs.to_dict())
     if plan.data_sha is None:
         plan = dataclasses.replace(plan, data_sha=sha)
     elif plan.data_sha != sha:
@@ -299,7 +309,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
         protector.set_on(engine)
         info["protect"] = protector.to_dict()
     return Prepared(plan, engine, images, labels, image_ids, classifier, layers, strata,
-                    dict(ranges), info, protector)
+                    dict(ranges), info, protector, inputs)
 
 
 def _map_rates(item, plan: CampaignPlan, engine):
@@ -529,6 +539,9 @@ def refuse_other_data(plan: CampaignPlan, out) -> None:
         recorded = CampaignPlan.from_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, CampaignError):
         return  # no campaign there yet, or one the store refuses with its own message
+    if recorded.model_sha != plan.model_sha and \
+            Path(recorded.model).resolve() != Path(plan.model).resolve():
+        raise other_model_error(out, recorded, plan)
     if recorded.data_sha is None:
         raise CampaignError(
             f"{out} was started by an older flipsafe that did not record a hash of the "

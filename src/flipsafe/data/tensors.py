@@ -139,6 +139,12 @@ def load_tensor_file(path: str, spec: str) -> DatasetBundle:
         classes, known = [str(c) for c in named], True
     if images.is_floating_point():
         images = images.float()
+        # Checked before the statistics: one NaN pixel would make every image NaN.
+        bad = torch.nonzero((~torch.isfinite(images)).flatten(1).any(1)).reshape(-1).tolist()
+        if bad:
+            listed = ", ".join(str(i) for i in bad[:10]) + (", …" if len(bad) > 10 else "")
+            raise DataError(f"{path}: {len(bad)} of {len(images)} images hold NaN or infinite "
+                            f"pixels (index {listed}); remove or repair them")
     mean, std = channel_stats(images)
     split = ImageTensors(images, labels.long(), mean, std)
     return DatasetBundle(train=split, test=split, classes=classes, in_channels=images.shape[1],

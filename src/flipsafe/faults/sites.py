@@ -22,7 +22,9 @@ def site_param(site) -> str:
 
 
 def check_campaign_site(site) -> str:
-    """`site` if a campaign can run it, else ConfigError naming the choices."""
+    """`site` in its one spelling (any case given) if a campaign can run it, else
+    ConfigError naming the choices."""
+    site = site.lower() if isinstance(site, str) else site
     if site not in CAMPAIGN_SITES:
         raise ConfigError(f"site must be one of: {', '.join(CAMPAIGN_SITES)}; got {site!r}")
     return site

@@ -16,7 +16,9 @@ CLAMPS = ("none", "profiled", "goldeneye")
 
 
 def check_clamp(mode) -> str:
-    """`mode` if it is a clamp mode, else UnknownNameError naming the choices."""
+    """`mode` in its one spelling (any case given) if it is a clamp mode, else
+    UnknownNameError naming the choices."""
+    mode = mode.lower() if isinstance(mode, str) else mode
     if mode not in CLAMPS:
         raise UnknownNameError(f"clamp must be one of: {', '.join(CLAMPS)}; got {mode!r}")
     return mode

@@ -20,7 +20,7 @@ from flipsafe.metrics.stats import Summary, summarise
 # rows were split into files (part_size changes no result).
 # protect may differ too: a protected campaign is compared with the unprotected one on the
 # very same faults (tables.protection_table pairs them row by row).
-MAY_DIFFER = ("model", "model_sha", "part_size", "data_sha", "preprocess", "protect")
+MAY_DIFFER = ("model", "model_sha", "part_size", "data_sha", "preprocess", "protect", "inputs")
 LAST = "last"
 BACKBONE_PREFIX = "backbone."
 
@@ -205,7 +205,7 @@ def load_results(
 ) -> Results:
     """Read a campaign results folder and summarise it by layer, by (layer, field) and by bit.
 
-    name defaults to the folder's name. evaluate=True also runs the model on the
+    name defaults to the folder's name (as `flipsafe fit` names it). evaluate=True also runs the model on the
     clean test split (for calibration). confidence defaults to the plan's.
     """
     folder = Path(directory)

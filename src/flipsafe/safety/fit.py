@@ -382,10 +382,6 @@ def injections_needed(strata: Sequence[StratumFit], confidence: float, fit_targe
 # -- the estimate ------------------------------------------------------------------------
 
 
-def _model_name(plan) -> str:
-    return Path(plan.model).name or plan.model
-
-
 def _check_group(campaigns: list[_Campaign], assumptions: FitAssumptions) -> None:
     formats = sorted({c.plan.format for c in campaigns})
     if len(formats) > 1 and not assumptions.allow_mixed_formats:
@@ -464,7 +460,8 @@ def _estimate(campaigns: list[_Campaign], a: FitAssumptions) -> FitEstimate:
         notes.append("Only correctly classified images were injected: P(SDC) is per fault "
                      "during an inference the model gets right.")
     return FitEstimate(
-        model=_model_name(first), model_sha=first.model_sha,
+        model=" + ".join(dict.fromkeys(c.folder.resolve().name for c in campaigns)),
+        model_sha=first.model_sha,
         folders=[str(c.folder) for c in campaigns],
         format=", ".join(sorted({c.plan.format for c in campaigns})),
         fault=", ".join(faults), images=first.images, assumptions=a, confidence=confidence,
