@@ -528,11 +528,11 @@ class Inputs:
         seen = f"{self.dataset}'s pixels range from {low:.4g} to {high:.4g}, not 0..1"
         source = self.norm_source.split(";")[0]
         if low >= 0:
-            return [f"{seen} (0..255 as floats?), yet are taken as 0..1 pixels and normalised "
-                    f"with {source} mean/std; store them as uint8 or divided by 255, or give "
-                    "--mean/--std in the data's own units"]
-        return [f"{seen} (already normalised?), yet are normalised again with {source} "
-                "mean/std; give --mean 0 --std 1 to take them as they are"]
+            return [(f"{seen} (0..255 as floats?), yet are taken as 0..1 pixels and "
+                     f"normalised with {source} mean/std; store them as uint8 or divided by "
+                     "255, or give --mean/--std in the data's own units")]
+        return [(f"{seen} (already normalised?), yet are normalised again with {source} "
+                 "mean/std; give --mean 0 --std 1 to take them as they are")]
 
 
 USER_NORMALISATION = "--mean/--std"
