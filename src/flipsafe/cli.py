@@ -518,8 +518,12 @@ OUT_IS_FOLDER = {"train": True, "campaign": True, "demo": True,
 def _check_out(args) -> None:
     from flipsafe.atomic import check_output
 
-    if args.command == "campaign" and (Path(args.out) / "plan.json").is_file():
-        return  # a campaign to resume: a finished one needs no write (the runner checks)
+    if args.command == "campaign":
+        from flipsafe.campaign.store import PLAN_FILE, refuse_foreign_folder
+
+        refuse_foreign_folder(args.out)  # before any work: the folder must be a campaign's
+        if (Path(args.out) / PLAN_FILE).is_file():
+            return  # a campaign to resume: a finished one needs no write (the runner checks)
     if args.command in OUT_IS_FOLDER:
         check_output(args.out, folder=OUT_IS_FOLDER[args.command], what="--out")
 

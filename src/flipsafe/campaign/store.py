@@ -132,6 +132,22 @@ def other_model_error(out_dir, held: CampaignPlan, plan: CampaignPlan) -> Campai
 CAMPAIGN_ENTRIES = re.compile(r"^(\.lock|parts|manifest\.json|model\.json|ranges-.+\.json)$")
 
 
+def refuse_foreign_folder(out_dir) -> None:
+    """Refuse results folder `out_dir` when it holds files and no campaign: results must not
+    be mixed with a user's own files. An empty or missing folder, or a campaign's, passes."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or (out_dir / PLAN_FILE).exists():
+        return
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
+                    if not CAMPAIGN_ENTRIES.match(p.name))
+    if others:
+        listed = ", ".join(others[:5]) + (", …" if len(others) > 5 else "")
+        raise CampaignError(
+            f"{out_dir} is not empty and holds no campaign ({len(others)} other "
+            f"entr{'y' if len(others) == 1 else 'ies'}: {listed}); give a new or empty "
+            "folder for --out, so no file of yours is mixed with results")
+
+
 class ResultsStore:
     """Results of one campaign in out_dir: plan.json, manifest.json and parts/part-NNNNNN.parquet.
 
@@ -329,14 +345,7 @@ class ResultsStore:
                 "with the campaign's original settings to restore plan.json, or choose "
                 "another --out (nothing there is deleted)"
             )
-        others = sorted(p.name + ("/" if p.is_dir() else "") for p in self.out_dir.iterdir()
-                        if not CAMPAIGN_ENTRIES.match(p.name)) if self.out_dir.is_dir() else []
-        if others:
-            listed = ", ".join(others[:5]) + (", …" if len(others) > 5 else "")
-            raise CampaignError(
-                f"{self.out_dir} is not empty and holds no campaign ({len(others)} other "
-                f"entr{'y' if len(others) == 1 else 'ies'}: {listed}); give a new or empty "
-                "folder for --out, so no file of yours is mixed with results")
+        refuse_foreign_folder(self.out_dir)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         # The manifest goes first: plan.json is what marks the folder as a campaign.
         self._write_manifest(plan, total_rows, strata)
