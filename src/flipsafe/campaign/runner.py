@@ -223,7 +223,10 @@ def _finished(store: ResultsStore, plan: CampaignPlan, total_rows: int, prep) ->
     except FlipsafeError:
         return False
     info = read_model_info(store.out_dir)
+    # Counting part files is cheap; reading and checking them (missing_parts) comes last.
+    on_disk = sum(1 for _ in store.parts_dir.glob("part-*.parquet"))
     return (held.fingerprint() == plan.fingerprint() and store.total_rows == total_rows
+            and on_disk == store.n_parts
             and store.strata is not None and read_cost(store.out_dir) is not None
             and info is not None
             and info.get("protect", {}).get("channels") ==

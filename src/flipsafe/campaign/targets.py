@@ -649,9 +649,10 @@ def model_inputs(target: Target, split, bundle, preprocess: dict | None) -> torc
     return apply_inputs(resolve_inputs(target, bundle, preprocess), split)
 
 
-def _export_hint(target, images: torch.Tensor) -> str:
-    """Why an export program may refuse `images`: the input shape it was exported with."""
-    exported = target.shape_text()
+def _export_hint(target) -> str:
+    """Why an export program may refuse images: the input shape it was exported with ("" for
+    targets that say no such shape)."""
+    exported = getattr(target, "shape_text", lambda: None)()
     if exported is None:
         return ""
     shape = target.input_shape
@@ -675,9 +676,8 @@ def check_model(target: Target, model: nn.Module, images: torch.Tensor, labels: 
         raise ModelError(f"the model ({target.spec}) called sys.exit({exc.code!r}) when run on "
                          f"{shape} images") from None
     except Exception as exc:  # noqa: BLE001 - whatever the model raises on these images
-        hint = ("" if target.flipsafe else
-                _export_hint(target, images) if target.kind == "export" else
-                " (for other image sizes give --image-size)")
+        hint = "" if target.flipsafe else (
+            _export_hint(target) or " (for other image sizes give --image-size)")
         raise ModelError(f"the model ({target.spec}) fails on {shape} images{hint}: "
                          f"{_first_line(exc)}") from None
     if not isinstance(out, torch.Tensor):
