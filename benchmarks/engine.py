@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flipsafe import models
+from flipsafe.campaign.plan import CampaignPlan
 from flipsafe.faults import FaultSet
 from flipsafe.inject import Engine
 from flipsafe.metrics.outcomes import GoldenOutcomes, compute_outcomes
@@ -167,26 +168,30 @@ def bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key
     per_round = -(-n // args.rounds)
     made = {}
 
+    def sorted_sample(eng, m, seed):
+        f = eng.sample(m, "activations", "Conv2d|Linear", "bitflip",
+                       images=torch.arange(m) % args.images,
+                       generator=torch.Generator().manual_seed(seed))
+        # Sorted by layer and cut into parts, as a campaign's fault list is.
+        return f.select(torch.argsort(f.layer, stable=True))
+
     def fresh():
         eng = Engine(model, "fp32", device=device, chunk=args.batch, input_shape=(3, side, side))
-        f = eng.sample(n, "activations", "Conv2d|Linear", "bitflip",
-                       images=torch.arange(n) % args.images,
-                       generator=torch.Generator().manual_seed(args.seed))
-        # Sorted by layer and cut into parts, as a campaign's fault list is.
-        made["faults"] = f.select(torch.argsort(f.layer, stable=True))
-        made["engine"] = eng
-        return eng.run(made["faults"].select(slice(0, per_round)), images, labels)
+        made["part"], made["engine"] = sorted_sample(eng, args.part, args.seed + 1), eng
+        return eng.run(made["part"], images, labels)
 
-    # Cold and warm in adjacent pairs (load on the machine varies): a fresh engine's first
-    # part, then the same part again on that engine.
+    # Cold and warm in adjacent pairs (load on the machine varies): a fresh engine (capture,
+    # golden runs) and a campaign's first part, then the same part again on that engine.
     cold_vs_warm = []
-    for _ in range(args.rounds):
+    for _ in range(args.cold_rounds):
+        clean_pair(f"clean {key} cold")
         cold_s = timed(fresh, device)[1]
-        warm_s = timed(lambda: made["engine"].run(made["faults"].select(slice(0, per_round)),
-                                                  images, labels), device)[1]
-        meter.log.setdefault(f"{key} cold", []).append((per_round, cold_s))
-        meter.log.setdefault(f"{key} warm", []).append((per_round, warm_s))
+        warm_s = timed(lambda: made["engine"].run(made["part"], images, labels), device)[1]
+        clean_pair(f"clean {key} cold")
+        meter.log.setdefault(f"{key} cold", []).append((args.part, cold_s))
+        meter.log.setdefault(f"{key} warm", []).append((args.part, warm_s))
         cold_vs_warm.append(warm_s / cold_s)
+    made["faults"] = sorted_sample(made["engine"], n, args.seed)
     first_cold, cold_vs_warm = cold_vs_warm[0], statistics.median(cold_vs_warm)
     engine, act = made["engine"], made["faults"]
     if not engine.suffix:
@@ -206,21 +211,26 @@ def bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key
     result[f"{key}_activations_vs_clean"] = vs
     result["hook_fallback_vs_clean"][key] = hook_vs
     result["cold_vs_warm"][f"{key}_activations"] = cold_vs_warm
+    cold_vs = meter.ratio(f"{key} cold", f"clean {key} cold")
+    result.setdefault("cold_vs_clean", {})[key] = cold_vs
     rows.append((f"clean {what}", "images/s", meter.rate(f"clean {key} act"), ""))
     rows.append((f"flipsafe activations fp32, {what}", "faults/s", meter.rate(f"{key} act"),
                  f"{vs:.2f}x clean ({'graph' if engine.suffix else 'hooks'})"))
     rows.append(("  forced hooks (suffix=False)", "faults/s", meter.rate(f"{key} hooks"),
                  f"{hook_vs:.2f}x clean"))
-    rows.append(("  fresh engine's first part (cold)", "faults/s", meter.rate(f"{key} cold"),
-                 (f"{cold_vs_warm:.2f}x warm ({meter.rate(f'{key} warm'):,.1f}/s; the "
-                  f"process's first engine {first_cold:.2f}x)")))
+    rows.append((f"  fresh engine + first part of {args.part} (cold)", "faults/s",
+                 meter.rate(f"{key} cold"),
+                 (f"{cold_vs:.2f}x clean; {cold_vs_warm:.2f}x warm "
+                  f"({meter.rate(f'{key} warm'):,.1f}/s; the process's first engine "
+                  f"{first_cold:.2f}x)")))
 
-    # Weights: each fault on the same images (up to 32).
+    # Weights: each fault on the same images (up to 32), layers uniform (the sampling of a
+    # per-layer estimate; weights uniform would favour the last, cheap layers).
     per = min(32, images.shape[0])
     w_imgs, w_lbls = images[:per], labels[:per]
     n_w = args.hf_weight_faults
     base = engine.sample(n_w, "weights", "Conv2d|Linear", "bitflip",
-                         images=torch.zeros(n_w, dtype=torch.long), generator=gen, by="element")
+                         images=torch.zeros(n_w, dtype=torch.long), generator=gen, by="layer")
     wf = base.select(torch.arange(n_w).repeat_interleave(per)).with_image(
         torch.arange(per).repeat(n_w))
     clean_w = clean_pair_for(model, w_imgs, f"clean {key} w (all)")
@@ -235,7 +245,8 @@ def bench_real_model(args, device, gen, meter, clean_pair_for, rows, result, key
         clean_w(f"clean {key} w")
     w_vs = meter.ratio(f"{key} w", f"clean {key} w")
     result[f"{key}_weights_vs_clean"] = w_vs
-    rows.append((f"flipsafe weights fp32, {what}", "pairs/s", meter.rate(f"{key} w"),
+    rows.append((f"flipsafe weights fp32 (layers uniform), {what}", "pairs/s",
+                 meter.rate(f"{key} w"),
                  f"{w_vs:.2f}x clean (PyTorchFI not measured on HF models)"))
 
 
@@ -278,6 +289,9 @@ def main(argv=None):
     ap.add_argument("--formats", default="bf16,fp16,int8,mxfp8_e4m3")
     ap.add_argument("--hf-faults", type=int, default=2048,
                     help="activation faults per Hugging Face model")
+    ap.add_argument("--part", type=int, default=CampaignPlan.part_size,
+                    help="faults in the cold run: a campaign's first part (its default size)")
+    ap.add_argument("--cold-rounds", type=int, default=2, help="fresh engines per HF model")
     ap.add_argument("--hf-weight-faults", type=int, default=48,
                     help="weight faults per Hugging Face model, each on 32 images")
     ap.add_argument("--sections", default="builtin,real",
@@ -289,7 +303,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.activation_faults, args.weight_faults, args.images, args.rounds = 256, 4, 32, 2
-        args.hf_faults, args.hf_weight_faults = 128, 4
+        args.hf_faults, args.hf_weight_faults, args.part, args.cold_rounds = 128, 4, 256, 1
     sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
     logging.disable(logging.CRITICAL)  # PyTorchFI logs every injection

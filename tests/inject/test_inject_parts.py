@@ -94,3 +94,84 @@ def test_the_peers_on_the_parts_give_the_engines_outcomes(suffix):
     assert_identical(Injector(em, ex).run(faults, x, y), engine.run(faults, x, y))
     assert_identical(ExhaustiveLastLayer(em, ex).run(x, y, bits=[3, 7, 14]).outcomes,
                      engine.exhaustive_last_layer(x, y, bits=[3, 7, 14]).outcomes)
+
+
+RUNS: dict = {}  # forward runs of the _Counted layers, by name
+
+
+class _Counted(torch.nn.Linear):
+    def __init__(self, name, *args):
+        super().__init__(*args)
+        self.tag = name
+
+    def forward(self, x):
+        RUNS[self.tag] = RUNS.get(self.tag, 0) + 1
+        return super().forward(x)
+
+
+class _Pair(torch.nn.Module):
+    """A block handing on a tuple (as transformers' layers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = _Counted("pair.fc", 6, 6)
+
+    def forward(self, x):
+        return self.fc(x).relu(), None
+
+
+class _Blocks(torch.nn.Module):
+    """Blocks before the faulty layer: one hands on a tuple, one's output is changed in
+    place by the parent, one runs twice, one hands on a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair = _Pair()
+        self.mutated = torch.nn.Sequential(_Counted("mutated.0", 6, 6), torch.nn.Tanh())
+        self.twice = _Counted("twice", 6, 6)
+        self.keyed = _Counted("keyed", 6, 6)
+        self.late = _Counted("late", 6, 6)
+        self.head = _Counted("head", 6, 3)
+
+    def forward(self, x):
+        h, _ = self.pair(x)
+        h = self.mutated(h)
+        h += 0.5  # would change a cached output, were it not a copy
+        h = self.twice(self.twice(h))
+        h = {"v": self.keyed(h)}["v"]
+        return self.head(self.late(h).relu())
+
+
+def test_hook_runs_take_the_modules_that_finish_before_the_layer_from_the_golden_run():
+    torch.manual_seed(0)
+    model = _Blocks().eval()
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    em = EmulatedModel(copy.deepcopy(model), formats.get("fp32"), x, "cpu")
+    hooks = HookExecutor(em)
+    # Outermost modules that run once with a batch-first output: not the one run twice
+    # (nor its parent-less twin calls), dicts are fine only as the parent's own values.
+    assert hooks.before("late") == ["keyed", "mutated", "pair"]
+    assert hooks.before("pair.fc") == [] and hooks.before("mutated.1") == ["mutated.0", "pair"]
+    g = hooks.golden(x, y, {"late"})
+    img = torch.tensor([4, 1, 1])
+    value = g.raw["late"][img] * -2.0 + 0.125
+    ref = copy.deepcopy(model)
+    ref.late.register_forward_hook(lambda mod, inp, out: value)
+    with torch.no_grad():
+        want = ref(x[img])
+        RUNS.clear()
+        got = hooks.logits_after("late", value, img, g)
+    assert torch.equal(got, want)
+    # The prefix blocks did not run; the twice-run one did, and forward is the class's again.
+    assert RUNS == {"twice": 2, "late": 1, "head": 1}
+    assert "forward" not in em.model.pair.__dict__
+    with torch.no_grad():
+        assert torch.equal(em.model(x), model(x))
+
+
+def test_a_child_module_named_inplace_is_left_alone():
+    model = torch.nn.Sequential()
+    model.add_module("inplace", torch.nn.ReLU(inplace=True))
+    model.add_module("fc", torch.nn.Linear(4, 2))
+    em = EmulatedModel(model, formats.get("fp32"), torch.randn(2, 4), "cpu")
+    assert isinstance(em.model.inplace, torch.nn.ReLU) and em.model.inplace.inplace is False

@@ -85,7 +85,7 @@ class EmulatedModel:
         self.model = model.eval().to(self.device)
         self.model.requires_grad_(False)
         for m in self.model.modules():
-            if getattr(m, "inplace", False):
+            if getattr(m, "inplace", False) is True:  # not a child module named so
                 m.inplace = False  # a cached output must not be overwritten downstream
         self.modules = dict(self.model.named_modules())
         self.leaves = leaf_modules(self.model)

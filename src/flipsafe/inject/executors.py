@@ -185,8 +185,76 @@ class _GoldenRuns:
         return torch.cat(logits)
 
 
+def _rows_of(value, idx):
+    """Rows idx of a batch-first value (a tensor, or a tuple/list holding tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, idx)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(v, idx) for v in value)
+    return value
+
+
+def _copy_of(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy_of(v) for v in value)
+    return value
+
+
+def _batch_first(value, n: int) -> bool:
+    """Whether value is a tensor, or a tuple/list of tensors (and None), all n rows first."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() >= 1 and value.shape[0] == n
+    if isinstance(value, (tuple, list)):
+        return len(value) > 0 and all(v is None or _batch_first(v, n) for v in value) and \
+            any(v is not None for v in value)
+    return False
+
+
+def _returning(value):
+    """A forward that hands on `value` whatever it is given."""
+    return lambda *args, **kwargs: value
+
+
+def _call_order(em: EmulatedModel) -> dict:
+    """{module name: (first entry, last exit, calls, batch-first output)} of one forward
+    of the probe image (as three copies)."""
+    clock, seen = [0], {}
+
+    def tick():
+        clock[0] += 1
+        return clock[0]
+    handles = []
+    for name, mod in em.modules.items():
+        if not name:
+            continue
+
+        def pre(mod, inp, name=name):
+            entry = seen.setdefault(name, [tick(), 0, 0, True])
+            entry[2] += 1
+
+        def post(mod, inp, out, name=name):
+            entry = seen[name]
+            entry[1] = tick()
+            entry[3] = entry[3] and _batch_first(out, 3)
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            em.model(em.example.expand(3, *em.example.shape[1:]).contiguous())
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: tuple(v) for n, v in seen.items()}
+
+
 class HookExecutor(_GoldenRuns):
-    """Full forwards with emulation hooks; the faulty layer's hook hands on the faulty value."""
+    """Full forwards with emulation hooks; the faulty layer's hook hands on the faulty value.
+
+    Modules that finish before the faulty layer starts (the embeddings and the blocks
+    before it) do not run again: their forward hands on their golden output, cached by
+    the golden run (one row per image), so a faulty run computes what follows the
+    layer's block at most - a coarse suffix run for models no graph captures."""
 
     suffix = False
     # The model's own code runs after the layer, and an in-place op there (`hidden +=
@@ -194,9 +262,36 @@ class HookExecutor(_GoldenRuns):
     # (emulated layers go on with their quantised copy anyway).
     copies_outputs = True
 
+    def __init__(self, em: EmulatedModel):
+        super().__init__(em)
+        self.order = _call_order(em)
+        self._before: dict = {}
+
+    def before(self, layer: str) -> list:
+        """The outermost modules that run once, with a batch-first output, and finish
+        before `layer` starts: what faulty runs of `layer` take from the golden cache."""
+        if layer not in self._before:
+            start = self.order.get(layer, (0,))[0]
+            done = {n for n, (_, end, calls, ok) in self.order.items()
+                    if calls == 1 and ok and end < start
+                    and not layer.startswith(n + ".")}
+            self._before[layer] = sorted(n for n in done if not any(
+                n.startswith(m + ".") for m in done))
+        return self._before[layer]
+
+    def _keep(self, layers, g):
+        return {("before", n) for layer in layers for n in self.before(layer)} - set(g.nodes)
+
     def _run(self, x, keep):
-        with self.em.hooks(self.em.emulation_hooks()):
-            return self.em.model(x), {}
+        cache = {}
+
+        def make(key):
+            def hook(mod, inp, out):
+                cache[key] = _copy_of(out)  # later code may change the output in place
+            return hook
+        capture = {key[1]: make(key) for key in keep}
+        with self.em.hooks(capture), self.em.hooks(self.em.emulation_hooks()):
+            return self.em.model(x), cache
 
     def start_error(self, layer):
         return None
@@ -204,8 +299,22 @@ class HookExecutor(_GoldenRuns):
     def logits_after(self, layer, values, images, golden, changed=None):
         hooks = self.em.emulation_hooks(skip={layer})
         hooks[layer] = lambda mod, inp, out: values
-        with self.em.hooks(hooks):
-            return self.em.model(golden.images.index_select(0, images))
+        patched = []
+        try:
+            for name in self.before(layer):
+                cached = golden.nodes.get(("before", name))
+                if cached is None:
+                    continue
+                mod = self.em.modules[name]
+                patched.append((mod, mod.__dict__.get("forward")))
+                mod.forward = _returning(_rows_of(cached, images))
+            with self.em.hooks(hooks):
+                return self.em.model(golden.images.index_select(0, images))
+        finally:
+            for mod, own in patched:
+                del mod.forward
+                if own is not None:
+                    mod.forward = own
 
     def masked(self, layer, golden, img, pos, new, is_meta):
         return torch.zeros(img.numel(), dtype=torch.bool, device=self.em.device)
