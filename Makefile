@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/formats.py
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/last_layer.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

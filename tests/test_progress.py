@@ -86,3 +86,21 @@ def test_disabled_prints_nothing():
     with progress_bar("x", total=5, console=Console(file=buf), enabled=False) as bar:
         bar.advance(5)
     assert buf.getvalue() == ""
+
+
+def test_a_plain_line_too_wide_for_the_log_drops_timing_then_rate_but_never_the_info():
+    buf = io.StringIO()
+    console = Console(file=buf, width=80)
+    name = "hardening-all-layers: text-guided+dup"
+    with progress_bar(name, total=3000, unit="inj", console=console, every_s=0) as bar:
+        bar.advance(3000, info="SDC 3.33%")
+    last = _lines(buf.getvalue())[-1]
+    assert last == f"{name}: 3,000/3,000 inj (100%), SDC 3.33%" or (
+        last.startswith(f"{name}: 3,000/3,000 inj (100%), ") and "inj/s" in last
+        and "elapsed" not in last)
+    assert len(last) <= 80 and last.endswith("SDC 3.33%")
+    wide = io.StringIO()
+    with progress_bar(name, total=3000, unit="inj", console=Console(file=wide, width=200),
+                      every_s=0) as bar:
+        bar.advance(3000, info="SDC 3.33%")
+    assert "elapsed" in _lines(wide.getvalue())[-1]  # room enough: nothing dropped

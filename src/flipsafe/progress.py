@@ -100,6 +100,13 @@ class _Bar:
         parts = [f"{self.description}: {share}", timing, format_rate(self.rate, self.unit)]
         if self.info:
             parts.append(self.info)
+        # Within the console's width (80 for a log file), dropping the timing, then the
+        # rate, before anything the reader needs: what, how far, and the caller's info.
+        for drop in (None, timing, parts[2]):
+            if drop is not None:
+                parts.remove(drop)
+            if len(", ".join(parts)) <= self._plain.width:
+                break
         stream = self._plain.file
         print(", ".join(parts), file=stream, flush=True)
         self._printed_at, self._printed_done = now, self.done

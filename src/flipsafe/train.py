@@ -115,12 +115,23 @@ def train(
     config: TrainConfig,
     show_progress: bool = True,
     description: str = "train",
+    device: str = "cpu",
 ) -> TrainResult:
     """Train `model` in place with the shared recipe and return losses and test accuracy.
 
+    Runs on `device` ('cpu', 'cuda'); the model is back on the CPU when it returns.
     Raises TrainingError as soon as the loss (or, at the end, a parameter) is NaN or
     infinite, so a diverged run is never mistaken for a trained model.
     """
+    device = torch.device(device)
+    model.to(device)
+    try:
+        return _train(model, train_set, test_set, config, show_progress, description, device)
+    finally:
+        model.to("cpu")
+
+
+def _train(model, train_set, test_set, config, show_progress, description, device):
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(
@@ -141,6 +152,7 @@ def train(
             running, seen = 0.0, 0
             for step, (images, labels) in enumerate(loader):
                 optimizer.zero_grad(set_to_none=True)
+                images, labels = images.to(device), labels.to(device)
                 loss = criterion(model(images), labels)
                 if not torch.isfinite(loss):
                     raise _diverged(f"the loss became {loss.item()} at epoch {epoch + 1}, "
@@ -164,9 +176,10 @@ def train(
 def predict(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of `model` (in eval mode) over `dataset`, in dataset order."""
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     logits, labels = [], []
     for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits.append(model(images))
+        logits.append(model(images.to(device)).cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(logits), torch.cat(labels)
 

@@ -49,17 +49,25 @@ def dataset_family(spec: str) -> str:
     return name if name in BUNDLED_DESCRIPTION_SETS else ""
 
 
+def embed_classes(dataset_spec: str, classes: list[str], encoder: str = "minilm"):
+    """ClassEmbeddings of a dataset's classes with `encoder` (see flipsafe.textguided):
+    the bundled descriptions of its family, else template sentences of its class names."""
+    from flipsafe import textguided as tg
+
+    family = dataset_family(dataset_spec)
+    if family:
+        descriptions = tg.bundled_descriptions(family, classes)
+    else:
+        descriptions = tg.template_descriptions(classes)
+    return tg.encode_classes(descriptions, tg.get_encoder(encoder))
+
+
 def class_embeddings_for(head: HeadSpec, dataset_spec: str, classes: list[str]):
     """ClassEmbeddings for a text head, in the dataset's class order."""
     from flipsafe import textguided as tg
 
     if head.source == "minilm":
-        family = dataset_family(dataset_spec)
-        if family:
-            descriptions = tg.bundled_descriptions(family, classes)
-        else:
-            descriptions = tg.template_descriptions(classes)
-        return tg.encode_classes(descriptions, tg.get_encoder("minilm"))
+        return embed_classes(dataset_spec, classes, "minilm")
     path = Path(head.source)
     if not path.is_file():
         raise DataError(
@@ -150,8 +158,11 @@ def train_classifier(
     freeze_head: bool = False,
     show_progress: bool = True,
     overwrite: bool = False,
+    device: str = "cpu",
+    label: str | None = None,
 ) -> tuple[nn.Module, dict, TrainResult]:
-    """Train one classifier on `dataset` with the shared recipe; save it to `out` if given.
+    """Train one classifier on `dataset` with the shared recipe, on `device`; save it to
+    `out` if given. `label` names the progress bar (default: architecture and head).
 
     A checkpoint already in `out` is refused before any training unless overwrite=True:
     campaigns run on it would no longer match it.
@@ -171,7 +182,8 @@ def train_classifier(
         arch, spec, dataset, bundle.classes, bundle.in_channels, bundle.image_size,
         seed=config.seed, freeze_head=freeze_head,
     )
-    result = train(model, bundle.train, bundle.test, config, show_progress, description=f"{arch}/{spec.kind}")
+    result = train(model, bundle.train, bundle.test, config, show_progress,
+                   description=label or f"{arch}/{spec.kind}", device=device)
     meta["train"] = config.to_dict()
     meta["accuracy"] = result.accuracy
     meta["head_spec"] = head

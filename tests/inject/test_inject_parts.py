@@ -175,3 +175,23 @@ def test_a_child_module_named_inplace_is_left_alone():
     model.add_module("fc", torch.nn.Linear(4, 2))
     em = EmulatedModel(model, formats.get("fp32"), torch.randn(2, 4), "cpu")
     assert isinstance(em.model.inplace, torch.nn.ReLU) and em.model.inplace.inplace is False
+
+
+def test_the_engine_computes_without_tf32_and_restores_the_flags(monkeypatch):
+    """On recent GPUs TF32 would round fp32 convolutions and matmuls to 10 mantissa bits:
+    the engine turns it off while it computes (the flags act on CPU runs as well)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    matmul = torch.backends.cuda.matmul.allow_tf32  # not an attribute monkeypatch can undo
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        torch.manual_seed(0)
+        seen = []
+        engine = Engine(TinyNet().eval(), "fp32", guards={"fc": lambda v: seen.append(
+            (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or v})
+        x, y = data(4)
+        engine.golden(x, y)
+        engine.run(engine.sample(5, "weights", images=4), x, y)
+        assert seen and set(seen) == {(False, False)}
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import string
 import sys
 
 import numpy as np
@@ -148,31 +147,10 @@ def test_file_encoder_looks_up_classes_and_cannot_encode(tmp_path):
         enc.encode(["a photo"])
 
 
-def _tiny_clip(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    vocab = {}
-    for piece in list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]:
-        vocab[piece] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[])
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, projection_dim=8, max_position_embeddings=32,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    )
-    torch.manual_seed(0)
-    model = transformers.CLIPTextModelWithProjection(config).eval()
-    model.save_pretrained(tmp_path / "clip")
-    tokenizer.save_pretrained(tmp_path / "clip")
-    return model, tokenizer
-
-
-def test_clip_encoder_from_a_saved_tiny_model(tmp_path, capfd):
+def test_clip_encoder_from_a_saved_tiny_model(tmp_path, capfd, tiny_clip):
     from transformers.utils import logging as hf_logging
 
-    model, tokenizer = _tiny_clip(tmp_path)
+    model, tokenizer = tiny_clip
     capfd.readouterr()
     bars_on = hf_logging.is_progress_bar_enabled()
     enc = get_encoder(f"clip:{tmp_path / 'clip'}")

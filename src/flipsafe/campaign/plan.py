@@ -183,6 +183,11 @@ class FaultPlan:
         """The fault-defining fields of this plan (of a CampaignPlan too), as a FaultPlan."""
         return FaultPlan(**{name: getattr(self, name) for name in FAULT_FIELDS})
 
+    @property
+    def progress_label(self) -> str:
+        """How a campaign's progress bar names its faults: site, format and fault."""
+        return f"{self.site} {self.format} {self.fault}"
+
 
 def check_preprocess(preprocess) -> None:
     """Raise ConfigError unless `preprocess` is None or a dict of image_size (int >= 1) and

@@ -175,7 +175,7 @@ def _connect(ray, address, workers):
 def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
                      address: str | None = None, workers: int | None = None,
                      show_progress: bool = True, ranges: dict | None = None,
-                     device: str = "cpu") -> None:
+                     device: str = "cpu", label: str | None = None) -> None:
     """Run parts `todo` of `plan` on Ray actors and write each into `store` as it arrives.
 
     Uses the Ray already initialised in this process if there is one (and leaves it
@@ -244,7 +244,7 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
             feed(slot)
         total = sum(store.expected_rows(k) for k in todo)
         done = sdc = 0
-        desc = f"{plan.site} {plan.format} {plan.fault} (ray x{n_actors})"
+        desc = f"{label or plan.progress_label} (ray x{n_actors})"
         with progress_bar(desc, total=total, unit="inj", enabled=show_progress) as bar:
             while running:
                 [ref], _ = ray.wait(list(running), num_returns=1)

@@ -138,14 +138,17 @@ class CampaignRun:
 
 def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str | None = None,
                  show_progress: bool = True, workers: int | None = None, device: str = "cpu",
-                 target=None, data=None) -> CampaignRun:
+                 target=None, data=None, label: str | None = None,
+                 log_inputs: bool = True) -> CampaignRun:
     """Run (or resume) `plan` into results folder `out`; finished parts are kept.
 
     The run holds the folder's writer lock, so a second campaign on the same folder is
     refused (CampaignError). A full disk raises EnvironmentFailure; the parts written
     until then are kept and the same call resumes. `device` (cpu, cuda, auto) is where
     the engine runs; `target` and `data` are as for prepare (the Ray backend rebuilds
-    both from the plan, so it takes neither).
+    both from the plan, so it takes neither). `label` names the progress bar (default:
+    site, format and fault); log_inputs=False leaves out the line saying which inputs the
+    model gets (plan.json records them either way).
     """
     if backend not in ("local", "ray"):
         raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
@@ -160,7 +163,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     prep = prepare(plan, ranges=cached, target=target, data=data, device=device)
     plan = prep.plan  # with the data hash
     if prep.inputs is not None:
-        if show_progress:
+        if show_progress and log_inputs:
             print(prep.inputs.describe(), file=sys.stderr, flush=True)
         for warning in prep.inputs.warnings():
             print(f"flipsafe: warning: {warning}", file=sys.stderr)
@@ -195,12 +198,12 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
 
                 run_parts_on_ray(plan, store, todo, address=address, workers=workers,
                                  show_progress=show_progress, ranges=prep.ranges,
-                                 device=device)
+                                 device=device, label=label)
             else:
                 # Always the same decision (not one that depends on the parts left), so a
                 # resumed or Ray run computes exactly the golden values a whole run does.
                 golden = golden_cache(prep, faults) if todo else None
-                _run_parts_locally(prep, faults, store, todo, show_progress, golden)
+                _run_parts_locally(prep, faults, store, todo, show_progress, golden, label)
             seconds = time.perf_counter() - started
     except OSError as exc:
         if not is_disk_full(exc):
@@ -234,10 +237,11 @@ def _finished(store: ResultsStore, plan: CampaignPlan, total_rows: int, prep) ->
             and not store.missing_parts() and not store.damaged)
 
 
-def _run_parts_locally(prep, faults, store, todo, show_progress, golden=None) -> None:
+def _run_parts_locally(prep, faults, store, todo, show_progress, golden=None,
+                       label=None) -> None:
     total = sum(store.expected_rows(k) for k in todo)
     sdc = done = 0
-    desc = f"{prep.plan.site} {prep.plan.format} {prep.plan.fault}"
+    desc = label or prep.plan.progress_label
     with progress_bar(desc, total=total, unit="inj", enabled=show_progress) as bar:
         for k in todo:
             start, stop = part_bounds(store, k, prep.plan.part_size)

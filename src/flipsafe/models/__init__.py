@@ -40,6 +40,22 @@ def _positive_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def check_arch(arch: str) -> tuple[str, str]:
+    """(library or '', name) of an architecture spec; UnknownNameError (a ConfigError)
+    unless it is a name in ARCHITECTURES or 'torchvision:<name>' / 'timm:<name>' (those
+    libraries are imported only when the model is built)."""
+    choices = list(ARCHITECTURES) + [f"{lib}:<name>" for lib in _ADAPTERS]
+    library, sep, name = str(arch).partition(":")
+    if sep:
+        if library not in _ADAPTERS or not name:
+            raise unknown("architecture", str(arch), choices)
+        return library, name
+    key = str(arch).strip().lower()
+    if key not in _BUILDERS:
+        raise unknown("architecture", str(arch), choices)
+    return "", key
+
+
 def build(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """Build an untrained classifier for [N, in_channels, image_size, image_size] inputs.
 
@@ -56,17 +72,10 @@ def build(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 3
     _positive_int("in_channels", in_channels, 1)
     _positive_int("image_size", image_size, 1)
 
-    library, sep, name = str(arch).partition(":")
-    if sep:
-        if library not in _ADAPTERS or not name:
-            choices = list(ARCHITECTURES) + [f"{lib}:<name>" for lib in _ADAPTERS]
-            raise unknown("architecture", str(arch), choices)
+    library, name = check_arch(arch)
+    if library:
         return _ADAPTERS[library](name, num_classes, in_channels, image_size)
-
-    key = str(arch).strip().lower()
-    if key not in _BUILDERS:
-        raise unknown("architecture", str(arch),
-                      list(ARCHITECTURES) + [f"{lib}:<name>" for lib in _ADAPTERS])
+    key = name
     if image_size < MIN_IMAGE_SIZE[key]:
         raise ConfigError(
             f"{key} needs images of at least {MIN_IMAGE_SIZE[key]}x{MIN_IMAGE_SIZE[key]} "
@@ -76,4 +85,4 @@ def build(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 3
     return _BUILDERS[key](num_classes, in_channels, image_size)
 
 
-__all__ = ["ARCHITECTURES", "MIN_IMAGE_SIZE", "build"]
+__all__ = ["ARCHITECTURES", "MIN_IMAGE_SIZE", "build", "check_arch"]

@@ -188,23 +188,33 @@ class PrecomputedEncoder(TextEncoder):
         return self.embeddings.vectors[[index[canonical_class(c)] for c in classes]]
 
 
+def check_encoder_spec(spec: str) -> tuple[str, str]:
+    """(kind, name or path) of an encoder spec, refused (ConfigError) before anything loads
+    unless it is minilm, clip:<name-or-path>, st:<name-or-path> or file:<path>."""
+    spec = str(spec)
+    if spec == "minilm":
+        return "minilm", ""
+    kind, sep, arg = spec.partition(":")
+    if sep and kind in ("clip", "st", "file"):
+        if not arg:
+            raise ConfigError(f"encoder spec {spec!r} needs a name or path after '{kind}:'")
+        return kind, arg
+    raise unknown("encoder", spec, ENCODER_SPECS)
+
+
 def get_encoder(spec, device: str = "cpu") -> TextEncoder:
     """An encoder from a spec: minilm, clip:<name-or-path>, st:<name-or-path>, file:<path>."""
     if isinstance(spec, TextEncoder):
         return spec
     spec = str(spec)
-    if spec == "minilm":
+    kind, arg = check_encoder_spec(spec)
+    if kind == "minilm":
         return SentenceTransformerEncoder.bundled(device)
-    kind, sep, arg = spec.partition(":")
-    if sep and kind in ("clip", "st", "file"):
-        if not arg:
-            raise ConfigError(f"encoder spec {spec!r} needs a name or path after '{kind}:'")
-        if kind == "clip":
-            return CLIPEncoder.load(arg, device)
-        if kind == "st":
-            return SentenceTransformerEncoder.load(arg, device=device)
-        return PrecomputedEncoder(load_embeddings(arg), spec)
-    raise unknown("encoder", spec, ENCODER_SPECS)
+    if kind == "clip":
+        return CLIPEncoder.load(arg, device)
+    if kind == "st":
+        return SentenceTransformerEncoder.load(arg, device=device)
+    return PrecomputedEncoder(load_embeddings(arg), spec)
 
 
 def encode_classes(descriptions, encoder="minilm", source: str | None = None) -> ClassEmbeddings:
