@@ -92,7 +92,8 @@ def main(argv=None) -> int:
           f"cuDNN {torch.backends.cudnn.version()}")
     result = {"card": card, "torch": torch.__version__}
     if not args.skip_tests:
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", *CUDA_TESTS], cwd=ROOT)
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", *CUDA_TESTS], cwd=ROOT,
+                               check=False)
         result["cuda_tests"] = "passed" if tests.returncode == 0 else "FAILED"
     torch.manual_seed(args.seed)
     model = models.build("resnet18", 10).eval()

@@ -11,7 +11,6 @@ from flipsafe import demo
 
 def test_demo_prints_every_report_it_writes(tmp_path, monkeypatch, capfd):
     # The demo's flow on a small model and tiny campaigns; its own sizes take minutes.
-    monkeypatch.setattr(demo, "DEMO_ARCH", "mlp")
     full = demo.demo_campaigns
     # The all-layer campaign is dup's map: it needs SDCs to choose channels from (a budget
     # that chooses none is refused), so it gets more faults than the others.
@@ -22,13 +21,15 @@ def test_demo_prints_every_report_it_writes(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(demo, "demo_hardening", lambda quick: tuple(
         dataclasses.replace(h, n=8) for h in hardening(quick)))
     buf = io.StringIO()
-    done = demo.run_demo(tmp_path / "d", quick=True, console=Console(file=buf, width=200))
+    done = demo.run_demo(tmp_path / "d", quick=True, console=Console(file=buf, width=200),
+                         study=demo.DemoStudy(arch="mlp"))
     printed = buf.getvalue()
     names = [c.name for c in full(True)] + [h.name for h in hardening(True)]
     assert set(done["reports"]) == set(names) and "last-layer-clamped" in names
     titles = set()
     for name, path in done["reports"].items():
-        assert path.is_file() and f"report ({name}): {path}" in printed
+        assert path.is_file() and re.search(rf"^{name} +{re.escape(str(path))}$", printed,
+                                            re.MULTILINE)
         titles.add(re.search(r"<title>(.*?)</title>", path.read_text(encoding="utf-8")).group(1))
     assert len(titles) == len(names)  # every report says which campaign it shows
     assert done["report"] == tmp_path / "d" / "report.html"

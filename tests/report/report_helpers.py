@@ -148,3 +148,61 @@ def parse(path) -> ReportParser:
     return parser
 
 
+
+
+# -- a headless browser's view of a report --------------------------------------------------
+
+def chromium() -> str | None:
+    """A headless-capable Chromium on PATH (Debian: apt install chromium), or None."""
+    import shutil
+
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser",
+                                                "google-chrome")) if p), None)
+
+
+# Runs at the end of the page, after layout: each table's own width against the box that
+# holds it and the window, and the page's width against the window.
+_FIT_PROBE = """<script>
+const tables = [...document.querySelectorAll('table')].map(t => {
+  const box = t.parentElement;
+  return {caption: t.caption ? t.caption.textContent : '', width: t.scrollWidth,
+          box: box.clientWidth, right: Math.ceil(t.getBoundingClientRect().right)};
+});
+const pre = document.createElement('pre');
+pre.id = 'flipsafe-fit';
+pre.textContent = JSON.stringify({window: window.innerWidth,
+                                  page: document.documentElement.scrollWidth, tables});
+document.body.appendChild(pre);
+</script>"""
+
+
+def layout_at(path, width: int, browser: str) -> dict:
+    """{window, page, tables: [{caption, width, box, right}]} of the HTML report at `path`
+    laid out by headless Chromium in a window `width` CSS pixels wide."""
+    import html as html_lib
+    import json
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    text = Path(path).read_text(encoding="utf-8").replace("</body>", _FIT_PROBE + "</body>")
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "page.html"
+        page.write_text(text, encoding="utf-8")
+        done = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             f"--window-size={width},1000", f"--user-data-dir={tmp}/profile", "--dump-dom",
+             page.as_uri()], capture_output=True, text=True, timeout=120, check=False)
+    found = re.search(r'<pre id="flipsafe-fit">(.*?)</pre>', done.stdout, re.DOTALL)
+    assert found, f"Chromium printed no layout (exit {done.returncode}): {done.stderr[-500:]}"
+    return json.loads(html_lib.unescape(found.group(1)))
+
+
+def tables_too_wide(path, width: int, browser: str) -> list[str]:
+    """The captions of the tables that do not fit a window `width` pixels wide (wider
+    than their box, or reaching past the window), each with its width; [] if all fit."""
+    layout = layout_at(path, width, browser)
+    assert layout["window"] == width and layout["tables"]
+    return [f"{t['caption']!r}: {t['width']} px in a {t['box']} px box"
+            for t in layout["tables"] if t["width"] > t["box"] or t["right"] > width]

@@ -235,3 +235,15 @@ def test_protected_campaigns_are_compared_with_their_own_twin_in_paired_words(fo
     js = summary_json(cosine, [base, dup])
     assert [(c["reference"], c["other"]) for c in js["comparisons"]] == [
         (cosine.name, base.name), (base.name, dup.name)]
+
+
+def test_a_protections_report_fits_a_1280_pixel_window_in_a_headless_browser(folders,
+                                                                             tmp_path):
+    from report_helpers import chromium, tables_too_wide
+
+    browser = chromium()
+    if browser is None:
+        pytest.skip("no headless Chromium here (Debian: apt install chromium)")
+    out = write_report([folders["base"], folders["dup"], folders["abft"], folders["cosine"]],
+                       tmp_path / "r.html")
+    assert tables_too_wide(out, 1280, browser) == []

@@ -241,3 +241,13 @@ def test_heatmap_panels_share_one_bit_axis_whatever_their_label_widths(models):
     # cosine's layer names are longer than baseline's; the panels still line up.
     assert all(abs(b.x0 - boxes[0].x0) < 1e-9 and abs(b.x1 - boxes[0].x1) < 1e-9 for b in boxes)
     assert [ax.get_title(loc="left") for ax in panels] == [r.name for r in models]
+
+
+def test_every_table_fits_a_1280_pixel_window_in_a_headless_browser(html_report):
+    from report_helpers import chromium, tables_too_wide
+
+    browser = chromium()
+    if browser is None:
+        pytest.skip("no headless Chromium here (Debian: apt install chromium)")
+    out, _ = html_report
+    assert tables_too_wide(out, 1280, browser) == []

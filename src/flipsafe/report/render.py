@@ -342,9 +342,10 @@ h1 { border-bottom: 2px solid #111; padding-bottom: .2em; }
 h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
 table { border-collapse: collapse; margin: .6em 0 .2em; font-size: 13px; }
 caption { text-align: left; font-weight: bold; padding: .3em 0; }
-th, td { border: 1px solid #bbb; padding: 3px 8px; text-align: right; white-space: nowrap; }
+th, td { border: 1px solid #bbb; padding: 3px 6px; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
-th { background: #eee; }
+th { background: #eee; white-space: normal; }
+th.t, td.t { white-space: normal; min-width: 9em; }
 .scroll { overflow-x: auto; }
 p.verdict { border-left: 5px solid #111; background: #f2f2f2; padding: .6em .9em;
             font-size: 1.05em; }
@@ -356,11 +357,17 @@ figcaption { font-size: 15px; color: #111; margin-top: .3em; }
 """
 
 
+def _cell(tag: str, text: str) -> str:
+    """A table cell: figures stay on one line; headers and words (three or more: a
+    definition, a method, a reason) may wrap, so every table fits the page."""
+    cls = ' class="t"' if len(text.split()) >= 3 else ""
+    return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
+
+
 def _html_table(t: TextTable, summary: bool) -> str:
     cls = ' class="summary"' if summary else ""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in t.header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                   for row in t.rows)
+    head = "".join(_cell("th", c) for c in t.header)
+    body = "".join("<tr>" + "".join(_cell("td", c) for c in row) + "</tr>" for row in t.rows)
     notes = "".join(f'<p class="tablenote">{html.escape(n)}</p>' for n in t.notes)
     return (f'<div class="scroll"><table{cls}><caption>{html.escape(t.title)}</caption>'
             f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{notes}")
