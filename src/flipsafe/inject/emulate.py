@@ -1,7 +1,10 @@
-"""How tensors live in an emulated format: calibration, fault groups, corrupt, clamp."""
+"""How tensors live in an emulated format: calibration, fault groups, corrupt, clamp; and
+the full-precision arithmetic (no TF32) the engine computes in."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -13,6 +16,32 @@ from flipsafe.formats import Encoded
 
 # Clamp modes for corrupted values (see clamp); this module owns the list.
 CLAMPS = ("none", "profiled", "goldeneye")
+
+
+@contextlib.contextmanager
+def full_precision():
+    """No TF32 while the engine computes: on recent GPUs cuDNN convolutions (and matmuls,
+    where allowed) would otherwise round fp32 operands to 10 mantissa bits, and the
+    campaign would not be the fp32 (or emulated-format) model it claims."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
+                                        benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic,
+                                        allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def exact(method):
+    """Run a method under full_precision."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with full_precision():
+            return method(*args, **kwargs)
+    return run
 
 
 def check_clamp(mode) -> str:

@@ -6,9 +6,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 from collections.abc import Iterable
 
 import torch
@@ -24,32 +22,6 @@ from flipsafe.inject.sites import SITES, LayerInfo, bind_sites, site_param
 from flipsafe.metrics.outcomes import Outcomes
 
 __all__ = ["GOLDEN_BATCH", "SITES", "Engine", "Golden", "LayerInfo", "SiteValues"]
-
-
-@contextlib.contextmanager
-def _full_precision():
-    """No TF32 while the engine computes: on recent GPUs cuDNN convolutions (and matmuls,
-    where allowed) would otherwise round fp32 operands to 10 mantissa bits, and the
-    campaign would not be the fp32 (or emulated-format) model it claims."""
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
-                                        benchmark=torch.backends.cudnn.benchmark,
-                                        deterministic=torch.backends.cudnn.deterministic,
-                                        allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-
-
-def _exact(method):
-    """Run an engine method under _full_precision."""
-    @functools.wraps(method)
-    def run(*args, **kwargs):
-        with _full_precision():
-            return method(*args, **kwargs)
-    return run
 
 
 def _as_batches(data) -> Iterable[torch.Tensor]:
@@ -184,7 +156,7 @@ class Engine:
         self._need()
         return self._sites[self._site(site)].candidates()
 
-    @_exact
+    @emulate.exact
     def profile(self, batches) -> dict[str, float]:
         """Largest |output| of every leaf layer over `batches` (a tensor of images, or an
         iterable of image tensors or (images, labels) pairs); also kept by the engine."""
@@ -208,7 +180,7 @@ class Engine:
         self._made(images).require_ranges()
         return images, labels
 
-    @_exact
+    @emulate.exact
     def golden(self, images: torch.Tensor, labels: torch.Tensor, layers=None) -> Golden:
         """Golden run of a batch: clean logits, outcome columns and the values faulty runs
         reuse (for `layers`, default every injectable layer)."""
@@ -225,7 +197,7 @@ class Engine:
         return Injector(self._need(), self._ex, self.clamp, self.chunk, self.memory,
                         GOLDEN_BATCH)
 
-    @_exact
+    @emulate.exact
     def run(self, faults: FaultSet, images: torch.Tensor, labels: torch.Tensor,
             golden: Golden | None = None) -> Outcomes:
         """Outcomes of every fault in `faults`, in their order; each fault is injected alone
@@ -241,7 +213,7 @@ class Engine:
 
     def site_values(self, faults: FaultSet, golden: Golden, chunk: int = 256):
         """SiteValues of groups of at most `chunk` faults (see Injector.site_values)."""
-        with _full_precision():
+        with emulate.full_precision():
             yield from self._injector().site_values(faults, golden, chunk)
 
     # -- sampling -------------------------------------------------------------------------
@@ -255,7 +227,7 @@ class Engine:
 
     # -- exhaustive classifier faults -----------------------------------------------------
 
-    @_exact
+    @emulate.exact
     def exhaustive_last_layer(self, images, labels, fault_model: str = "bitflip", bits=None,
                               golden: Golden | None = None) -> Exhaustive:
         """Outcomes of every (weight, bit) fault of the classifier Linear on every image,
