@@ -243,12 +243,14 @@ def cmd_plan(args) -> None:
 
 
 def cmd_campaign(args) -> None:
+    from flipsafe.campaign.backends import get_backend
     from flipsafe.campaign.runner import run_campaign
 
     plan, target = _plan_from_args(args)
+    backend = get_backend(args.backend)  # its workers rebuild the target from the plan
     run = run_campaign(plan, args.out, backend=args.backend, address=args.address,
                        show_progress=not args.quiet, workers=args.workers, device=args.device,
-                       target=None if args.backend == "ray" else target)
+                       target=None if backend.rebuilds else target)
     rate = f", {run.injections_per_s:,.0f} injections/s" if run.ran_parts else ""
     print(f"{run.total:,} injections in {args.out} ({run.kept_parts} parts kept, "
           f"{run.ran_parts} run{rate})")
@@ -389,6 +391,7 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flipsafe.campaign.backends import BACKENDS
     from flipsafe.data import KINDS as DATASET_KINDS
     from flipsafe.models import ARCHITECTURES
     from flipsafe.report.render import FORMATS as REPORT_FORMATS
@@ -453,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("campaign", help="run (or resume) a fault-injection campaign")
     _add_plan_flags(p)
-    p.add_argument("--backend", default="local", help="where parts run: local or ray")
+    p.add_argument("--backend", default="local",
+                   help=f"where parts run: {' or '.join(BACKENDS)} (default: local)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per CPU)")
     p.add_argument("--out", required=True, help="results folder (re-run the same command to resume)")

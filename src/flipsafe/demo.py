@@ -215,7 +215,7 @@ def _run_demo(out: Path, quick: bool, console: Console, study: DemoStudy) -> dic
 
     from flipsafe.campaign.runner import make_plan, resolve_device, run_campaign
     from flipsafe.report import load_results, write_report
-    from flipsafe.report.tables import summary_lines
+    from flipsafe.report.tables import brief_lines
 
     config = TrainConfig(epochs=3 if quick else 6, seed=0)
     device = resolve_device(study.device)
@@ -237,7 +237,7 @@ def _run_demo(out: Path, quick: bool, console: Console, study: DemoStudy) -> dic
         campaigns[c.name] = folders
         results = [load_results(f) for f in folders]
         _verdicts(console, f"{c.name}: fp32 bit flips in activations, clamp {c.clamp}",
-                  summary_lines(results[0], vs=results[1:])[1:])
+                  brief_lines(results[0], vs=results[1:]))
     hardened = _run_hardening(out, quick, models, campaigns, console, device)
     injected = time.perf_counter()
 
@@ -261,7 +261,7 @@ def _run_demo(out: Path, quick: bool, console: Console, study: DemoStudy) -> dic
 
 
 def _verdicts(console: Console, title: str, lines: list[str]) -> None:
-    """A campaign's verdict sentences under its title, wrapped at the log's width."""
+    """A campaign's verdicts, one line each, under its title (wrapped at the log's width)."""
     console.rule(title, style="dim")
     for line in lines:
         for part in textwrap.wrap(line, LOG_WIDTH, subsequent_indent="  ",
@@ -275,7 +275,7 @@ def _run_hardening(out: Path, quick: bool, models: dict, campaigns: dict,
     each model's unprotected campaign first."""
     from flipsafe.campaign.runner import make_plan, run_campaign
     from flipsafe.report import load_results
-    from flipsafe.report.tables import summary_lines
+    from flipsafe.report.tables import brief_lines
 
     done = {}
     for h in demo_hardening(quick):
@@ -295,7 +295,7 @@ def _run_hardening(out: Path, quick: bool, models: dict, campaigns: dict,
                 folders[label] = folder
         results = [load_results(f) for f in folders.values()]
         _verdicts(console, f"{h.name}: {h.site} of layers {h.layers!r}",
-                  summary_lines(results[0], vs=results[1:])[1:])
+                  brief_lines(results[0], vs=results[1:]))
         done[h.name] = folders
     return done
 
@@ -307,8 +307,9 @@ def report_name(campaign: str) -> str:
 
 def _print_accuracies(console: Console, models: dict, config: TrainConfig, threads: int,
                       study: DemoStudy) -> None:
-    table = Table(title=f"{study.dataset}, {study.arch}, {config.epochs} epochs, seed "
-                        f"{config.seed}, {threads} CPU threads")
+    console.print(f"{study.dataset}, {study.arch}, {config.epochs} epochs, seed {config.seed}, "
+                  f"{threads} CPU threads", highlight=False)
+    table = Table()
     table.add_column("model")
     table.add_column("head")
     table.add_column("test accuracy", justify="right")

@@ -269,3 +269,22 @@ def strata_counts_of(results, outcome):
         if hits:
             out.append((sum(hits), len(hits), s.size))
     return out
+
+
+def test_the_logs_brief_line_carries_the_comparisons_rates_and_factor(campaigns):
+    """brief_lines (the demo's log): per comparison one line with the other model's SDC
+    rate, the reference's, and the improvement factor with its interval, the very numbers
+    of the comparison; the last layer gets its own line when more layers were injected."""
+    from flipsafe.report.tables import brief_lines, comparison
+
+    base, cos = (load_results(campaigns[n]) for n in ("baseline", "cosine"))
+    comp = comparison(base, cos)
+    lines = brief_lines(base, [cos])
+    assert len(lines) == 2
+    r = comp.overall.sdc
+    assert lines[0] == (
+        f"cosine vs baseline, {len(comp.groups)} layers: SDC "
+        f"{fmt_rate(comp.overall_b.sdc.rate)} vs {fmt_rate(comp.overall_a.sdc.rate)}, factor "
+        f"{fmt_factor(r.ratio)} 99% {fmt_factor_interval(r.low, r.high)}: "
+        + ("fewer SDCs" if r.low > 1 else "MORE SDCs" if r.high < 1 else "no clear difference"))
+    assert lines[1].startswith("cosine vs baseline, last layer: SDC ")

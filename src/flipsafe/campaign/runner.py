@@ -10,8 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from flipsafe.campaign.backends import BACKENDS, get_backend
 from flipsafe.campaign.plan import CampaignPlan
 from flipsafe.campaign.store import ResultsStore, read_cost
 from flipsafe.campaign.work import (  # re-exported: the campaign API callers know
@@ -33,9 +32,9 @@ from flipsafe.campaign.work import (  # re-exported: the campaign API callers kn
     run_part,
 )
 from flipsafe.errors import ConfigError, EnvironmentFailure, FlipsafeError, is_disk_full
-from flipsafe.progress import progress_bar
 
 __all__ = [
+    "BACKENDS",
     "COST_IMAGES",
     "DEVICES",
     "GOLDEN_CACHE_BYTES",
@@ -150,15 +149,15 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     site, format and fault); log_inputs=False leaves out the line saying which inputs the
     model gets (plan.json records them either way).
     """
-    if backend not in ("local", "ray"):
-        raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
+    runner = get_backend(backend)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
                                 or workers < 1):
         raise ConfigError(f"--workers must be a whole number of at least 1, got {workers!r}")
     resolve_device(device)
-    if backend == "ray" and (data is not None or getattr(target, "kind", "") == "module"):
-        raise ConfigError("the ray backend rebuilds the model and data from the plan on each "
-                          "worker; a model or data given in Python runs with backend='local'")
+    if runner.rebuilds and (data is not None or not getattr(target, "portable", True)):
+        raise ConfigError(f"the {runner.name} backend rebuilds the model and data from the "
+                          "plan on each worker; a model or data given in Python runs with "
+                          "backend='local'")
     cached = read_cached_ranges(out, plan)
     prep = prepare(plan, ranges=cached, target=target, data=data, device=device)
     plan = prep.plan  # with the data hash
@@ -193,17 +192,8 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
             todo = store.missing_parts()
             kept = store.n_parts - len(todo)
             started = time.perf_counter()
-            if backend == "ray":
-                from flipsafe.campaign.ray_backend import run_parts_on_ray
-
-                run_parts_on_ray(plan, store, todo, address=address, workers=workers,
-                                 show_progress=show_progress, ranges=prep.ranges,
-                                 device=device, label=label)
-            else:
-                # Always the same decision (not one that depends on the parts left), so a
-                # resumed or Ray run computes exactly the golden values a whole run does.
-                golden = golden_cache(prep, faults) if todo else None
-                _run_parts_locally(prep, faults, store, todo, show_progress, golden, label)
+            runner.run(prep, faults, store, todo, show_progress=show_progress, label=label,
+                       address=address, workers=workers, device=device)
             seconds = time.perf_counter() - started
     except OSError as exc:
         if not is_disk_full(exc):
@@ -235,21 +225,3 @@ def _finished(store: ResultsStore, plan: CampaignPlan, total_rows: int, prep) ->
             and info.get("protect", {}).get("channels") ==
             prep.model_info.get("protect", {}).get("channels")
             and not store.missing_parts() and not store.damaged)
-
-
-def _run_parts_locally(prep, faults, store, todo, show_progress, golden=None,
-                       label=None) -> None:
-    total = sum(store.expected_rows(k) for k in todo)
-    sdc = done = 0
-    desc = label or prep.plan.progress_label
-    with progress_bar(desc, total=total, unit="inj", enabled=show_progress) as bar:
-        for k in todo:
-            start, stop = part_bounds(store, k, prep.plan.part_size)
-            # One engine call per part: the golden runs (of the whole campaign when
-            # golden_cache allowed it, else of the part) are shared by every fault in it
-            # (measured: twice the rate of 256-fault slices, each with its own golden run).
-            table = run_part(prep, faults, start, stop, golden)
-            store.write_part(k, table)
-            done += table.num_rows
-            sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))
-            bar.advance(table.num_rows, info=f"SDC {100 * sdc / done:.2f}%")

@@ -61,6 +61,7 @@ class Target(Protocol):
     preprocess: Preprocess
     description: str
     flipsafe: bool  # a checkpoint made by `flipsafe train` (its dataset is known)
+    portable: bool  # rebuilt from `spec` alone (on a Ray worker, say)
 
     def load(self, sample: torch.Tensor | None = None) -> nn.Module:
         """The model in eval mode; `sample` (a batch of images) is needed by kinds that
@@ -115,6 +116,7 @@ class CheckpointTarget:
     spec: str
     kind: str = "flipsafe"
     flipsafe: bool = True
+    portable: bool = True
     config: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -154,6 +156,7 @@ class HFTarget:
     path: Path
     kind: str = "hf"
     flipsafe: bool = False
+    portable: bool = True
 
     def __post_init__(self):
         if not self.path.is_dir():
@@ -259,44 +262,25 @@ def _hf_size(size, crop) -> int | None:
 
 @dataclass
 class FileTarget:
-    """A TorchScript file (kind "torchscript") or a saved torch.export program ("export");
-    an export program says the input shape it was exported with (`input_shape`), so its
-    image size and channels are the model's."""
+    """A model saved in one file: TorchScriptTarget or ExportTarget."""
 
     spec: str
     path: Path
-    kind: str
     flipsafe: bool = False
+    portable: bool = True
     classes: list[str] | None = None
+    kind = ""  # the spec prefix
+    what = ""  # what the file holds, in words
 
     @cached_property
     def sha(self) -> str:
         return sha256_file(self.path)
 
-    @cached_property
-    def program(self):
-        """The saved torch.export program (kind "export" only)."""
-        with _quiet_torch():
-            try:
-                return torch.export.load(str(self.path))
-            except Exception as exc:  # noqa: BLE001 - a file that is not an export archive
-                raise ModelError(f"{self.path} is not a saved torch.export program "
-                                 f"({type(exc).__name__}); save one with torch.export.save"
-                                 ) from None
-
-    @cached_property
+    @property
     def input_shape(self) -> tuple | None:
-        """The export program's input shape, one entry per dimension: an int where it was
-        exported static, None where dynamic; None for TorchScript or several inputs."""
-        if self.kind != "export":
-            return None
-        program = self.program
-        names = program.graph_signature.user_inputs
-        vals = [n.meta.get("val") for n in program.graph.nodes
-                if n.op == "placeholder" and n.name in names]
-        if len(vals) != 1 or not hasattr(vals[0], "shape"):
-            return None
-        return tuple(d if isinstance(d, int) else None for d in vals[0].shape)
+        """The input shape the file says, one entry per dimension (an int where static,
+        None where dynamic); None when it does not say."""
+        return None
 
     @property
     def preprocess(self) -> Preprocess:
@@ -307,7 +291,7 @@ class FileTarget:
         return Preprocess(h if h is not None and h == w else None, channels)
 
     def shape_text(self) -> str | None:
-        """The exported input shape as text, e.g. "[batch, 1, 8, 8]" (None if unknown)."""
+        """The input shape as text, e.g. "[batch, 1, 8, 8]" (None if unknown)."""
         shape = self.input_shape
         if shape is None:
             return None
@@ -317,18 +301,61 @@ class FileTarget:
 
     @property
     def description(self) -> str:
-        what = "TorchScript module" if self.kind == "torchscript" else "torch.export program"
-        return f"{what} {self.path}"
+        return f"{self.what} {self.path}"
 
     def load(self, sample=None) -> nn.Module:
         with _quiet_torch():
             return self._load(sample)
 
     def _load(self, sample) -> nn.Module:
+        raise NotImplementedError
+
+
+@dataclass
+class ExportTarget(FileTarget):
+    """A saved torch.export program: it says the input shape it was exported with
+    (`input_shape`), so its image size and channels are the model's."""
+
+    kind = "export"
+    what = "torch.export program"
+
+    @cached_property
+    def program(self):
+        """The saved torch.export program."""
+        with _quiet_torch():
+            try:
+                return torch.export.load(str(self.path))
+            except Exception as exc:  # noqa: BLE001 - a file that is not an export archive
+                raise ModelError(f"{self.path} is not a saved torch.export program "
+                                 f"({type(exc).__name__}); save one with torch.export.save"
+                                 ) from None
+
+    @cached_property
+    def input_shape(self) -> tuple | None:
+        program = self.program
+        names = program.graph_signature.user_inputs
+        vals = [n.meta.get("val") for n in program.graph.nodes
+                if n.op == "placeholder" and n.name in names]
+        if len(vals) != 1 or not hasattr(vals[0], "shape"):
+            return None
+        return tuple(d if isinstance(d, int) else None for d in vals[0].shape)
+
+    def _load(self, sample) -> nn.Module:
         from flipsafe.campaign.lift import lift_layers
 
-        if self.kind == "export":
-            return lift_layers(self.program.module()).eval()
+        return lift_layers(self.program.module()).eval()
+
+
+@dataclass
+class TorchScriptTarget(FileTarget):
+    """A TorchScript file, converted to a torch.export program on a sample batch."""
+
+    kind = "torchscript"
+    what = "TorchScript module"
+
+    def _load(self, sample) -> nn.Module:
+        from flipsafe.campaign.lift import lift_layers
+
         try:
             scripted = torch.jit.load(str(self.path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
@@ -354,7 +381,10 @@ class PythonTarget:
     module: str
     attr: str
     kind: str = "python"
+    # Why its weights hash may change between calls, said when a plan's hash differs.
+    sha_hint = " (a python: callable must build the same weights on every call: seed or load them)"
     flipsafe: bool = False
+    portable: bool = True
     classes: list[str] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     _model: nn.Module | None = None
@@ -413,6 +443,7 @@ class ModuleTarget:
     spec: str = ""
     kind: str = "module"
     flipsafe: bool = False
+    portable: bool = False  # an object in this process: the plan cannot rebuild it
     classes: list[str] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
 
@@ -435,6 +466,22 @@ class ModuleTarget:
         return self.model
 
 
+def _python_target(spec: str, rest: str) -> PythonTarget:
+    module, _, attr = rest.rpartition(":")
+    return PythonTarget(spec, module, attr)
+
+
+# The targets a spec string names, by prefix: fn(spec, what follows the prefix) -> Target.
+SPEC_TARGETS = {
+    "hf": lambda spec, rest: HFTarget(spec, Path(rest)),
+    "torchscript": lambda spec, rest: TorchScriptTarget(
+        spec, _file(spec, rest, "torchscript:<file.pt>")),
+    "export": lambda spec, rest: ExportTarget(spec, _file(spec, rest, "export:<file.pt2>")),
+    "python": _python_target,
+}
+assert set(SPEC_TARGETS) == set(PREFIXES)
+
+
 def resolve(model) -> Target:
     """The target for a spec string (see the module docstring), an nn.Module, or a target."""
     if isinstance(model, nn.Module):
@@ -445,14 +492,8 @@ def resolve(model) -> Target:
         raise ModelError(f"a model must be a spec string or an nn.Module, got {type(model).__name__}")
     spec = str(model)
     prefix, sep, rest = spec.partition(":")
-    if sep and prefix in PREFIXES:
-        if prefix == "hf":
-            return HFTarget(spec, Path(rest))
-        if prefix == "python":
-            module, _, attr = rest.rpartition(":")
-            return PythonTarget(spec, module, attr)
-        what = "torchscript:<file.pt>" if prefix == "torchscript" else "export:<file.pt2>"
-        return FileTarget(spec, _file(spec, rest, what), prefix)
+    if sep and prefix in SPEC_TARGETS:
+        return SPEC_TARGETS[prefix](spec, rest)
     if Path(spec).is_file():
         raise ModelError(f"{spec!r} is a file, not a checkpoint folder; say what it holds: "
                          f"torchscript:{spec} or export:{spec} (models: {', '.join(KINDS)})")

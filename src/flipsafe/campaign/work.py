@@ -195,8 +195,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
 
     target = resolve(plan.model) if target is None else target
     if target.sha != plan.model_sha:
-        hint = (" (a python: callable must build the same weights on every call: seed or "
-                "load them)" if target.kind == "python" else "")
+        hint = getattr(target, "sha_hint", "")
         raise CampaignError(
             f"the model at {plan.model} is not the model this plan was made for "
             f"(its weights hash differs{hint}); use a new --out folder for a new model"

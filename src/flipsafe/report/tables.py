@@ -749,6 +749,48 @@ def protection_headline(entry: dict) -> str:
             f"detected, {fmt_count(entry['corrected'])} corrected.")
 
 
+def _reading(ratio) -> str:
+    """'fewer SDCs', 'MORE SDCs' or 'no clear difference' for a ratio reference / other."""
+    if ratio.low > 1:
+        return "fewer SDCs"
+    if ratio.high < 1:
+        return "MORE SDCs"
+    return "no clear difference"
+
+
+def brief_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
+    """One short line per comparison summary_lines makes (what a log shows; the sentences,
+    tables and notes are the report's): the other side's SDC rate against its reference's
+    and the factor with its interval, paired for a protection on the same faults."""
+    entries = {id(e["campaign"]): e for e in protections(results, vs) or ()
+               if e["paired"] and e["factor"] is not None}
+    c = fmt_confidence(results.by_layer.confidence)
+    lines = []
+    for ref, other in comparison_pairs(results, vs):
+        if id(other) in entries:
+            e = entries[id(other)]
+            f, sdc, base = e["factor"], e["sdc"], ref.by_layer.overall.sdc
+            lines.append(
+                f"{protection_label(e['protection'])} on {ref.name}: SDC {fmt_rate(sdc.rate)} "
+                f"vs {fmt_rate(base.rate)} unprotected, paired factor {fmt_factor(f.ratio)} "
+                f"{c} {fmt_factor_interval(f.low, f.high)}: {_reading(f)}")
+            continue
+        comp = comparison(ref, other)
+        scopes = [(OVERALL, comp.overall.sdc, comp.overall_a, comp.overall_b)]
+        last = comp.groups.get((LAST,))
+        if last is not None and len(comp.groups) > 1:
+            scopes.append((LAST, last.sdc, _matched_group(ref, LAST),
+                           _matched_group(other, LAST)))
+        for group, r, a, b in scopes:
+            where = "last layer" if group == LAST else (
+                "the last layer" if len(comp.groups) == 1 else f"{len(comp.groups)} layers")
+            lines.append(
+                f"{other.name} vs {ref.name}, {where}: SDC {fmt_rate(b.sdc.rate)} vs "
+                f"{fmt_rate(a.sdc.rate)}, factor {fmt_factor(r.ratio)} {c} "
+                f"{fmt_factor_interval(r.low, r.high)}: {_reading(r)}")
+    return lines
+
+
 def summary_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
     """Plan line, notes and the verdict sentences, in the order summary_table prints them."""
     for other in vs:
