@@ -4,6 +4,10 @@ everyone else imports it."""
 import ast
 import pathlib
 
+import pytest
+
+from flipsafe.errors import UnknownNameError
+
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "flipsafe"
 
 
@@ -53,3 +57,24 @@ def test_the_site_registry_names_exactly_the_sites_faults_owns():
 
     assert set(SITE_TYPES) == set(PARAMS)
     assert all(SITES[cls.name] == p for p, cls in SITE_TYPES.items())
+
+
+def test_one_table_of_sites_feeds_the_engine_the_campaigns_and_the_fit():
+    """faults.SITE_SPECS is the one owner: the engine's site classes, the campaign's
+    sites, what ecc guards, and the FIT's raw rate and residency per site are read off it."""
+    from flipsafe import faults
+    from flipsafe.inject.sites import SITE_TYPES
+    from flipsafe.safety import fit
+
+    specs = faults.SITE_SPECS
+    assert {s.param: s.name for s in specs.values()} == {
+        p: cls.name for p, cls in SITE_TYPES.items()}
+    assert faults.CAMPAIGN_SITES == ("activations", "weights", "metadata")
+    assert faults.WEIGHT_SITES == ("weights",)
+    assert fit.SITE_RATE == {"activations": fit.DATAPATH, "weights": fit.MEMORY,
+                             "metadata": fit.MEMORY}
+    assert fit.TRANSIENT_SITES == ("activations", "metadata")
+    assert [s.name for s in specs.values() if s.channels] == ["activations"]
+    assert faults.site_spec("weights").stored and not faults.site_spec("metadata").stored
+    with pytest.raises(UnknownNameError, match="registers"):
+        faults.site_spec("registers")

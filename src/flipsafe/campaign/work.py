@@ -22,7 +22,7 @@ from flipsafe.errors import (
     DataError,
     FlipsafeError,
 )
-from flipsafe.faults import VALUE, Sampler
+from flipsafe.faults import VALUE, Sampler, site_param, site_spec
 
 # Activation ranges a campaign profiled, kept in its results folder (never the checkpoint's,
 # which may be read-only or shared) so a resume uses the very same ranges.
@@ -97,7 +97,7 @@ class Prepared:
 
 def _sampler(plan: CampaignPlan, engine, layers):
     """The one fault sampler (faults.Sampler) over the plan's layers at its site."""
-    return Sampler(layers, plan.fault, engine.fmt, _ENGINE_PARAM[plan.site])
+    return Sampler(layers, plan.fault, engine.fmt, site_param(plan.site))
 
 
 def _check_fault_width(plan: CampaignPlan, layers) -> None:
@@ -288,7 +288,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
             "description": target.description, "classes": target.classes,
             "classifier": classifier,
             "accuracy": float((top1 == labels).double().mean())}
-    if plan.site == "activations":
+    if site_spec(plan.site).channels:
         # What a per-channel vulnerability map of these rows needs (metrics.vulnerability).
         info["layers"] = {i.name: {"kind": i.kind, "output_shape": list(i.output_shape)}
                           for i in layers}
@@ -326,7 +326,7 @@ def _map_rates(item, plan: CampaignPlan, engine):
                           "the --out folder of an activation campaign")
     store = ResultsStore(folder)
     mplan = store.open()
-    if mplan.site != "activations":
+    if not site_spec(mplan.site).channels:
         raise ConfigError(f"{item.name}:map={folder} is a campaign on the {mplan.site} site; "
                           "a channel map comes from an activation campaign")
     if mplan.model_sha != plan.model_sha:
@@ -368,9 +368,6 @@ def fault_list(prep: Prepared):
     if not len(faults):
         raise CampaignError("the plan allocates no faults; raise --n or lower the confidence")
     return faults
-
-
-_ENGINE_PARAM = {"activations": "output", "weights": "weight", "metadata": "meta"}
 
 
 def run_part(prep: Prepared, faults, start: int, stop: int, golden=None) -> pa.Table:

@@ -25,10 +25,13 @@ from flipsafe.faults.models import (
 from flipsafe.faults.sample import VALUE, Sampler, stratum_seed
 from flipsafe.faults.sites import (
     CAMPAIGN_SITES,
+    SITE_SPECS,
     SITES,
     WEIGHT_SITES,
+    SiteSpec,
     check_campaign_site,
     site_param,
+    site_spec,
 )
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "SET0",
     "SET1",
     "SITES",
+    "SITE_SPECS",
     "VALUE",
     "WEIGHT_SITES",
     "ZERO",
@@ -49,6 +53,7 @@ __all__ = [
     "FaultModel",
     "FaultSet",
     "Sampler",
+    "SiteSpec",
     "apply",
     "bits_mask",
     "check_campaign_site",
@@ -58,6 +63,7 @@ __all__ = [
     "parse",
     "positions",
     "site_param",
+    "site_spec",
     "stratum_seed",
     "stratum_size",
 ]

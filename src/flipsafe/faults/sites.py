@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flipsafe.errors import ConfigError, unknown
 from flipsafe.faults.faultset import PARAMS
 
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A fault site as every part of flipsafe reads it: the one table of sites."""
+
+    name: str  # what users call it (--site)
+    param: str  # the FaultSet param it corrupts (the engine's site class)
+    campaign: bool = False  # a campaign plan runs it
+    stored: bool = False  # stored weight codes (what ecc and parity guard)
+    raw_rate: str = "memory"  # the raw FIT rate its bits take: "memory" or "datapath"
+    transient: bool = False  # its values live for one inference (FIT residency applies)
+    channels: bool = False  # its rows name output channels of one image (vulnerability maps)
+
+
+SITE_SPECS: dict[str, SiteSpec] = {s.name: s for s in (
+    SiteSpec("activations", "output", campaign=True, raw_rate="datapath", transient=True,
+             channels=True),
+    SiteSpec("weights", "weight", campaign=True, stored=True),
+    SiteSpec("biases", "bias"),
+    # The outputs' shared scales, stored with the activation blocks.
+    SiteSpec("metadata", "meta", campaign=True, transient=True),
+    SiteSpec("weight_metadata", "weight_meta"),
+)}
 # Site name -> the FaultSet param it corrupts; the params are site names too.
-SITES = {"activations": "output", "weights": "weight", "biases": "bias",
-         "metadata": "meta", "weight_metadata": "weight_meta", **{p: p for p in PARAMS}}
-# The sites a campaign plan runs (`--site`); metadata is the outputs' shared scales.
-CAMPAIGN_SITES = ("activations", "weights", "metadata")
+SITES = {**{s.name: s.param for s in SITE_SPECS.values()}, **{p: p for p in PARAMS}}
+# The sites a campaign plan runs (`--site`).
+CAMPAIGN_SITES = tuple(s.name for s in SITE_SPECS.values() if s.campaign)
 # Campaign sites that hold stored weight codes (what ecc and parity guard).
-WEIGHT_SITES = ("weights",)
+WEIGHT_SITES = tuple(s.name for s in SITE_SPECS.values() if s.campaign and s.stored)
+
+
+def site_spec(site) -> SiteSpec:
+    """The SiteSpec of a site name; an unknown site lists the choices."""
+    if not isinstance(site, str) or site not in SITE_SPECS:
+        raise unknown("site", str(site), list(SITE_SPECS))
+    return SITE_SPECS[site]
 
 
 def site_param(site) -> str:

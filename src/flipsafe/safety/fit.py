@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flipsafe.errors import CampaignError, ConfigError
+from flipsafe.faults import SITE_SPECS
 from flipsafe.metrics.stats import wilson_interval
 
 # FIT: failures per 10^9 device-hours. A raw rate in FIT/Mbit is per 10^6 bits.
@@ -19,9 +20,10 @@ RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "Mbit": 1e6, "Gbit": 1e9,
 # Which raw rate and whether residency applies, per campaign site. Activations live in
 # datapath registers / buffers; metadata is the activation blocks' shared scale, stored
 # with them; weights stay in memory for the whole mission.
+# (faults.SITE_SPECS owns both.)
 MEMORY, DATAPATH = "memory", "datapath"
-SITE_RATE = {"weights": MEMORY, "activations": DATAPATH, "metadata": MEMORY}
-TRANSIENT_SITES = ("activations", "metadata")
+SITE_RATE = {s.name: s.raw_rate for s in SITE_SPECS.values() if s.campaign}
+TRANSIENT_SITES = tuple(s.name for s in SITE_SPECS.values() if s.campaign and s.transient)
 # ISO 26262-5 targets: (name, PMHF target in FIT, single-point fault metric target).
 ASIL_TARGETS = (("ASIL-D", 10.0, 0.99), ("ASIL-C", 100.0, 0.97), ("ASIL-B", 100.0, 0.90))
 MEETS, FAILS, NOT_SHOWN = "meets", "does not meet", "not shown at this sample size"
