@@ -55,8 +55,10 @@ PROTOCOLS = {
 }
 PREPROCESS_KEYS = ("image_size", "mean", "std")
 # Prefixes of a plan's `model` that name models flipsafe did not train (the kinds of
-# flipsafe.campaign.targets); "module:" names an nn.Module given in Python.
-TARGET_PREFIXES = ("hf", "torchscript", "export", "python", "module")
+# flipsafe.campaign.targets): those a user writes, and "module:" for an nn.Module given
+# in Python.
+SPEC_PREFIXES = ("hf", "torchscript", "export", "python")
+TARGET_PREFIXES = (*SPEC_PREFIXES, "module")
 
 
 def is_flipsafe_spec(spec: str) -> bool:

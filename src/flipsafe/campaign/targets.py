@@ -33,11 +33,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from flipsafe.campaign.plan import TARGET_PREFIXES
+from flipsafe.campaign.plan import SPEC_PREFIXES
 from flipsafe.errors import ModelError
 
 # The spec prefixes a user may write ("module:" names an nn.Module given in Python).
-PREFIXES = tuple(p for p in TARGET_PREFIXES if p != "module")
+PREFIXES = SPEC_PREFIXES
 KINDS = ("<flipsafe checkpoint folder>", "hf:<folder>", "torchscript:<file.pt>",
          "export:<file.pt2>", "python:<module>:<callable>")
 

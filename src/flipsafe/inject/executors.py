@@ -15,7 +15,7 @@ from flipsafe.errors import ConfigError
 from flipsafe.inject import emulate
 from flipsafe.inject.capture import CaptureError, export_graph
 from flipsafe.inject.emulated import EmulatedModel
-from flipsafe.inject.graph import POINTWISE_FUNCS, Program, TraceError
+from flipsafe.inject.graph import POINTWISE_FUNCS, Program, TraceError, gather_rows
 from flipsafe.metrics.outcomes import GoldenOutcomes
 
 GOLDEN_BATCH = 256  # images per slice of a golden forward
@@ -185,15 +185,6 @@ class _GoldenRuns:
         return torch.cat(logits)
 
 
-def _rows_of(value, idx):
-    """Rows idx of a batch-first value (a tensor, or a tuple/list holding tensors)."""
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, idx)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_rows_of(v, idx) for v in value)
-    return value
-
-
 def _copy_of(value):
     if isinstance(value, torch.Tensor):
         return value.clone()
@@ -307,7 +298,7 @@ class HookExecutor(_GoldenRuns):
                     continue
                 mod = self.em.modules[name]
                 patched.append((mod, mod.__dict__.get("forward")))
-                mod.forward = _returning(_rows_of(cached, images))
+                mod.forward = _returning(gather_rows(cached, images))
             with self.em.hooks(hooks):
                 return self.em.model(golden.images.index_select(0, images))
         finally:

@@ -53,7 +53,7 @@ def _tensors_in(value) -> list:
     return []
 
 
-def _gather(value, idx, every: bool = False):
+def gather_rows(value, idx, every: bool = False):
     """value's rows idx; `every`: idx is 0..B-1 of a B-row value, whose contiguous tensors
     are then used as they are (suffix runs never write into their inputs, as golden runs
     do not: the cache holds the golden run's own tensors)."""
@@ -62,7 +62,7 @@ def _gather(value, idx, every: bool = False):
             return value
         return value.index_select(0, idx)
     if isinstance(value, (tuple, list)):
-        return type(value)(_gather(v, idx, every) for v in value)
+        return type(value)(gather_rows(v, idx, every) for v in value)
     return value
 
 
@@ -80,7 +80,7 @@ class _Gathered(dict):
         if self.every is None:
             n = self.idx.numel()
             self.every = bool(torch.equal(self.idx, torch.arange(n, device=self.idx.device)))
-        value = self[node] = _gather(self.cache[node], self.idx, self.every)
+        value = self[node] = gather_rows(self.cache[node], self.idx, self.every)
         return value
 
 

@@ -749,6 +749,13 @@ def protection_headline(entry: dict) -> str:
             f"detected, {fmt_count(entry['corrected'])} corrected.")
 
 
+def _paired_entries(results: Results, vs: Sequence[Results]) -> dict:
+    """{id(campaign): its `protections` entry} of the protected campaigns paired with an
+    unprotected twin on the same faults."""
+    return {id(e["campaign"]): e for e in protections(results, vs) or ()
+            if e["paired"] and e["factor"] is not None}
+
+
 def _reading(ratio) -> str:
     """'fewer SDCs', 'MORE SDCs' or 'no clear difference' for a ratio reference / other."""
     if ratio.low > 1:
@@ -762,8 +769,7 @@ def brief_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
     """One short line per comparison summary_lines makes (what a log shows; the sentences,
     tables and notes are the report's): the other side's SDC rate against its reference's
     and the factor with its interval, paired for a protection on the same faults."""
-    entries = {id(e["campaign"]): e for e in protections(results, vs) or ()
-               if e["paired"] and e["factor"] is not None}
+    entries = _paired_entries(results, vs)
     c = fmt_confidence(results.by_layer.confidence)
     lines = []
     for ref, other in comparison_pairs(results, vs):
@@ -798,8 +804,7 @@ def summary_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
     lines = [plan_line(results)]
     for r in (results, *vs):
         lines += [f"note ({r.name}): {note}" for note in r.notes]
-    entries = {id(e["campaign"]): e for e in protections(results, vs) or ()
-               if e["paired"] and e["factor"] is not None}
+    entries = _paired_entries(results, vs)
     for ref, other in comparison_pairs(results, vs):
         if id(other) in entries:
             lines.append(protection_headline(entries[id(other)]))
