@@ -313,7 +313,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     from flipsafe.faults import FAULT_MODELS as FAULTS
     from flipsafe.formats import names as format_names
     from flipsafe.inject.emulate import CLAMPS
-    from flipsafe.protect.spec import KINDS as PROTECTION_KINDS
+    from flipsafe.protect.registry import kinds as protection_kinds
 
     # Defaults are None here and filled in by the plan, so a flag given against --protocol
     # can be told from one left out; the help shows the plan's defaults.
@@ -372,7 +372,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                         "for dup/tmr channels from a vulnerability map), e.g. "
                         "ranger,abft:layers=last,dup; "
                         + "; ".join(f"{n} ({', '.join(k.sites)}): {k.does.replace('%', '%%')}"
-                                    for n, k in PROTECTION_KINDS.items())
+                                    for n, k in protection_kinds().items())
                         + " (default: none)")
     p.add_argument("--allocation", default=None,
                    help="how a layer's injections split across bit fields: one of "

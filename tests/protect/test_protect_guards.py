@@ -52,7 +52,7 @@ def test_guarded_outputs_never_leave_the_profiled_range(mode, per_channel):
     x, y = data(model)
     engine = Engine(model, "fp32")
     bounds = ranger.profile_bounds(engine, ["0", "3"], [x], per_channel=per_channel)
-    engine.set_guards(ranger.guards(bounds, mode))
+    engine.set_guards(ranger.guards(bounds, getattr(ranger, f"{mode}_guard")))
     g = torch.Generator().manual_seed(0)
     for name, shape in (("0", (6, 3, 5, 5)), ("3", (6, 4))):
         raw = torch.randn(shape, generator=g) * 1e30

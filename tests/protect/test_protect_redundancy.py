@@ -50,9 +50,9 @@ def test_verdicts_by_hand():
     faulty[1, 1, 2] = float("nan")  # outside it
     faulty[2, 0, 0] = -0.0  # a sign flip of zero changes the bits
     mask = channel_mask((2, 3), conv=True, channels=[0])
-    d, c = verdicts(golden, faulty, mask, "dup")
+    d, c = verdicts(golden, faulty, mask, corrects=False)
     assert d.tolist() == [True, False, True, False] and not c.any()
-    d, c = verdicts(golden, faulty, mask, "tmr")
+    d, c = verdicts(golden, faulty, mask, corrects=True)
     assert c.tolist() == [True, False, True, False] and not d.any()
     # Last-dim channels for Linear outputs (also over tokens).
     assert channel_mask((2, 3), conv=False, channels=[2]).tolist() == [[False, False, True]] * 2

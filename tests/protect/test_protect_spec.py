@@ -3,7 +3,8 @@
 import pytest
 
 from flipsafe.errors import ConfigError
-from flipsafe.protect.spec import KINDS, canonical, parse
+from flipsafe.protect.registry import kinds
+from flipsafe.protect.spec import canonical, parse
 
 
 def test_canonical_orders_items_and_options_and_normalises_budgets():
@@ -45,7 +46,7 @@ def test_bad_specifications_give_one_line(spec, site, words):
 
 
 def test_every_protection_guards_some_campaign_site():
-    for name, kind in KINDS.items():
+    for name, kind in kinds().items():
         assert parse(name, kind.sites[0])[0].name == name
 
 

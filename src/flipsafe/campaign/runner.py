@@ -85,11 +85,7 @@ def campaign_cost(prep: Prepared, selection: dict | None = None) -> dict:
         # What the protector chose: abft's Conv/Linear layers, dup/tmr's budgeted channels.
         protector = getattr(prep, "protector", None)
         if protector is not None:
-            for name in ("ranger", "clip", "abft", "dup", "tmr"):
-                if name in protector.layers and name not in protector.channels:
-                    selection[name] = {layer: None for layer in protector.layers[name]}
-            for name, chosen in protector.channels.items():
-                selection[name] = {layer: list(ch) for layer, ch in chosen.items()}
+            selection.update(protector.cost_selection())
     ids = prep.image_ids[:COST_IMAGES].cpu()
     model = copy.deepcopy(prep.engine.model).cpu()
     # ranger/clip cost what the campaign guards with: the protector's [lo, hi] bounds.

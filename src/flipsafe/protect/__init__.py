@@ -1,6 +1,7 @@
 """Hardening that wraps an emulated model, each protection with its cost; the user's model
 is never changed.
 
+Each protection is one class in the registry (`registry`; the built-in ones in `kinds`).
 Weight protections (`ecc`, `parity`) are pure functions of the stored weight codes: given
 the original and the faulty codes they say, per fault, whether the code corrected it or
 detected it. Protections of layer outputs: `ranger`/`clip` (guards within the profiled
@@ -15,11 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from flipsafe.errors import ConfigError
-from flipsafe.protect.spec import KINDS, canonical
-
-# Protections for the weights site (stored codes) and for activations (layer outputs).
-WEIGHT_PROTECTIONS = tuple(n for n, k in KINDS.items() if k.sites == ("weights",))
-PROTECTIONS = tuple(KINDS)
+from flipsafe.protect.registry import get, kinds
+from flipsafe.protect.spec import canonical
 
 
 @dataclass(frozen=True)
@@ -43,11 +41,8 @@ def word_cost(name: str) -> Cost:
     a protection costs on a given model, FLOPs and latency included: flipsafe.protect.cost.
     (Not called `cost`: that name is the module.)"""
     check_protection(name)
-    if name == "ecc":
-        return Cost("ecc", 8, 64)
-    if name == "parity":
-        return Cost("parity", 1, 64)
-    return Cost("ranger", 0, 0)  # the FLOPs of a clamp per output value: see ranger.flops
+    kind = get(name)
+    return Cost(kind.name, *kind.word)  # the FLOPs it computes: flipsafe.protect.cost
 
 
 def check_protection(spec, site: str | None = None) -> str | None:
@@ -77,25 +72,24 @@ class WeightVerdicts:
 def weight_verdicts(name: str, codes, bits: int, index, mask, op, value) -> WeightVerdicts:
     """WeightVerdicts of element faults (mask, op, value as flipsafe.faults.apply takes them)
     on flat element `index` of a weight tensor whose stored element codes are `codes` (flat
-    int32, the low `bits` bits used), under weight protection `name` ("ecc" or "parity")."""
+    int32, the low `bits` bits used), under weight protection `name` (ecc, parity: a
+    protection whose class guards stored codes)."""
     import torch
 
     from flipsafe.faults import apply
-    from flipsafe.protect.ecc import CLASSIFIERS, ecc_read
 
-    if name not in CLASSIFIERS:
+    kind = get(name)
+    if not kind.in_memory:
         raise ConfigError(f"{name} is not a weight protection; choose one of: "
-                          f"{', '.join(WEIGHT_PROTECTIONS)}")
+                          f"{', '.join(n for n, k in kinds().items() if k.in_memory)}")
     codes = codes.reshape(-1).cpu()
     index = torch.as_tensor(index).reshape(-1)
     faulty = apply(codes[index], mask, op, value)
     lane = (1 << bits) - 1
     original = codes[index].to(torch.int64).numpy() & lane
     injected = faulty.to(torch.int64).numpy() & lane
-    if name == "ecc":
-        corrected, detected, read, spill = ecc_read(codes, index, faulty, bits)
-    else:
-        corrected, detected = CLASSIFIERS[name](codes, index, faulty, bits)
-        read, spill = injected, np.zeros_like(detected)
+    corrected, detected, read, spill = kind.read(codes, index, faulty, bits)
+    read = injected if read is None else read
+    spill = np.zeros_like(detected) if spill is None else spill
     reread = ~corrected & ~detected & (read != injected)
     return WeightVerdicts(corrected, detected, reread, original ^ read, spill)

@@ -1,8 +1,9 @@
 """A campaign's protections built on its engine: guards (ranger, clip) set on the engine,
 and per-fault verdicts (ecc, parity, abft, dup, tmr) combined in one place.
 
-`Protector.build(...)` resolves every protection's layer selection and precomputes what
-it needs (bounds, checksum filters, duplicated channels); `Protector.verdicts(...)` says,
+`Protector.build(...)` has each protection's class (flipsafe.protect.kinds) resolve its
+layer selection and precompute what it needs (bounds, checksum filters, duplicated
+channels); `Protector.output_verdicts(...)` says,
 for a FaultSet, which faults a protection corrected and which it detected. A corrected
 fault has the golden outcome; a detected one is no SDC; corrected overrides detected (a
 corrected fault leaves nothing for a detector to see).
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from flipsafe.errors import ConfigError, FlipsafeError
+from flipsafe.protect.registry import BuildContext, get
 from flipsafe.protect.spec import Protection, parse
 
 # What a protection's layers=all means: the campaigns' 'all' (GoldenEye: Conv and Linear).
@@ -35,24 +37,26 @@ class ChannelRate:
 
 @dataclass
 class Protector:
-    """The protections of a campaign, ready on one engine.
+    """The protections of a campaign, ready on one engine (each protection's class fills
+    in its part in `build`: flipsafe.protect.kinds).
 
     guards: {layer: fn} set on the engine (ranger, clip); bounds: {layer: (lo, hi)};
-    checksums: {layer: abft.Checksum}; copies: {'dup'|'tmr': {layer: mask over one image's
-    output}}; weight: {'ecc'|'parity': set of layers or None for all}; notes: lines a plan
-    and the results folder record (what was profiled on what, layers skipped, warnings);
-    warnings: the notes a user must see; layers: {protection: [layers]}."""
+    checked: {protection: {layer: what its verdict needs}} for protections that judge
+    faulty layer outputs (abft's checksums, dup/tmr's masks over one image's output);
+    weight: {protection: set of layers or None for all} for those of stored codes (ecc,
+    parity); notes: lines a plan and the results folder record (what was profiled on
+    what, layers skipped, warnings); warnings: the notes a user must see; layers:
+    {protection: [layers]}; channels: dup/tmr under a budget: {layer: [channel]}."""
 
     items: tuple[Protection, ...]
     guards: dict = field(default_factory=dict)
     bounds: dict = field(default_factory=dict)
-    checksums: dict = field(default_factory=dict)
-    copies: dict = field(default_factory=dict)
+    checked: dict = field(default_factory=dict)
     weight: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     layers: dict = field(default_factory=dict)
-    channels: dict = field(default_factory=dict)  # dup/tmr under a budget: {layer: [channel]}
+    channels: dict = field(default_factory=dict)
 
     @property
     def spec(self) -> str | None:
@@ -61,63 +65,28 @@ class Protector:
     @classmethod
     def build(cls, spec, engine, site: str, bound_batches=None, bound_source: str = "training",
               channel_rates=None, fault_layers=None) -> Protector:
-        """Protections `spec` of a campaign at `site` on `engine` (guards unset, emulation
-        and ranges ready). bound_batches() gives image batches to profile ranger/clip bounds
-        on (`bound_source` names them in the notes); channel_rates(protection) gives the
-        ChannelRate list of a dup/tmr map (with any warning as a second item);
-        fault_layers names the layers the campaign injects faults into: abft, dup and tmr
-        guarding none of them is refused (they would change nothing), guarding some of
-        them gives a note naming the rest (ranger and clip act downstream, so not them)."""
-        from flipsafe.protect import abft, ranger, redundancy
-
+        """Protections `spec` (a string or parsed items) of a campaign at `site` on `engine`
+        (guards unset, emulation and ranges ready). bound_batches() gives image batches to
+        profile ranger/clip bounds on (`bound_source` names them in the notes);
+        channel_rates(protection) gives the ChannelRate list of a dup/tmr map (with any
+        warning as a second item); fault_layers names the layers the campaign injects
+        faults into: a protection acting on faulted outputs (abft, dup, tmr) guarding none
+        of them is refused (it would change nothing), guarding some of them gives a note
+        naming the rest (ranger and clip act downstream, so not them)."""
         items = parse(spec, site)
+        ctx = BuildContext(engine, site, bound_batches, bound_source, channel_rates,
+                           None if fault_layers is None else tuple(fault_layers))
         p = cls(items)
         for item in items:
-            if item.name in ("ecc", "parity"):
-                chosen = None if item.layers == "all" else _resolve(engine, item, "weights")
-                p.weight[item.name] = None if chosen is None else set(chosen)
-                p.layers[item.name] = chosen or ["all"]
-            elif item.name in ("ranger", "clip"):
-                names = _resolve(engine, item, "activations")
-                if bound_batches is None:
-                    raise ConfigError(f"{item.name} needs images to profile its bounds on")
-                p.bounds = ranger.profile_bounds(engine, names, bound_batches(),
-                                                 per_channel=item.per_channel)
-                p.guards = ranger.guards(p.bounds, item.name, device=engine.device)
-                p.layers[item.name] = names
-                per = "channel" if item.per_channel else "layer"
-                p.notes.append(f"{item.name}: bounds per {per} profiled on the {bound_source} "
-                               f"images' held outputs of {len(names)} layer(s)")
-            elif item.name == "abft":
-                names = _resolve(engine, item, "activations")
-                kept = [n for n in names if isinstance(engine.leaves[n], abft.TYPES)]
-                skipped = [n for n in names if n not in kept]
-                if not kept:
-                    able = [i.name for i in engine.layers("activations", ALL)
-                            if isinstance(engine.leaves[i.name], abft.TYPES)]
-                    raise ConfigError(f"abft checks Conv and Linear layers; abft:layers="
-                                      f"{item.layers} selects none of them (choose from: "
-                                      f"{', '.join(able) or 'none in this model'})")
-                for n in kept:
-                    p.checksums[n] = abft.Checksum(engine.leaves[n], engine.fmt, engine.device)
-                p.layers["abft"] = kept
-                if skipped:
-                    p.notes.append(f"abft: skips {', '.join(skipped)} (not Conv/Linear)")
-            else:  # dup, tmr
-                infos = _infos(engine, item)
-                if item.budget is None:
-                    masks = {i.name: torch.ones(i.output_shape, dtype=torch.bool) for i in infos}
-                    p.layers[item.name] = [i.name for i in infos]
-                else:
-                    masks = p._channels(item, engine, infos, channel_rates, redundancy)
-                p.copies[item.name] = masks
-            if item.name in ("abft", "dup", "tmr") and fault_layers is not None:
-                p._check_faulted(item, list(fault_layers))
+            kind = get(item.name)
+            kind.build(item, ctx, p)
+            if kind.on_faulted_layers and ctx.fault_layers is not None:
+                p._check_faulted(item, list(ctx.fault_layers))
         return p
 
     def _check_faulted(self, item, fault_layers: list) -> None:
-        """Refuse `item` (abft, dup, tmr) when none of its layers receives faults; note the
-        ones that receive none."""
+        """Refuse `item` when none of its layers receives faults; note the ones that
+        receive none."""
         guarded = self.layers[item.name]
         idle = [n for n in guarded if n not in fault_layers]
         if len(idle) == len(guarded):
@@ -129,35 +98,6 @@ class Protector:
             self.notes.append(f"{item.name}: {', '.join(idle)} receive(s) no faults in this "
                               f"campaign (it injects into {', '.join(fault_layers)})")
 
-    def _channels(self, item, engine, infos, channel_rates, redundancy) -> dict:
-        if item.get("map") is None:
-            raise ConfigError(f"{item.name}:budget chooses channels from a vulnerability map; "
-                              f"add {item.name}:map=RESULTS (an activation campaign's folder)")
-        rates, warning = channel_rates(item)
-        total = sum(redundancy.layer_flops(i) for i in engine.layers("activations", ALL)
-                    if i.weight_shape is not None)
-        budget = item.budget * total
-        info = {i.name: i for i in infos if i.kind in ("conv", "linear")
-                and i.weight_shape is not None}
-        cands = [redundancy.Candidate(r.layer, r.channel, r.rate,
-                                      redundancy.channel_flops(info[r.layer]), r.low)
-                 for r in rates if r.layer in info]
-        chosen = redundancy.choose_channels(cands, budget)
-        if not chosen:
-            raise ConfigError(_none_chosen(item, cands, budget))
-        spent = sum(redundancy.channel_flops(info[n]) * len(c) for n, c in chosen.items())
-        self.layers[item.name] = sorted(chosen)
-        self.channels[item.name] = chosen
-        count = sum(len(c) for c in chosen.values())
-        self.notes.append(f"{item.name}: {count} channel(s) of {len(chosen)} layer(s) from "
-                          f"{item.get('map')}, {spent:,} of a {budget:,.0f}-FLOP budget "
-                          f"({item.budget:.0%} of {total:,} Conv/Linear FLOPs per image)")
-        if warning:
-            self.notes.append(f"warning: {warning}")
-            self.warnings.append(warning)
-        return {n: redundancy.channel_mask(info[n].output_shape, info[n].kind == "conv", c)
-                for n, c in chosen.items()}
-
     def set_on(self, engine) -> None:
         """Set the guards on `engine` (none: the engine's guards are removed)."""
         engine.set_guards(self.guards)
@@ -165,16 +105,14 @@ class Protector:
     @property
     def checks(self) -> set:
         """Layers whose faulty outputs a verdict needs (abft, dup, tmr)."""
-        out = set(self.checksums)
-        for masks in self.copies.values():
-            out |= set(masks)
+        out = set()
+        for per_layer in self.checked.values():
+            out |= set(per_layer)
         return out
 
     def output_verdicts(self, engine, faults, golden) -> tuple[np.ndarray, np.ndarray]:
-        """(corrected, detected) of abft, dup and tmr for `faults` whose images index
-        `golden` (an engine Golden)."""
-        from flipsafe.protect import redundancy
-
+        """(corrected, detected) of the protections judging layer outputs (abft, dup, tmr)
+        for `faults` whose images index `golden` (an engine Golden)."""
         n = len(faults)
         corrected, detected = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         checked = self.checks
@@ -187,16 +125,26 @@ class Protector:
         sub = faults.select(torch.from_numpy(rows))
         for sv in engine.site_values(sub, golden):
             at = rows[sv.rows.cpu().numpy()]
-            check = self.checksums.get(sv.layer)
-            if check is not None:
-                detected[at] |= check.detected(sv.inputs[0], sv.faulty)
-            for kind, masks in self.copies.items():
-                if sv.param != "output" or sv.layer not in masks:
+            for name, per_layer in self.checked.items():
+                if sv.layer not in per_layer:
                     continue
-                d, c = redundancy.verdicts(sv.golden, sv.faulty, masks[sv.layer], kind)
-                detected[at] |= d
-                corrected[at] |= c
+                verdict = get(name).verdicts(per_layer[sv.layer], sv)
+                if verdict is not None:
+                    d, c = verdict
+                    detected[at] |= d
+                    corrected[at] |= c
         return corrected, detected
+
+    def cost_selection(self) -> dict:
+        """{protection: {layer: None or channels}} of what each in-model protection chose
+        (abft's Conv/Linear layers, dup/tmr's budgeted channels), as protect.cost takes it."""
+        out = {}
+        for name, layers in self.layers.items():
+            if name in self.channels:
+                out[name] = {layer: list(ch) for layer, ch in self.channels[name].items()}
+            elif not get(name).in_memory:
+                out[name] = {layer: None for layer in layers}
+        return out
 
     def to_dict(self) -> dict:
         """What a results folder records about the protections that ran."""
@@ -206,7 +154,7 @@ class Protector:
         return out
 
 
-def _none_chosen(item: Protection, cands, budget: float) -> str:
+def none_chosen(item: Protection, cands, budget: float) -> str:
     """Why `item`'s budget chooses no channel from its map (one line)."""
     where = (f"{item.name}:budget={item.get('budget')}:map={item.get('map')} chooses no "
              "channel")
@@ -223,11 +171,12 @@ def _select(item: Protection) -> str:
     return ALL if item.layers == "all" else item.layers
 
 
-def _resolve(engine, item: Protection, site: str) -> list[str]:
-    return [i.name for i in _infos(engine, item, site)]
+def resolve(engine, item: Protection, site: str) -> list[str]:
+    """Names of the layers `item`'s layers= selects at `site`."""
+    return [i.name for i in infos(engine, item, site)]
 
 
-def _infos(engine, item: Protection, site: str = "activations"):
+def infos(engine, item: Protection, site: str = "activations"):
     """The layers `item`'s layers= selects at `site`, as --layers resolves them."""
     try:
         return engine.layers(site, _select(item))

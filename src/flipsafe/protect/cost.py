@@ -52,7 +52,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from flipsafe.errors import ConfigError
-from flipsafe.protect.spec import KINDS, Protection, parse
+from flipsafe.protect.registry import get as get_protection
+from flipsafe.protect.registry import kinds
+from flipsafe.protect.spec import Protection, parse
 
 LABEL = "CPU emulation figures on this machine, not accelerator figures"
 # Operations per value: a clamp or a clip compares with both bounds, dup compares once, a
@@ -68,8 +70,6 @@ ECC_BITS, PARITY_BITS, WORD_BITS = 8, 1, 64
 # Relative tolerance of a comparison between two computations of the same values (dup, and
 # abft's checksum): far above fp32 reassociation error, far below a flipped exponent bit.
 RTOL = 1e-4
-# Protections computed in the memory hardware, not in the model.
-IN_MEMORY = ("ecc", "parity")
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -207,7 +207,7 @@ def channel_dim(mod: nn.Module) -> int:
     return -1 if isinstance(mod, (nn.Linear, nn.MultiheadAttention)) else 1
 
 
-def _channels_of(mod: nn.Module, shape: tuple[int, ...]) -> int:
+def channels_of(mod: nn.Module, shape: tuple[int, ...]) -> int:
     """Output channels of a layer whose per-image output shape is `shape`."""
     if not shape:
         return 1
@@ -215,15 +215,16 @@ def _channels_of(mod: nn.Module, shape: tuple[int, ...]) -> int:
     return shape[-1] if d == -1 else shape[0]
 
 
-def _fraction(mod, shape, channels) -> float:
-    return 1.0 if channels is None else len(channels) / max(_channels_of(mod, shape), 1)
+def share(mod: nn.Module, shape: tuple[int, ...], channels) -> tuple[int, float]:
+    """(output values per image, the fraction of them `channels` hold: 1 for None)."""
+    values = math.prod(shape) if shape else 0
+    return values, 1.0 if channels is None else len(channels) / max(channels_of(mod, shape), 1)
 
 
 def _modules(model: nn.Module, selection: Selection) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     for name, layers in selection.items():
-        if name not in KINDS:
-            raise ConfigError(f"unknown protection {name!r}; choose from: {', '.join(KINDS)}")
+        get_protection(name)
         for layer in layers:
             if layer not in modules:
                 raise ConfigError(f"{name}: the model has no layer {layer!r}")
@@ -232,29 +233,20 @@ def _modules(model: nn.Module, selection: Selection) -> dict[str, nn.Module]:
 
 def protection_flops(name: str, model: nn.Module, layers: dict, counts: FlopCount) -> int:
     """Extra FLOPs per image of protection `name` on `layers` ({layer: None or channels})."""
-    if name in IN_MEMORY:
-        return 0
+    kind = get_protection(name)
     modules = dict(model.named_modules())
     total = 0.0
     for layer, channels in layers.items():
-        mod, shape = modules[layer], counts.shapes.get(layer, ())
-        values = math.prod(shape) if shape else 0
-        frac = _fraction(mod, shape, channels)
-        if name in ("ranger", "clip"):
-            total += GUARD_FLOPS * values * frac
-        elif name == "dup":
-            total += counts.of(layer) * frac + COMPARE_FLOPS * values * frac
-        elif name == "tmr":
-            total += 2 * counts.of(layer) * frac + VOTE_FLOPS * values * frac
-        elif name == "abft":
-            total += _abft_flops(mod, shape, channels)
+        total += kind.flops(modules[layer], counts.shapes.get(layer, ()), channels,
+                            counts.of(layer))
     return round(total)
 
 
-def _abft_flops(mod, shape, channels) -> int:
+def abft_flops(mod, shape, channels) -> int:
+    """abft's FLOPs per image on a layer (see the module doc)."""
     if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or not shape:
         return 0
-    c_out = _channels_of(mod, shape)
+    c_out = channels_of(mod, shape)
     positions = math.prod(shape) // c_out
     kept = c_out if channels is None else len(channels)
     if isinstance(mod, nn.Linear):
@@ -276,28 +268,19 @@ def abft_guardable(mod: nn.Module) -> bool:
 def protection_bits(name: str, model: nn.Module, layers: dict, counts: FlopCount,
                     weight_bits: int, per_channel: bool = False) -> int:
     """Extra stored bits of protection `name` on `layers` (see the module doc)."""
+    kind = get_protection(name)
     modules = dict(model.named_modules())
-    total = 0
-    for layer, channels in layers.items():
-        mod = modules[layer]
-        if name in IN_MEMORY:
-            per_word = ECC_BITS if name == "ecc" else PARITY_BITS
-            for p in mod.parameters(recurse=True):
-                n = p.numel() if channels is None else p.numel() * len(channels) // max(
-                    p.shape[0], 1)
-                total += per_word * math.ceil(n * weight_bits / WORD_BITS)
-        elif name in ("ranger", "clip"):
-            shape = counts.shapes.get(layer, ())
-            n = (len(channels) if channels is not None
-                 else _channels_of(mod, shape) if per_channel else 1)
-            total += 2 * BOUND_BITS * n
-        elif name == "abft" and abft_guardable(mod):
-            k = math.prod(mod.kernel_size) if not isinstance(mod, nn.Linear) else 1
-            c_in = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
-            groups = 1 if isinstance(mod, nn.Linear) else mod.groups
-            bias = groups if getattr(mod, "bias", None) is not None else 0
-            total += weight_bits * (c_in * k + bias)
-    return total
+    return sum(kind.bits(modules[layer], counts.shapes.get(layer, ()), channels, weight_bits,
+                         per_channel) for layer, channels in layers.items())
+
+
+def abft_bits(mod: nn.Module, weight_bits: int) -> int:
+    """abft's stored checksum vector of a Linear or Conv: summed filters and biases."""
+    k = math.prod(mod.kernel_size) if not isinstance(mod, nn.Linear) else 1
+    c_in = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
+    groups = 1 if isinstance(mod, nn.Linear) else mod.groups
+    bias = groups if getattr(mod, "bias", None) is not None else 0
+    return weight_bits * (c_in * k + bias)
 
 
 # -- protections as PyTorch hooks -------------------------------------------------------------
@@ -345,14 +328,10 @@ def _bound_shape(bound: torch.Tensor, out: torch.Tensor, dim: int) -> torch.Tens
     return bound.reshape(shape)
 
 
-def bound_hook(name: str, lo: torch.Tensor, hi: torch.Tensor, dim: int = 1, channels=None):
+def bound_hook(make, lo: torch.Tensor, hi: torch.Tensor, dim: int = 1, channels=None):
     """A forward hook holding the output (its `channels` along `dim`, or all of it) within
-    [lo, hi] (scalars, or one per kept channel) as the campaign's guards do
-    (protect.ranger.guards): 'ranger' clamps, 'clip' sets values outside to 0."""
-    from flipsafe.protect.ranger import clip_guard, ranger_guard
-
-    make = ranger_guard if name == "ranger" else clip_guard
-
+    [lo, hi] (scalars, or one per kept channel) with the campaign's guard `make(lo, hi)`
+    (protect.ranger: ranger_guard clamps, clip_guard sets values outside to 0)."""
     def hook(mod, inputs, out):
         if not isinstance(out, torch.Tensor):
             return None
@@ -481,27 +460,19 @@ def guard(model: nn.Module, selection: Selection, bounds: dict | None = None,
     modules = dict(guarded.named_modules())
     monitor = Monitor()
     bounds = bounds or {}
-    for name in (n for n in KINDS if n in selection and n not in IN_MEMORY):
+    per_channel = set(per_channel)
+    for name, kind in kinds().items():
+        if name not in selection or kind.in_memory:
+            continue
         for layer, channels in selection[name].items():
             mod = modules[layer]
-            dim = channel_dim(mod)
-            if name in ("ranger", "clip"):
-                if layer not in bounds:
-                    raise ConfigError(f"{name}: no profiled bound for layer {layer!r}")
-                lo, hi = _lo_hi(bounds[layer], channels, name in per_channel)
-                mod.register_forward_hook(bound_hook(name, lo, hi, dim, channels))
-            elif name == "abft":
-                if abft_guardable(mod):
-                    mod.register_forward_hook(abft_hook(monitor, summed_filters(mod, channels),
-                                                        channels))
-            elif name == "dup":
-                mod.register_forward_hook(dup_hook(monitor, channels))
-            elif name == "tmr":
-                mod.register_forward_hook(tmr_hook(channels))
+            hook = kind.hook(mod, layer, channels, monitor, bounds, name in per_channel)
+            if hook is not None:
+                mod.register_forward_hook(hook)
     return Guarded(guarded, monitor)
 
 
-def _lo_hi(bound, channels, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def lo_hi(bound, channels, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) of a ranger/clip bound: a (lo, hi) pair as the campaign profiles it, or a
     max |output| (a number, or one per channel) standing for [-max, max]."""
     if isinstance(bound, (tuple, list)):
@@ -664,7 +635,8 @@ def measure(model: nn.Module, selection: Selection, images: torch.Tensor,
     param_bits = weight_bits * sum(p.numel() for p in model.parameters())
     base = max(counts.total, 1)
     per_channel = {p.name for p in protections if p.per_channel}
-    guarded_layers = {layer for n in ("ranger", "clip") for layer in selection.get(n, {})}
+    guarded_layers = {layer for n, layers in selection.items()
+                      if get_protection(n).needs_bounds for layer in layers}
     given = bounds
     bounds = profile_bounds(model, guarded_layers, images) if guarded_layers else {}
     for layer, value in (ranges or {}).items():
@@ -672,16 +644,16 @@ def measure(model: nn.Module, selection: Selection, images: torch.Tensor,
             value = torch.as_tensor(value, dtype=torch.float32)
             bounds[layer] = value if value.dim() else value.expand_as(bounds[layer]).clone()
     bounds.update({layer: pair for layer, pair in (given or {}).items() if layer in bounds})
-    skipped = [f"abft: {layer} is no Conv/Linear (left unchecked)"
-               for layer in selection.get("abft", {})
-               if not abft_guardable(dict(model.named_modules())[layer])]
+    modules = dict(model.named_modules())
+    skipped = [f"{n}: {layer} {get_protection(n).skip_reason}" for n, layers in selection.items()
+               for layer in layers if not get_protection(n).acts_on(modules[layer])]
 
     flops, bits = {}, {}
     for name, layers in selection.items():
         flops[name] = protection_flops(name, model, layers, counts)
         bits[name] = protection_bits(name, model, layers, counts, weight_bits,
                                      name in per_channel)
-    in_model = [n for n in selection if n not in IN_MEMORY]
+    in_model = [n for n in selection if not get_protection(n).in_memory]
     copies = {n: guard(model, {n: selection[n]}, bounds, per_channel) for n in in_model}
     if len(in_model) > 1:
         copies["total"] = guard(model, {n: selection[n] for n in in_model}, bounds, per_channel)
@@ -729,7 +701,8 @@ def layer_selection(engine, protections: Iterable[Protection], site: str) -> Sel
     under a budget come from a vulnerability map: the campaign passes those instead."""
     out: Selection = {}
     for p in protections:
-        where = "weights" if p.name in IN_MEMORY else site
+        kind = get_protection(p.name)
+        where = kind.sites[0] if kind.in_memory else site
         out[p.name] = {info.name: None for info in engine.layers(where, p.layers)}
     return out
 
@@ -751,7 +724,7 @@ def for_plan(model: nn.Module, protections, selection: Selection, images: torch.
     missing = names - set(selection)
     if missing:
         raise ConfigError(f"no resolved selection for {', '.join(sorted(missing))}")
-    selection = {n: selection[n] for n in KINDS if n in selection and n in names}
+    selection = {n: selection[n] for n in kinds() if n in selection and n in names}
     report = measure(model, selection, images, labels, protections=items, ranges=ranges,
                      bounds=bounds,
                      weight_bits=get_format(format).bits, seconds=seconds)

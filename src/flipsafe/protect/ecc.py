@@ -161,5 +161,3 @@ def parity_classify(original, index, faulty, bits: int) -> tuple[np.ndarray, np.
     detected = (_parity(new) ^ stored).astype(bool)
     return np.zeros_like(detected), detected
 
-
-CLASSIFIERS = {"ecc": ecc_classify, "parity": parity_classify}

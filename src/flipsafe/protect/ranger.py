@@ -85,14 +85,12 @@ def _extremes(held: torch.Tensor, dim: int | None):
     return low.amin(dim=other), high.amax(dim=other)
 
 
-def guards(bounds: dict, mode: str = "ranger", device=None) -> dict:
+def guards(bounds: dict, make=None, device=None) -> dict:
     """Engine guards {layer: fn} holding each layer of `bounds` ({layer: (lo, hi)}) within
-    its bounds: mode 'ranger' clamps (NaN to the bound on its sign bit's side), 'clip'
-    sets values outside [lo, hi] and non-finite ones to 0. Both act element-wise and are
-    idempotent, as engine guards must be."""
-    if mode not in ("ranger", "clip"):
-        raise ConfigError(f"guard mode must be ranger or clip, got {mode!r}")
-    make = ranger_guard if mode == "ranger" else clip_guard
+    its bounds with `make(lo, hi)`: ranger_guard (the default) clamps (NaN to the bound on
+    its sign bit's side), clip_guard sets values outside [lo, hi] and non-finite ones to
+    0. Both act element-wise and are idempotent, as engine guards must be."""
+    make = ranger_guard if make is None else make
     return {name: make(torch.as_tensor(lo, device=device, dtype=torch.float32),
                        torch.as_tensor(hi, device=device, dtype=torch.float32))
             for name, (lo, hi) in bounds.items()}

@@ -29,16 +29,18 @@ def channel_mask(output_shape: tuple, conv: bool, channels) -> torch.Tensor:
     return mask
 
 
-def verdicts(golden: torch.Tensor, faulty: torch.Tensor, mask: torch.Tensor, kind: str):
+def verdicts(golden: torch.Tensor, faulty: torch.Tensor, mask: torch.Tensor, *,
+             corrects: bool):
     """(detected, corrected) numpy bool arrays for faulty outputs `faulty` of golden outputs
-    `golden` ([n, ...] each) of a layer whose elements `mask` ([...]) are duplicated
-    (kind 'dup') or triplicated ('tmr')."""
+    `golden` ([n, ...] each) of a layer whose elements `mask` ([...]) are duplicated and
+    compared (corrects=False: a difference inside the mask is detected) or triplicated and
+    voted (corrects=True: a fault confined to the mask is outvoted)."""
     changed = (_bits(faulty) != _bits(golden)).reshape(faulty.shape[0], -1)
     flat = mask.to(changed.device).reshape(1, -1)
     inside = (changed & flat).any(1)
     outside = (changed & ~flat).any(1)
     n = changed.shape[0]
-    if kind == "dup":
+    if not corrects:
         return inside.cpu().numpy(), np.zeros(n, dtype=bool)
     return np.zeros(n, dtype=bool), (inside & ~outside).cpu().numpy()
 

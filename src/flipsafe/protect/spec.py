@@ -1,11 +1,11 @@
-"""Protection specifications: the one owner of protection names, their options and the
-sites each can guard.
+"""Protection specifications: the string a user writes, parsed into typed items.
 
 A specification is a comma-separated list of protections, each a name followed by
 `:key=value` options, e.g. ``ranger,abft:layers=last,ecc`` or
 ``dup:budget=10%:map=results/base``. `parse` validates it and returns `Protection`
 items; `str()` of the tuple joined by commas (`canonical`) is what plans store and
-fingerprint, so two spellings of one specification give one plan.
+fingerprint, so two spellings of one specification give one plan. What each protection is
+(its sites and options) is its class's in flipsafe.protect.registry.
 """
 
 from __future__ import annotations
@@ -13,37 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flipsafe.errors import ConfigError
+from flipsafe.protect.registry import get, kinds
 
-
-@dataclass(frozen=True)
-class Kind:
-    """What a protection is: the sites it can guard, the options it takes and the outcome
-    it can produce (one line, shown in errors and help)."""
-
-    sites: tuple[str, ...]
-    options: tuple[str, ...]
-    does: str
-
-
-# The order here is the canonical order of a specification.
-KINDS: dict[str, Kind] = {
-    "ecc": Kind(("weights",), ("layers",),
-                "SECDED (72,64) over stored weight words: corrects 1 bit, detects 2"),
-    "parity": Kind(("weights",), ("layers",),
-                   "one parity bit per 64-bit weight word: detects odd flips"),
-    "abft": Kind(("activations", "weights"), ("layers",),
-                 "checksums on Conv/Linear outputs: detects"),
-    "dup": Kind(("activations",), ("layers", "budget", "map"),
-                "duplication with comparison (layers or vulnerable channels): detects"),
-    "tmr": Kind(("activations",), ("layers", "budget", "map"),
-                "triplication with a majority vote (layers or vulnerable channels): corrects"),
-    "ranger": Kind(("activations", "weights"), ("layers", "per"),
-                   "outputs clamped to the range profiled on training data"),
-    "clip": Kind(("activations", "weights"), ("layers", "per"),
-                 "outputs beyond the profiled range set to 0 (FT-ClipAct)"),
-}
-# Protections that cannot run together (they act on the same values in the same way).
-EXCLUSIVE = (("ecc", "parity"), ("dup", "tmr"), ("ranger", "clip"))
 PER = ("layer", "channel")
 
 
@@ -77,11 +48,14 @@ class Protection:
         return ":".join([self.name] + [f"{k}={v}" for k, v in self.options])
 
 
-def parse(spec: str | None, site: str | None = None) -> tuple[Protection, ...]:
-    """The protections of `spec` (() for None, '' or 'none'), checked against `site` when
-    given; ConfigError with one line for anything wrong."""
+def parse(spec, site: str | None = None) -> tuple[Protection, ...]:
+    """The protections of `spec` (() for None, '' or 'none'; parsed items pass as they
+    are, checked again), checked against `site` when given; ConfigError with one line for
+    anything wrong."""
     if spec is None:
         return ()
+    if isinstance(spec, (tuple, list)) and all(isinstance(p, Protection) for p in spec):
+        spec = ",".join(str(p) for p in spec)
     if not isinstance(spec, str):
         raise ConfigError(f"protect must be a string such as 'ranger,abft:layers=last', got "
                           f"{type(spec).__name__}")
@@ -94,18 +68,23 @@ def parse(spec: str | None, site: str | None = None) -> tuple[Protection, ...]:
         if item.name in items:
             raise ConfigError(f"protect names {item.name} twice in {spec!r}")
         items[item.name] = item
-    for a, b in EXCLUSIVE:
-        if a in items and b in items:
-            raise ConfigError(f"protect cannot take both {a} and {b}; choose one")
+    registered = kinds()
+    groups: dict[str, str] = {}
+    for name, kind in registered.items():
+        if name in items and kind.group is not None:
+            if kind.group in groups:
+                raise ConfigError(f"protect cannot take both {groups[kind.group]} and {name}; "
+                                  "choose one")
+            groups[kind.group] = name
     if site is not None:
         for item in items.values():
-            kind = KINDS[item.name]
+            kind = registered[item.name]
             if site not in kind.sites:
-                raise ConfigError(_site_error(item.name, site, kind))
-    return tuple(items[n] for n in KINDS if n in items)
+                raise ConfigError(kind.site_error(site))
+    return tuple(items[n] for n in registered if n in items)
 
 
-def canonical(spec: str | None, site: str | None = None) -> str | None:
+def canonical(spec, site: str | None = None) -> str | None:
     """The one spelling of `spec` that plans store (None when it protects nothing)."""
     items = parse(spec, site)
     return ",".join(str(p) for p in items) or None
@@ -114,10 +93,7 @@ def canonical(spec: str | None, site: str | None = None) -> str | None:
 def _item(part: str) -> Protection:
     name, *opts = part.split(":")
     name = name.strip().lower()
-    if name not in KINDS:
-        raise ConfigError(f"unknown protection {name!r}; choose from: {', '.join(KINDS)} "
-                          f"(options after ':', e.g. abft:layers=last, dup:budget=10%)")
-    kind = KINDS[name]
+    kind = get(name)
     options: dict[str, str] = {}
     for opt in opts:
         key, eq, value = opt.partition("=")
@@ -153,18 +129,6 @@ def _fraction(text: str, name: str) -> float:
     if not 0 < value <= 1:
         raise ConfigError(f"{name}:budget must be in (0, 100%], got {text!r}")
     return value
-
-
-def _site_error(name: str, site: str, kind: Kind) -> str:
-    hint = f"use --site {kind.sites[0]}"
-    if name in ("ecc", "parity"):
-        why = "it protects stored weights"
-    elif name in ("dup", "tmr"):
-        why = "it repeats computation, and every copy reads the same stored weights"
-        hint = f"use ecc to protect weights, or --site {kind.sites[0]}"
-    else:
-        why = "it guards " + " and ".join(kind.sites)
-    return f"{name} cannot guard a campaign on the {site} site: {why}; {hint}"
 
 
 def label(spec: str | None) -> str:

@@ -88,7 +88,7 @@ class Results:
         if self.config is not None:
             return self.config.get("arch")
         kind = (self.model_info or {}).get("kind")
-        return str(kind) if kind and kind != "flipsafe" else None
+        return str(kind) if kind and not is_flipsafe_spec(self.plan.model) else None
 
     @property
     def source(self) -> str:

@@ -536,13 +536,16 @@ def _own_costs(r: Results) -> dict:
     from before flipsafe measured it) only ecc and parity over every word have a known
     memory figure: their check bits per stored weight bit."""
     from flipsafe.protect import word_cost
+    from flipsafe.protect.spec import parse
 
     if r.plan.protect is None:
         return {"flops": 0.0, "latency": 0.0, "memory": 0.0, "accuracy": 0.0}
     total = _cost_total(r)
     if total is None:
-        memory = (word_cost(r.plan.protect).memory_overhead
-                  if r.plan.protect in ("ecc", "parity") else None)
+        items = parse(r.plan.protect)
+        whole = len(items) == 1 and not items[0].options  # one code over every word
+        memory = (word_cost(items[0].name).memory_overhead
+                  if whole and word_cost(items[0].name).word_bits else None)
         return {"flops": None, "latency": None, "memory": memory, "accuracy": None}
     return {"flops": _number_or_none(total.get("flops_overhead")),
             "latency": _number_or_none(total.get("latency_overhead")),
