@@ -38,13 +38,13 @@ def test_no_name_list_is_defined_twice():
 def test_the_owners_and_their_importers_agree():
     from flipsafe import campaign, checkpoint, faults, inject, textguided, workflow
     from flipsafe.inject import emulate
-    from flipsafe.protect.registry import kinds
+    from flipsafe.protect.registry import registered
 
     assert campaign.SITES is faults.CAMPAIGN_SITES
     assert campaign.FAULTS is faults.FAULT_MODELS
     assert campaign.CLAMPS is emulate.CLAMPS is inject.CLAMPS
     assert inject.SITES is faults.SITES
-    assert {s for k in kinds().values() for s in k.sites} <= set(faults.CAMPAIGN_SITES)
+    assert {s for k in registered().values() for s in k.sites} <= set(faults.CAMPAIGN_SITES)
     assert workflow.BUNDLED_DESCRIPTION_SETS is textguided.BUNDLED_SETS
     assert not hasattr(checkpoint, "HEAD_KINDS")
     assert set(faults.CAMPAIGN_SITES) <= set(faults.SITES)

@@ -80,3 +80,51 @@ def test_the_check_finds_such_a_comparison(tmp_path):
     assert [x.split(" ", 1)[1] for x in found] == [
         "protection 'ecc'", "protection 'parity'", "site 'weights'", "target kind 'hf'",
         "backend 'ray'"]
+
+
+THIRD_PARTY = ("torch", "nn", "F", "fx", "ray", "transformers", "onnx", "onnxruntime", "torchao")
+# Private attributes of third-party objects (ATen operator overloads, Conv modules).
+PRIVATE_ATTRS = {"_schema", "_overloadname", "_reversed_padding_repeated_twice"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.endswith("__")
+
+
+def private_uses(root: pathlib.Path = SRC) -> list[str]:
+    """'file:line name' for every import from, or attribute of, a third-party private name
+    outside flipsafe/compat.py."""
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        where = str(f.relative_to(root))
+        if where == "compat.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                if parts[0] in THIRD_PARTY and any(map(_private, parts)):
+                    found.append(f"{where}:{node.lineno} {node.module}")
+            elif isinstance(node, ast.Attribute):
+                chain, base = [node.attr], node.value
+                while isinstance(base, ast.Attribute):
+                    chain.append(base.attr)
+                    base = base.value
+                rooted = isinstance(base, ast.Name) and base.id in THIRD_PARTY
+                if (rooted and _private(node.attr)) or node.attr in PRIVATE_ATTRS:
+                    found.append(f"{where}:{node.lineno} .{node.attr}")
+    return found
+
+
+def test_third_party_private_names_live_in_compat_only():
+    assert private_uses() == []
+
+
+def test_the_private_name_check_finds_them(tmp_path):
+    (tmp_path / "mod.py").write_text(
+        "from torch._export.converter import X\n"
+        "import torch\n"
+        "a = torch.nn.modules.conv._ConvNd\n"
+        "b = op._schema.is_mutable\n"
+        "c = self._mine + torch.__version__\n")
+    assert [x.split(" ", 1)[1] for x in private_uses(tmp_path)] == [
+        "torch._export.converter", "._ConvNd", "._schema"]

@@ -313,7 +313,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     from flipsafe.faults import FAULT_MODELS as FAULTS
     from flipsafe.formats import names as format_names
     from flipsafe.inject.emulate import CLAMPS
-    from flipsafe.protect.registry import kinds as protection_kinds
+    from flipsafe.protect.registry import registered as protection_kinds
 
     # Defaults are None here and filled in by the plan, so a flag given against --protocol
     # can be told from one left out; the help shows the plan's defaults.
@@ -391,13 +391,6 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flipsafe.campaign.backends import BACKENDS
-    from flipsafe.data import KINDS as DATASET_KINDS
-    from flipsafe.models import ARCHITECTURES
-    from flipsafe.report.render import FORMATS as REPORT_FORMATS
-    from flipsafe.textguided.encoders import ENCODER_SPECS
-    from flipsafe.workflow import BUNDLED_DESCRIPTION_SETS, HEAD_SPECS
-
     parser = argparse.ArgumentParser(
         prog="flipsafe",
         description="Text-guided classifiers and bit-exact fault-injection campaigns.",
@@ -407,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, **kw):
         return sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+
+    for command in COMMANDS:
+        command(add)
+    return parser
+
+
+def _describe_command(add) -> None:
+    from flipsafe.workflow import BUNDLED_DESCRIPTION_SETS
 
     p = add("describe", help="write class descriptions to a JSON file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -424,12 +425,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="descriptions JSON file to write")
     p.set_defaults(func=cmd_describe)
 
+
+def _embed_command(add) -> None:
+    from flipsafe.textguided.encoders import ENCODER_SPECS
+
     p = add("embed", help="encode descriptions into normalised class embeddings")
     p.add_argument("--descriptions", required=True,
                    help="descriptions JSON file made by `flipsafe describe`")
     p.add_argument("--encoder", default="minilm", help=f"text encoder: {_one_of(ENCODER_SPECS)}")
     p.add_argument("--out", required=True, help="class embeddings file to write (.safetensors)")
     p.set_defaults(func=cmd_embed)
+
+
+def _train_command(add) -> None:
+    from flipsafe.data import KINDS as DATASET_KINDS
+    from flipsafe.models import ARCHITECTURES
+    from flipsafe.workflow import HEAD_SPECS
 
     p = add("train", help="train a baseline or text-guided classifier")
     p.add_argument("--dataset", default="digits", help=f"dataset spec: {_one_of(DATASET_KINDS)}")
@@ -445,14 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_recipe(p)
     p.set_defaults(func=cmd_train)
 
+
+def _evaluate_command(add) -> None:
     p = add("evaluate", help="print a checkpoint's test accuracy")
     p.add_argument("model_dir", help="checkpoint folder made by `flipsafe train`")
     p.add_argument("--dataset", help="dataset spec (default: the one it was trained on)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _plan_command(add) -> None:
     p = add("plan", help="print a campaign's strata, injections and estimated time")
     _add_plan_flags(p)
     p.set_defaults(func=cmd_plan)
+
+
+def _campaign_command(add) -> None:
+    from flipsafe.campaign.backends import BACKENDS
 
     p = add("campaign", help="run (or resume) a fault-injection campaign")
     _add_plan_flags(p)
@@ -464,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_campaign)
 
+
+def _summary_command(add) -> None:
     p = add("summary", help="per-layer SDC/DUE rates with intervals")
     p.add_argument("results_dir", help="results folder made by `flipsafe campaign`")
     p.add_argument("--vs", nargs="+", action="extend", default=[],
@@ -477,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a channels list)")
     p.set_defaults(func=cmd_summary)
 
+
+def _report_command(add) -> None:
+    from flipsafe.report.render import FORMATS as REPORT_FORMATS
+
     p = add("report", help="write an HTML (or Markdown) report")
     p.add_argument("results_dir", help="results folder made by `flipsafe campaign`")
     p.add_argument("--vs", nargs="+", action="extend", default=[],
@@ -485,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="html", help=f"one of {_one_of(REPORT_FORMATS)}")
     p.set_defaults(func=cmd_report)
 
+
+def _fit_command(add) -> None:
     p = add("fit", help="failure rates in FIT and ISO 26262 verdicts from campaigns")
     p.add_argument("results_dirs", nargs="+", metavar="RESULTS",
                    help="campaign results folders; those of one model are summed")
@@ -504,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sum campaigns of one model run in different number formats")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(func=cmd_fit)
+
+
+def _demo_command(add) -> None:
+    from flipsafe.data import KINDS as DATASET_KINDS
+    from flipsafe.models import ARCHITECTURES
+    from flipsafe.textguided.encoders import ENCODER_SPECS
 
     p = add("demo", help="the paper's study end to end: offline on digits, or on your data",
             description="Train a baseline, a text-guided and a cosine-control classifier "
@@ -525,7 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=4,
                    help="CPU threads for torch (default 4); training results depend on it")
     p.set_defaults(func=cmd_demo)
-    return parser
+
+
+# Each adds one subcommand's parser, in the order --help lists them.
+COMMANDS = (_describe_command, _embed_command, _train_command, _evaluate_command, _plan_command, _campaign_command, _summary_command, _report_command, _fit_command, _demo_command)
 
 
 # What each command's --out names: a folder (True) or a file (False); checked before

@@ -267,11 +267,11 @@ def test_cli_runs_protections_and_refuses_bad_selections_in_one_line(mlp_checkpo
 
 
 def test_campaign_help_lists_the_protections():
-    from flipsafe.protect.registry import kinds
+    from flipsafe.protect.registry import registered
 
     r = _cli("campaign", "--help")
     text = " ".join(r.stdout.split())
-    for name, kind in kinds().items():
+    for name, kind in registered().items():
         assert name in text and " ".join(kind.does.split())[:30] in text, name
 
 

@@ -88,3 +88,17 @@ def test_a_registered_protection_is_parsed_ordered_and_refused_like_the_built_in
 def test_an_unregistered_protection_is_unknown():
     with pytest.raises(ConfigError, match="unknown protection 'watch'; choose from: ecc"):
         parse("watch")
+
+
+def test_plans_take_typed_protections_and_hand_them_back(mlp_checkpoint):
+    from flipsafe.protect.spec import Protection
+
+    typed = make_plan(mlp_checkpoint, site="activations", n=10,
+                      protect=(Protection("dup", (("layers", "last"),)), Protection("abft")))
+    text = make_plan(mlp_checkpoint, site="activations", n=10, protect="dup:layers=last,abft")
+    assert typed.protect == text.protect == "abft,dup:layers=last"  # what plan.json stores
+    assert typed.fingerprint() == text.fingerprint()
+    assert [p.name for p in typed.protections] == ["abft", "dup"]
+    assert typed.protections[1].layers == "last"
+    with pytest.raises(ConfigError, match="ecc cannot guard a campaign on the activations"):
+        make_plan(mlp_checkpoint, site="activations", n=10, protect=(Protection("ecc"),))

@@ -3,7 +3,7 @@
 import pytest
 
 from flipsafe.errors import ConfigError
-from flipsafe.protect.registry import kinds
+from flipsafe.protect.registry import registered
 from flipsafe.protect.spec import canonical, parse
 
 
@@ -46,7 +46,7 @@ def test_bad_specifications_give_one_line(spec, site, words):
 
 
 def test_every_protection_guards_some_campaign_site():
-    for name, kind in kinds().items():
+    for name, kind in registered().items():
         assert parse(name, kind.sites[0])[0].name == name
 
 

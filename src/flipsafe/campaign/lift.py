@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from flipsafe.compat import is_aten_op, overload_name
 from flipsafe.errors import ModelError
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -246,7 +247,7 @@ def _out_of_place(graph: fx.Graph) -> None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         op = node.target
-        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+        if node.op != "call_function" or not is_aten_op(op):
             continue
         name = op.overloadpacket.__name__
         if not name.endswith("_") or name.startswith("_") or not node.args:
@@ -254,7 +255,7 @@ def _out_of_place(graph: fx.Graph) -> None:
         target = node.args[0]
         if not isinstance(target, fx.Node) or target.op in ("placeholder", "get_attr"):
             continue
-        functional = getattr(getattr(torch.ops.aten, name[:-1], None), op._overloadname, None)
+        functional = getattr(getattr(torch.ops.aten, name[:-1], None), overload_name(op), None)
         if functional is None:
             continue
         node.target = functional

@@ -314,6 +314,14 @@ class CampaignPlan(FaultPlan):
             raise CampaignError("campaign plan must be a JSON object of fields")
         return cls.from_dict(data)
 
+    @property
+    def protections(self) -> tuple:
+        """The plan's protections as typed items (protect.spec.Protection; () for none):
+        what code reads; the string `protect` is what plan.json stores."""
+        from flipsafe.protect.spec import parse
+
+        return parse(self.protect, self.site)
+
     def fingerprinted(self) -> dict:
         """The fields that define results (all but the checkpoint path, and the optional
         fields that are None)."""

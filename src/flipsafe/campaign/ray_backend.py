@@ -26,8 +26,6 @@ CONNECT_TIMEOUT_S = 5.0
 # client server behind ray://) answers with a SETTINGS frame of its own.
 _HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _SETTINGS = 0x04
-# Ray's per-run notice that token authentication is on (its default); not news to a user.
-_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -132,12 +130,13 @@ def _ray_output_to_stderr():
     Ray has no switch for the latter (log_to_driver covers worker output only), so its
     printer is replaced meanwhile; if a Ray version lacks it, nothing changes.
     """
-    logging.getLogger(_AUTH_LOGGER).setLevel(logging.ERROR)
-    try:
-        from ray._private import worker as ray_worker
+    from flipsafe.compat import RAY_AUTH_LOGGER, ray_worker
 
-        original = ray_worker.print_to_stdstream
-    except (ImportError, AttributeError):
+    # Ray's per-run notice that token authentication is on (its default): not news to a user.
+    logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.ERROR)
+    ray_worker = ray_worker()
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None:
         return lambda: None
 
     def to_stderr(data, ignore_prefix=False):  # Ray's signature

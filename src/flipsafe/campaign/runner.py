@@ -77,9 +77,8 @@ def campaign_cost(prep: Prepared, selection: dict | None = None) -> dict:
     default the whole layers each protection's `layers` option names. Model FLOPs and
     clean accuracy are recorded for unprotected plans too (the text-guided head's cost)."""
     from flipsafe.protect import cost
-    from flipsafe.protect.spec import parse
 
-    items = parse(prep.plan.protect, prep.plan.site)
+    items = prep.plan.protections
     if selection is None:
         selection = cost.layer_selection(prep.engine, items, prep.plan.site)
         # What the protector chose: abft's Conv/Linear layers, dup/tmr's budgeted channels.

@@ -25,6 +25,7 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 
 from flipsafe.campaign.plan import SPEC_PREFIXES
-from flipsafe.errors import ModelError
+from flipsafe.compat import ConvNd
+from flipsafe.errors import CampaignError, ModelError
 
 # The spec prefixes a user may write ("module:" names an nn.Module given in Python).
 PREFIXES = SPEC_PREFIXES
@@ -53,6 +55,41 @@ class Preprocess:
     std: tuple[float, ...] | None = None
 
 
+@dataclass
+class Evaluation:
+    """What a campaign evaluates on: images and labels as the model takes them, train()
+    giving training images likewise (to profile ranges and bounds on), the class names
+    when the data knows them, the inputs pipeline used (None: images given as they are),
+    and the model when reading the data loaded it already (a flipsafe checkpoint)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    train: Callable[[], torch.Tensor]
+    classes: list[str] | None = None
+    inputs: Inputs | None = None
+    model: nn.Module | None = None
+
+    @classmethod
+    def given(cls, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+        """Images a Python caller hands over as the model takes them (they also stand in
+        for training images)."""
+        return cls(images, labels, lambda: images)
+
+
+class FromDataset:
+    """A target whose campaign data is a dataset spec, fitted to the model's inputs."""
+
+    def evaluation(self, plan) -> Evaluation:
+        """The test split of plan.dataset through the inputs pipeline (plan.preprocess)."""
+        from flipsafe.data import load
+
+        bundle = load(plan.dataset)
+        inputs = resolve_inputs(self, bundle, plan.preprocess)
+        return Evaluation(apply_inputs(inputs, bundle.test), bundle.test.labels,
+                          lambda: apply_inputs(inputs, bundle.train),
+                          bundle.classes if bundle.classes_known else None, inputs)
+
+
 class Target(Protocol):
     spec: str  # what the plan records as `model`
     kind: str
@@ -66,6 +103,9 @@ class Target(Protocol):
     def load(self, sample: torch.Tensor | None = None) -> nn.Module:
         """The model in eval mode; `sample` (a batch of images) is needed by kinds that
         must be traced."""
+
+    def evaluation(self, plan) -> Evaluation:
+        """The campaign data of `plan` (its dataset and preprocessing) for this model."""
 
 
 def sha256_file(path: Path) -> str:
@@ -147,9 +187,27 @@ class CheckpointTarget:
 
         return load_checkpoint(self.spec).model
 
+    def evaluation(self, plan) -> Evaluation:
+        """The test split of the checkpoint's dataset as it was trained on, and the model
+        (loaded once, checked against the plan's weights hash)."""
+        from flipsafe.checkpoint import WEIGHTS, check_dataset, load_checkpoint
+        from flipsafe.data import load
+
+        ckpt = load_checkpoint(self.spec)
+        if ckpt.config["files"][WEIGHTS] != plan.model_sha:
+            raise CampaignError(
+                f"the checkpoint at {self.spec} is not the model this plan was made for "
+                "(its weights hash differs); use a new --out folder for a new model")
+        bundle = load(plan.dataset)
+        check_dataset(ckpt.config, bundle)
+        inputs = resolve_inputs(self, bundle, None)
+        images, labels = bundle.test.tensors()
+        return Evaluation(images, labels, lambda: bundle.train.tensors()[0], None, inputs,
+                          ckpt.model)
+
 
 @dataclass
-class HFTarget:
+class HFTarget(FromDataset):
     """A `transformers` AutoModelForImageClassification folder."""
 
     spec: str
@@ -261,7 +319,7 @@ def _hf_size(size, crop) -> int | None:
 
 
 @dataclass
-class FileTarget:
+class FileTarget(FromDataset):
     """A model saved in one file: TorchScriptTarget or ExportTarget."""
 
     spec: str
@@ -363,10 +421,10 @@ class TorchScriptTarget(FileTarget):
                              "one with torch.jit.save(torch.jit.script(model), path)") from None
         if sample is None:
             raise ModelError("a TorchScript model is traced on a sample batch; none was given")
-        from torch._export.converter import TS2EPConverter
+        from flipsafe.compat import torchscript_to_export
 
         try:
-            program = TS2EPConverter(scripted.eval(), (sample[:2],)).convert()
+            program = torchscript_to_export(scripted.eval(), (sample[:2],))
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"cannot convert TorchScript {self.path} to a graph flipsafe can "
                              f"inject into: {_first_line(exc)}") from None
@@ -374,7 +432,7 @@ class TorchScriptTarget(FileTarget):
 
 
 @dataclass
-class PythonTarget:
+class PythonTarget(FromDataset):
     """`python:<module>:<callable>`: a function returning an nn.Module."""
 
     spec: str
@@ -436,7 +494,7 @@ class PythonTarget:
 
 
 @dataclass
-class ModuleTarget:
+class ModuleTarget(FromDataset):
     """An nn.Module given in Python; `spec` is "module:<ClassName>" unless named."""
 
     model: nn.Module
@@ -503,7 +561,9 @@ def resolve(model) -> Target:
 @contextlib.contextmanager
 def _quiet_torch():
     """Silence the warnings torch.export and its TorchScript converter log while loading."""
-    loggers = [logging.getLogger(name) for name in ("torch._export", "torch.export")]
+    from flipsafe.compat import TORCH_EXPORT_LOGGERS
+
+    loggers = [logging.getLogger(name) for name in TORCH_EXPORT_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
@@ -731,7 +791,7 @@ def check_model(target: Target, model: nn.Module, images: torch.Tensor, labels: 
         raise ModelError(f"the model ({target.spec}) returns a tensor of shape "
                          f"{list(out.shape)} for {len(batch)} images; it must return logits "
                          "[images, classes]")
-    if not any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules()):
+    if not any(isinstance(m, (ConvNd, nn.Linear)) for m in model.modules()):
         raise ModelError(f"the model ({target.spec}) has no Conv or Linear layer to inject "
                          "faults into")
     n_classes = out.shape[1]

@@ -188,10 +188,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
     `ranges` if given, else profiled on the training split (on the evaluation images
     with `data`). `device` is cpu, cuda or auto. prepare writes no file.
     """
-    from flipsafe.campaign.targets import apply_inputs, check_model, resolve, resolve_inputs
-    from flipsafe.checkpoint import check_dataset, load_checkpoint
-    from flipsafe.data import load
-    from flipsafe.inject import Engine
+    from flipsafe.campaign.targets import Evaluation, check_model, resolve
 
     target = resolve(plan.model) if target is None else target
     if target.sha != plan.model_sha:
@@ -200,74 +197,13 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
             f"the model at {plan.model} is not the model this plan was made for "
             f"(its weights hash differs{hint}); use a new --out folder for a new model"
         )
-    classes = inputs = None
-    if data is not None:
-        images, labels = data
-
-        def train_images():
-            return images
-    elif target.flipsafe:
-        ckpt = load_checkpoint(plan.model)
-        if ckpt.config["files"]["model.safetensors"] != plan.model_sha:
-            raise CampaignError(
-                f"the checkpoint at {plan.model} is not the model this plan was made for "
-                "(its weights hash differs); use a new --out folder for a new model"
-            )
-        bundle = load(plan.dataset)
-        check_dataset(ckpt.config, bundle)
-        inputs = resolve_inputs(target, bundle, None)
-        images, labels = bundle.test.tensors()
-
-        def train_images():
-            return bundle.train.tensors()[0]
-    else:
-        bundle = load(plan.dataset)
-        classes = bundle.classes if bundle.classes_known else None
-        inputs = resolve_inputs(target, bundle, plan.preprocess)
-        images = apply_inputs(inputs, bundle.test)
-        labels = bundle.test.labels
-
-        def train_images():
-            return apply_inputs(inputs, bundle.train)
-    bad = (~torch.isfinite(images)).flatten(1).any(1) if images.numel() else torch.zeros(0)
-    if bad.any():
-        ids = torch.nonzero(bad).reshape(-1).tolist()
-        listed = ", ".join(str(i) for i in ids[:10]) + (", …" if len(ids) > 10 else "")
-        raise DataError(f"{plan.dataset} has {len(ids)} image(s) with NaN or infinite values "
-                        f"as the model takes them (ids {listed}); a fault campaign needs "
-                        "finite inputs (its golden runs would be DUEs): remove or repair them")
-    sha = data_sha(images, labels)
-    if inputs is not None and plan.inputs is None:
-        plan = dataclasses.replace(plan, inputs=inputs.to_dict())
-    if plan.data_sha is None:
-        plan = dataclasses.replace(plan, data_sha=sha)
-    elif plan.data_sha != sha:
-        raise _data_changed(plan.dataset, plan.data_sha, sha, "this campaign's plan was made")
-    if target.flipsafe and data is None:
-        model = ckpt.model
-    else:
-        model = check_model(target, target.load(images[:2]), images, labels, classes)
-    engine = Engine(model, format=plan.format, clamp=plan.clamp,
-                    device=resolve_device(device), input_shape=tuple(images.shape[1:]))
-    if engine.needs_ranges:
-        if ranges is None:
-            ranges = engine.profile(train_images().split(256))
-        engine.set_ranges(ranges)
-    else:
-        ranges = {}
-    golden = engine.golden(images, labels, layers=[])
-    g = golden.outcomes
-    top1, top2diff = g.top1.cpu(), g.top2diff.cpu()
-    if plan.images == "correct":
-        keep = (top1 == labels) & (top2diff > 0)
-    else:
-        keep = torch.ones_like(labels, dtype=torch.bool)
-    image_ids = torch.nonzero(keep).reshape(-1)
-    if image_ids.numel() == 0:
-        raise CampaignError(
-            f"no {plan.images} images to inject into: the model classifies none of the "
-            f"{len(labels)} evaluation images correctly; check the model and dataset"
-        )
+    ev = Evaluation.given(*data) if data is not None else target.evaluation(plan)
+    _check_finite(plan, ev.images)
+    plan = _pinned(plan, ev)
+    model = ev.model if ev.model is not None else check_model(
+        target, target.load(ev.images[:2]), ev.images, ev.labels, ev.classes)
+    engine, ranges = _engine(plan, model, ev, ranges, device)
+    top1, image_ids = _chosen_images(plan, engine, ev)
     # The engine owns layer selection; its "all" (Conv and Linear, GoldenEye's convention)
     # is the one meaning of "all" for campaigns and Engine.sample alike.
     layers = engine.layers(plan.site, plan.layers)
@@ -284,31 +220,96 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
         if target.flipsafe or plan.layers == "last":
             raise
         classifier = None  # a model without a final Linear: 'last' cannot be chosen
+    info = _model_info(plan, target, classifier, layers,
+                       float((top1 == ev.labels).double().mean()))
+    protector = None
+    if plan.protect is not None:
+        protector = _protector(plan, engine, layers, ev, given=data is not None)
+        info["protect"] = protector.to_dict()
+    return Prepared(plan, engine, ev.images, ev.labels, image_ids, classifier, layers, strata,
+                    dict(ranges), info, protector, ev.inputs)
+
+
+def _check_finite(plan: CampaignPlan, images: torch.Tensor) -> None:
+    bad = (~torch.isfinite(images)).flatten(1).any(1) if images.numel() else torch.zeros(0)
+    if bad.any():
+        ids = torch.nonzero(bad).reshape(-1).tolist()
+        listed = ", ".join(str(i) for i in ids[:10]) + (", …" if len(ids) > 10 else "")
+        raise DataError(f"{plan.dataset} has {len(ids)} image(s) with NaN or infinite values "
+                        f"as the model takes them (ids {listed}); a fault campaign needs "
+                        "finite inputs (its golden runs would be DUEs): remove or repair them")
+
+
+def _pinned(plan: CampaignPlan, ev) -> CampaignPlan:
+    """`plan` with its inputs pipeline and data hash recorded (a changed dataset refused)."""
+    sha = data_sha(ev.images, ev.labels)
+    if ev.inputs is not None and plan.inputs is None:
+        plan = dataclasses.replace(plan, inputs=ev.inputs.to_dict())
+    if plan.data_sha is None:
+        plan = dataclasses.replace(plan, data_sha=sha)
+    elif plan.data_sha != sha:
+        raise _data_changed(plan.dataset, plan.data_sha, sha, "this campaign's plan was made")
+    return plan
+
+
+def _engine(plan: CampaignPlan, model, ev, ranges, device: str):
+    """(the engine of `model` in the plan's format, its activation ranges: `ranges`, else
+    profiled on the training images, {} when the format needs none)."""
+    from flipsafe.inject import Engine
+
+    engine = Engine(model, format=plan.format, clamp=plan.clamp,
+                    device=resolve_device(device), input_shape=tuple(ev.images.shape[1:]))
+    if not engine.needs_ranges:
+        return engine, {}
+    if ranges is None:
+        ranges = engine.profile(ev.train().split(256))
+    engine.set_ranges(ranges)
+    return engine, ranges
+
+
+def _chosen_images(plan: CampaignPlan, engine, ev):
+    """(golden top-1 of every evaluation image, ids of the images faults may land on)."""
+    g = engine.golden(ev.images, ev.labels, layers=[]).outcomes
+    top1, top2diff = g.top1.cpu(), g.top2diff.cpu()
+    if plan.images == "correct":
+        keep = (top1 == ev.labels) & (top2diff > 0)
+    else:
+        keep = torch.ones_like(ev.labels, dtype=torch.bool)
+    image_ids = torch.nonzero(keep).reshape(-1)
+    if image_ids.numel() == 0:
+        raise CampaignError(
+            f"no {plan.images} images to inject into: the model classifies none of the "
+            f"{len(ev.labels)} evaluation images correctly; check the model and dataset"
+        )
+    return top1, image_ids
+
+
+def _model_info(plan: CampaignPlan, target, classifier, layers, accuracy: float) -> dict:
+    """What model.json records about the campaign's model."""
     info = {"spec": target.spec, "kind": target.kind, "sha256": target.sha,
             "description": target.description, "classes": target.classes,
-            "classifier": classifier,
-            "accuracy": float((top1 == labels).double().mean())}
+            "classifier": classifier, "accuracy": accuracy}
     if site_spec(plan.site).channels:
         # What a per-channel vulnerability map of these rows needs (metrics.vulnerability).
         info["layers"] = {i.name: {"kind": i.kind, "output_shape": list(i.output_shape)}
                           for i in layers}
-    protector = None
-    if plan.protect is not None:
-        # Built after the images are chosen on the unprotected model, so the fault list
-        # (and each fault's image) is the unprotected campaign's.
-        from flipsafe.protect.apply import Protector
+    return info
 
-        protector = Protector.build(
-            plan.protect, engine, plan.site,
-            bound_batches=lambda: train_images().split(256),
-            bound_source="evaluation (no training split given)" if data is not None
-            else "training",
-            channel_rates=lambda item: _map_rates(item, plan, engine),
-            fault_layers=[i.name for i in layers])
-        protector.set_on(engine)
-        info["protect"] = protector.to_dict()
-    return Prepared(plan, engine, images, labels, image_ids, classifier, layers, strata,
-                    dict(ranges), info, protector, inputs)
+
+def _protector(plan: CampaignPlan, engine, layers, ev, given: bool):
+    """The plan's protections built and set on `engine`. Built after the images are chosen
+    on the unprotected model, so the fault list (and each fault's image) is the
+    unprotected campaign's."""
+    from flipsafe.protect.apply import Protector
+
+    protector = Protector.build(
+        plan.protections, engine, plan.site,
+        bound_batches=lambda: ev.train().split(256),
+        bound_source="evaluation (no training split given)" if given else "training",
+        channel_rates=lambda item: _map_rates(item, plan, engine),
+        fault_layers=[i.name for i in layers])
+    protector.set_on(engine)
+    return protector
 
 
 def _map_rates(item, plan: CampaignPlan, engine):

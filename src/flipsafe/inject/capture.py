@@ -18,6 +18,7 @@ import operator
 import torch
 from torch import fx, nn
 
+from flipsafe.compat import is_aten_op, is_mutable, overload_name, returns_view
 from flipsafe.inject.graph import POINTWISE_FUNCS
 
 # Nodes torch.export adds to check its shape assumptions at run time: the suffix runs feed
@@ -85,12 +86,12 @@ def _out_of_place(graph: fx.Graph):
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
         op = node.target
-        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+        if node.op != "call_function" or not is_aten_op(op):
             continue
-        if not op._schema.is_mutable:
+        if not is_mutable(op):
             continue
         packet = op.overloadpacket.__name__
-        twin = getattr(getattr(torch.ops.aten, packet[:-1], None), op._overloadname, None) \
+        twin = getattr(getattr(torch.ops.aten, packet[:-1], None), overload_name(op), None) \
             if packet.endswith("_") and not packet.startswith("_") else None
         target = node.args[0] if node.args else None
         if twin is None or not isinstance(target, fx.Node):
@@ -108,14 +109,14 @@ def _out_of_place(graph: fx.Graph):
 def _writes(node: fx.Node) -> bool:
     """Whether the node's op changes its first argument in place."""
     op = node.target
-    return (node.op == "call_function" and isinstance(op, torch._ops.OpOverload)
-            and op._schema.is_mutable and bool(node.args) and isinstance(node.args[0], fx.Node))
+    return (node.op == "call_function" and is_aten_op(op)
+            and is_mutable(op) and bool(node.args) and isinstance(node.args[0], fx.Node))
 
 
 def _is_view(node: fx.Node) -> bool:
     op = node.target
-    return (node.op == "call_function" and isinstance(op, torch._ops.OpOverload)
-            and any(r.alias_info is not None for r in op._schema.returns))
+    return (node.op == "call_function" and is_aten_op(op)
+            and returns_view(op))
 
 
 def _drop_unused(graph: fx.Graph):
@@ -126,7 +127,7 @@ def _drop_unused(graph: fx.Graph):
             continue
         op = node.target
         pure = node.op == "get_attr" or op is operator.getitem or (
-            isinstance(op, torch._ops.OpOverload) and not op._schema.is_mutable
+            is_aten_op(op) and not is_mutable(op)
             and op.overloadpacket.__name__ not in _CHECKS)
         if pure:
             graph.erase_node(node)

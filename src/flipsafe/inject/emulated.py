@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
+from flipsafe.compat import BatchNorm, ConvNd, InstanceNorm
 from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
 from flipsafe.inject import emulate
 
@@ -16,13 +17,13 @@ EMULATED = ("conv", "linear", "norm")  # kinds whose outputs are held in the for
 # and Linear layers (GoldenEye's convention; normalisations are folded into them on deployment).
 ALL = ("conv", "linear")
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-          nn.modules.instancenorm._InstanceNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
+_NORMS = (BatchNorm, nn.LayerNorm, nn.GroupNorm,
+          InstanceNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
                                                     else ())
 
 
 def kind_of(mod: nn.Module) -> str:
-    if isinstance(mod, nn.modules.conv._ConvNd):
+    if isinstance(mod, ConvNd):
         return "conv"
     if isinstance(mod, nn.Linear):
         return "linear"

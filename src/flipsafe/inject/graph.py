@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from flipsafe.compat import BatchNorm
+
 _INPLACE_FUNCS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
     operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
@@ -580,7 +582,7 @@ class Program:
             return False
         if node.op == "call_module":
             mod = self.modules[node.target]
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if isinstance(mod, BatchNorm):
                 ok = mod.running_mean is not None and not mod.training
             else:
                 ok = isinstance(mod, _POINTWISE_MODULES) and not mod.training

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from flipsafe.compat import BatchNorm, conv_padding
+
 
 def _rows(n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device)
@@ -44,7 +46,7 @@ def conv2d_output(mod: nn.Conv2d, x, raw, pos, new, old):
     row_size = w[0].numel()
     row = single_row(pos, row_size)
     if mod.padding_mode != "zeros":
-        x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+        x = F.pad(x, conv_padding(mod), mode=mod.padding_mode)
         padding = 0
     else:
         padding = mod.padding
@@ -135,7 +137,7 @@ def bias_output(mod: nn.Module, raw, pos, new, old):
     return raw + db.reshape(n, -1, *([1] * (raw.dim() - 2)))
 
 
-def batchnorm_output(mod: nn.modules.batchnorm._BatchNorm, pname, x, raw, pos, new):
+def batchnorm_output(mod: BatchNorm, pname, x, raw, pos, new):
     """Eval-mode BatchNorm with one corrupted channel per image: the real kernel runs on
     those channels only, laid side by side as channels of one batch element, so every
     value is computed exactly as in a full run with the faulty parameter."""
@@ -182,7 +184,7 @@ def faulty_raw_output(mod: nn.Module, pname: str, args, kwargs, raw, pos, new, o
         return linear_output(mod, args[0], raw, pos, new, old)
     if pname == "bias" and type(mod) in (nn.Conv2d, nn.Linear) and len(args) == 1:
         return bias_output(mod, raw, pos, new, old)
-    if (isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training
+    if (isinstance(mod, BatchNorm) and not mod.training
             and mod.running_mean is not None and pos.shape[1] == 1 and len(args) == 1):
         return batchnorm_output(mod, pname, args[0], raw, pos, new)
     return functional_output(mod, pname, args, kwargs, pos, new)

@@ -703,6 +703,14 @@ class Comparison:
     overall_a: GroupSummary | None = None
     overall_b: GroupSummary | None = None
 
+    def holm_sdc(self) -> dict[tuple, float]:
+        """Per matched group, the Holm-adjusted p-value of its SDC ratio test among this
+        comparison's groups (a test without a p-value counts as p = 1)."""
+        keys = list(self.groups)
+        pvals = [self.groups[k].sdc.p_value for k in keys]
+        adjusted = holm([1.0 if math.isnan(p) else p for p in pvals]) if keys else []
+        return {k: float(q) for k, q in zip(keys, adjusted)}
+
 
 def _compare_groups(key, a: GroupSummary, b: GroupSummary, confidence) -> GroupComparison:
     ma, mb = a.delta_loss, b.delta_loss

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import flipsafe.protect.kinds  # noqa: F401  (registers the built-in protections, in order)
 from flipsafe.errors import ConfigError
-from flipsafe.protect.registry import get, kinds
+from flipsafe.protect.registry import get, registered
 from flipsafe.protect.spec import canonical
 
 
@@ -81,7 +82,7 @@ def weight_verdicts(name: str, codes, bits: int, index, mask, op, value) -> Weig
     kind = get(name)
     if not kind.in_memory:
         raise ConfigError(f"{name} is not a weight protection; choose one of: "
-                          f"{', '.join(n for n, k in kinds().items() if k.in_memory)}")
+                          f"{', '.join(n for n, k in registered().items() if k.in_memory)}")
     codes = codes.reshape(-1).cpu()
     index = torch.as_tensor(index).reshape(-1)
     faulty = apply(codes[index], mask, op, value)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flipsafe.compat import ConvNd
 from flipsafe.errors import ConfigError
 
 # Layer types the checksums understand.
@@ -45,13 +46,13 @@ class Checksum:
     def __init__(self, module: nn.Module, fmt, device=None):
         if not isinstance(module, TYPES):
             raise ConfigError(f"abft checks Conv and Linear layers, not {type(module).__name__}")
-        if isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode != "zeros":
+        if isinstance(module, ConvNd) and module.padding_mode != "zeros":
             raise ConfigError("abft checks convolutions with zero padding only")
         self.module = module
         self.u, self.tiny = unit_roundoff(fmt)
         w = module.weight.detach().double()
         b = module.bias.detach().double() if module.bias is not None else None
-        self.conv = isinstance(module, nn.modules.conv._ConvNd)
+        self.conv = isinstance(module, ConvNd)
         self.channels = w.shape[0]
         if self.conv:
             g = module.groups

@@ -51,9 +51,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from flipsafe.compat import BatchNorm, ConvNd, InstanceNorm
 from flipsafe.errors import ConfigError
 from flipsafe.protect.registry import get as get_protection
-from flipsafe.protect.registry import kinds
+from flipsafe.protect.registry import registered
 from flipsafe.protect.spec import Protection, parse
 
 LABEL = "CPU emulation figures on this machine, not accelerator figures"
@@ -71,9 +72,9 @@ ECC_BITS, PARITY_BITS, WORD_BITS = 8, 1, 64
 # abft's checksum): far above fp32 reassociation error, far below a flipped exponent bit.
 RTOL = 1e-4
 
-_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
-_COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention) + _BATCHNORMS + _NORMS
+_BATCHNORMS = (BatchNorm,)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, InstanceNorm)
+_COUNTED = (ConvNd, nn.Linear, nn.MultiheadAttention) + _BATCHNORMS + _NORMS
 
 Selection = dict[str, dict[str, "list[int] | None"]]
 
@@ -96,7 +97,7 @@ class FlopCount:
 def module_flops(mod: nn.Module, inputs: tuple, out) -> int:
     """FLOPs of one call of a Conv, ConvTranspose, Linear, norm or nn.MultiheadAttention
     (see the module doc), counted from its inputs and output; 0 for other modules."""
-    if isinstance(mod, nn.modules.conv._ConvNd):
+    if isinstance(mod, ConvNd):
         k = math.prod(mod.kernel_size)
         if mod.transposed:
             return 2 * inputs[0].numel() * (mod.out_channels // mod.groups) * k
@@ -244,7 +245,7 @@ def protection_flops(name: str, model: nn.Module, layers: dict, counts: FlopCoun
 
 def abft_flops(mod, shape, channels) -> int:
     """abft's FLOPs per image on a layer (see the module doc)."""
-    if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or not shape:
+    if not isinstance(mod, (nn.Linear, ConvNd)) or not shape:
         return 0
     c_out = channels_of(mod, shape)
     positions = math.prod(shape) // c_out
@@ -261,7 +262,7 @@ def abft_flops(mod, shape, channels) -> int:
 
 def abft_guardable(mod: nn.Module) -> bool:
     """Whether abft can check `mod`: a Linear or a (not transposed) Conv."""
-    return isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd)
+    return isinstance(mod, nn.Linear) or (isinstance(mod, ConvNd)
                                           and not mod.transposed)
 
 
@@ -353,7 +354,7 @@ def recompute(mod: nn.Module, inputs: tuple, channels=None) -> torch.Tensor:
         idx = torch.as_tensor(channels, device=mod.weight.device)
         bias = None if mod.bias is None else mod.bias[idx]
         return F.linear(inputs[0], mod.weight[idx], bias)
-    if (channels is not None and isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed
+    if (channels is not None and isinstance(mod, ConvNd) and not mod.transposed
             and mod.groups == 1 and mod.padding_mode == "zeros"
             and not isinstance(mod.padding, str)):
         idx = torch.as_tensor(channels, device=mod.weight.device)
@@ -461,7 +462,7 @@ def guard(model: nn.Module, selection: Selection, bounds: dict | None = None,
     monitor = Monitor()
     bounds = bounds or {}
     per_channel = set(per_channel)
-    for name, kind in kinds().items():
+    for name, kind in registered().items():
         if name not in selection or kind.in_memory:
             continue
         for layer, channels in selection[name].items():
@@ -724,7 +725,7 @@ def for_plan(model: nn.Module, protections, selection: Selection, images: torch.
     missing = names - set(selection)
     if missing:
         raise ConfigError(f"no resolved selection for {', '.join(sorted(missing))}")
-    selection = {n: selection[n] for n in kinds() if n in selection and n in names}
+    selection = {n: selection[n] for n in registered() if n in selection and n in names}
     report = measure(model, selection, images, labels, protections=items, ranges=ranges,
                      bounds=bounds,
                      weight_bits=get_format(format).bits, seconds=seconds)

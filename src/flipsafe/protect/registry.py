@@ -4,13 +4,13 @@ A protection is a `Kind` subclass that owns everything about it: its name, the s
 guard, its options, what it does (one line), which protections it excludes, how a campaign
 builds it on an engine (`build`), its verdict on each fault (`verdicts` for layer outputs,
 `read` for stored weight codes), and what it costs (`flops`, `bits`, `hook`). Everyone else
-looks protections up here (`get`, `kinds`, `names`) and calls those methods; nobody compares
+looks protections up here (`get`, `registered`, `names`) and calls those methods; nobody compares
 protection names.
 
 Adding a protection is one class: subclass `Kind`, fill in what it does, `register(Cls())`.
-The built-in ones live in `flipsafe.protect.kinds` and register on the first lookup, in the
-canonical order of a specification (ecc, parity, abft, dup, tmr, ranger, clip); protections
-registered later follow them.
+The built-in ones live in `flipsafe.protect.kinds`, which the package imports first, so
+they register in the canonical order of a specification (ecc, parity, abft, dup, tmr,
+ranger, clip); protections registered later follow them.
 """
 
 from __future__ import annotations
@@ -107,7 +107,6 @@ class Kind:
 
 
 _REGISTRY: dict[str, Kind] = {}
-_LOADED = False
 
 
 def register(kind: Kind) -> Kind:
@@ -116,7 +115,6 @@ def register(kind: Kind) -> Kind:
         raise ConfigError("a protection is a Kind instance with a lower-case name")
     if not kind.sites:
         raise ConfigError(f"protection {kind.name} names no site it can guard")
-    _load()
     if kind.name in _REGISTRY:
         raise ConfigError(f"a protection named {kind.name} is registered already")
     _REGISTRY[kind.name] = kind
@@ -128,27 +126,20 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def kinds() -> dict[str, Kind]:
+def registered() -> dict[str, Kind]:
     """Every registered protection by name, in canonical order."""
-    _load()
     return dict(_REGISTRY)
 
 
 def names() -> tuple[str, ...]:
-    return tuple(kinds())
+    return tuple(registered())
 
 
 def get(name: str) -> Kind:
     """The protection called `name`; ConfigError with the choices for an unknown one."""
-    found = kinds().get(name) if isinstance(name, str) else None
+    found = registered().get(name) if isinstance(name, str) else None
     if found is None:
         raise ConfigError(f"unknown protection {name!r}; choose from: {', '.join(_REGISTRY)} "
                           f"(options after ':', e.g. abft:layers=last, dup:budget=10%)")
     return found
 
-
-def _load() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        import flipsafe.protect.kinds  # noqa: F401  (registers the built-in protections)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flipsafe.errors import ConfigError
-from flipsafe.protect.registry import get, kinds
+from flipsafe.protect.registry import get, registered
 
 PER = ("layer", "channel")
 
@@ -68,9 +68,9 @@ def parse(spec, site: str | None = None) -> tuple[Protection, ...]:
         if item.name in items:
             raise ConfigError(f"protect names {item.name} twice in {spec!r}")
         items[item.name] = item
-    registered = kinds()
+    by_name = registered()
     groups: dict[str, str] = {}
-    for name, kind in registered.items():
+    for name, kind in by_name.items():
         if name in items and kind.group is not None:
             if kind.group in groups:
                 raise ConfigError(f"protect cannot take both {groups[kind.group]} and {name}; "
@@ -78,10 +78,10 @@ def parse(spec, site: str | None = None) -> tuple[Protection, ...]:
             groups[kind.group] = name
     if site is not None:
         for item in items.values():
-            kind = registered[item.name]
+            kind = by_name[item.name]
             if site not in kind.sites:
                 raise ConfigError(kind.site_error(site))
-    return tuple(items[n] for n in registered if n in items)
+    return tuple(items[n] for n in by_name if n in items)
 
 
 def canonical(spec, site: str | None = None) -> str | None:

@@ -19,7 +19,6 @@ from flipsafe.metrics.stats import (
     GroupSummary,
     RateRatio,
     compare,
-    holm,
     stratified_paired_ratio,
 )
 from flipsafe.protect.spec import label as protection_label
@@ -343,11 +342,8 @@ def layer_verdicts(reference: Results, other: Results,
                    comp: Comparison | None = None) -> dict[tuple, Verdict]:
     """Per matched layer SDC verdicts, Holm-adjusted across the layers of this comparison."""
     comp = comparison(reference, other) if comp is None else comp
-    keys = list(comp.groups)
-    pvals = [comp.groups[k].sdc.p_value for k in keys]
-    adjusted = holm([1.0 if math.isnan(p) else p for p in pvals]) if keys else []
-    return {k: verdict(reference.name, other.name, k[0], comp.groups[k].sdc, float(q))
-            for k, q in zip(keys, adjusted)}
+    return {k: verdict(reference.name, other.name, k[0], comp.groups[k].sdc, q)
+            for k, q in comp.holm_sdc().items()}
 
 
 def comparison_table(reference: Results, other: Results) -> TextTable:
@@ -536,13 +532,12 @@ def _own_costs(r: Results) -> dict:
     from before flipsafe measured it) only ecc and parity over every word have a known
     memory figure: their check bits per stored weight bit."""
     from flipsafe.protect import word_cost
-    from flipsafe.protect.spec import parse
 
     if r.plan.protect is None:
         return {"flops": 0.0, "latency": 0.0, "memory": 0.0, "accuracy": 0.0}
     total = _cost_total(r)
     if total is None:
-        items = parse(r.plan.protect)
+        items = r.plan.protections
         whole = len(items) == 1 and not items[0].options  # one code over every word
         memory = (word_cost(items[0].name).memory_overhead
                   if whole and word_cost(items[0].name).word_bits else None)
