@@ -188,6 +188,15 @@ def _plan_from_args(args):
         fields["margin"] = None
     elif args.margin is not None:
         fields["margin"] = args.margin
+    sampling = args.sampling
+    if sampling is None:  # the margin decides the size: adaptive, unless fields are split by hand
+        sampling = "adaptive" if n is None and args.allocation is None else "fixed"
+    elif sampling.lower() == "adaptive" and n is not None:
+        raise ConfigError(f"--sampling adaptive sizes each layer from --margin; it cannot take "
+                          f"--n {args.n} (leave --n out, or use --sampling fixed)")
+    fields["sampling"] = sampling
+    if args.budget is not None:
+        fields["budget"] = args.budget
     preprocess = {"image_size": args.image_size, "mean": _floats(args.mean, "--mean"),
                   "std": _floats(args.std, "--std")}
     if any(v is not None for v in preprocess.values()):
@@ -300,14 +309,39 @@ def cmd_fit(args) -> None:
     print(fit_json(estimates) if args.json else fit_text(estimates))
 
 
+def _add_size_flags(p: argparse.ArgumentParser, d) -> None:
+    """How many faults a campaign injects, and how it chooses them (d: the plan's defaults)."""
+    from flipsafe.campaign.plan import ALLOCATIONS, SAMPLINGS
+
+    p.add_argument("--n", default=None,
+                   help="injections per layer, or 'all' for the whole fault space; replaces "
+                        "--margin, which it refuses beside it (default: sized per layer from "
+                        "--confidence and --margin)")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="confidence level of the sample size, strictly between 0 and 1 "
+                        f"(default: {d.confidence})")
+    p.add_argument("--margin", type=float, default=None,
+                   help="error margin of each layer's rate at --confidence, strictly between 0 "
+                        f"and 1; not with --n (default: {d.margin})")
+    p.add_argument("--sampling", default=None,
+                   help=f"how --margin sizes the campaign: one of {_one_of(SAMPLINGS)}. adaptive: "
+                        "a pilot of about 300 faults per layer finds where the SDCs and DUEs "
+                        "are, then a second stage sized to reach --margin in every layer "
+                        "(Neyman allocation over bit fields; intervals from the second stage "
+                        "only, so they hold whatever the pilot saw); fixed: Leveugle's "
+                        "worst-case size (p = 0.5) for every layer (default: adaptive when "
+                        "--margin decides the size, fixed with --n or --allocation)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="most injections an adaptive campaign may spend, pilot included; a "
+                        "stage 2 that would not fit shrinks and the summary names the layers "
+                        "that missed --margin (default: no cap)")
+    p.add_argument("--allocation", default=None,
+                   help="how a layer's injections split across bit fields: one of "
+                        f"{_one_of(ALLOCATIONS)} (default: {d.allocation})")
+
+
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
-    from flipsafe.campaign.plan import (
-        ALLOCATIONS,
-        CONVENTION_DEFAULTS,
-        IMAGES,
-        PROTOCOLS,
-        CampaignPlan,
-    )
+    from flipsafe.campaign.plan import CONVENTION_DEFAULTS, IMAGES, PROTOCOLS, CampaignPlan
     from flipsafe.data import KINDS
     from flipsafe.faults import CAMPAIGN_SITES as SITES
     from flipsafe.faults import FAULT_MODELS as FAULTS
@@ -348,16 +382,6 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None,
                    help="all (Conv and Linear), last, a layer name, a layer type or a regular "
                         f"expression on layer names (default: {d.layers})")
-    p.add_argument("--n", default=None,
-                   help="injections per layer, or 'all' for the whole fault space; replaces "
-                        "--margin, which it refuses beside it (default: sized per layer from "
-                        "--confidence and --margin)")
-    p.add_argument("--confidence", type=float, default=None,
-                   help="confidence level of the sample size, strictly between 0 and 1 "
-                        f"(default: {d.confidence})")
-    p.add_argument("--margin", type=float, default=None,
-                   help="error margin of each layer's rate at --confidence, strictly between 0 "
-                        f"and 1; not with --n (default: {d.margin})")
     p.add_argument("--images", default=None,
                    help=f"images faults land on: one of {_one_of(IMAGES)} (correct: the ones "
                         f"the model classifies right, the GoldenEye convention) (default: "
@@ -374,9 +398,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                         + "; ".join(f"{n} ({', '.join(k.sites)}): {k.does.replace('%', '%%')}"
                                     for n, k in protection_kinds().items())
                         + " (default: none)")
-    p.add_argument("--allocation", default=None,
-                   help="how a layer's injections split across bit fields: one of "
-                        f"{_one_of(ALLOCATIONS)} (default: {d.allocation})")
+    _add_size_flags(p, d)
     p.add_argument("--seed", type=int, default=None, help=f"seed of the fault draw (default: {d.seed})")
     p.add_argument("--part-size", type=int, default=None,
                    help=f"rows per stored part, at least 1 (default: {d.part_size})")

@@ -261,3 +261,16 @@ def test_a_cli_run_whose_worker_dies_prints_no_ray_noise(mlp_checkpoint, tmp_pat
     assert "\x1b" not in done.stdout + done.stderr
     assert "Token authentication" not in done.stderr
     assert "worker died" not in done.stdout and done.stdout.startswith(f"{N:,} injections in")
+
+
+def test_an_adaptive_campaign_on_ray_equals_the_local_one(mlp_checkpoint, ray_instance,
+                                                          tmp_path):
+    """Both stages run on Ray actors, each drawing the driver's stage-2 list."""
+    plan = make_plan(mlp_checkpoint, margin=0.05, sampling="adaptive", part_size=400, seed=SEED)
+    run_campaign(plan, tmp_path / "local", backend="local", show_progress=False)
+    run_campaign(plan, tmp_path / "ray", backend="ray", workers=2, show_progress=False)
+    stores = [ResultsStore(tmp_path / name) for name in ("local", "ray")]
+    for store in stores:
+        store.open()
+    assert stores[0].stages == stores[1].stages and len(stores[0].stages) == 2
+    _assert_same_rows(stores[0].read(), stores[1].read())

@@ -62,7 +62,7 @@ class RayBackend:
 
         run_parts_on_ray(prep.plan, store, todo, address=address, workers=workers,
                          show_progress=show_progress, ranges=prep.ranges, device=device,
-                         label=label)
+                         label=label, stages=prep.stages)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (LocalBackend(), RayBackend())}

@@ -32,10 +32,16 @@ ALLOCATIONS = ("proportional", "equal")
 NOT_FINGERPRINTED = ("model", "inputs")
 # Fields added after plans were first written: left out of the fingerprint while None, so
 # the fingerprints of folders written before them stay valid.
-OPTIONAL_FINGERPRINTED = ("data_sha", "preprocess", "protocol", "protect")
+OPTIONAL_FINGERPRINTED = ("data_sha", "preprocess", "protocol", "protect", "budget")
+# Likewise left out while they hold the value every plan had before they existed.
+DEFAULT_FINGERPRINTED = {"sampling": "fixed"}
+# How n is reached when the margin decides it: "fixed", Leveugle's worst-case size for every
+# layer; "adaptive", a pilot that only allocates and a second stage sized to the margin
+# from it (flipsafe.campaign.adaptive).
+SAMPLINGS = ("fixed", "adaptive")
 # The fields of a FaultPlan: what defines the faults, whatever the model.
 FAULT_FIELDS = ("format", "images", "site", "fault", "layers", "n", "confidence", "margin",
-                "clamp", "seed", "allocation", "part_size", "protocol")
+                "clamp", "seed", "allocation", "part_size", "protocol", "sampling", "budget")
 
 # The fields a protocol may set, with the value each takes when neither the caller nor a
 # protocol gives one (the one place these defaults live).
@@ -143,6 +149,19 @@ def _check_faults(plan) -> None:
         )
     if plan.n is None and plan.margin is None:
         raise ConfigError("give n (faults per layer) or a margin to size n from; both are None")
+    object.__setattr__(plan, "sampling", _choice("sampling", plan.sampling, SAMPLINGS))
+    if plan.sampling == "adaptive" and plan.n is not None:
+        raise ConfigError(f"adaptive sampling sizes each layer from --margin; it cannot take "
+                          f"--n {plan.n} (leave --n out, or use --sampling fixed)")
+    if plan.sampling == "adaptive" and plan.allocation != "proportional":
+        raise ConfigError("adaptive sampling allocates by itself (Neyman); leave --allocation out")
+    if plan.budget is not None:
+        if not (_is_int(plan.budget) and plan.budget >= 1):
+            raise ConfigError(f"--budget must be a whole number of injections of at least 1, "
+                              f"got {plan.budget!r}")
+        if plan.sampling != "adaptive":
+            raise ConfigError("--budget caps an adaptive campaign; add --sampling adaptive "
+                              "(and leave --n out)")
     check_seed(plan.seed)
     if not _is_int(plan.part_size):
         raise ConfigError(f"part_size must be an integer, got {plan.part_size!r}")
@@ -173,6 +192,8 @@ class FaultPlan:
     allocation: str = "proportional"
     part_size: int = 4096
     protocol: str | None = None
+    sampling: str = "fixed"
+    budget: int | None = None
 
     def __post_init__(self):
         _check_faults(self)
@@ -330,6 +351,9 @@ class CampaignPlan(FaultPlan):
             del data[name]
         for name in OPTIONAL_FINGERPRINTED:
             if data[name] is None:
+                del data[name]
+        for name, usual in DEFAULT_FINGERPRINTED.items():
+            if data[name] == usual:
                 del data[name]
         return data
 

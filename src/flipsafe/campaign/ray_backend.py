@@ -48,7 +48,7 @@ class _PartWorker:
     """
 
     def __init__(self, plan_json: str, total_rows: int, cwd: str | None = None,
-                 ranges: dict | None = None, device: str = "cpu"):
+                 ranges: dict | None = None, device: str = "cpu", stages: list | None = None):
         import torch
 
         from flipsafe.campaign.work import fault_list, golden_cache, prepare
@@ -63,6 +63,8 @@ class _PartWorker:
         try:
             # The driver's ranges: profiling again on another node could differ slightly.
             self.prep = prepare(CampaignPlan.from_json(plan_json), ranges=ranges, device=device)
+            if stages is not None:  # an adaptive campaign's stages, as the driver sized them
+                self.prep.stages = stages
             self.faults = fault_list(self.prep)
             # The same golden runs as a local campaign makes (all images at once when they
             # fit GOLDEN_CACHE_BYTES), so the rows are identical to the local run's.
@@ -174,7 +176,7 @@ def _connect(ray, address, workers):
 def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
                      address: str | None = None, workers: int | None = None,
                      show_progress: bool = True, ranges: dict | None = None,
-                     device: str = "cpu", label: str | None = None) -> None:
+                     device: str = "cpu", label: str | None = None, stages=None) -> None:
     """Run parts `todo` of `plan` on Ray actors and write each into `store` as it arrives.
 
     Uses the Ray already initialised in this process if there is one (and leaves it
@@ -187,8 +189,8 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
     happens, so an interrupted run resumes where it was. Actors run the engine on
     `device`; with cuda (or auto on a driver that sees a GPU) each asks Ray for an equal
     share of the cluster's GPUs, else for none. `ranges` (the driver's Prepared.ranges)
-    go to every actor, so none profiles activation ranges of its own.
-    """
+    go to every actor, so none profiles activation ranges of its own, and `stages` (an
+    adaptive campaign's Prepared.stages), so each draws the driver's fault list."""
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     todo = list(todo)
@@ -225,7 +227,7 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
 
         def new_actor():
             return actor_cls.remote(plan_json, store.total_rows, os.getcwd(), ranges,
-                                    worker_device)
+                                    worker_device, stages)
 
         actors = [new_actor() for _ in range(n_actors)]
         queue = deque(todo)
@@ -235,8 +237,7 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
         def feed(slot: int) -> None:
             if queue:
                 k = queue.popleft()
-                start = k * plan.part_size
-                ref = actors[slot].run.remote(k, start, start + store.expected_rows(k))
+                ref = actors[slot].run.remote(k, *store.part_bounds(k))
                 running[ref] = (k, slot)
 
         for slot in range(n_actors):

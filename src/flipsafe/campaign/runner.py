@@ -164,8 +164,9 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
     for warning in getattr(prep.protector, "warnings", ()):
         print(f"flipsafe: warning: {warning}", file=sys.stderr)
     refuse_other_data(plan, out)
-    faults = fault_list(prep)
     store = ResultsStore(out)
+    prep.stages = _recorded_stages(store, plan, prep)
+    faults = fault_list(prep)
     if _finished(store, plan, len(faults), prep):
         # Nothing to do and nothing written: a finished campaign resumes on a read-only folder.
         if show_progress:
@@ -177,7 +178,10 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
                           "is not finished); make the folder writable to resume it")
     try:
         with store.lock():
-            store.create_or_resume(plan, total_rows=len(faults), strata=prep.strata)
+            store.create_or_resume(plan, total_rows=prep.total, strata=prep.strata)
+            if len(store.stages) > 1:
+                prep.stages = [store.pilot, store.strata]
+                faults = fault_list(prep)
             _refuse_other_channels(out, prep)
             if prep.ranges and cached is None:
                 _cache_ranges(out, plan, prep.ranges)
@@ -189,6 +193,11 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
             started = time.perf_counter()
             runner.run(prep, faults, store, todo, show_progress=show_progress, label=label,
                        address=address, workers=workers, device=device)
+            if plan.sampling == "adaptive":
+                faults, later = _second_stage(prep, store)
+                todo += later
+                runner.run(prep, faults, store, later, show_progress=show_progress,
+                           label=label, address=address, workers=workers, device=device)
             seconds = time.perf_counter() - started
     except OSError as exc:
         if not is_disk_full(exc):
@@ -199,6 +208,36 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
         ) from None
     ran = sum(store.expected_rows(k) for k in todo)
     return CampaignRun(Path(out), len(faults), len(todo), kept, seconds, ran / max(seconds, 1e-9))
+
+
+def _recorded_stages(store: ResultsStore, plan: CampaignPlan, prep) -> list | None:
+    """The stages an adaptive campaign in `store` recorded for this very plan and pilot
+    ([pilot, stage 2]), else None; reads only."""
+    if plan.sampling != "adaptive":
+        return None
+    try:
+        held = store.open()
+    except FlipsafeError:
+        return None
+    if (held.fingerprint() != plan.fingerprint() or store.pilot is None
+            or store.pilot != prep.strata):
+        return None
+    return [store.pilot, store.strata]
+
+
+def _second_stage(prep: Prepared, store: ResultsStore):
+    """Size the adaptive campaign's second stage from its pilot's rows (campaign.adaptive),
+    record it in `store` (or check the one recorded) and return the whole fault list and
+    the parts of stage 2 still to run."""
+    from flipsafe.campaign import adaptive
+
+    plan, pilot = prep.plan, prep.stages[0] if prep.stages else prep.strata
+    rows = store.read().slice(0, sum(s.n for s in pilot))
+    stage2 = adaptive.second_stage(pilot, adaptive.counts_of(rows, pilot), plan.margin,
+                                   plan.confidence, plan.budget)
+    store.add_stage(sum(s.n for s in stage2), stage2, pilot)
+    prep.stages = [pilot, stage2]
+    return fault_list(prep), store.missing_parts()
 
 
 def _finished(store: ResultsStore, plan: CampaignPlan, total_rows: int, prep) -> bool:
@@ -213,8 +252,9 @@ def _finished(store: ResultsStore, plan: CampaignPlan, total_rows: int, prep) ->
     info = read_model_info(store.out_dir)
     # Counting part files is cheap; reading and checking them (missing_parts) comes last.
     on_disk = sum(1 for _ in store.parts_dir.glob("part-*.parquet"))
+    staged = plan.sampling != "adaptive" or len(store.stages) > 1
     return (held.fingerprint() == plan.fingerprint() and store.total_rows == total_rows
-            and on_disk == store.n_parts
+            and staged and on_disk == store.n_parts
             and store.strata is not None and read_cost(store.out_dir) is not None
             and info is not None
             and info.get("protect", {}).get("channels") ==

@@ -132,6 +132,30 @@ def other_model_error(out_dir, held: CampaignPlan, plan: CampaignPlan) -> Campai
 CAMPAIGN_ENTRIES = re.compile(r"^(\.lock|parts|manifest\.json|model\.json|ranges-.+\.json)$")
 
 
+def different_campaign_error(out_dir, existing: CampaignPlan, plan: CampaignPlan
+                             ) -> CampaignError:
+    """Why folder `out_dir`, holding plan `existing`, refuses plan `plan` (fingerprints differ)."""
+    if (existing.model_sha != plan.model_sha
+            and Path(existing.model).resolve() != Path(plan.model).resolve()):
+        return other_model_error(out_dir, existing, plan)
+    if existing.differing_fields(plan) == ["model_sha"]:
+        return CampaignError(
+            f"{out_dir} holds this campaign run on other weights: the "
+            f"checkpoint at {plan.model} changed since (retrained or replaced; its "
+            f"weights hash is now {plan.model_sha[:12]}…, the campaign ran on "
+            f"{existing.model_sha[:12]}…); restore the original checkpoint to "
+            "resume, or choose another --out for the new model"
+        )
+    diffs = ", ".join(
+        f"{name} ({getattr(existing, name)!r} there, {getattr(plan, name)!r} now)"
+        for name in existing.differing_fields(plan)
+    )
+    return CampaignError(
+        f"{out_dir} holds a different campaign: {diffs}; choose another --out "
+        "to start a new campaign, or rerun with the same settings to resume"
+    )
+
+
 def refuse_foreign_folder(out_dir) -> None:
     """Refuse results folder `out_dir` when it holds files and no campaign: results must not
     be mixed with a user's own files. An empty or missing folder, or a campaign's, passes."""
@@ -148,11 +172,89 @@ def refuse_foreign_folder(out_dir) -> None:
             "folder for --out, so no file of yours is mixed with results")
 
 
+def read_manifest(out_dir) -> dict | None:
+    """The manifest of results folder `out_dir` (None without one); CampaignError when damaged."""
+    path = Path(out_dir) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        manifest = exc
+    if not (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("total_rows"), int)
+        and isinstance(manifest.get("fingerprint"), str)
+    ):
+        raise CampaignError(
+            f"{path} is damaged ({manifest}); choose another --out (the results there are kept)"
+        )
+    return manifest
+
+def read_strata(records, path: Path) -> list[Stratum] | None:
+    """Strata from a manifest's list of records (None: not recorded)."""
+    if records is None:
+        return None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise CampaignError(f"{path} has a damaged strata list; resume the campaign with "
+                            "its original settings to rewrite it")
+    try:
+        return [Stratum.from_dict(r) for r in records]
+    except CampaignError as exc:
+        raise CampaignError(f"{path}: {exc}; resume the campaign with its original "
+                            "settings to rewrite it") from None
+
+
+def write_manifest(out_dir, plan: CampaignPlan, total_rows: int,
+                   strata: list[Stratum] | None = None, stages: list[int] | None = None,
+                   pilot: list[Stratum] | None = None) -> None:
+    """Write the manifest of `out_dir` atomically, keeping a cost already recorded."""
+    stages = stages or [total_rows]
+    manifest = {
+        "fingerprint": plan.fingerprint(),
+        "total_rows": total_rows,
+        "part_size": plan.part_size,
+        "parts": n_parts(stages, plan.part_size),
+    }
+    if len(stages) > 1:
+        manifest["stages"] = stages
+    if strata is not None:
+        manifest["strata"] = [s.to_dict() for s in strata]
+    if pilot is not None:
+        manifest["pilot"] = [s.to_dict() for s in pilot]
+    kept = read_cost(out_dir)  # measured once: a rewrite keeps it
+    if kept is not None:
+        manifest[COST_KEY] = kept
+    atomic.write_text(Path(out_dir) / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+
+
+def n_parts(stages, part_size: int) -> int:
+    """Parts of a campaign of `stages` rows per stage (or one int), each stage cut alone."""
+    stages = [stages] if isinstance(stages, int) else stages
+    return sum(math.ceil(n / part_size) for n in stages)
+
+
+def stage_part_bounds(stages: list[int], part_size: int, k: int) -> tuple[int, int]:
+    """Rows [start, stop) of part k: part_size rows, except the last part of each stage,
+    which takes the stage's rest."""
+    first = start = 0
+    for rows in stages:
+        parts = math.ceil(rows / part_size)
+        if k < first + parts:
+            lo = start + (k - first) * part_size
+            return lo, min(lo + part_size, start + rows)
+        first, start = first + parts, start + rows
+    raise CampaignError(f"part {k} is out of range; this campaign has {n_parts(stages, part_size)}")
+
+
 class ResultsStore:
     """Results of one campaign in out_dir: plan.json, manifest.json and parts/part-NNNNNN.parquet.
 
     Part k holds rows [k * part_size, (k + 1) * part_size) of the campaign's total_rows;
-    the runner decides which faults those are. Parts are written whole or not at all.
+    the runner decides which faults those are. Parts are written whole or not at all. An
+    adaptive campaign's rows come in stages (`stages`: rows per stage, recorded in the
+    manifest once there is more than one) and each stage is cut into parts of its own, so
+    a stage added later never changes a part already written.
 
     One writer at a time: a campaign holds lock() while it runs. Only the lock's holder
     changes files it did not write itself (clears temporary files left by a killed
@@ -168,6 +270,10 @@ class ResultsStore:
         # The plan's strata with their fault-space sizes; None for folders written before
         # flipsafe recorded them (their overall rates can only pool the rows).
         self.strata: list[Stratum] | None = None
+        # Rows per stage ([total_rows] for one stage) and the adaptive pilot's strata (the
+        # first stage's; None unless the campaign is adaptive and has a second stage).
+        self.stages: list[int] = []
+        self.pilot: list[Stratum] | None = None
         # Part files found damaged by the last scan (moved aside when this store is the writer).
         self.damaged: list[Path] = []
         self._lock_file = None
@@ -226,53 +332,6 @@ class ResultsStore:
                 f"{path} cannot be used ({exc}); choose another --out (the results there are kept)"
             ) from None
 
-    def _read_manifest(self) -> dict | None:
-        path = self.out_dir / MANIFEST_FILE
-        if not path.exists():
-            return None
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            manifest = exc
-        if not (
-            isinstance(manifest, dict)
-            and isinstance(manifest.get("total_rows"), int)
-            and isinstance(manifest.get("fingerprint"), str)
-        ):
-            raise CampaignError(
-                f"{path} is damaged ({manifest}); choose another --out (the results there are kept)"
-            )
-        return manifest
-
-    @staticmethod
-    def _read_strata(manifest: dict, path: Path) -> list[Stratum] | None:
-        records = manifest.get("strata")
-        if records is None:
-            return None
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise CampaignError(f"{path} has a damaged strata list; resume the campaign with "
-                                "its original settings to rewrite it")
-        try:
-            return [Stratum.from_dict(r) for r in records]
-        except CampaignError as exc:
-            raise CampaignError(f"{path}: {exc}; resume the campaign with its original "
-                                "settings to rewrite it") from None
-
-    def _write_manifest(self, plan: CampaignPlan, total_rows: int,
-                        strata: list[Stratum] | None = None) -> None:
-        manifest = {
-            "fingerprint": plan.fingerprint(),
-            "total_rows": total_rows,
-            "part_size": plan.part_size,
-            "parts": self._n_parts(total_rows, plan.part_size),
-        }
-        if strata is not None:
-            manifest["strata"] = [s.to_dict() for s in strata]
-        kept = read_cost(self.out_dir)  # measured once: a rewrite keeps it
-        if kept is not None:
-            manifest[COST_KEY] = kept
-        atomic.write_text(self.out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-
     def create_or_resume(self, plan: CampaignPlan, total_rows: int,
                          strata: list[Stratum] | None = None) -> bool:
         """Start a campaign in out_dir, or resume the same one; returns True when resuming.
@@ -289,33 +348,23 @@ class ResultsStore:
         if plan_path.exists():
             existing = self._read_plan()
             if existing.fingerprint() != plan.fingerprint():
-                if (existing.model_sha != plan.model_sha
-                        and Path(existing.model).resolve() != Path(plan.model).resolve()):
-                    raise other_model_error(self.out_dir, existing, plan)
-                if existing.differing_fields(plan) == ["model_sha"]:
-                    raise CampaignError(
-                        f"{self.out_dir} holds this campaign run on other weights: the "
-                        f"checkpoint at {plan.model} changed since (retrained or replaced; its "
-                        f"weights hash is now {plan.model_sha[:12]}…, the campaign ran on "
-                        f"{existing.model_sha[:12]}…); restore the original checkpoint to "
-                        "resume, or choose another --out for the new model"
-                    )
-                diffs = ", ".join(
-                    f"{name} ({getattr(existing, name)!r} there, {getattr(plan, name)!r} now)"
-                    for name in existing.differing_fields(plan)
-                )
-                raise CampaignError(
-                    f"{self.out_dir} holds a different campaign: {diffs}; choose another --out "
-                    "to start a new campaign, or rerun with the same settings to resume"
-                )
-            manifest = self._read_manifest()
+                raise different_campaign_error(self.out_dir, existing, plan)
+            manifest = read_manifest(self.out_dir)
             if manifest is None:
-                self._write_manifest(plan, total_rows, strata)
+                write_manifest(self.out_dir, plan, total_rows, strata)
             elif manifest["fingerprint"] != plan.fingerprint():
                 raise CampaignError(
                     f"{self.out_dir / MANIFEST_FILE} belongs to another plan than {plan_path}; "
                     "the folder was altered, so choose another --out"
                 )
+            elif (manifest.get("stages") or [None])[0] == total_rows and plan.sampling != "fixed":
+                # An adaptive campaign resumed after its pilot: its later stages are recorded.
+                self.plan = plan
+                self._adopt(manifest)
+                self.parts_dir.mkdir(exist_ok=True)
+                if self.is_writer:
+                    self._remove_stale_temps()
+                return True
             elif manifest["total_rows"] != total_rows:
                 raise CampaignError(
                     f"{self.out_dir} was started for {manifest['total_rows']} result rows but "
@@ -323,10 +372,10 @@ class ResultsStore:
                     "must have changed, so choose another --out"
                 )
             elif strata is not None and manifest.get("strata") is None:
-                self._write_manifest(plan, total_rows, strata)
-            self.plan, self.total_rows = plan, total_rows
+                write_manifest(self.out_dir, plan, total_rows, strata)
+            self.plan, self.total_rows, self.stages = plan, total_rows, [total_rows]
             self.strata = strata if strata is not None else (
-                None if manifest is None else self._read_strata(manifest, self.out_dir))
+                None if manifest is None else read_strata(manifest.get("strata"), self.out_dir))
             self.parts_dir.mkdir(exist_ok=True)
             if self.is_writer:
                 self._remove_stale_temps()
@@ -334,7 +383,7 @@ class ResultsStore:
         if self.parts_dir.exists() and any(self.parts_dir.iterdir()):
             # plan.json is gone but manifest.json holds the fingerprint: the same plan
             # proves the parts are its own, so plan.json is restored and the run resumes.
-            manifest = self._read_manifest()
+            manifest = read_manifest(self.out_dir)
             if (manifest is not None and manifest["fingerprint"] == plan.fingerprint()
                     and manifest["total_rows"] == total_rows):
                 atomic.write_text(plan_path, plan.to_json())
@@ -348,10 +397,42 @@ class ResultsStore:
         refuse_foreign_folder(self.out_dir)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         # The manifest goes first: plan.json is what marks the folder as a campaign.
-        self._write_manifest(plan, total_rows, strata)
+        write_manifest(self.out_dir, plan, total_rows, strata)
         atomic.write_text(plan_path, plan.to_json())
         self.plan, self.total_rows, self.strata = plan, total_rows, strata
+        self.stages = [total_rows]
         return False
+
+    def _adopt(self, manifest: dict) -> None:
+        """Take total rows, stages, strata and pilot from a manifest that is this plan's."""
+        path = self.out_dir / MANIFEST_FILE
+        stages = manifest.get("stages") or [manifest["total_rows"]]
+        if not (isinstance(stages, list) and all(isinstance(n, int) and n >= 0 for n in stages)
+                and sum(stages) == manifest["total_rows"]):
+            raise CampaignError(f"{path} has a damaged stages list; choose another --out "
+                                "(the results there are kept)")
+        self.total_rows, self.stages = int(manifest["total_rows"]), list(stages)
+        self.strata = read_strata(manifest.get("strata"), path)
+        pilot = manifest.get("pilot")
+        self.pilot = None if pilot is None else read_strata(pilot, path)
+
+    def add_stage(self, rows: int, strata: list[Stratum], pilot: list[Stratum]) -> None:
+        """Record a second stage of `rows` rows after the first (the adaptive pilot, whose
+        strata are `pilot`); `strata` are the new stage's, which estimates use. A stage
+        already recorded must be this very one (the pilot's rows decide it)."""
+        plan = self._require_open()
+        if len(self.stages) > 1:
+            if self.stages[1:] != [rows] or self.strata != list(strata):
+                raise CampaignError(
+                    f"{self.out_dir} records another second stage than its pilot's rows give "
+                    "now; the folder was altered, so choose another --out")
+            return
+        if not self.is_writer:
+            raise CampaignError("only the campaign holding the folder's lock adds a stage")
+        stages = [self.stages[0], rows]
+        write_manifest(self.out_dir, plan, sum(stages), list(strata), stages, list(pilot))
+        self.total_rows, self.stages = sum(stages), stages
+        self.strata, self.pilot = list(strata), list(pilot)
 
     def open(self) -> CampaignPlan:
         """Open an existing campaign folder for reading, without a plan to compare against."""
@@ -365,14 +446,14 @@ class ResultsStore:
                 f"{self.out_dir} has no {PLAN_FILE}; point at a folder a campaign wrote"
             )
         plan = self._read_plan()
-        manifest = self._read_manifest()
+        manifest = read_manifest(self.out_dir)
         if manifest is None or manifest["fingerprint"] != plan.fingerprint():
             raise CampaignError(
                 f"{self.out_dir / MANIFEST_FILE} is missing or belongs to another plan; "
                 "resume the campaign with its original settings to rebuild it"
             )
-        self.plan, self.total_rows = plan, int(manifest["total_rows"])
-        self.strata = self._read_strata(manifest, self.out_dir / MANIFEST_FILE)
+        self.plan = plan
+        self._adopt(manifest)
         return plan
 
     def write_cost(self, cost: dict) -> None:
@@ -382,7 +463,7 @@ class ResultsStore:
         self._require_open()
         if not self.is_writer:
             raise CampaignError("only the campaign holding the folder's lock records its cost")
-        manifest = self._read_manifest() or {}
+        manifest = read_manifest(self.out_dir) or {}
         manifest[COST_KEY] = cost
         atomic.write_text(self.out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
 
@@ -399,21 +480,22 @@ class ResultsStore:
             raise CampaignError("results store is not open; call create_or_resume() or open()")
         return self.plan
 
-    @staticmethod
-    def _n_parts(total_rows: int, part_size: int) -> int:
-        return math.ceil(total_rows / part_size)
-
     @property
     def n_parts(self) -> int:
         plan = self._require_open()
-        return self._n_parts(self.total_rows, plan.part_size)
+        return n_parts(self.stages, plan.part_size)
 
-    def expected_rows(self, k: int) -> int:
-        """Rows part k must hold: part_size, except the last part which takes the rest."""
+    def part_bounds(self, k: int) -> tuple[int, int]:
+        """Rows [start, stop) part k holds (stage_part_bounds)."""
         plan = self._require_open()
         if not 0 <= k < self.n_parts:
             raise CampaignError(f"part {k} is out of range; this campaign has {self.n_parts}")
-        return min(plan.part_size, self.total_rows - k * plan.part_size)
+        return stage_part_bounds(self.stages, plan.part_size, k)
+
+    def expected_rows(self, k: int) -> int:
+        """Rows part k must hold (see part_bounds)."""
+        start, stop = self.part_bounds(k)
+        return stop - start
 
     def part_path(self, k: int) -> Path:
         return self.parts_dir / f"part-{k:06d}.parquet"

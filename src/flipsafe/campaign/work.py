@@ -85,6 +85,9 @@ class Prepared:
     # How the dataset's pixels became the model's inputs (targets.Inputs); None for data
     # given in Python, which the model takes as it is.
     inputs: object = None
+    # The strata of each stage of an adaptive campaign once its second stage is known
+    # ([pilot, stage 2]; see campaign.adaptive); None: one stage, `strata`.
+    stages: list | None = None
 
     @property
     def total(self) -> int:
@@ -214,6 +217,11 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
     sizes = _sampler(plan, engine, layers).sizes(
         images=1 if plan.n == "all" else int(image_ids.numel()))
     strata = _with_exposure(plan, layers, plan_strata(plan, sizes))
+    if plan.sampling == "adaptive":  # the pilot first; the runner adds stage 2 from its rows
+        from flipsafe.campaign import adaptive
+
+        strata = adaptive.pilot(strata)
+        adaptive.check_budget(plan.budget, strata)
     try:
         classifier = engine.classifier()
     except FlipsafeError:
@@ -350,7 +358,7 @@ def _map_rates(item, plan: CampaignPlan, engine):
     return rates, warning
 
 
-def fault_list(prep: Prepared):
+def fault_list(prep: Prepared, stages=None):
     """The plan's whole fault list: a FaultSet whose `stratum` column holds each fault's
     stratum field, strata in prep.strata order.
 
@@ -358,14 +366,25 @@ def fault_list(prep: Prepared):
     (seed, layer, field), so the list is the same on any machine and however the work is
     later split. A stratum holds the faults whose highest bit lies in its field; `--n all`
     lists each of them once per element (random and zero: each element once).
+    An adaptive campaign's list is its stages one after the other (`stages`: the strata
+    of each, default prep.stages, else [prep.strata]); stage i draws with
+    adaptive.stage_seed(seed, i).
     """
+    from flipsafe.campaign.adaptive import stage_seed
+    from flipsafe.faults import FaultSet
+
     plan = prep.plan
-    counts = {(s.layer, s.field): s.n for s in prep.strata}
-    try:
-        faults = _sampler(plan, prep.engine, prep.layers).stratified(
-            counts, plan.seed, prep.image_ids, every=plan.n == "all")
-    except ConfigError as exc:  # the stratum sizes and the sampler disagree
-        raise CampaignError(f"internal error: {exc}") from None
+    sampler = _sampler(plan, prep.engine, prep.layers)
+    lists = []
+    stages = stages or prep.stages or [prep.strata]
+    for i, strata in enumerate(stages):
+        counts = {(s.layer, s.field): s.n for s in strata}
+        try:
+            lists.append(sampler.stratified(counts, stage_seed(plan.seed, i), prep.image_ids,
+                                            every=plan.n == "all"))
+        except ConfigError as exc:  # the stratum sizes and the sampler disagree
+            raise CampaignError(f"internal error: {exc}") from None
+    faults = lists[0] if len(lists) == 1 else FaultSet.cat(lists)
     if not len(faults):
         raise CampaignError("the plan allocates no faults; raise --n or lower the confidence")
     return faults
@@ -552,9 +571,9 @@ def refuse_other_data(plan: CampaignPlan, out) -> None:
                             f"the campaign in {out} started")
 
 
-def part_bounds(store: ResultsStore, k: int, part_size: int) -> tuple[int, int]:
-    start = k * part_size
-    return start, start + store.expected_rows(k)
+def part_bounds(store: ResultsStore, k: int, part_size: int | None = None) -> tuple[int, int]:
+    """Rows [start, stop) of part k (ResultsStore.part_bounds; part_size is the store's)."""
+    return store.part_bounds(k)
 
 
 def estimate_seconds(prep: Prepared, sample: int = 64) -> float:

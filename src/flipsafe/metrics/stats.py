@@ -200,6 +200,76 @@ def stratified_rate(k, n, size, confidence: float = 0.99, exhaustive=False) -> R
                         _check_confidence(confidence), "stratified", variance, n_eff)
 
 
+EFFECTIVE_METHOD = (
+    "stratified estimate (each stratum weighted by its share of the fault space) with a "
+    "Clopper-Pearson interval on the effective sample size of the per-stratum variances "
+    "(Korn & Graubard); each sampled stratum's variance uses (k + 1/2) / (n + 1), so a "
+    "stratum without events still carries its sampling error"
+)
+# Events added to each sampled stratum for its variance, and twice that to its trials.
+HALF_EVENT = 0.5
+
+
+def adjusted_rate(k, n):
+    """(k + 1/2) / (n + 1) per stratum: the rate the variance of EFFECTIVE_METHOD (and the
+    adaptive design's allocation) uses, never 0 or 1 for a sampled stratum."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    return (k + HALF_EVENT) / (n + 2 * HALF_EVENT)
+
+
+def effective_rate(k, n, size, confidence: float = 0.99, exhaustive=False) -> RateEstimate:
+    """The fault-space-average rate from per-stratum counts, with an interval that uses
+    what each stratum shows (EFFECTIVE_METHOD); for designs whose allocation is not
+    proportional (adaptive campaigns), where Kish's design effect alone misleads.
+
+    Stratum h holds size[h] faults, n[h] were drawn uniformly with replacement, k[h] were
+    events. p = sum W_h k_h / n_h (W_h = size_h / sum size). Over the sampled strata S
+    (weight W_S, exact strata E adding p_E exactly): V = sum_S W_h^2 q_h (1 - q_h) / n_h
+    with q_h = adjusted_rate(k_h, n_h); the rate within S, r = sum_S W_h p_h / W_S, behaves
+    as x = r n_eff events in n_eff = q (1 - q) / (V / W_S^2) trials, q = sum_S W_h q_h / W_S,
+    and its Clopper-Pearson interval (beta quantiles at fractional x) scaled by W_S and
+    shifted by p_E is the interval. Coverage against exhaustive ground truth is tested in
+    tests/metrics/test_adaptive_coverage.py.
+    """
+    from scipy.stats import beta
+
+    k = np.asarray(k, dtype=np.float64).ravel()
+    n = np.asarray(n, dtype=np.float64).ravel()
+    size = np.asarray(size, dtype=np.float64).ravel()
+    exhaustive = np.broadcast_to(np.asarray(exhaustive, dtype=bool), n.shape)
+    _check_counts(k, n)
+    confidence = _check_confidence(confidence)
+    if not (k.shape == n.shape == size.shape):
+        raise ConfigError(f"k, n and size must have one entry per stratum, got "
+                          f"{k.size}, {n.size}, {size.size}")
+    if n.size == 0:
+        return RateEstimate(0, 0, math.nan, 0.0, 1.0, confidence, "effective", math.nan)
+    if np.any(n <= 0) or np.any(size <= 0):
+        raise ConfigError("every stratum needs n > 0 injected faults and a positive size")
+    w = size / size.sum()
+    p_h = k / n
+    p = float(np.sum(w * p_h))
+    sampled = ~exhaustive
+    if not sampled.any():
+        return RateEstimate(int(k.sum()), int(n.sum()), p, p, p, confidence, "effective",
+                            0.0, math.inf)
+    w_s = float(w[sampled].sum())
+    p_exact = float(np.sum((w * p_h)[exhaustive]))
+    q_h = adjusted_rate(k[sampled], n[sampled])
+    ws = w[sampled] / w_s
+    v = float(np.sum(ws * ws * q_h * (1.0 - q_h) / n[sampled]))
+    q = float(np.sum(ws * q_h))
+    n_eff = q * (1.0 - q) / v
+    r = float(np.sum(ws * p_h[sampled]))
+    x = r * n_eff
+    alpha = 1.0 - confidence
+    low = float(beta.ppf(alpha / 2.0, x, n_eff - x + 1.0)) if x > 0 else 0.0
+    high = float(beta.ppf(1.0 - alpha / 2.0, x + 1.0, n_eff - x)) if x < n_eff else 1.0
+    return RateEstimate(int(k.sum()), int(n.sum()), p, p_exact + w_s * low,
+                        p_exact + w_s * high, confidence, "effective", w_s * w_s * v, n_eff)
+
+
 @dataclass(frozen=True)
 class RateRatio:
     """(k1/n1) / (k2/n2) with a Katz log interval.
@@ -521,10 +591,24 @@ class Strata:
         return Strata(tuple(self.keys[i] for i in idx), self.size[idx], self.n[idx],
                       self.sdc[idx], self.due[idx], self.exhaustive)
 
-    def estimate(self, outcome: str, confidence: float) -> RateEstimate:
-        """The stratified fault-space-average rate of outcome "sdc" or "due"."""
-        return stratified_rate(getattr(self, outcome), self.n, self.size, confidence,
-                               self.exhaustive)
+    def estimate(self, outcome: str, confidence: float, interval: str = "kish") -> RateEstimate:
+        """The stratified fault-space-average rate of outcome "sdc" or "due", with the
+        interval of `interval` (INTERVALS: "kish" stratified_rate, "effective"
+        effective_rate)."""
+        rate = effective_rate if _choose_interval(interval) == "effective" else stratified_rate
+        return rate(getattr(self, outcome), self.n, self.size, confidence, self.exhaustive)
+
+
+# How summaries of stratified rows compute intervals: "kish" (proportional allocation:
+# groups pool their rows, the overall rate is stratified_rate) or "effective" (any
+# allocation: every group with a layer is stratified too, by effective_rate).
+INTERVALS = ("kish", "effective")
+
+
+def _choose_interval(interval: str) -> str:
+    if interval not in INTERVALS:
+        raise ConfigError(f"unknown interval {interval!r}; choose one of: {', '.join(INTERVALS)}")
+    return interval
 
 
 def _strata(cols: dict, sdc, due, sizes: Mapping, exhaustive: bool) -> Strata:
@@ -627,6 +711,7 @@ def summarise(
     qs: Sequence[float] = DEFAULT_QUANTILES,
     sizes: Mapping[tuple, int] | None = None,
     exhaustive: bool = False,
+    interval: str = "kish",
 ) -> Summary:
     """Summarise campaign rows (a pyarrow Table or a dict of columns) per group.
 
@@ -635,9 +720,13 @@ def summarise(
     Rates get Wilson intervals; delta-loss gets a t interval over its finite values.
     `sizes` maps each (layer, field) stratum to its fault-space size (needs the layer and
     field columns): the overall SDC and DUE rates are then stratified_rate estimates, and
-    group rates stay pooled within the group.
+    group rates stay pooled within the group. interval="effective" (an adaptive design,
+    whose allocation is not proportional) stratifies the group rates of groups that hold
+    the layer column as well, and gives every stratified rate effective_rate's interval.
     """
     _check_confidence(confidence)
+    _choose_interval(interval)
+    per_group = interval == "effective" and sizes is not None and "layer" in by
     by = tuple(by)
     extra = tuple(c for c in STRATUM if c not in by) if sizes is not None else ()
     cols = _columns(table, (*by, *extra, "sdc", "due", "delta_loss"))
@@ -659,14 +748,21 @@ def summarise(
         for lo, hi in bounds:
             rows = order[lo:hi]
             key = tuple(_plain(cols[name][rows[0]]) for name in by)
-            groups[key] = _group_summary(key, sdc[rows], due[rows], dloss[rows], confidence, qs)
+            group = _group_summary(key, sdc[rows], due[rows], dloss[rows], confidence, qs)
+            if per_group:
+                mine = _strata({name: cols[name][rows] for name in STRATUM}, sdc[rows],
+                               due[rows], sizes, exhaustive)
+                group = dataclasses.replace(group, sdc=mine.estimate("sdc", confidence, interval),
+                                            due=mine.estimate("due", confidence, interval))
+            groups[key] = group
     overall = _group_summary((OVERALL,) * len(by), sdc, due, dloss, confidence, qs)
     strata = None
     if sizes is not None:
         strata = _strata(cols, sdc, due, sizes, exhaustive)
         if strata.keys:
-            overall = dataclasses.replace(overall, sdc=strata.estimate("sdc", confidence),
-                                          due=strata.estimate("due", confidence))
+            overall = dataclasses.replace(
+                overall, sdc=strata.estimate("sdc", confidence, interval),
+                due=strata.estimate("due", confidence, interval))
     return Summary(by, confidence, groups, overall, qs, strata)
 
 

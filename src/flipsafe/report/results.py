@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flipsafe.campaign import adaptive
 from flipsafe.campaign.plan import CampaignPlan, Stratum, is_flipsafe_spec
 from flipsafe.campaign.store import PLAN_FILE, ResultsStore, read_cost, read_model_info
 from flipsafe.errors import CampaignError, ConfigError, FlipsafeError
@@ -61,6 +62,10 @@ class Results:
     strata: list[Stratum] | None = None
     complete: bool = True
     planned_rows: int = 0
+    # Injections spent (all rows, an adaptive pilot's too; None: the table's) and the
+    # adaptive pilot's rows, which only allocated (0 without one).
+    spent_rows: int | None = None
+    pilot_rows: int = 0
     # What the results folder records about its model (store.MODEL_FILE): spec, kind,
     # sha256, description, clean accuracy; None for folders written before it existed.
     model_info: dict | None = None
@@ -70,7 +75,9 @@ class Results:
 
     @property
     def n(self) -> int:
-        return self.table.num_rows
+        """Injections spent: every row, an adaptive pilot's included (`table` holds the rows
+        estimates use)."""
+        return self.table.num_rows if self.spent_rows is None else self.spent_rows
 
     @property
     def accuracy(self) -> float | None:
@@ -200,6 +207,35 @@ def _clean_eval(model, plan: CampaignPlan) -> CleanEval:
     return CleanEval(probs, labels.numpy())
 
 
+def _folder_notes(store: ResultsStore, spent: pa.Table) -> tuple[list[str], bool]:
+    """What a report must say about a results folder (damaged parts, an incomplete campaign,
+    strata not recorded), and whether the campaign is complete."""
+    plan = store.plan
+    notes: list[str] = []
+    if store.damaged:
+        # Reading never changes the folder; the campaign's writer sets these aside on resume.
+        names = ", ".join(p.name for p in store.damaged)
+        notes.append(
+            f"Skipped {len(store.damaged)} damaged part file(s) in {store.parts_dir} ({names}); "
+            "resume the campaign to set them aside and redo their rows."
+        )
+    complete = spent.num_rows >= store.total_rows and (
+        plan.sampling != "adaptive" or store.pilot is not None)
+    if not complete:
+        notes.append(
+            f"The campaign is incomplete: {spent.num_rows:,} of {store.total_rows:,} planned "
+            "rows; resume it for the planned precision. Its overall rates cover only the "
+            "strata it has rows in, and comparisons use only what both sides have."
+        )
+    if store.strata is None:
+        notes.append(
+            "This folder was written before flipsafe recorded the fault-space size of each "
+            "stratum, so its overall rates pool the rows instead of weighting each stratum by "
+            "its share of the fault space; resume the campaign once to record them."
+        )
+    return notes, complete
+
+
 def load_results(
     directory, name: str | None = None, evaluate: bool = False, confidence: float | None = None
 ) -> Results:
@@ -222,41 +258,23 @@ def load_results(
         )
     store = ResultsStore(folder)
     plan = store.open()
-    table = store.read()
+    spent = store.read()
+    table = adaptive.estimation_rows(store, spent)
     if table.num_rows == 0:
         damaged = f" ({len(store.damaged)} damaged part file(s) skipped)" if store.damaged else ""
         raise CampaignError(
             f"{folder} holds no result rows yet{damaged}; run or resume the campaign before "
             "reporting"
         )
-    notes: list[str] = []
-    if store.damaged:
-        # Reading never changes the folder; the campaign's writer sets these aside on resume.
-        names = ", ".join(p.name for p in store.damaged)
-        notes.append(
-            f"Skipped {len(store.damaged)} damaged part file(s) in {store.parts_dir} ({names}); "
-            "resume the campaign to set them aside and redo their rows."
-        )
-    complete = table.num_rows >= store.total_rows
-    if not complete:
-        notes.append(
-            f"The campaign is incomplete: {table.num_rows:,} of {store.total_rows:,} planned "
-            "rows; resume it for the planned precision. Its overall rates cover only the "
-            "strata it has rows in, and comparisons use only what both sides have."
-        )
+    notes, complete = _folder_notes(store, spent)
     strata = store.strata
-    if strata is None:
-        notes.append(
-            "This folder was written before flipsafe recorded the fault-space size of each "
-            "stratum, so its overall rates pool the rows instead of weighting each stratum by "
-            "its share of the fault space; resume the campaign once to record them."
-        )
     sizes = None if strata is None else {(s.layer, s.field): s.size for s in strata}
     # No campaign is exhaustive in the statistical sense: `--n all` lists every (element,
     # bit) once, but each on one randomly drawn image, so its rates still carry sampling error.
     confidence = plan.confidence if confidence is None else confidence
     info = read_model_info(folder)
     ckpt, classifier = _read_checkpoint(plan, notes, info)
+    interval = adaptive.interval(plan)
     with_bits = with_bit_column(table)
     with_bits = with_bits.filter(pc.greater_equal(with_bits["bit"], 0))
     return Results(
@@ -264,8 +282,9 @@ def load_results(
         name=name or folder.resolve().name,
         plan=plan,
         table=table,
-        by_layer=summarise(table, ("layer",), confidence, sizes=sizes),
-        by_field=summarise(table, ("layer", "field"), confidence, sizes=sizes),
+        by_layer=summarise(table, ("layer",), confidence, sizes=sizes, interval=interval),
+        by_field=summarise(table, ("layer", "field"), confidence, sizes=sizes,
+                           interval=interval),
         by_bit=summarise(with_bits, ("layer", "bit"), confidence),
         config=None if ckpt is None else ckpt.config,
         classifier_layer=classifier,
@@ -274,6 +293,8 @@ def load_results(
         strata=strata,
         complete=complete,
         planned_rows=int(store.total_rows),
+        spent_rows=int(spent.num_rows),
+        pilot_rows=int(store.stages[0]) if store.pilot is not None else 0,
         model_info=info,
         cost=read_cost(folder),
     )

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from flipsafe.errors import FlipsafeError
 from flipsafe.metrics.factors import OUTLIER_MOVE, FactorTable, improvement_factors
 from flipsafe.metrics.stats import (
+    EFFECTIVE_METHOD,
     OVERALL,
     STRATIFIED_METHOD,
     Comparison,
@@ -274,20 +275,63 @@ _PROTOCOL_WORDS = {
 }
 
 
+def interval_method(results: Results) -> str:
+    """How the whole-model (and, adaptive, every layer's) interval was computed."""
+    if results.plan.sampling == "adaptive":
+        return EFFECTIVE_METHOD
+    return STRATIFIED_METHOD if results.strata is not None else "pooled rows"
+
+
+def precision(results: Results) -> dict:
+    """What an adaptive campaign reached: its target half-width, each layer's (SDC and
+    DUE, the wider) and the layers that missed the target, by how much."""
+    target = results.plan.margin
+    reached = {}
+    for key, g in (*results.by_layer.groups.items(), ((OVERALL,), results.by_layer.overall)):
+        reached[key[0]] = max((g.sdc.high - g.sdc.low) / 2, (g.due.high - g.due.low) / 2)
+    return {"target": target, "confidence": results.by_layer.confidence,
+            "spent": int(results.n), "pilot": int(results.pilot_rows),
+            "half_width": {k: _number(v) for k, v in reached.items()},
+            "missed": {k: _number(v) for k, v in reached.items() if v > target}}
+
+
+def precision_line(results: Results) -> str | None:
+    """One line on the precision an adaptive campaign reached; None for fixed ones."""
+    if results.plan.sampling != "adaptive":
+        return None
+    got = precision(results)
+    widest = max(got["half_width"], key=lambda k: got["half_width"][k])
+    head = (f"precision: +-{fmt_rate(got['target'])} at {fmt_confidence(got['confidence'])} "
+            f"asked; widest +-{fmt_rate(got['half_width'][widest])} ({widest}), from "
+            f"{fmt_count(got['spent'])} injections ({fmt_count(got['pilot'])} pilot)")
+    if not results.complete:
+        return head + "; the campaign is incomplete: resume it for the planned precision"
+    if not got["missed"]:
+        return head + "; every layer reached it"
+    missed = ", ".join(f"{k} +-{fmt_rate(v)}" for k, v in got["missed"].items())
+    return head + f"; missed by: {missed} (a --budget cap or an unlucky pilot)"
+
+
 def plan_line(results: Results) -> str:
     p = results.plan
     images = pc.count_distinct(results.table["image_id"]).as_py()
     n = f"n sized for +-{fmt_rate(p.margin)}" if p.n is None else f"n={p.n}"
+    allocation = f"{p.allocation} allocation"
     overall = ("(all) rows are stratified estimates of the fault-space-average rate, each "
                "layer x field stratum weighted by its share of the fault space, with Wilson "
                "intervals on Kish's effective sample size" if results.strata is not None else
                "(all) rows pool the rows (fault-space sizes not recorded)")
+    if p.sampling == "adaptive":
+        allocation = "adaptive: a pilot, then Neyman allocation"
+        overall = (f"layer and (all) rows are estimates of stage 2 only ({fmt_count(results.n)} "
+                   f"injections spent, {fmt_count(results.pilot_rows)} of them the pilot's, "
+                   "which only allocated): " + EFFECTIVE_METHOD)
     protocol = "" if p.protocol is None else (
         f"protocol {p.protocol} ({_PROTOCOL_WORDS.get(p.protocol, 'named conventions')}), ")
     if p.protect is not None:
         protocol += f"protection {p.protect}, "
     return (f"plan: {protocol}dataset {p.dataset}, site {p.site}, format {p.format}, fault {p.fault}, "
-            f"clamp {p.clamp}, layers {p.layers} ({n} per layer, {p.allocation} allocation "
+            f"clamp {p.clamp}, layers {p.layers} ({n} per layer, {allocation} "
             f"across bit fields), images {p.images} ({fmt_count(images)} distinct), seed "
             f"{p.seed}, {fmt_count(results.n)} injections; intervals are "
             f"{fmt_confidence(results.by_layer.confidence)} Wilson (rates) and Katz (ratios); "
@@ -801,6 +845,8 @@ def summary_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
         check_same_plan(results, other)
     lines = [plan_line(results)]
     for r in (results, *vs):
+        reached = precision_line(r)
+        lines += [] if reached is None else [f"{r.name} {reached}"]
         lines += [f"note ({r.name}): {note}" for note in r.notes]
     entries = _paired_entries(results, vs)
     for ref, other in comparison_pairs(results, vs):
@@ -924,7 +970,9 @@ def summary_json(results: Results, vs: Sequence[Results] = ()) -> dict:
         "confidence": results.by_layer.confidence,
         "plan": results.plan.to_dict(),
         "plan_line": lines[0],
-        "overall_method": STRATIFIED_METHOD if results.strata is not None else "pooled rows",
+        "overall_method": interval_method(results),
+        "interval_method": interval_method(results),
+        **({"precision": precision(results)} if results.plan.sampling == "adaptive" else {}),
         "models": [_model_json(r) for r in (results, *vs)],
         "comparisons": [_comparison_json(ref, other)
                         for ref, other in comparison_pairs(results, vs)],
