@@ -168,3 +168,18 @@ def test_fixed_sampling_keeps_the_plans_fingerprint_and_fault_list(mlp_checkpoin
         (s.layer, s.field, s.size) for s in prep.strata]
     assert sum(s.n for s in adaptive_prep.strata) < sum(s.n for s in prep.strata)
     assert np.all([s.n <= s.size for s in adaptive_prep.strata])
+
+
+def test_plan_shows_fixed_and_adaptive_cost_side_by_side(mlp_checkpoint, capsys):
+    capsys.readouterr()
+    assert main(["plan", str(mlp_checkpoint), "--margin", MARGIN, "--sampling", "fixed"]) == 0
+    fixed_total = next(x for x in capsys.readouterr().out.splitlines() if "total" in x)
+    fixed_n = int(fixed_total.split("│")[-2].strip().replace(",", ""))
+    assert main(["plan", str(mlp_checkpoint), "--margin", MARGIN]) == 0
+    text = capsys.readouterr().out
+    assert "fixed vs adaptive" in text and "SDC 50%" in text
+    totals = [x for x in text.splitlines() if x.startswith("│ total")]
+    side = [int(c.strip().replace(",", "")) for c in totals[-1].split("│")[2:-1]]
+    fixed, pilot, *stage2 = side
+    assert fixed == fixed_n and pilot < fixed
+    assert stage2 == sorted(stage2)  # a higher rate needs more faults

@@ -169,3 +169,24 @@ def estimation_rows(store, table):
 def interval(plan) -> str:
     """How summaries of the plan's rows compute intervals (metrics.stats.INTERVALS)."""
     return "effective" if plan.sampling == "adaptive" else "kish"
+
+
+# SDC rates `flipsafe plan` projects an adaptive campaign's stage 2 at: trained models'
+# layers are typically a few per cent; 50 % is Leveugle's worst case.
+PROJECTED_RATES = (0.02, 0.10, 0.50)
+
+
+def projection(pilot_strata: Sequence[Stratum], margin: float, confidence: float,
+               rates: Sequence[float] = PROJECTED_RATES) -> dict[float, dict[str, int]]:
+    """{rate: {layer: stage-2 faults}} if every stratum of a layer had SDC rate `rate` (and
+    no DUE): an upper estimate for real models, whose SDCs gather in a few exponent bits
+    (which Neyman allocation exploits); used by `flipsafe plan` before anything runs."""
+    out = {}
+    for rate in rates:
+        counts = {(s.layer, s.field): (s.n, {"sdc": round(rate * s.n), "due": 0})
+                  for s in pilot_strata}
+        per_layer: dict[str, int] = {}
+        for s in second_stage(pilot_strata, counts, margin, confidence):
+            per_layer[s.layer] = per_layer.get(s.layer, 0) + s.n
+        out[rate] = per_layer
+    return out
