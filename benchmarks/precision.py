@@ -100,7 +100,7 @@ def r50_plan(margin: float, confidence: float, root: Path) -> dict:
                            confidence=confidence, sampling="fixed")
     fixed = sum(s.n for s in prepare(fixed_plan).strata)
     pilot = prep.total
-    projected = {f"sdc_{r:.0%}": pilot + sum(per.values()) for r, per in
+    projected = {label: pilot + sum(per.values()) for label, per in
                  adaptive.projection(prep.strata, margin, confidence).items()}
     return {"model": "hf resnet-50 sized (random weights, 224 px)", "parameters":
             sum(p.numel() for p in model.parameters()), "layers": len(prep.layers),
@@ -119,7 +119,7 @@ def main() -> int:
     report = {"margin": args.margin, "confidence": args.confidence, "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for arch in args.archs.split(","):
+        for arch in filter(None, args.archs.split(",")):
             r = digits(arch, args.epochs, args.margin, args.confidence, root)
             report["models"].append(r)
             f, a = r["fixed"], r["adaptive"]

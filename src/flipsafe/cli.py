@@ -189,8 +189,10 @@ def _plan_from_args(args):
     elif args.margin is not None:
         fields["margin"] = args.margin
     sampling = args.sampling
-    if sampling is None:  # the margin decides the size: adaptive, unless fields are split by hand
-        sampling = "adaptive" if n is None and args.allocation is None else "fixed"
+    if sampling is None:  # the margin decides the size: adaptive, unless fields are split by
+        # hand or a protection replays the unprotected campaign's very faults (fixed lists)
+        fixed = n is not None or args.allocation is not None or args.protect is not None
+        sampling = "fixed" if fixed else "adaptive"
     elif sampling.lower() == "adaptive" and n is not None:
         raise ConfigError(f"--sampling adaptive sizes each layer from --margin; it cannot take "
                           f"--n {args.n} (leave --n out, or use --sampling fixed)")
@@ -256,8 +258,7 @@ def _print_adaptive(prep) -> None:
         pilot[s.layer] = pilot.get(s.layer, 0) + s.n
     rates = adaptive.projection(prep.strata, plan.margin, plan.confidence)
     table = Table(title=f"fixed vs adaptive, +-{plan.margin:.2%} at {plan.confidence:.0%} per layer")
-    for col in ("layer", "fixed", "adaptive pilot",
-                *(f"+ stage 2 at SDC {r:.0%}" for r in rates)):
+    for col in ("layer", "fixed", "adaptive pilot", *(f"+ stage 2, {r}" for r in rates)):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for layer, size in sizes.items():
         table.add_row(layer, f"{n_from_plan(fixed, size):,}", f"{pilot[layer]:,}",
@@ -265,10 +266,10 @@ def _print_adaptive(prep) -> None:
     table.add_row("total", f"{sum(n_from_plan(fixed, n) for n in sizes.values()):,}",
                   f"{sum(pilot.values()):,}", *(f"{sum(per.values()):,}" for per in rates.values()))
     Console().print(table)
-    print("adaptive: the table above is the pilot; stage 2 is sized from its rows. A uniform "
-          "rate is an upper estimate: SDCs gather in a few exponent bits, where Neyman "
-          "allocation puts the faults" + ("" if plan.budget is None
-                                          else f"; --budget caps all at {plan.budget:,}"))
+    print("adaptive: the table above is the pilot; stage 2 is sized from its rows, so it is "
+          "projected here as if each layer's pilot saw the rate named (trained models: a few "
+          "per cent, nearly all in exponent bits)" + (
+              "" if plan.budget is None else f"; --budget caps all at {plan.budget:,}"))
 
 
 def cmd_plan(args) -> None:
@@ -364,7 +365,8 @@ def _add_size_flags(p: argparse.ArgumentParser, d) -> None:
                         "(Neyman allocation over bit fields; intervals from the second stage "
                         "only, so they hold whatever the pilot saw); fixed: Leveugle's "
                         "worst-case size (p = 0.5) for every layer (default: adaptive when "
-                        "--margin decides the size, fixed with --n or --allocation)")
+                        "--margin decides the size, fixed with --n, --allocation or "
+                        "--protect, which replays the fixed list of the unprotected run)")
     p.add_argument("--budget", type=int, default=None,
                    help="most injections an adaptive campaign may spend, pilot included; a "
                         "stage 2 that would not fit shrinks and the summary names the layers "

@@ -171,22 +171,31 @@ def interval(plan) -> str:
     return "effective" if plan.sampling == "adaptive" else "kish"
 
 
-# SDC rates `flipsafe plan` projects an adaptive campaign's stage 2 at: trained models'
-# layers are typically a few per cent; 50 % is Leveugle's worst case.
-PROJECTED_RATES = (0.02, 0.10, 0.50)
+# What `flipsafe plan` projects an adaptive campaign's stage 2 at, before anything runs:
+# (label, a layer's SDC rate, the field its SDCs lie in; None: spread evenly). Trained
+# models' layers are typically a few per cent, nearly all in exponent bits; 50 % spread
+# evenly is Leveugle's worst case.
+PROJECTIONS = (("SDC 2% in exponent", 0.02, "exponent"),
+               ("SDC 10% in exponent", 0.10, "exponent"),
+               ("SDC 50% anywhere", 0.50, None))
 
 
 def projection(pilot_strata: Sequence[Stratum], margin: float, confidence: float,
-               rates: Sequence[float] = PROJECTED_RATES) -> dict[float, dict[str, int]]:
-    """{rate: {layer: stage-2 faults}} if every stratum of a layer had SDC rate `rate` (and
-    no DUE): an upper estimate for real models, whose SDCs gather in a few exponent bits
-    (which Neyman allocation exploits); used by `flipsafe plan` before anything runs."""
+               profiles=PROJECTIONS) -> dict[str, dict[str, int]]:
+    """{label: {layer: stage-2 faults}} if each layer's pilot saw the profile's SDC rate
+    (in its field when the layer has it, else spread evenly) and no DUE."""
     out = {}
-    for rate in rates:
-        counts = {(s.layer, s.field): (s.n, {"sdc": round(rate * s.n), "due": 0})
-                  for s in pilot_strata}
+    for label, rate, where in profiles:
+        counts = {}
+        for layer_strata in _by_layer(pilot_strata).values():
+            total = sum(s.size for s in layer_strata)
+            inside = [s for s in layer_strata if s.field == where] or layer_strata
+            share = sum(s.size for s in inside) / total
+            for s in layer_strata:
+                p = min(1.0, rate / share) if s in inside else 0.0
+                counts[(s.layer, s.field)] = (s.n, {"sdc": round(p * s.n), "due": 0})
         per_layer: dict[str, int] = {}
         for s in second_stage(pilot_strata, counts, margin, confidence):
             per_layer[s.layer] = per_layer.get(s.layer, 0) + s.n
-        out[rate] = per_layer
+        out[label] = per_layer
     return out

@@ -286,6 +286,12 @@ class CampaignPlan(FaultPlan):
             raise ConfigError(f"inputs must be a dict or None, got {self.inputs!r}")
         # One spelling per specification ('ecc' stays 'ecc'), so fingerprints agree.
         object.__setattr__(self, "protect", check_protection(self.protect, self.site))
+        if self.protect is not None and self.sampling == "adaptive":
+            raise ConfigError(
+                "--protect replays the faults of the unprotected campaign, but an adaptive "
+                "campaign draws its second stage from what its own pilot saw, so the two would "
+                "inject other faults and lose their pairing; use --sampling fixed (the default "
+                "with --protect) or --n")
         if self.preprocess is not None:
             clean = {k: (list(v) if isinstance(v, (list, tuple)) else v)
                      for k, v in self.preprocess.items() if v is not None}
