@@ -192,3 +192,17 @@ def test_plan_shows_fixed_and_adaptive_cost_side_by_side(mlp_checkpoint, capsys)
     fixed, pilot, *stage2 = side
     assert fixed == fixed_n and pilot < fixed
     assert stage2 == sorted(stage2)  # a higher rate needs more faults
+
+
+def test_summary_counts_the_faults_decided_without_a_forward_pass(finished, capsys):
+    store, rows = _rows(finished)
+    decided = rows["decided"].to_numpy()
+    stage2 = rows["fault_id"].to_numpy() >= store.stages[0]
+    assert decided.any() and not decided.all()
+    assert not rows["sdc"].to_numpy()[decided].any()
+    data = _summary(capsys, finished)
+    assert data["models"][0]["decided_without_running"] == int(decided[stage2].sum())
+    capsys.readouterr()
+    main(["summary", str(finished)])
+    share = f"{100 * decided[stage2].mean():.2f}% of {int(stage2.sum()):,} injections decided"
+    assert share in capsys.readouterr().out

@@ -45,6 +45,7 @@ def _rows(ids):
         "faulty_top2diff": [float("nan") if i == 4 else -1.0 - i for i in ids],
         "detected": [i % 4 == 1 for i in ids],
         "corrected": [i % 4 == 2 for i in ids],
+        "decided": [i % 5 == 3 for i in ids],
     }
 
 

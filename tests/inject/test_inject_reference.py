@@ -256,3 +256,26 @@ def test_text_guided_model_matches_reference(fmt):
     out = engine.run(faults, x, y)
     check(out, reference_outcomes(ref, x, y, faults), fmt)
     assert out.sdc.any()
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_faults_decided_without_a_forward_pass_leave_the_reference_logits_golden(fmt):
+    """Outcomes marked ran=False (the stored code did not change, or the change cannot
+    reach the logits) are exact: the slow reference, which runs every fault, gets the
+    golden loss bit for bit on each of them; and both kinds occur."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    x, y = data()
+    engine = Engine(model, fmt)
+    ref = Reference(model, fmt, engine.profile(x))
+    gen = torch.Generator().manual_seed(2)
+    faults = FaultSet.cat([sample_all_models(engine, s, 4, x.shape[0], gen)
+                           for s in ("activations", "weights")])
+    out = engine.run(faults, x, y)
+    decided = (~out.ran).nonzero().reshape(-1).tolist()
+    assert decided and out.ran.any()
+    expected = reference_outcomes(ref, x, y, faults.select(torch.tensor(decided)))
+    for i, e in zip(decided, expected):
+        assert e["faulty_loss"] == e["golden_loss"] or (
+            math.isnan(e["faulty_loss"]) and math.isnan(e["golden_loss"])), i
+        assert not out.sdc[i] and out.faulty_top1[i] == out.golden_top1[i]

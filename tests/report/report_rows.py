@@ -63,7 +63,8 @@ def make_rows(layers: dict[str, Behaviour], n: int, seed: int) -> pa.Table:
         cols["golden_top2diff"] += margin.tolist()
         cols["faulty_top2diff"] += np.where(sdc, 0.0, margin).tolist()
     cols["fault_id"] = list(range(len(cols["layer"])))
-    cols["detected"] = cols["corrected"] = [False] * len(cols["layer"])  # no protection
+    # No protection, and nothing recorded as decided without a forward pass.
+    cols["detected"] = cols["corrected"] = cols["decided"] = [False] * len(cols["layer"])
     return pa.table(cols).cast(ROW_SCHEMA)
 
 

@@ -83,9 +83,10 @@ def test_overall_rates_are_hand_computed_stratified_estimates(models):
     _, n = counts(BASELINE_LAYERS, 1)
     p, low, high, _ = stratified(strata_counts(BASELINE_LAYERS, 1))
     text = summary_table(base)
-    overall = next(row for row in text_cells(text.split("\n\n")[2]) if row[0] == "(all)")
+    blocks = {b.split("\n", 1)[0]: b for b in text.split("\n\n")}
+    overall = next(row for row in text_cells(blocks["Per layer: baseline"]) if row[0] == "(all)")
     assert overall[:4] == ["(all)", f"{n:,}", fmt_rate(p), fmt_interval(low, high)]
-    models_row = text_cells(text.split("\n\n")[1])[1]
+    models_row = text_cells(blocks["Models"])[1]
     assert models_row[0] == "baseline" and models_row[5:7] == [
         fmt_rate(p), fmt_interval(low, high)]
     pd, dlow, dhigh, _ = stratified(strata_counts(BASELINE_LAYERS, 1, outcome="due"))

@@ -54,6 +54,7 @@ def rows(cells: list[Cell], site: str, fmt: str) -> pa.Table:
             cols["faulty_top2diff"].append(0.0 if sdc else 50.0)
             cols["detected"].append(False)  # no protection
             cols["corrected"].append(False)
+            cols["decided"].append(False)
     cols["fault_id"] = list(range(len(cols["layer"])))
     return pa.table(cols).cast(ROW_SCHEMA)
 

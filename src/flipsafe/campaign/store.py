@@ -47,11 +47,14 @@ ROW_SCHEMA = pa.schema(
         # False (nothing protected then).
         pa.field("detected", pa.bool_(), nullable=False),
         pa.field("corrected", pa.bool_(), nullable=False),
+        # The outcome was decided exactly without a forward pass (the stored code did not
+        # change, the change provably cannot reach the logits, ...); False in parts written
+        # before flipsafe recorded it.
+        pa.field("decided", pa.bool_(), nullable=False),
     ]
 )
 # Columns added after results were first written, each read as False where a part lacks it.
-ADDED_COLUMNS = ("detected", "corrected")
-_LEGACY_NAMES = [name for name in ROW_SCHEMA.names if name not in ADDED_COLUMNS]
+ADDED_COLUMNS = ("detected", "corrected", "decided")
 
 PLAN_FILE = "plan.json"
 # What a results folder records about its model (source, sha256, classifier layer, clean
@@ -111,11 +114,18 @@ def content_checksum(table: pa.Table) -> str:
 
 
 def _with_added_columns(table: pa.Table) -> pa.Table:
-    """A part written before ADDED_COLUMNS, with each of them False (no protection ran)."""
+    """A part written before some of ADDED_COLUMNS, with each it lacks False (no protection
+    ran, nothing recorded as decided without a forward pass), in ROW_SCHEMA's order."""
     false = pa.array(np.zeros(table.num_rows, dtype=bool))
     for name in ADDED_COLUMNS:
-        table = table.append_column(ROW_SCHEMA.field(name), false)
-    return table
+        if name not in table.column_names:
+            table = table.append_column(ROW_SCHEMA.field(name), false)
+    return table.select(ROW_SCHEMA.names)
+
+
+def _is_row_schema(names: list[str]) -> bool:
+    """ROW_SCHEMA's columns in order, of this flipsafe or of one before some ADDED_COLUMNS."""
+    return names == [n for n in ROW_SCHEMA.names if n in names or n not in ADDED_COLUMNS]
 
 
 def other_model_error(out_dir, held: CampaignPlan, plan: CampaignPlan) -> CampaignError:
@@ -526,8 +536,8 @@ class ResultsStore:
     @staticmethod
     def _conform(table: pa.Table) -> pa.Table:
         names = set(table.column_names)
-        if not names & set(ADDED_COLUMNS):  # rows of a campaign without protection
-            table = _with_added_columns(table)
+        if set(ADDED_COLUMNS) - names and not names - set(ROW_SCHEMA.names):
+            table = _with_added_columns(table)  # e.g. rows of a campaign without protection
             names = set(table.column_names)
         missing = [f.name for f in ROW_SCHEMA if f.name not in names]
         extra = sorted(names - set(ROW_SCHEMA.names))
@@ -559,11 +569,11 @@ class ResultsStore:
                 and meta.get(_META_PART) == str(k).encode()
                 and meta.get(_META_ROWS) == str(table.num_rows).encode()
                 and table.num_rows == self.expected_rows(k)
-                and table.schema.names in (ROW_SCHEMA.names, _LEGACY_NAMES)
+                and _is_row_schema(table.schema.names)
             )
             # Parquet may rename the list child ("item" -> "element"); the cast undoes it.
             table = table.replace_schema_metadata(None)
-            legacy = table.schema.names == _LEGACY_NAMES
+            legacy = table.schema.names != ROW_SCHEMA.names
             schema = pa.schema([f for f in ROW_SCHEMA if f.name in table.schema.names])
             table = table.cast(schema)
             if ok and meta.get(_META_CHECKSUM) == content_checksum(table).encode():

@@ -423,6 +423,7 @@ def run_part(prep: Prepared, faults, start: int, stop: int, golden=None) -> pa.T
         "faulty_top2diff": pa.array(out.faulty_top2diff.double().numpy()),
         "detected": pa.array(detected),
         "corrected": pa.array(corrected),
+        "decided": pa.array(~out.ran.numpy()),
     }, schema=ROW_SCHEMA)
 
 

@@ -170,10 +170,10 @@ class ExhaustiveLastLayer:
                         parts.append(t.reshape(b, k, n_w))
             out = {f: torch.cat(v) for f, v in cols.items()}
             gold = golden.outcomes
-            out["golden_top1"] = gold.top1[:, None, None]
-            out["golden_loss"] = gold.loss[:, None, None]
-            out["golden_top2diff"] = gold.top2diff[:, None, None]
+            out.update({f"golden_{k}": getattr(gold, k)[:, None, None]
+                        for k in ("top1", "loss", "top2diff")})
             out["nonfinite"] = nonfinite[None]
+            out["ran"] = torch.full_like(out["sdc"], not (columnwise and elementwise))  # post
         return Exhaustive(name, torch.arange(n_img, device=dev),
                           torch.tensor(bits, dtype=torch.int64, device=dev),
                           torch.arange(n_w, device=dev), Outcomes(**{f: out[f] for f in FIELDS}))

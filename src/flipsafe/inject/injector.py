@@ -41,7 +41,7 @@ def _empty_outcomes(n: int, device) -> Outcomes:
     def make(f):
         if f.endswith("top1"):
             return torch.zeros(n, dtype=torch.int64, device=device)
-        if f in ("sdc", "due", "nonfinite"):
+        if f in ("sdc", "due", "nonfinite", "ran"):
             return torch.zeros(n, dtype=torch.bool, device=device)
         return torch.zeros(n, dtype=torch.float32, device=device)
     return Outcomes(**{f: make(f) for f in FIELDS})

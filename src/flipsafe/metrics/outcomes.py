@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 FIELDS = ("golden_top1", "faulty_top1", "sdc", "due", "golden_loss", "faulty_loss",
-          "delta_loss", "golden_top2diff", "faulty_top2diff", "nonfinite")
+          "delta_loss", "golden_top2diff", "faulty_top2diff", "nonfinite", "ran")
 
 
 @dataclass
@@ -23,7 +23,10 @@ class Outcomes:
     - golden/faulty_loss: cross-entropy with the label (torch's: NaN when a logit is NaN
       or +Inf); delta_loss = |faulty - golden|;
     - golden/faulty_top2diff: 100 * (softmax top-1 - top-2), NaN for non-finite logits;
-    - nonfinite: a corrupted value was NaN/Inf before any clamping.
+    - nonfinite: a corrupted value was NaN/Inf before any clamping;
+    - ran: a forward pass computed the outcome (False: decided without one, exactly, e.g.
+      a fault that left the stored code unchanged or whose change provably cannot reach
+      the logits, or the closed-form classifier analysis).
     """
 
     golden_top1: torch.Tensor
@@ -36,6 +39,7 @@ class Outcomes:
     golden_top2diff: torch.Tensor
     faulty_top2diff: torch.Tensor
     nonfinite: torch.Tensor
+    ran: torch.Tensor
 
     def __len__(self) -> int:
         return self.sdc.shape[0] if self.sdc.dim() else 1
@@ -122,6 +126,7 @@ def compute_outcomes(golden: GoldenOutcomes, faulty_logits: torch.Tensor, labels
         golden_top2diff=golden.top2diff,
         faulty_top2diff=top2diff(faulty_logits),
         nonfinite=nonfinite.bool(),
+        ran=torch.ones_like(due),
     )
 
 
@@ -182,6 +187,7 @@ def unchanged_outcomes(golden: GoldenOutcomes, nonfinite: torch.Tensor | None = 
         faulty_top2diff=golden.top2diff.clone(),
         nonfinite=(torch.zeros(n, dtype=torch.bool, device=golden.top1.device)
                    if nonfinite is None else nonfinite.bool()),
+        ran=torch.zeros(n, dtype=torch.bool, device=golden.top1.device),
     )
 
 

@@ -21,6 +21,7 @@ from flipsafe.report.results import Results, load_results, with_unique_names
 from flipsafe.report.tables import (
     TextTable,
     comparison,
+    design_lines,
     fmt_confidence,
     fmt_count,
     fmt_interval,
@@ -87,6 +88,7 @@ def summary_section(models: Sequence[Results]) -> list:
         ]
     blocks += [Paragraph(v, "verdict") for v in verdicts]
     blocks.append(Paragraph(lines[0]))
+    blocks += [Paragraph(line) for line in design_lines(ref, others)]
     blocks += [Paragraph(line, "warning") for line in lines[1:] if line.startswith("note (")]
     blocks += [Table(t, summary=True) for t in summary_tables(ref, others)]
     return blocks

@@ -312,6 +312,15 @@ def precision_line(results: Results) -> str | None:
     return head + f"; missed by: {missed} (a --budget cap or an unlucky pilot)"
 
 
+def decided_line(results: Results) -> str:
+    """How many of the rows were decided exactly without a forward pass."""
+    n = results.table.num_rows
+    k = _count(results, "decided")
+    return (f"{fmt_rate(k / n if n else math.nan)} of {fmt_count(n)} injections decided "
+            "exactly without a forward pass (the code did not change, or its change provably "
+            "cannot reach the scores; counted with their outcomes)")
+
+
 def plan_line(results: Results) -> str:
     p = results.plan
     images = pc.count_distinct(results.table["image_id"]).as_py()
@@ -845,8 +854,6 @@ def summary_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
         check_same_plan(results, other)
     lines = [plan_line(results)]
     for r in (results, *vs):
-        reached = precision_line(r)
-        lines += [] if reached is None else [f"{r.name} {reached}"]
         lines += [f"note ({r.name}): {note}" for note in r.notes]
     entries = _paired_entries(results, vs)
     for ref, other in comparison_pairs(results, vs):
@@ -857,10 +864,22 @@ def summary_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
     return lines
 
 
+def design_lines(results: Results, vs: Sequence[Results] = ()) -> list[str]:
+    """What each campaign's design gave: the precision an adaptive one reached, and the
+    share of injections decided without a forward pass."""
+    lines = []
+    for r in (results, *vs):
+        reached = precision_line(r)
+        lines += [] if reached is None else [f"{r.name} {reached}"]
+        lines.append(f"{r.name}: {decided_line(r)}")
+    return lines
+
+
 def summary_table(results: Results, vs: Sequence[Results] = ()) -> str:
     """What `flipsafe summary DIR [--vs DIR2 ...]` prints: plan, tables and verdicts as text."""
     lines = summary_lines(results, vs)
-    blocks = [lines[0], *(t.render_text() for t in summary_tables(results, vs)), *lines[1:]]
+    blocks = [lines[0], "\n".join(design_lines(results, vs)),
+              *(t.render_text() for t in summary_tables(results, vs)), *lines[1:]]
     return "\n\n".join(blocks) + "\n"
 
 
@@ -906,6 +925,7 @@ def _model_json(r: Results) -> dict:
         "arch": r.arch,
         "head": r.head, "accuracy": _number(r.accuracy), "classifier_layer": r.classifier_layer,
         "rows": int(r.n), "planned_rows": int(r.planned_rows), "complete": bool(r.complete),
+        "decided_without_running": _count(r, "decided"),
         "overall": _group_json(r.by_layer.overall),
         "layers": [{"layer": key[0], **_group_json(g)} for key, g in r.by_layer.groups.items()],
         "strata": [
