@@ -440,6 +440,46 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help=f"rows per stored part, at least 1 (default: {d.part_size})")
 
 
+def cmd_attack(args) -> None:
+    from flipsafe.attack import ATTACK_FILE, AttackPlan, model_sha, run_attack
+
+    plan = AttackPlan(model_sha=model_sha(args.model_dir), format=args.format,
+                      budget=args.budget, target_accuracy=args.target_accuracy, seed=args.seed,
+                      attack_images=args.attack_images)
+    r = run_attack(args.model_dir, args.out, plan, show_progress=not args.quiet)
+    curve = ", ".join(f"{100 * a:.1f}%" for a in r["accuracy"][:12])
+    more = ", ..." if len(r["accuracy"]) > 12 else ""
+    print(f"{args.model_dir} with {plan.format} weights: clean accuracy "
+          f"{100 * r['clean_accuracy']:.2f}%, after each flip: {curve}{more}")
+    needed = (f"{r['flips_needed']} flip(s) reach the target {100 * r['target_accuracy']:.1f}%"
+              if r["flips_needed"] else
+              f"{len(r['flips'])} flip(s) did not reach the target "
+              f"{100 * r['target_accuracy']:.1f}% (final {100 * r['final_accuracy']:.2f}%)")
+    print(f"{needed}; {r['evaluations']:,} candidate evaluations, "
+          f"{r['evaluations_per_s']:,.0f}/s; flips in {Path(args.out) / ATTACK_FILE}")
+
+
+def _attack_command(add) -> None:
+    p = add("attack", help="the fewest weight bit flips that break a model (progressive bit "
+                           "search)")
+    p.add_argument("model_dir", metavar="MODEL", help="checkpoint folder made by `flipsafe train`")
+    p.add_argument("--format", default="fp32",
+                   help="number format the weights are stored in (any flipsafe format: fp32, "
+                        "fp16, bf16, int8, ...); the attack flips bits of those codes "
+                        "(default: fp32)")
+    p.add_argument("--budget", type=int, default=20, help="most flips to make (default: 20)")
+    p.add_argument("--target-accuracy", type=float, default=None,
+                   help="stop once test accuracy is at most this fraction (default: random "
+                        "guessing + 1 point, e.g. 0.11 for 10 classes)")
+    p.add_argument("--attack-images", type=int, default=128,
+                   help="training images the search ranks flips on (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack batch (default: 0)")
+    p.add_argument("--out", required=True,
+                   help="folder for attack.json (rerun the same command to resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_attack)
+
+
 def cmd_demo(args) -> None:
     from flipsafe.demo import DemoStudy, run_demo
 
@@ -619,7 +659,7 @@ def _demo_command(add) -> None:
 
 
 # Each adds one subcommand's parser, in the order --help lists them.
-COMMANDS = (_describe_command, _embed_command, _train_command, _evaluate_command, _plan_command, _campaign_command, _summary_command, _report_command, _fit_command, _demo_command)
+COMMANDS = (_describe_command, _embed_command, _train_command, _evaluate_command, _plan_command, _campaign_command, _summary_command, _report_command, _fit_command, _attack_command, _demo_command)
 
 
 # What each command's --out names: a folder (True) or a file (False); checked before

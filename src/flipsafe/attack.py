@@ -1,0 +1,291 @@
+"""The worst case: a progressive bit search (Rakin et al., ICCV 2019) for the fewest bit
+flips in stored weights that break a model.
+
+The attacker flips bits of the weight codes as memory holds them: each Conv and Linear
+weight tensor is encoded once in the chosen format (`flipsafe.formats`; per-tensor scales
+stay those of the clean weights, as stored), and a flip XORs one bit of one code; the
+model then computes with the decoded weights (activations in float32). Each step ranks
+every (element, bit) of every layer by the first-order loss increase grad * (w' - w) on a
+held-out attack batch from the training split (a flip already made is not made again),
+evaluates the CANDIDATES best of each layer
+exactly (one forward each), applies the one that misclassifies most attack images (ties:
+the one that raises their loss most), and measures
+accuracy on the test split. Flips whose decoded weight is not finite, or that make the
+attack batch's scores non-finite, are skipped: they raise a detectable NaN/Inf (a DUE), not
+a silent misclassification. The search stops when the
+test accuracy reaches the target (default: random guessing + 1 point) or after `budget`
+flips. Everything is seeded; the result file (ATTACK_FILE) is rewritten after every flip,
+and a second run with the same settings resumes from the flips it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flipsafe.errors import CampaignError, ConfigError
+
+ATTACK_FILE = "attack.json"
+CANDIDATES = 5
+ATTACK_IMAGES = 128
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """What defines an attack's result: model hash, weight format, seed, flip budget,
+    target accuracy (None: random guessing + 1 point) and the attack batch size."""
+
+    model_sha: str
+    format: str = "fp32"
+    budget: int = 20
+    target_accuracy: float | None = None
+    seed: int = 0
+    attack_images: int = ATTACK_IMAGES
+    candidates: int = CANDIDATES
+
+    def __post_init__(self):
+        from flipsafe.formats import canonical
+
+        object.__setattr__(self, "format", canonical(self.format))
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise ConfigError(f"--budget must be a whole number of flips of at least 1, "
+                              f"got {self.budget!r}")
+        t = self.target_accuracy
+        if t is not None and not (isinstance(t, (int, float)) and 0.0 <= t <= 1.0):
+            raise ConfigError(f"--target-accuracy must be a fraction between 0 and 1 (e.g. 0.11),"
+                              f" got {t!r}")
+        for name in ("attack_images", "candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
+class StoredWeights:
+    """The Conv/Linear weights of `model` as codes of `fmt`, encoded once; flips change
+    codes, and the model's weights are set to the decoded codes."""
+
+    def __init__(self, model: nn.Module, fmt):
+        self.fmt = fmt
+        self.layers = {name: mod for name, mod in model.named_modules()
+                       if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+        if not self.layers:
+            raise ConfigError("the model has no Conv or Linear layer whose weights to attack")
+        self.encoded = {name: fmt.encode(mod.weight.detach().float())
+                        for name, mod in self.layers.items()}
+        for name in self.layers:
+            self._write(name)
+
+    def bits(self) -> list[int]:
+        return sorted(b for positions in self.fmt.fields.values() for b in positions)
+
+    def decoded(self, name: str, codes: torch.Tensor | None = None) -> torch.Tensor:
+        enc = self.encoded[name]
+        if codes is None:
+            return self.fmt.decode(enc)
+        return self.fmt.decode(type(enc)(codes, enc.meta))
+
+    def _write(self, name: str) -> None:
+        w = self.layers[name].weight
+        with torch.no_grad():
+            w.copy_(self.decoded(name).reshape(w.shape).to(w.dtype))
+
+    def flip(self, name: str, index: int, bit: int) -> None:
+        codes = self.encoded[name].codes.reshape(-1)
+        codes[index] ^= _mask(bit)
+        self._write(name)
+
+    def flipped(self, name: str, bit: int) -> torch.Tensor:
+        """Every element's decoded weight with `bit` flipped, flat."""
+        codes = self.encoded[name].codes
+        return self.decoded(name, codes ^ _mask(bit)).reshape(-1)
+
+
+def _mask(bit: int) -> int:
+    """Bit `bit` of an int32 code as an int32 value (bit 31 is the sign)."""
+    return -(1 << 31) if bit == 31 else 1 << bit
+
+
+def _score(model, x, y) -> tuple[int, float] | None:
+    """(attack images misclassified, mean cross-entropy) of the attack batch; None when a
+    score is not finite (a DUE, detectable)."""
+    with torch.no_grad():
+        logits = model(x)
+    if not bool(torch.isfinite(logits).all()):
+        return None
+    return int((logits.argmax(1) != y).sum()), float(F.cross_entropy(logits, y))
+
+
+def _accuracy(model, x, y, batch: int = 512) -> float:
+    with torch.no_grad():
+        hits = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+                   for i in range(0, len(y), batch))
+    return hits / len(y)
+
+
+def _candidates(model, weights: StoredWeights, x, y, per_layer: int) -> list[tuple]:
+    """(layer, index, bit) flips to evaluate: of each layer, the `per_layer` that raise the
+    attack loss most to first order, and the best of each bit position (an exponent's
+    top bit often overflows the scores, a lower one does not), with finite weights."""
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    out = []
+    for name, mod in weights.layers.items():
+        grad = mod.weight.grad.detach().reshape(-1).float()
+        w = mod.weight.detach().reshape(-1).float()
+        scores = []
+        for bit in weights.bits():
+            new = weights.flipped(name, bit)
+            gain = grad * (new - w)
+            gain = torch.where(torch.isfinite(new) & torch.isfinite(gain), gain, -torch.inf)
+            scores.append(gain)
+        scores = torch.stack(scores)  # [bits, elements]
+        top = torch.topk(scores.reshape(-1), min(per_layer, scores.numel()))
+        picks = {(flat // w.numel(), flat % w.numel()) for value, flat in
+                 zip(top.values.tolist(), top.indices.tolist()) if value > -float("inf")}
+        best = scores.max(1)
+        picks |= {(b, int(i)) for b, (v, i) in enumerate(zip(best.values.tolist(),
+                                                             best.indices)) if v > 0}
+        out += [(name, index, weights.bits()[b]) for b, index in sorted(picks)]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _best(model, weights: StoredWeights, candidates, x, y) -> tuple[tuple, float, int]:
+    """The candidate whose flip misclassifies most attack images (then: raises their loss
+    most), evaluated exactly; its loss; and the evaluations made."""
+    best, best_score = None, None
+    for name, index, bit in candidates:
+        weights.flip(name, index, bit)
+        score = _score(model, x, y)
+        weights.flip(name, index, bit)  # undo
+        if score is not None and (best_score is None or score > best_score):
+            best, best_score = (name, index, bit), score
+    return best, (best_score or (0, float("nan")))[1], len(candidates)
+
+
+def _data(ckpt, plan: AttackPlan):
+    from flipsafe.checkpoint import check_dataset
+    from flipsafe.data import load
+
+    bundle = load(ckpt.config.get("dataset", "digits"))
+    check_dataset(ckpt.config, bundle)
+    train_x, train_y = bundle.train.tensors()
+    test_x, test_y = bundle.test.tensors()
+    pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(plan.seed))
+    pick = pick[:plan.attack_images]
+    return (train_x[pick], train_y[pick]), (test_x, test_y), len(bundle.classes)
+
+
+def _read(out: Path, plan: AttackPlan) -> dict | None:
+    path = out / ATTACK_FILE
+    if not path.exists():
+        return None
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+        same = held["plan"] == asdict(plan)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CampaignError(f"{path} cannot be read ({exc}); choose another --out") from None
+    if not same:
+        diffs = ", ".join(f"{k} ({held['plan'].get(k)!r} there, {v!r} now)"
+                          for k, v in asdict(plan).items() if held["plan"].get(k) != v)
+        raise CampaignError(f"{out} holds another attack: {diffs}; choose another --out, or "
+                            "rerun with the same settings to resume")
+    return held
+
+
+def model_sha(model_dir) -> str:
+    from flipsafe.checkpoint import WEIGHTS, read_config
+
+    return read_config(model_dir)["files"][WEIGHTS]
+
+
+def run_attack(model_dir, out, plan: AttackPlan, show_progress: bool = True) -> dict:
+    """Run (or resume) the attack of `plan` on the flipsafe checkpoint `model_dir`; the
+    record (as ATTACK_FILE holds it) is returned."""
+    from flipsafe import atomic
+    from flipsafe.checkpoint import load_checkpoint
+    from flipsafe.formats import get as get_format
+    from flipsafe.progress import progress_bar
+
+    ckpt = load_checkpoint(model_dir)
+    if model_sha(model_dir) != plan.model_sha:
+        raise CampaignError(f"the checkpoint at {model_dir} is not the one this attack was "
+                            "planned for (its weights hash differs)")
+    model = ckpt.model.float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = StoredWeights(model, get_format(plan.format))
+    for mod in weights.layers.values():
+        mod.weight.requires_grad_(True)
+    (ax, ay), (tx, ty), classes = _data(ckpt, plan)
+    target = 1.0 / classes + 0.01 if plan.target_accuracy is None else plan.target_accuracy
+    out = atomic.make_folder(out, "attack folder")
+    record = _read(out, plan) or {
+        "plan": asdict(plan), "model": str(model_dir), "classes": classes,
+        "target_accuracy": target, "clean_accuracy": _accuracy(model, tx, ty),
+        "flips": [], "accuracy": [], "attack_loss": [], "evaluations": 0, "seconds": 0.0}
+    for f in record["flips"]:  # resume: the flips found so far, in their order
+        weights.flip(f["layer"].removesuffix(".weight"), f["index"], f["bit"])
+    acc = record["accuracy"][-1] if record["accuracy"] else record["clean_accuracy"]
+    left = plan.budget - len(record["flips"])
+    with progress_bar(f"attack {plan.format}", total=max(left, 0), unit="flip",
+                      enabled=show_progress) as bar:
+        while left > 0 and acc > target:
+            started = time.perf_counter()
+            x, y = ax, ay
+            done = {(f["layer"].removesuffix(".weight"), f["index"], f["bit"])
+                    for f in record["flips"]}
+            cands = [c for c in _candidates(model, weights, x, y, plan.candidates)
+                     if c not in done]
+            best, loss, evaluations = _best(model, weights, cands, x, y)
+            if best is None:
+                break
+            name, index, bit = best
+            weights.flip(name, index, bit)
+            acc = _accuracy(model, tx, ty)
+            record["flips"].append({"layer": f"{name}.weight", "index": int(index),
+                                    "bit": int(bit)})
+            record["accuracy"].append(acc)
+            record["attack_loss"].append(loss)
+            record["evaluations"] += evaluations
+            record["seconds"] += time.perf_counter() - started
+            _finish(record, target)
+            atomic.write_json(out / ATTACK_FILE, record)
+            left -= 1
+            bar.advance(1, info=f"accuracy {100 * acc:.1f}%")
+    _finish(record, target)
+    atomic.write_json(out / ATTACK_FILE, record)
+    return record
+
+
+def _finish(record: dict, target: float) -> None:
+    accs = record["accuracy"]
+    record["final_accuracy"] = accs[-1] if accs else record["clean_accuracy"]
+    reached = [i for i, a in enumerate(accs) if a <= target]
+    record["flips_needed"] = reached[0] + 1 if reached else None
+    spent = max(record["seconds"], 1e-9)
+    record["flips_per_s"] = len(accs) / spent
+    record["evaluations_per_s"] = record["evaluations"] / spent
+
+
+def apply_flips(model: nn.Module, fmt: str, flips: list[dict]) -> nn.Module:
+    """`model` with its weights stored in `fmt` and `flips` applied (as ATTACK_FILE lists
+    them): what anyone can do to check an attack's accuracy by hand."""
+    from flipsafe.formats import get as get_format
+
+    weights = StoredWeights(model, get_format(fmt))
+    for f in flips:
+        weights.flip(f["layer"].removesuffix(".weight"), f["index"], f["bit"])
+    return model
+
+
+def digest(record: dict) -> str:
+    """A short hash of the flips found (to compare two runs at a glance)."""
+    return hashlib.sha256(json.dumps(record["flips"]).encode()).hexdigest()[:12]

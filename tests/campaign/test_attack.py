@@ -1,0 +1,117 @@
+"""`flipsafe attack`: the flips it reports reproduce its accuracy when applied by hand, it
+resumes to the same flips, and bad flags are one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flipsafe.attack import ATTACK_FILE, AttackPlan, apply_flips, model_sha, run_attack
+from flipsafe.checkpoint import load_checkpoint
+from flipsafe.cli import main
+from flipsafe.data import load
+
+TARGET = 0.3
+
+
+@pytest.fixture(scope="module")
+def attacks(mlp_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("attack")
+    out = {}
+    for fmt in ("fp32", "int8"):
+        plan = AttackPlan(model_sha=model_sha(mlp_checkpoint), format=fmt, budget=12,
+                          target_accuracy=TARGET, seed=1)
+        out[fmt] = (root / fmt, plan, run_attack(mlp_checkpoint, root / fmt, plan,
+                                                 show_progress=False))
+    return out
+
+
+def _test_accuracy(model) -> float:
+    x, y = load("digits").test.tensors()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).double().mean())
+
+
+def _fp32_by_hand(model, flips):
+    """Each flip XORs one bit of the float32 pattern of one weight (NumPy, no flipsafe)."""
+    params = dict(model.named_parameters())
+    for f in flips:
+        w = params[f["layer"]].detach().numpy().reshape(-1).view(np.uint32)
+        w[f["index"]] ^= np.uint32(1 << f["bit"])
+    return model
+
+
+def test_each_reported_flip_reproduces_its_accuracy_by_hand(attacks, mlp_checkpoint):
+    _, _, record = attacks["fp32"]
+    assert record["flips"], record
+    for k in range(1, len(record["flips"]) + 1):
+        model = _fp32_by_hand(load_checkpoint(mlp_checkpoint).model, record["flips"][:k])
+        assert _test_accuracy(model) == pytest.approx(record["accuracy"][k - 1], abs=1e-12)
+    # int8: the codes are the clean weights' (scale fixed), flipped, decoded.
+    _, _, record = attacks["int8"]
+    model = apply_flips(load_checkpoint(mlp_checkpoint).model, "int8", record["flips"])
+    assert _test_accuracy(model) == pytest.approx(record["final_accuracy"], abs=1e-12)
+
+
+def test_the_attack_breaks_the_model_and_fp32_breaks_first(attacks):
+    fp32, int8 = attacks["fp32"][2], attacks["int8"][2]
+    assert fp32["final_accuracy"] <= TARGET < fp32["clean_accuracy"]
+    assert int8["final_accuracy"] < int8["clean_accuracy"] - 0.05
+    for r in (fp32, int8):
+        assert all(f["layer"].endswith(".weight") for f in r["flips"])
+        assert r["evaluations"] > len(r["flips"]) and r["evaluations_per_s"] > 0
+    assert fp32["flips_needed"] is not None
+    assert int8["flips_needed"] is None or fp32["flips_needed"] <= int8["flips_needed"]
+    # fp32's flips are exponent bits; int8's land in its 8 bits.
+    assert all(23 <= f["bit"] <= 30 for f in fp32["flips"])
+    assert all(0 <= f["bit"] <= 7 for f in int8["flips"])
+
+
+def test_a_killed_attack_resumes_to_the_same_flips(attacks, mlp_checkpoint, tmp_path):
+    folder, plan, whole = attacks["int8"]
+    out = tmp_path / "killed"
+    out.mkdir()
+    partial = json.loads((folder / ATTACK_FILE).read_text())
+    keep = 2
+    for key in ("flips", "accuracy", "attack_loss"):
+        partial[key] = partial[key][:keep]
+    (out / ATTACK_FILE).write_text(json.dumps(partial))
+    again = run_attack(mlp_checkpoint, out, plan, show_progress=False)
+    assert again["flips"] == whole["flips"] and again["accuracy"] == whole["accuracy"]
+
+
+def test_the_cli_prints_the_curve_and_writes_the_flips(mlp_checkpoint, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["attack", str(mlp_checkpoint), "--format", "fp32", "--budget", "3",
+                 "--target-accuracy", str(TARGET), "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    record = json.loads((out / ATTACK_FILE).read_text())
+    assert "after each flip: " in text and f"{record['flips_needed']} flip(s)" in text
+    assert set(record) >= {"flips", "accuracy", "final_accuracy"}
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--budget", "0"], "--budget must be a whole number of flips"),
+    (["--target-accuracy", "2"], "--target-accuracy must be a fraction"),
+    (["--format", "int7.5"], "int7.5"),
+])
+def test_bad_attack_flags_are_one_line_and_exit_2(mlp_checkpoint, tmp_path, capsys, flags,
+                                                  needle):
+    capsys.readouterr()
+    assert main(["attack", str(mlp_checkpoint), "--out", str(tmp_path / "a"), "--quiet",
+                 *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_folder_of_another_attack_is_refused(attacks, mlp_checkpoint, capsys):
+    folder, _, _ = attacks["fp32"]
+    capsys.readouterr()
+    assert main(["attack", str(mlp_checkpoint), "--out", str(folder), "--budget", "5",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds another attack" in err and "budget" in err
