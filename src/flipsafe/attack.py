@@ -289,3 +289,95 @@ def apply_flips(model: nn.Module, fmt: str, flips: list[dict]) -> nn.Module:
 def digest(record: dict) -> str:
     """A short hash of the flips found (to compare two runs at a glance)."""
     return hashlib.sha256(json.dumps(record["flips"]).encode()).hexdigest()[:12]
+
+
+# -- the catastrophic-bit census ------------------------------------------------------
+
+CENSUS_FILE = "census.json"
+CENSUS_IMAGES = 64
+CENSUS_DROP = 0.10
+
+
+def default_census_bits(fmt) -> list[int]:
+    """The bit a census checks by default: a float format's top exponent bit (the one a
+    single flip multiplies a weight by about 2^(2^(e-1))), else the code's top bit."""
+    exponent = fmt.fields.get("exponent")
+    return [max(exponent)] if exponent else [fmt.bits - 1]
+
+
+def flip_accuracies(engine, layer: str, numel: int, bit: int, images, labels, golden,
+                    advance=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accuracy on `images`, any non-finite score) after flipping `bit` of each of the
+    `numel` weights of `layer` alone, every weight once, in engine runs of many faults."""
+    from flipsafe.faults import FaultSet
+    from flipsafe.faults.models import FLIP
+
+    n_img = len(labels)
+    hits = torch.zeros(numel, dtype=torch.int64)
+    dues = torch.zeros(numel, dtype=torch.bool)
+    step = max(1, 65536 // n_img)
+    for lo in range(0, numel, step):
+        idx = torch.arange(lo, min(numel, lo + step))
+        faults = FaultSet([layer], layer=0, index=idx.repeat_interleave(n_img), mask=1 << bit,
+                          op=FLIP, image=torch.arange(n_img).repeat(idx.numel()), param="weight")
+        out = engine.run(faults, images, labels, golden)
+        right = (out.faulty_top1 == labels[faults.image]) & ~out.due
+        hits[idx] = right.reshape(-1, n_img).sum(1)
+        dues[idx] = out.due.reshape(-1, n_img).any(1)
+        if advance is not None:
+            advance(idx.numel())
+    return hits.double() / n_img, dues
+
+
+def census(model: nn.Module, fmt: str, images: torch.Tensor, labels: torch.Tensor,
+           bits=None, drop: float = CENSUS_DROP, show_progress: bool = True) -> dict:
+    """For each Conv/Linear layer and bit: the share of its weights whose single flip of
+    that bit lowers the accuracy on `images` by more than `drop`, every weight once
+    (exhaustive), batched with the engine's weight path (inject.Engine in `fmt`: weights
+    and activations as a campaign emulates them). Faults that make a score non-finite
+    count as catastrophic too (and are counted apart as DUE)."""
+    from flipsafe.inject import Engine
+    from flipsafe.progress import progress_bar
+
+    engine = Engine(model, fmt, input_shape=tuple(images.shape[1:]))
+    if engine.fmt.needs_calibration:
+        engine.profile(images)
+    bits = default_census_bits(engine.fmt) if bits is None else [int(b) for b in bits]
+    layers = engine.layers("weights", "all")
+    golden = engine.golden(images, labels)
+    clean = float((golden.outcomes.top1 == labels).double().mean())
+    rows = []
+    total = sum(info.numel for info in layers) * len(bits)
+    with progress_bar(f"census {fmt}", total=total, unit="weight",
+                      enabled=show_progress) as bar:
+        for info in layers:
+            for bit in bits:
+                acc, dues = flip_accuracies(engine, info.name, info.numel, bit, images, labels,
+                                            golden, bar.advance)
+                bad = (clean - acc) > drop
+                rows.append({"layer": info.name, "bit": bit, "weights": info.numel,
+                             "catastrophic": int(bad.sum()), "share": float(bad.double().mean()),
+                             "due": int(dues.sum()), "worst_accuracy": float(acc.min())})
+    return {"format": engine.fmt.name, "bits": bits, "drop": drop, "images": len(labels),
+            "clean_accuracy": clean, "layers": rows}
+
+
+def run_census(model_dir, out, fmt: str = "fp32", bits=None, drop: float = CENSUS_DROP,
+               images: int = CENSUS_IMAGES, show_progress: bool = True) -> dict:
+    """census() of a flipsafe checkpoint on the first `images` test images, written to
+    OUT/CENSUS_FILE."""
+    from flipsafe import atomic
+    from flipsafe.checkpoint import check_dataset, load_checkpoint
+    from flipsafe.data import load
+
+    if not (isinstance(drop, float) and 0.0 < drop < 1.0):
+        raise ConfigError(f"--drop must be a fraction between 0 and 1 (e.g. 0.1), got {drop!r}")
+    ckpt = load_checkpoint(model_dir)
+    bundle = load(ckpt.config.get("dataset", "digits"))
+    check_dataset(ckpt.config, bundle)
+    x, y = bundle.test.tensors()
+    result = census(ckpt.model.eval(), fmt, x[:images], y[:images], bits, drop, show_progress)
+    result["model"] = str(model_dir)
+    out = atomic.make_folder(out, "attack folder")
+    atomic.write_json(out / CENSUS_FILE, result)
+    return result

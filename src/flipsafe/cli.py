@@ -207,6 +207,14 @@ def _plan_from_args(args):
     return make_plan(target, **fields), target
 
 
+def _ints(text, flag):
+    try:
+        return [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise FlipsafeError(f"{flag} takes whole numbers separated by commas, got {text!r}"
+                            ) from None
+
+
 def _floats(text, flag):
     if text is None:
         return None
@@ -440,8 +448,30 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help=f"rows per stored part, at least 1 (default: {d.part_size})")
 
 
+def _census_text(result: dict) -> str:
+    lines = [(f"catastrophic bits of {result['model']} ({result['format']}): weights whose one "
+             f"flip lowers accuracy on {result['images']} test images by more than "
+             f"{100 * result['drop']:.0f} points (clean {100 * result['clean_accuracy']:.2f}%)"),
+             (f"{'layer':<24} {'bit':>3} {'weights':>9} {'catastrophic':>12} {'share':>7} "
+             f"{'DUE':>6} {'worst acc':>9}")]
+    for r in result["layers"]:
+        lines.append(f"{r['layer']:<24} {r['bit']:>3} {r['weights']:>9,} {r['catastrophic']:>12,} "
+                     f"{100 * r['share']:>6.1f}% {r['due']:>6,} {100 * r['worst_accuracy']:>8.1f}%")
+    return "\n".join(lines)
+
+
 def cmd_attack(args) -> None:
-    from flipsafe.attack import ATTACK_FILE, AttackPlan, model_sha, run_attack
+    from flipsafe.attack import ATTACK_FILE, CENSUS_FILE, AttackPlan, model_sha, run_attack
+
+    if args.census:
+        from flipsafe.attack import run_census
+
+        bits = None if args.bits is None else _ints(args.bits, "--bits")
+        result = run_census(args.model_dir, args.out, args.format, bits, args.drop,
+                            args.census_images, show_progress=not args.quiet)
+        print(_census_text(result))
+        print(f"per layer and bit in {Path(args.out) / CENSUS_FILE}")
+        return
 
     plan = AttackPlan(model_sha=model_sha(args.model_dir), format=args.format,
                       budget=args.budget, target_accuracy=args.target_accuracy, seed=args.seed,
@@ -474,6 +504,17 @@ def _attack_command(add) -> None:
     p.add_argument("--attack-images", type=int, default=128,
                    help="training images the search ranks flips on (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack batch (default: 0)")
+    p.add_argument("--census", action="store_true",
+                   help="instead of the search: for each layer, the share of weights whose "
+                        "single flip of --bits lowers test accuracy by more than --drop (every "
+                        "weight, in the engine's emulation of --format)")
+    p.add_argument("--bits", default=None,
+                   help="census bit positions, comma-separated (default: a float format's top "
+                        "exponent bit, else the code's top bit)")
+    p.add_argument("--drop", type=float, default=0.1,
+                   help="census: accuracy drop that makes a flip catastrophic (default: 0.1)")
+    p.add_argument("--census-images", type=int, default=64,
+                   help="census: test images each flip is judged on (default: 64)")
     p.add_argument("--out", required=True,
                    help="folder for attack.json (rerun the same command to resume)")
     p.add_argument("--quiet", action="store_true", help="no progress output")

@@ -115,3 +115,47 @@ def test_a_folder_of_another_attack_is_refused(attacks, mlp_checkpoint, capsys):
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "holds another attack" in err and "budget" in err
+
+
+def test_the_census_equals_brute_force_on_a_layer(mlp_checkpoint):
+    """Every weight of the classifier flipped alone (bit 30, fp32), the model run on the
+    same images: the accuracies the census counts from equal a NumPy loop's."""
+    from flipsafe.attack import census, default_census_bits, flip_accuracies
+    from flipsafe.formats import get
+    from flipsafe.inject import Engine
+
+    model = load_checkpoint(mlp_checkpoint).model.eval()
+    x, y = load("digits").test.tensors()
+    x, y = x[:32], y[:32]
+    assert default_census_bits(get("fp32")) == [30] and default_census_bits(get("int8")) == [7]
+    engine = Engine(model, "fp32", input_shape=tuple(x.shape[1:]))
+    golden = engine.golden(x, y)
+    got, due = flip_accuracies(engine, "fc", model.fc.weight.numel(), 30, x, y, golden)
+    want, want_due = [], []
+    w = model.fc.weight.detach().numpy().reshape(-1).view(np.uint32)
+    for i in range(w.size):
+        w[i] ^= np.uint32(1 << 30)
+        with torch.no_grad():
+            logits = model(x)
+        w[i] ^= np.uint32(1 << 30)
+        finite = torch.isfinite(logits).all(1)
+        want.append(float(((logits.argmax(1) == y) & finite).double().mean()))
+        want_due.append(bool((~finite).any()))
+    assert got.tolist() == pytest.approx(want, abs=1e-12) and due.tolist() == want_due
+    assert (got < 0.5).any()  # the top exponent bit does break some weights
+    whole = census(model, "fp32", x, y, show_progress=False)
+    fc = next(r for r in whole["layers"] if r["layer"] == "fc")
+    clean = whole["clean_accuracy"]
+    assert fc["catastrophic"] == sum(clean - a > 0.1 for a in want)
+
+
+def test_the_census_from_the_cli_prints_a_table_per_layer(mlp_checkpoint, tmp_path, capsys):
+    out = tmp_path / "census"
+    assert main(["attack", str(mlp_checkpoint), "--census", "--census-images", "4",
+                 "--bits", "30", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    record = json.loads((out / "census.json").read_text())
+    assert [r["layer"] for r in record["layers"]] == ["features.1", "features.3", "fc"]
+    for r in record["layers"]:
+        assert f"{r['layer']:<24}  30" in text
+        assert 0 <= r["catastrophic"] <= r["weights"]
