@@ -381,3 +381,21 @@ def run_census(model_dir, out, fmt: str = "fp32", bits=None, drop: float = CENSU
     out = atomic.make_folder(out, "attack folder")
     atomic.write_json(out / CENSUS_FILE, result)
     return result
+
+
+def read_folder(folder) -> dict:
+    """{"attack": the record of ATTACK_FILE or None, "census": CENSUS_FILE's or None, "name":
+    the folder's name} of an `flipsafe attack --out` folder; CampaignError when it holds
+    neither file."""
+    folder = Path(folder)
+    found = {"name": folder.resolve().name}
+    for key, name in (("attack", ATTACK_FILE), ("census", CENSUS_FILE)):
+        path = folder / name
+        try:
+            found[key] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        except (OSError, ValueError) as exc:
+            raise CampaignError(f"{path} cannot be read ({exc}); rerun the attack") from None
+    if found["attack"] is None and found["census"] is None:
+        raise CampaignError(f"{folder} holds no {ATTACK_FILE} or {CENSUS_FILE}; give the --out "
+                            "folder of `flipsafe attack`")
+    return found

@@ -335,7 +335,8 @@ def cmd_summary(args) -> None:
 def cmd_report(args) -> None:
     from flipsafe.report import write_report
 
-    path = write_report([args.results_dir, *args.vs], args.out, fmt=args.format)
+    path = write_report([args.results_dir, *args.vs], args.out, fmt=args.format,
+                        attacks=args.attack)
     print(f"report written to {path}")
 
 
@@ -646,6 +647,9 @@ def _report_command(add) -> None:
     p.add_argument("--vs", nargs="+", action="extend", default=[],
                    help="results folders of other models run with the same plan")
     p.add_argument("--out", default="report.html", help="report file to write")
+    p.add_argument("--attack", nargs="+", action="extend", default=[], metavar="DIR",
+                   help="`flipsafe attack --out` folders: adds a \"Worst case\" section "
+                        "(flips to break, the accuracy curve, the census)")
     p.add_argument("--format", default="html", help=f"one of {_one_of(REPORT_FORMATS)}")
     p.set_defaults(func=cmd_report)
 

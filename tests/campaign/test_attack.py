@@ -159,3 +159,28 @@ def test_the_census_from_the_cli_prints_a_table_per_layer(mlp_checkpoint, tmp_pa
     for r in record["layers"]:
         assert f"{r['layer']:<24}  30" in text
         assert 0 <= r["catastrophic"] <= r["weights"]
+
+
+def test_the_report_has_a_worst_case_section(attacks, mlp_checkpoint, tmp_path):
+    from flipsafe.campaign.runner import make_plan, run_campaign
+    from flipsafe.report import write_report
+
+    run_campaign(make_plan(mlp_checkpoint, n=20, margin=None), tmp_path / "c",
+                 show_progress=False)
+    census_dir = tmp_path / "census"
+    assert main(["attack", str(mlp_checkpoint), "--census", "--census-images", "2",
+                 "--out", str(census_dir), "--quiet"]) == 0
+    folders = [attacks["fp32"][0], attacks["int8"][0], census_dir]
+    out = write_report([tmp_path / "c"], tmp_path / "r" / "report.md", fmt="md",
+                       attacks=folders)
+    text = out.read_text(encoding="utf-8")
+    section = text[text.index("## Worst case"):]
+    for fmt in ("fp32", "int8"):
+        record = attacks[fmt][2]
+        assert f"weights stored in {fmt}" in section
+        for i, f in enumerate(record["flips"]):
+            assert f"| {i + 1} | {f['layer']} | {f['index']:,} | {f['bit']} |" in section
+    assert "**Catastrophic bits: census (fp32)**" in section
+    assert (out.parent / "report-attack.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(Exception, match="holds no attack.json"):
+        write_report([tmp_path / "c"], tmp_path / "r2.md", fmt="md", attacks=[tmp_path / "c"])

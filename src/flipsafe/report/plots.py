@@ -415,3 +415,24 @@ class _Rate:
 
     def __init__(self, sdc):
         self.sdc = sdc
+
+
+def attack_figure(attacks: Sequence[dict]) -> Figure:
+    """Test accuracy after each flip of each attack (flipsafe.attack records), flip 0 the
+    clean model, with the target as a dotted line."""
+    fig = Figure(figsize=(9, 4))
+    ax = fig.add_subplot()
+    for i, a in enumerate(attacks):
+        r, s = a["attack"], style(i)
+        acc = [r["clean_accuracy"], *r["accuracy"]]
+        ax.plot(range(len(acc)), _pct(acc), marker="o", markersize=3, color=s["color"],
+                label=f"{a['name']} ({r['plan']['format']})")
+        ax.axhline(100 * r["target_accuracy"], color=s["color"], linestyle=":", linewidth=0.8)
+    ax.set_xlabel("bit flips (chosen by the progressive bit search)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(color="#dddddd")
+    ax.set_axisbelow(True)
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title("Worst case: accuracy after each flip (dotted: target)")
+    return fig

@@ -312,6 +312,49 @@ def safety_section(models: Sequence[Results], fit) -> list:
     return blocks
 
 
+def worst_case_section(attacks: Sequence[dict]) -> list:
+    """"Worst case": each attack's flips-to-break and curve, and each census's table
+    (attacks as flipsafe.attack.read_folder gives them)."""
+    if not attacks:
+        return []
+    blocks: list = [Heading("Worst case")]
+    searched = [a for a in attacks if a["attack"] is not None]
+    for a in searched:
+        r = a["attack"]
+        needed = (f"reached the target {fmt_rate(r['target_accuracy'])} after "
+                  f"{r['flips_needed']} flip(s)" if r["flips_needed"] else
+                  f"did not reach the target {fmt_rate(r['target_accuracy'])} in "
+                  f"{len(r['flips'])} flip(s)")
+        blocks.append(Paragraph(
+            f"{a['name']}: a progressive bit search on {r['model']}'s weights stored in "
+            f"{r['plan']['format']} {needed}: test accuracy {fmt_rate(r['clean_accuracy'])} "
+            f"clean, {fmt_rate(r['final_accuracy'])} after the last flip "
+            f"({fmt_count(r['evaluations'])} candidate evaluations).", "verdict"))
+        rows = [[str(i + 1), f["layer"], f"{f['index']:,}", str(f["bit"]), fmt_rate(acc)]
+                for i, (f, acc) in enumerate(zip(r["flips"], r["accuracy"]))]
+        blocks.append(Table(TextTable(f"Flips found: {a['name']}",
+                                      ["flip", "parameter", "index", "bit", "accuracy after"],
+                                      rows, [("Re-applying these flips to the stored codes, "
+                                             "in order, gives these accuracies.")])))
+    if searched:
+        blocks.append(Image("attack", plots.to_png(plots.attack_figure(searched)),
+                            "test accuracy after each bit flip of each attack"))
+    for a in attacks:
+        c = a["census"]
+        if c is None:
+            continue
+        rows = [[r["layer"], str(r["bit"]), fmt_count(r["weights"]), fmt_count(r["catastrophic"]),
+                 fmt_rate(r["share"]), fmt_count(r["due"]), fmt_rate(r["worst_accuracy"])]
+                for r in c["layers"]]
+        blocks.append(Table(TextTable(
+            f"Catastrophic bits: {a['name']} ({c['format']})",
+            ["layer", "bit", "weights", "catastrophic", "share", "DUE", "worst accuracy"], rows,
+            [(f"A weight is catastrophic when flipping that one bit lowers accuracy on "
+             f"{c['images']} test images by more than {fmt_rate(c['drop'])} (clean "
+             f"{fmt_rate(c['clean_accuracy'])}); every weight was flipped once.")])))
+    return blocks
+
+
 def report_title(models: Sequence[Results]) -> str:
     """What the report covers, so reports on other campaigns have other titles."""
     p = models[0].plan
@@ -321,7 +364,7 @@ def report_title(models: Sequence[Results]) -> str:
             f"the {p.site} of {layers}, {p.format}, clamp {p.clamp}")
 
 
-def build_blocks(models: Sequence[Results], fit=None) -> list:
+def build_blocks(models: Sequence[Results], fit=None, attacks: Sequence[dict] = ()) -> list:
     return [
         Heading(report_title(models), 1),
         *summary_section(models),
@@ -331,6 +374,7 @@ def build_blocks(models: Sequence[Results], fit=None) -> list:
         *delta_loss_section(models),
         *calibration_section(models),
         *(safety_section(models, fit) if fit is not None else []),
+        *worst_case_section(attacks),
         *model_card_section(models),
     ]
 
@@ -433,7 +477,8 @@ def render_markdown(blocks: list, out: Path) -> str:
 
 
 def write_report(
-    dirs: Sequence, out, fmt: str = "html", names: Sequence[str] | None = None, fit=None
+    dirs: Sequence, out, fmt: str = "html", names: Sequence[str] | None = None, fit=None,
+    attacks: Sequence = (),
 ) -> Path:
     """Write the report for one or more campaign results folders; returns the file written.
 
@@ -441,8 +486,11 @@ def write_report(
     each other model's (above 1: the other model is more resilient). dirs may also hold
     Results from load_results(..., evaluate=True). fmt "html" writes one self-contained
     file; "md" writes Markdown with its PNG figures beside it, named <stem>-<figure>.png.
-    fit (a flipsafe.safety.FitAssumptions) adds the "Safety estimate" section.
+    fit (a flipsafe.safety.FitAssumptions) adds the "Safety estimate" section; attacks
+    (`flipsafe attack --out` folders) the "Worst case" section.
     """
+    from flipsafe.attack import read_folder
+
     if fmt not in FORMATS:
         raise ConfigError(f"unknown report format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if not dirs:
@@ -455,7 +503,7 @@ def write_report(
     if out.is_dir():
         raise ConfigError(f"{out} is a folder; give a file name such as {out / ('report.' + fmt)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    blocks = build_blocks(models, fit)
+    blocks = build_blocks(models, fit, [read_folder(a) for a in attacks])
     # Written atomically: a failure part-way leaves any earlier report as it was.
     try:
         if fmt == "html":
