@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -206,14 +207,17 @@ def model_sha(model_dir) -> str:
     return read_config(model_dir)["files"][WEIGHTS]
 
 
-def run_attack(model_dir, out, plan: AttackPlan, show_progress: bool = True) -> dict:
+def run_attack(model_dir, out, plan: AttackPlan, show_progress: bool = True,
+               protect=()) -> dict:
     """Run (or resume) the attack of `plan` on the flipsafe checkpoint `model_dir`; the
-    record (as ATTACK_FILE holds it) is returned."""
+    record (as ATTACK_FILE holds it) is returned. `protect` names codes over stored weights
+    (ecc, parity) the flips found then meet (see against; record key "protections")."""
     from flipsafe import atomic
     from flipsafe.checkpoint import load_checkpoint
     from flipsafe.formats import get as get_format
     from flipsafe.progress import progress_bar
 
+    kinds = memory_kinds(protect)
     ckpt = load_checkpoint(model_dir)
     if model_sha(model_dir) != plan.model_sha:
         raise CampaignError(f"the checkpoint at {model_dir} is not the one this attack was "
@@ -261,6 +265,9 @@ def run_attack(model_dir, out, plan: AttackPlan, show_progress: bool = True) -> 
             left -= 1
             bar.advance(1, info=f"accuracy {100 * acc:.1f}%")
     _finish(record, target)
+    used = record["flips"][:record["flips_needed"] or len(record["flips"])]
+    record["protections"] = [against(load_checkpoint(model_dir).model.float().eval(),
+                                     plan.format, used, kind, (tx, ty)) for kind in kinds]
     atomic.write_json(out / ATTACK_FILE, record)
     return record
 
@@ -399,3 +406,79 @@ def read_folder(folder) -> dict:
         raise CampaignError(f"{folder} holds no {ATTACK_FILE} or {CENSUS_FILE}; give the --out "
                             "folder of `flipsafe attack`")
     return found
+
+
+# -- the attack against memory codes ------------------------------------------------------
+
+
+def memory_kinds(names) -> list:
+    """The protections of `names` (comma-separated or a list), each a code over stored
+    weight words (protect.registry: in_memory); ConfigError naming those that are."""
+    from flipsafe.protect.registry import get, registered
+
+    names = [n.strip().lower() for n in (names.split(",") if isinstance(names, str) else names)
+             if n.strip()]
+    codes = [k for k in registered().values() if k.in_memory]
+    out = []
+    for name in names:
+        try:
+            kind = get(name)
+        except ConfigError:
+            kind = None
+        if kind is None or not kind.in_memory:
+            raise ConfigError(f"--protect {name}: the attack meets codes over stored weights "
+                              f"only; choose from {', '.join(k.name for k in codes)}")
+        out.append(kind)
+    return out
+
+
+def against(model: nn.Module, fmt: str, flips: list[dict], kind, test) -> dict:
+    """The search's `flips` met by memory code `kind` (protect.registry.Kind.memory):
+
+    - a naive attacker flips only those data bits: the memory decodes every changed word
+      with its stored check bits (corrected words read back clean, detected ones raise a
+      DUE), and the model computes with what it reads: its test accuracy and how many
+      words came back corrected, detected or silently changed;
+    - an attacker who knows the code flips the check bits too, so every word reads back
+      as written: the physical flips that takes, flip by flip and to the target."""
+    from flipsafe.formats import get as get_format
+    from flipsafe.protect.ecc import pack, per_word
+
+    fm = get_format(fmt)
+    weights = StoredWeights(model, fm)
+    k = per_word(fm.bits)
+    original = {name: enc.codes.reshape(-1).clone() for name, enc in weights.encoded.items()}
+    physical = []
+    for f in flips:  # knowing the code: each flip plus the check bits its word needs
+        name = f["layer"].removesuffix(".weight")
+        codes = weights.encoded[name].codes.reshape(-1)
+        w = f["index"] // k
+        before = pack(codes[w * k:(w + 1) * k], fm.bits)
+        weights.flip(name, f["index"], f["bit"])
+        after = pack(codes[w * k:(w + 1) * k], fm.bits)
+        physical.append(1 + int(kind.memory(before, after)[0][0]))
+    corrected = detected = silent = 0
+    due = False
+    for name, codes in original.items():  # naive: the data flips, decoded by the memory
+        old, new = pack(codes, fm.bits), pack(weights.encoded[name].codes.reshape(-1), fm.bits)
+        changed = np.flatnonzero(old != new)
+        if not changed.size:
+            continue
+        _, decoded, flagged = kind.memory(old[changed], new[changed])
+        detected += int(flagged.sum())
+        corrected += int(((decoded == old[changed]) & ~flagged).sum())
+        silent += int(((decoded != old[changed]) & ~flagged).sum())
+        due |= bool(flagged.any())
+        read = new.copy()
+        read[changed] = decoded
+        lanes = read[:, None] >> (np.arange(k, dtype=np.uint64) * np.uint64(fm.bits))
+        lanes = (lanes & np.uint64((1 << fm.bits) - 1)).reshape(-1)[:codes.numel()]
+        # Codes as StoredWeights holds them: a 32-bit pattern as int32, narrower ones as is.
+        lanes = lanes.astype(np.uint32).view(np.int32) if fm.bits == 32 else lanes.astype(np.int32)
+        weights.encoded[name].codes.reshape(-1).copy_(torch.from_numpy(lanes))
+        weights._write(name)
+    x, y = test
+    return {"protection": kind.name, "flips": len(flips), "physical_flips": physical,
+            "naive": {"words_corrected": corrected, "words_detected": detected,
+                      "words_silent": silent, "due": due,
+                      "accuracy": None if due else _accuracy(model, x, y)}}

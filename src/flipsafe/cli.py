@@ -477,7 +477,8 @@ def cmd_attack(args) -> None:
     plan = AttackPlan(model_sha=model_sha(args.model_dir), format=args.format,
                       budget=args.budget, target_accuracy=args.target_accuracy, seed=args.seed,
                       attack_images=args.attack_images)
-    r = run_attack(args.model_dir, args.out, plan, show_progress=not args.quiet)
+    r = run_attack(args.model_dir, args.out, plan, show_progress=not args.quiet,
+                   protect=args.protect or ())
     curve = ", ".join(f"{100 * a:.1f}%" for a in r["accuracy"][:12])
     more = ", ..." if len(r["accuracy"]) > 12 else ""
     print(f"{args.model_dir} with {plan.format} weights: clean accuracy "
@@ -488,6 +489,14 @@ def cmd_attack(args) -> None:
               f"{100 * r['target_accuracy']:.1f}% (final {100 * r['final_accuracy']:.2f}%)")
     print(f"{needed}; {r['evaluations']:,} candidate evaluations, "
           f"{r['evaluations_per_s']:,.0f}/s; flips in {Path(args.out) / ATTACK_FILE}")
+    for p in r.get("protections", []):
+        n, naive, physical = p["flips"], p["naive"], sum(p["physical_flips"])
+        seen = ("the memory flags the attack (DUE)" if naive["due"] else
+                f"accuracy stays {100 * naive['accuracy']:.2f}%")
+        print(f"with {p['protection']}: those {n} flips alone come back {naive['words_corrected']}"
+              f" word(s) corrected, {naive['words_detected']} detected, "
+              f"{naive['words_silent']} silent: {seen}; an attacker who also rewrites "
+              f"the check bits needs {physical} flips ({physical / max(n, 1):.1f}x)")
 
 
 def _attack_command(add) -> None:
@@ -505,6 +514,10 @@ def _attack_command(add) -> None:
     p.add_argument("--attack-images", type=int, default=128,
                    help="training images the search ranks flips on (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack batch (default: 0)")
+    p.add_argument("--protect", default=None,
+                   help="codes over stored weights the flips found then meet, comma-separated "
+                        "(ecc, parity): what a naive attacker's flips become when the memory "
+                        "decodes them, and the flips one who rewrites the check bits needs")
     p.add_argument("--census", action="store_true",
                    help="instead of the search: for each layer, the share of weights whose "
                         "single flip of --bits lowers test accuracy by more than --drop (every "

@@ -170,7 +170,10 @@ def test_the_report_has_a_worst_case_section(attacks, mlp_checkpoint, tmp_path):
     census_dir = tmp_path / "census"
     assert main(["attack", str(mlp_checkpoint), "--census", "--census-images", "2",
                  "--out", str(census_dir), "--quiet"]) == 0
-    folders = [attacks["fp32"][0], attacks["int8"][0], census_dir]
+    protected = tmp_path / "protected"
+    run_attack(mlp_checkpoint, protected, attacks["int8"][1], show_progress=False,
+               protect="ecc")
+    folders = [attacks["fp32"][0], attacks["int8"][0], census_dir, protected]
     out = write_report([tmp_path / "c"], tmp_path / "r" / "report.md", fmt="md",
                        attacks=folders)
     text = out.read_text(encoding="utf-8")
@@ -181,6 +184,46 @@ def test_the_report_has_a_worst_case_section(attacks, mlp_checkpoint, tmp_path):
         for i, f in enumerate(record["flips"]):
             assert f"| {i + 1} | {f['layer']} | {f['index']:,} | {f['bit']} |" in section
     assert "**Catastrophic bits: census (fp32)**" in section
+    assert "**Against memory codes**" in section and "| protected | ecc |" in section
     assert (out.parent / "report-attack.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(Exception, match="holds no attack.json"):
         write_report([tmp_path / "c"], tmp_path / "r2.md", fmt="md", attacks=[tmp_path / "c"])
+
+
+def test_flips_meet_ecc_and_parity_as_the_memory_decodes_them(mlp_checkpoint, tmp_path):
+    """One flip: SECDED corrects it (accuracy back to clean, exactly), parity detects it;
+    an attacker who rewrites the check bits pays 1 + the check bits that change (at least
+    3 for SECDED's distance 4, exactly 1 for parity)."""
+    from flipsafe.protect.ecc import CLEAN, decode, encode, pack, per_word
+
+    plan = AttackPlan(model_sha=model_sha(mlp_checkpoint), format="fp32", budget=1,
+                      target_accuracy=TARGET, seed=1)
+    r = run_attack(mlp_checkpoint, tmp_path / "p", plan, show_progress=False,
+                   protect="ecc,parity")
+    ecc, parity = r["protections"]
+    assert (ecc["protection"], parity["protection"]) == ("ecc", "parity")
+    assert ecc["naive"]["words_corrected"] == 1 and not ecc["naive"]["due"]
+    assert ecc["naive"]["accuracy"] == r["clean_accuracy"]
+    assert parity["naive"]["words_detected"] == 1 and parity["naive"]["due"]
+    assert parity["physical_flips"] == [2]
+    f = r["flips"][0]
+    w = load_checkpoint(mlp_checkpoint).model.get_parameter(f["layer"]).detach().reshape(-1)
+    codes = torch.from_numpy(w.numpy().view(np.int32).copy())
+    k = per_word(32)
+    word = f["index"] // k
+    old = pack(codes[word * k:(word + 1) * k], 32)
+    codes[f["index"]] ^= np.int32(-(1 << 31)) if f["bit"] == 31 else np.int32(1 << f["bit"])
+    new = pack(codes[word * k:(word + 1) * k], 32)
+    delta = encode(old) ^ encode(new)
+    assert ecc["physical_flips"] == [1 + int(np.unpackbits(delta).sum())]
+    assert ecc["physical_flips"][0] >= 4
+    read, status = decode(new, encode(old) ^ delta)  # the check bits rewritten: silent
+    assert status[0] == CLEAN and read[0] == new[0]
+
+
+def test_an_unknown_or_non_memory_protection_is_one_line(mlp_checkpoint, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["attack", str(mlp_checkpoint), "--out", str(tmp_path / "x"), "--quiet",
+                 "--budget", "1", "--protect", "ranger"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose from ecc, parity" in err[0]

@@ -142,6 +142,27 @@ def ecc_read(original, index, faulty, bits: int):
     return corrected, detected, read, spill
 
 
+def ecc_memory(old_words, new_words):
+    """SECDED for protect.registry.Kind.memory: the check bits that differ between the old
+    and new words' codes (what a silent rewrite must flip beside the data), and decode()
+    of the new words with the old check bits (decoded words, detected)."""
+    old = np.asarray(old_words, dtype=np.uint64).reshape(-1)
+    new = np.asarray(new_words, dtype=np.uint64).reshape(-1)
+    delta = encode(old) ^ encode(new)
+    rewrite = np.unpackbits(delta[:, None], axis=1).sum(1).astype(np.int64)
+    decoded, status = decode(new, encode(old))
+    return rewrite, decoded, status == DETECTED
+
+
+def parity_memory(old_words, new_words):
+    """Parity for protect.registry.Kind.memory: the parity bit flips when an odd number of
+    data bits did; nothing is corrected, an odd change is detected."""
+    old = np.asarray(old_words, dtype=np.uint64).reshape(-1)
+    new = np.asarray(new_words, dtype=np.uint64).reshape(-1)
+    odd = (_parity(old) ^ _parity(new)).astype(bool)
+    return odd.astype(np.int64), new.copy(), odd
+
+
 def ecc_classify(original, index, faulty, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(corrected, detected) boolean arrays, one per fault: element `index[i]` of the flat
     code tensor `original` read back as `faulty[i]` (the rest of its word intact).

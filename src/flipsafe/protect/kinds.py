@@ -48,6 +48,9 @@ class ECC(_StoredCode):
     def read(self, codes, index, faulty, bits):
         return ecc.ecc_read(codes, index, faulty, bits)
 
+    def memory(self, old_words, new_words):
+        return ecc.ecc_memory(old_words, new_words)
+
 
 class Parity(_StoredCode):
     name = "parity"
@@ -57,6 +60,9 @@ class Parity(_StoredCode):
     def read(self, codes, index, faulty, bits):
         corrected, detected = ecc.parity_classify(codes, index, faulty, bits)
         return corrected, detected, None, None
+
+    def memory(self, old_words, new_words):
+        return ecc.parity_memory(old_words, new_words)
 
 
 class ABFT(Kind):

@@ -86,6 +86,13 @@ class Kind:
         spill may be None: the faulty code is read and nothing spills)."""
         raise ConfigError(f"{self.name} does not guard stored weight codes")
 
+    def memory(self, old_words, new_words):
+        """For a code over stored 64-bit weight words (protect.ecc's packing): (check bits
+        an attacker must flip too so that each new word reads back silently, what the
+        memory hands back for each new word read with the old word's check bits: the
+        decoded words, and which it flags as detected), numpy arrays."""
+        raise ConfigError(f"{self.name} does not guard stored weight codes")
+
     # -- its cost ------------------------------------------------------------------------
 
     def acts_on(self, mod) -> bool:

@@ -336,6 +336,20 @@ def worst_case_section(attacks: Sequence[dict]) -> list:
                                       ["flip", "parameter", "index", "bit", "accuracy after"],
                                       rows, [("Re-applying these flips to the stored codes, "
                                              "in order, gives these accuracies.")])))
+    rows = [[a["name"], p["protection"], fmt_count(p["flips"]),
+             fmt_count(p["naive"]["words_corrected"]), fmt_count(p["naive"]["words_detected"]),
+             fmt_count(p["naive"]["words_silent"]),
+             "DUE" if p["naive"]["due"] else fmt_rate(p["naive"]["accuracy"]),
+             fmt_count(sum(p["physical_flips"]))]
+            for a in searched for p in a["attack"].get("protections", [])]
+    if rows:
+        blocks.append(Table(TextTable(
+            "Against memory codes", ["attack", "protection", "flips", "words corrected",
+                                     "detected", "silent", "naive attacker", "flips knowing it"],
+            rows, [("Naive attacker: the same data-bit flips, read back through the code "
+                   "(accuracy, or DUE when the code flags a word). Knowing it: the attacker "
+                   "also flips the check bits, so every word reads back as written; the "
+                   "physical flips that takes for the same search's flips.")])))
     if searched:
         blocks.append(Image("attack", plots.to_png(plots.attack_figure(searched)),
                             "test accuracy after each bit flip of each attack"))
