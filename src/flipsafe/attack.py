@@ -20,8 +20,10 @@ and a second run with the same settings resumes from the flips it holds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,11 +52,18 @@ class AttackPlan:
     seed: int = 0
     attack_images: int = ATTACK_IMAGES
     candidates: int = CANDIDATES
+    # Protections the attack meets (comma-separated; see attack_kinds): bounds (ranger,
+    # clip) guard every Conv/Linear output during the search, memory codes (ecc, parity)
+    # then read the flips found back.
+    protect: str | None = None
 
     def __post_init__(self):
         from flipsafe.formats import canonical
 
         object.__setattr__(self, "format", canonical(self.format))
+        if self.protect is not None:
+            names = ",".join(k.name for k in functools.reduce(operator.iadd, attack_kinds(self.protect), []))
+            object.__setattr__(self, "protect", names or None)
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise ConfigError(f"--budget must be a whole number of flips of at least 1, "
                               f"got {self.budget!r}")
@@ -181,7 +190,7 @@ def _data(ckpt, plan: AttackPlan):
     test_x, test_y = bundle.test.tensors()
     pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(plan.seed))
     pick = pick[:plan.attack_images]
-    return (train_x[pick], train_y[pick]), (test_x, test_y), len(bundle.classes)
+    return (train_x[pick], train_y[pick]), (test_x, test_y), len(bundle.classes), train_x
 
 
 def _read(out: Path, plan: AttackPlan) -> dict | None:
@@ -207,17 +216,17 @@ def model_sha(model_dir) -> str:
     return read_config(model_dir)["files"][WEIGHTS]
 
 
-def run_attack(model_dir, out, plan: AttackPlan, show_progress: bool = True,
-               protect=()) -> dict:
+def run_attack(model_dir, out, plan: AttackPlan, show_progress: bool = True) -> dict:
     """Run (or resume) the attack of `plan` on the flipsafe checkpoint `model_dir`; the
-    record (as ATTACK_FILE holds it) is returned. `protect` names codes over stored weights
-    (ecc, parity) the flips found then meet (see against; record key "protections")."""
+    record (as ATTACK_FILE holds it) is returned. The plan's bounds protections guard the
+    model throughout; its memory codes then read the flips found back (see against;
+    record key "protections")."""
     from flipsafe import atomic
     from flipsafe.checkpoint import load_checkpoint
     from flipsafe.formats import get as get_format
     from flipsafe.progress import progress_bar
 
-    kinds = memory_kinds(protect)
+    kinds, bounds = attack_kinds(plan.protect)
     ckpt = load_checkpoint(model_dir)
     if model_sha(model_dir) != plan.model_sha:
         raise CampaignError(f"the checkpoint at {model_dir} is not the one this attack was "
@@ -228,7 +237,8 @@ def run_attack(model_dir, out, plan: AttackPlan, show_progress: bool = True,
     weights = StoredWeights(model, get_format(plan.format))
     for mod in weights.layers.values():
         mod.weight.requires_grad_(True)
-    (ax, ay), (tx, ty), classes = _data(ckpt, plan)
+    (ax, ay), (tx, ty), classes, train_x = _data(ckpt, plan)
+    guard_outputs(model, bounds, train_x)  # the search and every accuracy face them
     target = 1.0 / classes + 0.01 if plan.target_accuracy is None else plan.target_accuracy
     out = atomic.make_folder(out, "attack folder")
     record = _read(out, plan) or {
@@ -266,8 +276,11 @@ def run_attack(model_dir, out, plan: AttackPlan, show_progress: bool = True,
             bar.advance(1, info=f"accuracy {100 * acc:.1f}%")
     _finish(record, target)
     used = record["flips"][:record["flips_needed"] or len(record["flips"])]
-    record["protections"] = [against(load_checkpoint(model_dir).model.float().eval(),
-                                     plan.format, used, kind, (tx, ty)) for kind in kinds]
+    record["protections"] = []
+    for kind in kinds:
+        clean = load_checkpoint(model_dir).model.float().eval()
+        guard_outputs(clean, bounds, train_x)
+        record["protections"].append(against(clean, plan.format, used, kind, (tx, ty)))
     atomic.write_json(out / ATTACK_FILE, record)
     return record
 
@@ -411,25 +424,56 @@ def read_folder(folder) -> dict:
 # -- the attack against memory codes ------------------------------------------------------
 
 
-def memory_kinds(names) -> list:
-    """The protections of `names` (comma-separated or a list), each a code over stored
-    weight words (protect.registry: in_memory); ConfigError naming those that are."""
+def attack_kinds(names) -> tuple[list, list]:
+    """(memory codes, output bounds) among the protections `names` (comma-separated or a
+    list; protect.registry kinds that are in_memory, or need_bounds with a make_guard);
+    ConfigError naming the ones an attack can meet otherwise."""
     from flipsafe.protect.registry import get, registered
 
-    names = [n.strip().lower() for n in (names.split(",") if isinstance(names, str) else names)
-             if n.strip()]
-    codes = [k for k in registered().values() if k.in_memory]
-    out = []
+    names = [n.strip().lower() for n in (names.split(",") if isinstance(names, str) else
+                                         names or ()) if n.strip()]
+    usable = [k for k in registered().values() if k.in_memory or k.needs_bounds]
+    memory, bounds = [], []
     for name in names:
         try:
             kind = get(name)
         except ConfigError:
             kind = None
-        if kind is None or not kind.in_memory:
-            raise ConfigError(f"--protect {name}: the attack meets codes over stored weights "
-                              f"only; choose from {', '.join(k.name for k in codes)}")
-        out.append(kind)
-    return out
+        if kind is None or kind not in usable:
+            raise ConfigError(f"--protect {name}: an attack meets codes over stored weights "
+                              f"and output bounds; choose from "
+                              f"{', '.join(k.name for k in usable)}")
+        (memory if kind.in_memory else bounds).append(kind)
+    return memory, bounds
+
+
+def guard_outputs(model: nn.Module, kinds, images: torch.Tensor) -> list:
+    """Hold every Conv/Linear output of `model` within the range profiled on `images`
+    (per layer), with each bounds kind's guard (ranger: clamp, clip: zero), as forward
+    hooks; returns the hook handles."""
+    layers = {name: mod for name, mod in model.named_modules()
+              if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+    seen: dict = {}
+
+    def record(name):
+        def hook(mod, inputs, out):
+            lo, hi = out.detach().amin(), out.detach().amax()
+            old = seen.get(name)
+            seen[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+        return hook
+
+    handles = [mod.register_forward_hook(record(name)) for name, mod in layers.items()]
+    with torch.no_grad():
+        for i in range(0, len(images), 512):
+            model(images[i:i + 512])
+    for h in handles:
+        h.remove()
+    handles = []
+    for kind in kinds:
+        for name, mod in layers.items():
+            guard = kind.make_guard(*seen[name])
+            handles.append(mod.register_forward_hook(lambda m, i, out, g=guard: g(out)))
+    return handles
 
 
 def against(model: nn.Module, fmt: str, flips: list[dict], kind, test) -> dict:

@@ -476,9 +476,8 @@ def cmd_attack(args) -> None:
 
     plan = AttackPlan(model_sha=model_sha(args.model_dir), format=args.format,
                       budget=args.budget, target_accuracy=args.target_accuracy, seed=args.seed,
-                      attack_images=args.attack_images)
-    r = run_attack(args.model_dir, args.out, plan, show_progress=not args.quiet,
-                   protect=args.protect or ())
+                      attack_images=args.attack_images, protect=args.protect)
+    r = run_attack(args.model_dir, args.out, plan, show_progress=not args.quiet)
     curve = ", ".join(f"{100 * a:.1f}%" for a in r["accuracy"][:12])
     more = ", ..." if len(r["accuracy"]) > 12 else ""
     print(f"{args.model_dir} with {plan.format} weights: clean accuracy "
@@ -515,9 +514,11 @@ def _attack_command(add) -> None:
                    help="training images the search ranks flips on (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack batch (default: 0)")
     p.add_argument("--protect", default=None,
-                   help="codes over stored weights the flips found then meet, comma-separated "
-                        "(ecc, parity): what a naive attacker's flips become when the memory "
-                        "decodes them, and the flips one who rewrites the check bits needs")
+                   help="protections the attack meets, comma-separated: ranger or clip hold "
+                        "every Conv/Linear output within its profiled range during the whole "
+                        "search; ecc or parity (codes over stored weight words) then read the "
+                        "flips found back: what a naive attacker's flips become, and the flips "
+                        "one who rewrites the check bits needs")
     p.add_argument("--census", action="store_true",
                    help="instead of the search: for each layer, the share of weights whose "
                         "single flip of --bits lowers test accuracy by more than --drop (every "

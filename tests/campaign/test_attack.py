@@ -171,8 +171,10 @@ def test_the_report_has_a_worst_case_section(attacks, mlp_checkpoint, tmp_path):
     assert main(["attack", str(mlp_checkpoint), "--census", "--census-images", "2",
                  "--out", str(census_dir), "--quiet"]) == 0
     protected = tmp_path / "protected"
-    run_attack(mlp_checkpoint, protected, attacks["int8"][1], show_progress=False,
-               protect="ecc")
+    from dataclasses import replace
+
+    run_attack(mlp_checkpoint, protected, replace(attacks["int8"][1], protect="ecc"),
+               show_progress=False)
     folders = [attacks["fp32"][0], attacks["int8"][0], census_dir, protected]
     out = write_report([tmp_path / "c"], tmp_path / "r" / "report.md", fmt="md",
                        attacks=folders)
@@ -197,9 +199,8 @@ def test_flips_meet_ecc_and_parity_as_the_memory_decodes_them(mlp_checkpoint, tm
     from flipsafe.protect.ecc import CLEAN, decode, encode, pack, per_word
 
     plan = AttackPlan(model_sha=model_sha(mlp_checkpoint), format="fp32", budget=1,
-                      target_accuracy=TARGET, seed=1)
-    r = run_attack(mlp_checkpoint, tmp_path / "p", plan, show_progress=False,
-                   protect="ecc,parity")
+                      target_accuracy=TARGET, seed=1, protect="ecc,parity")
+    r = run_attack(mlp_checkpoint, tmp_path / "p", plan, show_progress=False)
     ecc, parity = r["protections"]
     assert (ecc["protection"], parity["protection"]) == ("ecc", "parity")
     assert ecc["naive"]["words_corrected"] == 1 and not ecc["naive"]["due"]
@@ -224,6 +225,34 @@ def test_flips_meet_ecc_and_parity_as_the_memory_decodes_them(mlp_checkpoint, tm
 def test_an_unknown_or_non_memory_protection_is_one_line(mlp_checkpoint, tmp_path, capsys):
     capsys.readouterr()
     assert main(["attack", str(mlp_checkpoint), "--out", str(tmp_path / "x"), "--quiet",
-                 "--budget", "1", "--protect", "ranger"]) == 2
+                 "--budget", "1", "--protect", "abft"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "choose from ecc, parity" in err[0]
+    assert len(err) == 1 and "--protect abft" in err[0] and "ranger" in err[0]
+
+
+def test_ranger_guards_the_whole_search(attacks, mlp_checkpoint, tmp_path):
+    """With every output held to its profiled range during the search, the flips it
+    reports reproduce its accuracy on a model guarded by hand, and they are not the open
+    search's flips applied to an open model."""
+    from dataclasses import replace
+
+    from flipsafe.attack import guard_outputs
+    from flipsafe.protect.registry import get
+
+    open_run = attacks["fp32"][2]
+    plan = replace(attacks["fp32"][1], protect="ranger")
+    guarded = run_attack(mlp_checkpoint, tmp_path / "g", plan, show_progress=False)
+    assert guarded["plan"]["protect"] == "ranger"
+    train = load("digits").train.tensors()[0]
+    model = load_checkpoint(mlp_checkpoint).model
+    guard_outputs(model, [get("ranger")], train)  # bounds of the clean model, then flips
+    _fp32_by_hand(model, guarded["flips"])
+    assert _test_accuracy(model) == pytest.approx(guarded["final_accuracy"], abs=1e-12)
+    # The guard acts: an exponent flip's huge output is held to the layer's profiled max.
+    model = load_checkpoint(mlp_checkpoint).model
+    guard_outputs(model, [get("ranger")], train)
+    _fp32_by_hand(model, open_run["flips"][:1])
+    seen = []
+    model.fc.register_forward_hook(lambda m, i, out: seen.append(i[0].abs().max()))
+    _test_accuracy(model)
+    assert float(seen[0]) < 1e6
