@@ -243,6 +243,7 @@ def run_attack(model_dir, out, plan: AttackPlan, show_progress: bool = True) -> 
     out = atomic.make_folder(out, "attack folder")
     record = _read(out, plan) or {
         "plan": asdict(plan), "model": str(model_dir), "classes": classes,
+        "arch": ckpt.config.get("arch"), "head": ckpt.config.get("head", "linear"),
         "target_accuracy": target, "clean_accuracy": _accuracy(model, tx, ty),
         "flips": [], "accuracy": [], "attack_loss": [], "evaluations": 0, "seconds": 0.0}
     for f in record["flips"]:  # resume: the flips found so far, in their order

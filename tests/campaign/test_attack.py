@@ -187,6 +187,9 @@ def test_the_report_has_a_worst_case_section(attacks, mlp_checkpoint, tmp_path):
             assert f"| {i + 1} | {f['layer']} | {f['index']:,} | {f['bit']} |" in section
     assert "**Catastrophic bits: census (fp32)**" in section
     assert "**Against memory codes**" in section and "| protected | ecc |" in section
+    table = section[section.index("**Flips to break**"):].split("\n\n")[1]
+    assert [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]] == [
+        "fp32", "int8", "protected"]
     assert (out.parent / "report-attack.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(Exception, match="holds no attack.json"):
         write_report([tmp_path / "c"], tmp_path / "r2.md", fmt="md", attacks=[tmp_path / "c"])

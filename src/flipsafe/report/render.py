@@ -319,6 +319,18 @@ def worst_case_section(attacks: Sequence[dict]) -> list:
         return []
     blocks: list = [Heading("Worst case")]
     searched = [a for a in attacks if a["attack"] is not None]
+    if len(searched) > 1:  # side by side: e.g. a baseline's and a text-guided head's
+        rows = [[a["name"], str(r.get("arch") or "?"), str(r.get("head") or "?"),
+                 r["plan"]["format"], r["plan"].get("protect") or "none",
+                 fmt_rate(r["clean_accuracy"]),
+                 str(r["flips_needed"]) if r["flips_needed"] else f"> {len(r['flips'])}",
+                 fmt_rate(r["final_accuracy"])]
+                for a in searched for r in [a["attack"]]]
+        blocks.append(Table(TextTable(
+            "Flips to break", ["attack", "arch", "head", "format", "protect", "clean",
+                               "flips to target", "final accuracy"], rows,
+            [("Fewer flips: easier to break. Each search ranks and evaluates its own "
+             "candidates; compare attacks of the same format and target.")])))
     for a in searched:
         r = a["attack"]
         needed = (f"reached the target {fmt_rate(r['target_accuracy'])} after "
