@@ -191,6 +191,7 @@ def test_the_report_has_a_worst_case_section(attacks, mlp_checkpoint, tmp_path):
     assert [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]] == [
         "fp32", "int8", "protected"]
     assert (out.parent / "report-attack.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list(out.parent.glob("report-census-*.png"))) == 1
     with pytest.raises(Exception, match="holds no attack.json"):
         write_report([tmp_path / "c"], tmp_path / "r2.md", fmt="md", attacks=[tmp_path / "c"])
 

@@ -436,3 +436,24 @@ def attack_figure(attacks: Sequence[dict]) -> Figure:
     ax.legend(loc="best", fontsize="small")
     ax.set_title("Worst case: accuracy after each flip (dotted: target)")
     return fig
+
+
+def census_figure(census: dict) -> Figure:
+    """Share of each layer's weights whose single flip of each census bit is catastrophic
+    (flipsafe.attack.census), one bar per (layer, bit)."""
+    rows = census["layers"]
+    labels = [f"{r['layer']} (bit {r['bit']})" for r in rows]
+    fig = Figure(figsize=(9, 1.4 + 0.3 * len(rows)))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows), dtype=np.float64)
+    ax.barh(y, [100 * r["share"] for r in rows], color=style(0)["color"], edgecolor="black",
+            linewidth=0.6)
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(f"weights whose one flip costs more than {100 * census['drop']:.0f} points "
+                  "of accuracy (%)")
+    ax.grid(axis="x", color="#dddddd")
+    ax.set_axisbelow(True)
+    ax.set_title(f"Catastrophic bits, {census['format']}")
+    return fig

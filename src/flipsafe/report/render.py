@@ -378,6 +378,8 @@ def worst_case_section(attacks: Sequence[dict]) -> list:
             [(f"A weight is catastrophic when flipping that one bit lowers accuracy on "
              f"{c['images']} test images by more than {fmt_rate(c['drop'])} (clean "
              f"{fmt_rate(c['clean_accuracy'])}); every weight was flipped once.")])))
+        blocks.append(Image(f"census-{len(blocks)}", plots.to_png(plots.census_figure(c)),
+                            f"share of catastrophic weights per layer, {a['name']}"))
     return blocks
 
 
