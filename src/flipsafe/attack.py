@@ -111,6 +111,12 @@ class StoredWeights:
         codes[index] ^= _mask(bit)
         self._write(name)
 
+    def flipped_one(self, name: str, index: int, bit: int) -> torch.Tensor:
+        """The decoded weight `index` of `name` with `bit` flipped (the codes unchanged)."""
+        codes = self.encoded[name].codes.reshape(-1).clone()
+        codes[index] ^= _mask(bit)
+        return self.decoded(name, codes.reshape(self.encoded[name].codes.shape)).reshape(-1)[index]
+
     def flipped(self, name: str, bit: int) -> torch.Tensor:
         """Every element's decoded weight with `bit` flipped, flat."""
         codes = self.encoded[name].codes
@@ -167,16 +173,57 @@ def _candidates(model, weights: StoredWeights, x, y, per_layer: int) -> list[tup
     return out
 
 
-def _best(model, weights: StoredWeights, candidates, x, y) -> tuple[tuple, float, int]:
-    """The candidate whose flip misclassifies most attack images (then: raises their loss
-    most), evaluated exactly; its loss; and the evaluations made."""
-    best, best_score = None, None
+def _scores_one_by_one(model, weights: StoredWeights, candidates, x, y) -> list:
+    """_score of each candidate flip, made and undone in turn."""
+    out = []
     for name, index, bit in candidates:
         weights.flip(name, index, bit)
-        score = _score(model, x, y)
+        out.append(_score(model, x, y))
         weights.flip(name, index, bit)  # undo
+    return out
+
+
+def _scores_batched(model, weights: StoredWeights, candidates, x, y) -> list:
+    """_score of each candidate flip, the candidates of one layer in one vmapped forward
+    (torch.func: each gets its own copy of the layer's weight with its flip)."""
+    from torch.func import functional_call, vmap
+
+    scores: dict = {}
+    by_layer: dict = {}
+    for c in candidates:
+        by_layer.setdefault(c[0], []).append(c)
+    for name, group in by_layer.items():
+        w = weights.layers[name].weight
+        stack = w.detach().reshape(1, -1).repeat(len(group), 1)
+        for row, (_, index, bit) in enumerate(group):
+            stack[row, index] = weights.flipped_one(name, index, bit)
+        key = f"{name}.weight"
+
+        def run(flat, shape=w.shape, key=key):
+            return functional_call(model, {key: flat.reshape(shape)}, (x,))
+        with torch.no_grad():
+            logits = vmap(run)(stack)  # [candidates, images, classes]
+        finite = torch.isfinite(logits).flatten(1).all(1)
+        wrong = (logits.argmax(-1) != y).sum(1)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(group)),
+                               reduction="none").reshape(len(group), -1).mean(1)
+        for c, ok, k, lo in zip(group, finite.tolist(), wrong.tolist(), loss.tolist()):
+            scores[c] = (int(k), float(lo)) if ok else None
+    return [scores[c] for c in candidates]
+
+
+def _best(model, weights: StoredWeights, candidates, x, y) -> tuple[tuple, float, int]:
+    """The candidate whose flip misclassifies most attack images (then: raises their loss
+    most), evaluated exactly (batched per layer where torch.func can run the model, else
+    one by one); its loss; and the evaluations made."""
+    try:
+        scores = _scores_batched(model, weights, candidates, x, y)
+    except RuntimeError:  # a model vmap cannot run (data-dependent control flow, ...)
+        scores = _scores_one_by_one(model, weights, candidates, x, y)
+    best, best_score = None, None
+    for c, score in zip(candidates, scores):
         if score is not None and (best_score is None or score > best_score):
-            best, best_score = (name, index, bit), score
+            best, best_score = c, score
     return best, (best_score or (0, float("nan")))[1], len(candidates)
 
 

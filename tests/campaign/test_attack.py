@@ -260,3 +260,28 @@ def test_ranger_guards_the_whole_search(attacks, mlp_checkpoint, tmp_path):
     model.fc.register_forward_hook(lambda m, i, out: seen.append(i[0].abs().max()))
     _test_accuracy(model)
     assert float(seen[0]) < 1e6
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_batched_candidate_evaluation_equals_one_by_one(mlp_checkpoint, fmt):
+    """The vmapped evaluation of a layer's candidates gives each the misclassification
+    count and non-finite verdict of making it alone, and its loss to float32 rounding
+    (sums in another order: a few units in the last place of 24 bits)."""
+    from flipsafe import attack
+    from flipsafe.formats import get
+
+    model = load_checkpoint(mlp_checkpoint).model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = attack.StoredWeights(model, get(fmt))
+    for mod in weights.layers.values():
+        mod.weight.requires_grad_(True)
+    x, y = load("digits").train.tensors()
+    x, y = x[:64], y[:64]
+    cands = attack._candidates(model, weights, x, y, 5)
+    one = attack._scores_one_by_one(model, weights, cands, x, y)
+    batched = attack._scores_batched(model, weights, cands, x, y)
+    assert len(cands) > 10 and [s is None for s in one] == [s is None for s in batched]
+    for a, b in zip(one, batched):
+        if a is not None:
+            assert a[0] == b[0] and b[1] == pytest.approx(a[1], rel=1e-5)
