@@ -206,3 +206,18 @@ def test_summary_counts_the_faults_decided_without_a_forward_pass(finished, caps
     main(["summary", str(finished)])
     share = f"{100 * decided[stage2].mean():.2f}% of {int(stage2.sum()):,} injections decided"
     assert share in capsys.readouterr().out
+
+
+def test_fit_of_an_adaptive_campaign_counts_stage_two_only(finished):
+    from flipsafe.safety import FitAssumptions, estimate_fit
+
+    store, rows = _rows(finished)
+    [e] = estimate_fit([finished], FitAssumptions(raw_fit_per_mbit=20.49))
+    got = {(s.layer, s.field): (s.n, s.sdc) for s in e.strata}
+    stage2 = rows.filter(rows["fault_id"].to_numpy() >= store.stages[0])
+    sdc = stage2["sdc"].to_numpy()
+    layer = stage2["layer"].to_numpy(zero_copy_only=False)
+    field = stage2["field"].to_numpy(zero_copy_only=False)
+    for s in store.strata:
+        mine = (layer == s.layer) & (field == s.field)
+        assert got[(s.layer, s.field)] == (s.n, int(sdc[mine].sum()))

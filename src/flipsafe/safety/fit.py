@@ -286,7 +286,10 @@ def _read_campaign(folder) -> _Campaign:
         raise CampaignError(f"{folder} was written before flipsafe recorded the bits at risk of "
                             "each stratum; rerun the same `flipsafe campaign` command on it "
                             "(finished parts are kept) to record them, then retry")
-    table = store.read()
+    from flipsafe.campaign.adaptive import estimation_rows
+
+    spent = store.read()
+    table = estimation_rows(store, spent)  # an adaptive pilot only allocated
     grouped = table.group_by(["layer", "field"]).aggregate(
         [("sdc", "count"), ("sdc", "sum"), ("due", "sum")]).to_pydict()
     counts = {(lay, fld): (int(n), int(sdc or 0), int(due or 0)) for lay, fld, n, sdc, due in zip(
@@ -298,7 +301,7 @@ def _read_campaign(folder) -> _Campaign:
         raise CampaignError(f"{folder} has rows for stratum {stray[0]} that its manifest does "
                             "not list; the folder was altered, rerun the campaign elsewhere")
     return _Campaign(folder, plan, list(store.strata), counts,
-                     table.num_rows < store.total_rows)
+                     spent.num_rows < store.total_rows)
 
 
 def _interval(k, n, confidence, exhaustive) -> Interval:
