@@ -221,3 +221,36 @@ def test_fit_of_an_adaptive_campaign_counts_stage_two_only(finished):
     for s in store.strata:
         mine = (layer == s.layer) & (field == s.field)
         assert got[(s.layer, s.field)] == (s.n, int(sdc[mine].sum()))
+
+
+def test_comparisons_of_adaptive_campaigns_use_the_stratified_rates(finished):
+    from flipsafe.report import load_results
+    from flipsafe.report.tables import comparison
+
+    r = load_results(finished)
+    for key, g in r.by_layer.groups.items():
+        m = r.matched.groups[(r.match_name(key[0]),)]
+        assert (m.sdc.rate, m.sdc.low, m.sdc.high) == (g.sdc.rate, g.sdc.low, g.sdc.high)
+    comp = comparison(r, r)
+    assert comp.overall_a.sdc.method == "effective"
+    assert comp.overall_a.sdc.rate == pytest.approx(r.by_layer.overall.sdc.rate, abs=1e-15)
+
+
+@pytest.mark.parametrize("budget", [None, 1000, 1500, 5000])
+def test_a_budget_caps_stage_two_exactly_and_keeps_every_stratum(budget):
+    from flipsafe.campaign import adaptive
+    from flipsafe.campaign.plan import Stratum
+
+    strata = [Stratum(layer, field, size, 0) for layer in ("a", "b")
+              for field, size in (("sign", 10_000), ("exponent", 80_000), ("mantissa", 230_000))]
+    pilot = adaptive.pilot(strata)
+    counts = {(s.layer, s.field): (s.n, {"sdc": s.n // 4 if s.field == "exponent" else 0,
+                                         "due": 0}) for s in pilot}
+    free = adaptive.second_stage(pilot, counts, 0.01, 0.99)
+    stage2 = adaptive.second_stage(pilot, counts, 0.01, 0.99, budget)
+    spent = sum(s.n for s in pilot) + sum(s.n for s in stage2)
+    if budget is None or budget >= sum(s.n for s in pilot) + sum(s.n for s in free):
+        assert stage2 == free
+    else:
+        assert spent <= budget and all(s.n >= 1 for s in stage2)
+        assert spent >= budget - len(stage2)  # the budget is used, up to rounding

@@ -125,8 +125,9 @@ def _layer_stage(strata: list[Stratum], rates: dict, margin: float,
 def second_stage(pilot_strata: Sequence[Stratum], counts: Mapping, margin: float,
                  confidence: float, budget: int | None = None) -> list[Stratum]:
     """Stage 2 of the design: the pilot's strata with their stage-2 n, from the pilot's
-    `counts` (counts_of). With `budget` (injections in all, pilot included) every layer's
-    stage 2 shrinks by the same factor when the whole would not fit."""
+    `counts` (counts_of). With `budget` (injections in all, pilot included) a stage 2 that
+    would not fit shrinks: one fault per stratum, the rest in proportion to the plan, never
+    more than the budget."""
     rates = {}
     for s in pilot_strata:
         n, events = counts[(s.layer, s.field)]
@@ -137,8 +138,9 @@ def second_stage(pilot_strata: Sequence[Stratum], counts: Mapping, margin: float
     spent = sum(s.n for s in pilot_strata)
     wanted = sum(n for _, n in planned)
     if budget is not None and spent + wanted > budget:
-        factor = (budget - spent) / wanted
-        scaled = [max(1, math.floor(n * factor)) for _, n in planned]
+        # One fault each (check_budget made room), the rest shared as the plan had it.
+        spare = budget - spent - len(planned)
+        scaled = [1 + math.floor((n - 1) * spare / (wanted - len(planned))) for _, n in planned]
         planned = [(s, n) for (s, _), n in zip(planned, scaled)]
     return [Stratum(s.layer, s.field, s.size, int(n), s.elements, s.width) for s, n in planned]
 

@@ -648,6 +648,8 @@ class Summary:
     overall: GroupSummary
     qs: tuple[float, ...] = field(default=DEFAULT_QUANTILES)
     strata: Strata | None = None
+    # How its stratified intervals were computed (INTERVALS); comparisons use the same.
+    interval: str = "kish"
 
     def rows(self) -> list[GroupSummary]:
         """Group rows followed by the overall row (whose key is OVERALL in every column)."""
@@ -763,7 +765,7 @@ def summarise(
             overall = dataclasses.replace(
                 overall, sdc=strata.estimate("sdc", confidence, interval),
                 due=strata.estimate("due", confidence, interval))
-    return Summary(by, confidence, groups, overall, qs, strata)
+    return Summary(by, confidence, groups, overall, qs, strata, interval)
 
 
 def _plain(value):
@@ -858,7 +860,8 @@ def _matched_overall(summary: Summary, groups: dict, matched: list, strata: Stra
     parts = [groups[key] for key in matched]
     n = sum(g.n for g in parts)
     if strata is not None and strata.keys:
-        sdc, due = strata.estimate("sdc", confidence), strata.estimate("due", confidence)
+        sdc = strata.estimate("sdc", confidence, summary.interval)
+        due = strata.estimate("due", confidence, summary.interval)
     else:
         k_sdc, k_due = sum(g.sdc.k for g in parts), sum(g.due.k for g in parts)
         sdc, due = rate_estimate(k_sdc, n, confidence), rate_estimate(k_due, n, confidence)

@@ -145,7 +145,7 @@ class Results:
     def matched(self) -> Summary:
         """Summary by matched layer name (see match_name), at the same confidence as by_layer."""
         return summarise(self.matched_table(), ("layer",), self.by_layer.confidence,
-                         sizes=self.sizes(matched=True))
+                         sizes=self.sizes(matched=True), interval=self.by_layer.interval)
 
 
 def bit_positions(table: pa.Table) -> np.ndarray:
