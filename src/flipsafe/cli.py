@@ -229,7 +229,8 @@ def _print_strata(prep) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{prep.plan.site} faults, {prep.plan.format}, {prep.plan.fault}")
+    pilot = " (the adaptive pilot)" if prep.plan.sampling == "adaptive" else ""
+    table = Table(title=f"{prep.plan.site} faults, {prep.plan.format}, {prep.plan.fault}{pilot}")
     for col in ("layer", "field", "fault space", "injections"):
         table.add_column(col, justify="left" if col in ("layer", "field") else "right")
     for s in prep.strata:
