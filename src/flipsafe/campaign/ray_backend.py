@@ -173,6 +173,65 @@ def _connect(ray, address, workers):
     return True
 
 
+def _actor_factory(ray, plan: CampaignPlan, store: ResultsStore, parts: int, workers,
+                   device: str, ranges, stages):
+    """(a function making one part worker, how many to make): one per CPU Ray reports (or
+    `workers`), at most one per part, CPUs shared when there are more actors than CPUs;
+    with cuda (or auto on a cluster with GPUs) each asks for an equal share of the GPUs."""
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    n_actors = max(1, min(workers or int(cpus) or 1, parts))
+    # More actors than CPUs would leave some pending forever; share the CPUs instead.
+    per_actor = min(1.0, cpus / n_actors) if cpus > 0 else 0
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    if on_gpu and gpus <= 0:
+        raise ConfigError("--device cuda: the Ray cluster has no GPUs; use --device cpu")
+    options = {"num_gpus": min(1.0, gpus / n_actors)} if on_gpu else {}
+    actor_cls = ray.remote(_PartWorker).options(num_cpus=per_actor, max_restarts=0, **options)
+    worker_device = "cuda" if on_gpu else "cpu"
+    plan_json = plan.to_json()
+
+    def new_actor():
+        return actor_cls.remote(plan_json, store.total_rows, os.getcwd(), ranges,
+                                worker_device, stages)
+    return new_actor, n_actors
+
+
+class _Pool:
+    """The part workers, the parts queued and the one part each is running."""
+
+    def __init__(self, ray, factory, store: ResultsStore, todo: list[int]):
+        self.ray, (self.new_actor, n_actors), self.store = ray, factory, store
+        self.actors = [self.new_actor() for _ in range(n_actors)]
+        self.queue = deque(todo)
+        self.running: dict = {}  # ref -> (part, actor slot)
+        self.attempts: Counter = Counter()
+        for slot in range(n_actors):
+            self.feed(slot)
+
+    def feed(self, slot: int) -> None:
+        if self.queue:
+            k = self.queue.popleft()
+            ref = self.actors[slot].run.remote(k, *self.store.part_bounds(k))
+            self.running[ref] = (k, slot)
+
+    def retry(self, k: int, slot: int, exc: Exception) -> None:
+        """Part k was lost with the actor in `slot`: it goes first to a fresh actor there,
+        unless it was lost MAX_ATTEMPTS times (CampaignError)."""
+        self.attempts[k] += 1
+        if self.attempts[k] >= MAX_ATTEMPTS:
+            raise CampaignError(
+                f"part {k} was lost with its Ray worker {self.attempts[k]} times "
+                f"(last: {type(exc).__name__}); the parts already written are "
+                "kept, so check the workers' memory and rerun to resume"
+            ) from None
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self.new_actor()
+        self.queue.appendleft(k)
+        self.feed(slot)
+
+
 def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
                      address: str | None = None, workers: int | None = None,
                      show_progress: bool = True, ranges: dict | None = None,
@@ -208,77 +267,36 @@ def run_parts_on_ray(plan: CampaignPlan, store: ResultsStore, todo: list[int],
     lost_errors = (RayActorError, ObjectLostError, WorkerCrashedError, OutOfMemoryError)
     restore_output = _ray_output_to_stderr()
     started = False
-    actors: list = []
+    pool = None
     try:
         started = _connect(ray, address, workers)
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        n_actors = max(1, min(workers or int(cpus) or 1, len(todo)))
-        # More actors than CPUs would leave some pending forever; share the CPUs instead.
-        per_actor = min(1.0, cpus / n_actors) if cpus > 0 else 0
-        gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
-        if on_gpu and gpus <= 0:
-            raise ConfigError("--device cuda: the Ray cluster has no GPUs; use --device cpu")
-        options = {"num_gpus": min(1.0, gpus / n_actors)} if on_gpu else {}
-        actor_cls = ray.remote(_PartWorker).options(num_cpus=per_actor, max_restarts=0,
-                                                    **options)
-        worker_device = "cuda" if on_gpu else "cpu"
-        plan_json = plan.to_json()
-
-        def new_actor():
-            return actor_cls.remote(plan_json, store.total_rows, os.getcwd(), ranges,
-                                    worker_device, stages)
-
-        actors = [new_actor() for _ in range(n_actors)]
-        queue = deque(todo)
-        running: dict = {}  # ref -> (part, actor slot); one part per actor at a time
-        attempts: Counter = Counter()
-
-        def feed(slot: int) -> None:
-            if queue:
-                k = queue.popleft()
-                ref = actors[slot].run.remote(k, *store.part_bounds(k))
-                running[ref] = (k, slot)
-
-        for slot in range(n_actors):
-            feed(slot)
+        pool = _Pool(ray, _actor_factory(ray, plan, store, len(todo), workers, device, ranges,
+                                         stages), store, todo)
         total = sum(store.expected_rows(k) for k in todo)
         done = sdc = 0
-        desc = f"{label or plan.progress_label} (ray x{n_actors})"
+        desc = f"{label or plan.progress_label} (ray x{len(pool.actors)})"
         with progress_bar(desc, total=total, unit="inj", enabled=show_progress) as bar:
-            while running:
-                [ref], _ = ray.wait(list(running), num_returns=1)
-                k, slot = running.pop(ref)
+            while pool.running:
+                [ref], _ = ray.wait(list(pool.running), num_returns=1)
+                k, slot = pool.running.pop(ref)
                 try:
                     part, table = ray.get(ref)
                 except lost_errors as exc:
-                    attempts[k] += 1
-                    if attempts[k] >= MAX_ATTEMPTS:
-                        raise CampaignError(
-                            f"part {k} was lost with its Ray worker {attempts[k]} times "
-                            f"(last: {type(exc).__name__}); the parts already written are "
-                            "kept, so check the workers' memory and rerun to resume"
-                        ) from None
-                    # The actor is gone; its part goes first to a fresh one.
-                    with contextlib.suppress(Exception):
-                        ray.kill(actors[slot], no_restart=True)
-                    actors[slot] = new_actor()
-                    queue.appendleft(k)
-                    feed(slot)
+                    pool.retry(k, slot, exc)
                     continue
                 except RayTaskError as exc:
                     if isinstance(exc.cause, FlipsafeError):
                         raise exc.cause from None
                     raise
                 del ref  # frees the result in Ray's object store
-                feed(slot)
+                pool.feed(slot)
                 store.write_part(part, table)
                 done += table.num_rows
                 sdc += int(np.count_nonzero(table.column("sdc").to_numpy()))
                 bar.advance(table.num_rows, info=f"SDC {100 * sdc / done:.2f}%")
     finally:
         # Stops work still queued on a Ray that outlives this call (reused or a cluster).
-        for actor in actors:
+        for actor in (pool.actors if pool is not None else []):
             with contextlib.suppress(Exception):  # best effort while unwinding
                 ray.kill(actor, no_restart=True)
         if started:
