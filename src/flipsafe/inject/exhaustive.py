@@ -88,52 +88,59 @@ class ExhaustiveLastLayer:
         limit = weights.limit(name, self.clamp)
         return self._outcomes(name, mod, model, images, labels, bits, golden, limit)
 
-    def _outcomes(self, name, mod, model, images, labels, bits, golden, limit):
-        em, ex = self.em, self.ex
-        fmt = em.fmt
+    def _faulty_weights(self, name, mod, model, bits, limit):
+        """(bits, dw [k, O, I]: each weight's change under each bit's fault, after the
+        clamp, nonfinite [k, O*I]: the faulty code was NaN/Inf before it)."""
+        em, fmt = self.em, self.em.fmt
         allowed = positions(fmt)
         bits = allowed if bits is None else [int(b) for b in bits]
         bad = [b for b in bits if b not in allowed]
         if bad:
             raise ConfigError(f"bits {bad} are not bits of {fmt.name}; choose from {allowed}")
+        out_dim, in_dim = mod.weight.shape
+        codes = em.params[(name, "weight")]
+        n_w, dev = out_dim * in_dim, em.device
+        idx = torch.arange(n_w, device=dev)
+        new = []
+        for b in bits:
+            mask = torch.full((n_w,), 1 << b, dtype=torch.int64, device=dev)
+            op = torch.full((n_w,), model.op, dtype=torch.int64, device=dev)
+            new.append(codes.corrupt(idx, False, mask, op, mask)[1][:, 0])
+        new = torch.stack(new)  # [k, n_w]
+        old = codes.values.reshape(-1)
+        nonfinite = ~torch.isfinite(new)
+        if self.clamp != "none":
+            new = emulate.clamp(new, limit, self.clamp)
+        return bits, (new - old).reshape(len(bits), out_dim, in_dim), nonfinite
+
+    def _after(self, name, golden, raw, out_dim):
+        """(post: what follows the classifier on score rows [m, C], whether it treats each
+        score alone); without a graph the scores must be the logits themselves."""
+        em, ex = self.em, self.ex
+        columnwise = ex.elementwise_after(name, golden, out_dim)
+        if columnwise is not None:
+            return (lambda values, img: ex.logits_after(name, values, img, golden)), columnwise
+        q = em.quantize_output(name, raw)
+        if not bool(emulate.same_bits(q, golden.logits).all()):
+            raise InjectionError(
+                f"the model has no captured graph (torch.fx or torch.export) and its "
+                f"logits are not the output of {name!r}; exhaustive classifier faults "
+                f"need one of the two")
+        return (lambda values, img: values), True
+
+    def _outcomes(self, name, mod, model, images, labels, bits, golden, limit):
+        em, fmt = self.em, self.em.fmt
         x = golden.inputs[name][0]
         if x.dim() != 2:
             raise InjectionError(f"the classifier {name!r} must take one feature vector per image "
                                  f"([batch, features]), got input shape {tuple(x.shape)}")
         raw = golden.raw[name]
         out_dim, in_dim = mod.weight.shape
-        codes = em.params[(name, "weight")]
         dev = em.device
         with torch.no_grad():
             n_w = out_dim * in_dim
-            idx = torch.arange(n_w, device=dev)
-            new = []
-            for b in bits:
-                mask = torch.full((n_w,), 1 << b, dtype=torch.int64, device=dev)
-                op = torch.full((n_w,), model.op, dtype=torch.int64, device=dev)
-                new.append(codes.corrupt(idx, False, mask, op, mask)[1][:, 0])
-            new = torch.stack(new)  # [k, n_w]
-            old = codes.values.reshape(-1)
-            nonfinite = ~torch.isfinite(new)
-            if self.clamp != "none":
-                new = emulate.clamp(new, limit, self.clamp)
-            dw = (new - old).reshape(len(bits), out_dim, in_dim)
-            columnwise = ex.elementwise_after(name, golden, out_dim)
-
-            def post(values, img):  # what follows the classifier, on score rows [m, C]
-                return ex.logits_after(name, values, img, golden)
-            if columnwise is None:
-                # Without a graph, the scores must be the logits themselves.
-                q = em.quantize_output(name, raw)
-                if not bool(emulate.same_bits(q, golden.logits).all()):
-                    raise InjectionError(
-                        f"the model has no captured graph (torch.fx or torch.export) and its "
-                        f"logits are not the output of {name!r}; exhaustive classifier faults "
-                        f"need one of the two")
-                columnwise = True
-
-                def post(values, img):
-                    return values
+            bits, dw, nonfinite = self._faulty_weights(name, mod, model, bits, limit)
+            post, columnwise = self._after(name, golden, raw, out_dim)
             elementwise = fmt.block_size is None
             n_img = images.shape[0]
             k = len(bits)
