@@ -123,6 +123,58 @@ def _with_added_columns(table: pa.Table) -> pa.Table:
     return table.select(ROW_SCHEMA.names)
 
 
+def conform(table: pa.Table) -> pa.Table:
+    """`table` as ROW_SCHEMA (columns added since first written filled in); CampaignError
+    naming what does not fit."""
+    names = set(table.column_names)
+    if set(ADDED_COLUMNS) - names and not names - set(ROW_SCHEMA.names):
+        table = _with_added_columns(table)  # e.g. rows of a campaign without protection
+        names = set(table.column_names)
+    missing = [f.name for f in ROW_SCHEMA if f.name not in names]
+    extra = sorted(names - set(ROW_SCHEMA.names))
+    if missing or extra:
+        raise CampaignError(
+            f"rows do not match ROW_SCHEMA: missing {missing or 'none'}, "
+            f"unexpected {extra or 'none'}"
+        )
+    table = table.select(ROW_SCHEMA.names)
+    with_nulls = [name for name in ROW_SCHEMA.names if table[name].null_count]
+    if with_nulls:
+        raise CampaignError(
+            f"columns {', '.join(with_nulls)} have missing values; use NaN for undefined "
+            "floats and -1 for undefined classes"
+        )
+    try:
+        return table.cast(ROW_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise CampaignError(f"rows cannot be converted to ROW_SCHEMA: {exc}") from None
+
+
+def load_part(path: Path, k: int, rows: int, fingerprint: str) -> pa.Table | None:
+    """The part file at `path` as a ROW_SCHEMA table if it is part k of the plan with this
+    `fingerprint`, holds `rows` rows and its checksum matches; else None."""
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+        meta = table.schema.metadata or {}
+        ok = (
+            meta.get(_META_FINGERPRINT) == fingerprint.encode()
+            and meta.get(_META_PART) == str(k).encode()
+            and meta.get(_META_ROWS) == str(table.num_rows).encode()
+            and table.num_rows == rows
+            and _is_row_schema(table.schema.names)
+        )
+        # Parquet may rename the list child ("item" -> "element"); the cast undoes it.
+        table = table.replace_schema_metadata(None)
+        legacy = table.schema.names != ROW_SCHEMA.names
+        schema = pa.schema([f for f in ROW_SCHEMA if f.name in table.schema.names])
+        table = table.cast(schema)
+        if ok and meta.get(_META_CHECKSUM) == content_checksum(table).encode():
+            return _with_added_columns(table) if legacy else table
+    except (OSError, pa.ArrowException):
+        pass
+    return None
+
+
 def _is_row_schema(names: list[str]) -> bool:
     """ROW_SCHEMA's columns in order, of this flipsafe or of one before some ADDED_COLUMNS."""
     return names == [n for n in ROW_SCHEMA.names if n in names or n not in ADDED_COLUMNS]
@@ -257,6 +309,49 @@ def stage_part_bounds(stages: list[int], part_size: int, k: int) -> tuple[int, i
     raise CampaignError(f"part {k} is out of range; this campaign has {n_parts(stages, part_size)}")
 
 
+@contextlib.contextmanager
+def writer_lock(out_dir: Path):
+    """Hold the writer lock of results folder `out_dir` (created if need be): an advisory
+    lock on its LOCK_FILE, which names the holder; CampaignError at once while another
+    process holds it. Yields the open lock file; closing it releases the lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks, so run unguarded
+        fcntl = None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = open(out_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise  # a filesystem without locks is not a second writer
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise CampaignError(
+                    f"{out_dir} is in use by another campaign ({holder}); wait for it "
+                    "to finish, or choose another --out"
+                ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}\n")
+        f.flush()
+        yield f
+    finally:
+        f.close()
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged part file to corrupt-<name>-<i>.parquet beside it, a name the loader
+    skips: results are never deleted, a bad part keeps its bytes."""
+    i = 0
+    while (target := path.parent / f"corrupt-{path.stem}-{i}{path.suffix}").exists():
+        i += 1
+    os.replace(path, target)
+    return target
+
+
 class ResultsStore:
     """Results of one campaign in out_dir: plan.json, manifest.json and parts/part-NNNNNN.parquet.
 
@@ -298,38 +393,16 @@ class ResultsStore:
     @contextlib.contextmanager
     def lock(self):
         """Hold the folder's writer lock (creating the folder) for the body; refuses at once
-        with a CampaignError while another process holds it."""
+        with a CampaignError while another process holds it (writer_lock)."""
         if self.is_writer:
             yield self
             return
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no advisory locks, so run unguarded
-            fcntl = None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.out_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                        raise  # a filesystem without locks is not a second writer
-                    f.seek(0)
-                    holder = f.read().strip() or "another process"
-                    raise CampaignError(
-                        f"{self.out_dir} is in use by another campaign ({holder}); wait for it "
-                        "to finish, or choose another --out"
-                    ) from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {platform.node()}\n")
-            f.flush()
+        with writer_lock(self.out_dir) as f:
             self._lock_file = f
-            yield self
-        finally:
-            self._lock_file = None
-            f.close()  # closing the file releases the lock
+            try:
+                yield self
+            finally:
+                self._lock_file = None
 
     # -- opening -------------------------------------------------------------
 
@@ -519,7 +592,7 @@ class ResultsStore:
         """Write part k atomically, with rows, plan fingerprint, part id and checksum attached."""
         plan = self._require_open()
         expected = self.expected_rows(k)
-        table = self._conform(table)
+        table = conform(table)
         if table.num_rows != expected:
             raise CampaignError(f"part {k} must have {expected} rows, got {table.num_rows}")
         metadata = {
@@ -533,62 +606,11 @@ class ResultsStore:
         atomic.write_bytes(path, lambda f: pq.write_table(table, f, write_page_checksum=True))
         return path
 
-    @staticmethod
-    def _conform(table: pa.Table) -> pa.Table:
-        names = set(table.column_names)
-        if set(ADDED_COLUMNS) - names and not names - set(ROW_SCHEMA.names):
-            table = _with_added_columns(table)  # e.g. rows of a campaign without protection
-            names = set(table.column_names)
-        missing = [f.name for f in ROW_SCHEMA if f.name not in names]
-        extra = sorted(names - set(ROW_SCHEMA.names))
-        if missing or extra:
-            raise CampaignError(
-                f"rows do not match ROW_SCHEMA: missing {missing or 'none'}, "
-                f"unexpected {extra or 'none'}"
-            )
-        table = table.select(ROW_SCHEMA.names)
-        with_nulls = [name for name in ROW_SCHEMA.names if table[name].null_count]
-        if with_nulls:
-            raise CampaignError(
-                f"columns {', '.join(with_nulls)} have missing values; use NaN for undefined "
-                "floats and -1 for undefined classes"
-            )
-        try:
-            return table.cast(ROW_SCHEMA)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-            raise CampaignError(f"rows cannot be converted to ROW_SCHEMA: {exc}") from None
-
     def _load_valid(self, k: int, path: Path) -> pa.Table | None:
         """Part k as a table if it is complete and belongs to this plan, else None."""
-        try:
-            table = pq.read_table(path, page_checksum_verification=True)
-            meta = table.schema.metadata or {}
-            ok = (
-                k < self.n_parts
-                and meta.get(_META_FINGERPRINT) == self.plan.fingerprint().encode()
-                and meta.get(_META_PART) == str(k).encode()
-                and meta.get(_META_ROWS) == str(table.num_rows).encode()
-                and table.num_rows == self.expected_rows(k)
-                and _is_row_schema(table.schema.names)
-            )
-            # Parquet may rename the list child ("item" -> "element"); the cast undoes it.
-            table = table.replace_schema_metadata(None)
-            legacy = table.schema.names != ROW_SCHEMA.names
-            schema = pa.schema([f for f in ROW_SCHEMA if f.name in table.schema.names])
-            table = table.cast(schema)
-            if ok and meta.get(_META_CHECKSUM) == content_checksum(table).encode():
-                return _with_added_columns(table) if legacy else table
-        except (OSError, pa.ArrowException):
-            pass
-        return None
-
-    def _move_aside(self, path: Path) -> Path:
-        # Never delete results: a bad part keeps its bytes under a name the loader skips.
-        i = 0
-        while (target := self.parts_dir / f"corrupt-{path.stem}-{i}{path.suffix}").exists():
-            i += 1
-        os.replace(path, target)
-        return target
+        if not k < self.n_parts:
+            return None
+        return load_part(path, k, self.expected_rows(k), self.plan.fingerprint())
 
     def _valid_parts(self) -> dict[int, tuple[Path, pa.Table]]:
         self._require_open()
@@ -598,7 +620,7 @@ class ResultsStore:
             k = int(match.group(1)) if match else -1
             table = self._load_valid(k, path) if k >= 0 else None
             if table is None:
-                damaged.append(self._move_aside(path) if self.is_writer else path)
+                damaged.append(move_aside(path) if self.is_writer else path)
             else:
                 valid[k] = (path, table)
         self.damaged = damaged
