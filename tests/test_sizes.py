@@ -6,10 +6,8 @@ import pathlib
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "flipsafe"
 FUNCTION_LINES, CLASS_LINES = 80, 300
-# Still to split (issue 21): the graph program.
-KNOWN = {
-    "inject/graph.py::Program": 491,
-}
+# None is over its limit today; an entry here may only shrink, and no new one may join.
+KNOWN: dict[str, int] = {}
 
 
 def oversized(root: pathlib.Path = SRC) -> dict[str, int]:

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from flipsafe.compat import is_aten_op, is_mutable, overload_name, returns_view
-from flipsafe.inject.graph import POINTWISE_FUNCS
+from flipsafe.inject.rows import POINTWISE_FUNCS
 
 # Nodes torch.export adds to check its shape assumptions at run time: the suffix runs feed
 # batches of any size (one faulty row included), so the checks are dropped.

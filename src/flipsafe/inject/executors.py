@@ -15,7 +15,8 @@ from flipsafe.errors import ConfigError
 from flipsafe.inject import emulate
 from flipsafe.inject.capture import CaptureError, export_graph
 from flipsafe.inject.emulated import EmulatedModel
-from flipsafe.inject.graph import POINTWISE_FUNCS, Program, TraceError, gather_rows
+from flipsafe.inject.graph import Program, TraceError, gather_rows
+from flipsafe.inject.rows import POINTWISE_FUNCS
 from flipsafe.metrics.outcomes import GoldenOutcomes
 
 GOLDEN_BATCH = 256  # images per slice of a golden forward
