@@ -356,6 +356,7 @@ def cmd_fit(args) -> None:
 
 def _add_size_flags(p: argparse.ArgumentParser, d) -> None:
     """How many faults a campaign injects, and how it chooses them (d: the plan's defaults)."""
+    from flipsafe.campaign.adaptive import PILOT_PER_LAYER
     from flipsafe.campaign.plan import ALLOCATIONS, SAMPLINGS
 
     p.add_argument("--n", default=None,
@@ -370,7 +371,8 @@ def _add_size_flags(p: argparse.ArgumentParser, d) -> None:
                         f"and 1; not with --n (default: {d.margin})")
     p.add_argument("--sampling", default=None,
                    help=f"how --margin sizes the campaign: one of {_one_of(SAMPLINGS)}. adaptive: "
-                        "a pilot of about 300 faults per layer finds where the SDCs and DUEs "
+                        f"a pilot of {PILOT_PER_LAYER} faults per layer finds where the SDCs "
+                        "and DUEs "
                         "are, then a second stage sized to reach --margin in every layer "
                         "(Neyman allocation over bit fields; intervals from the second stage "
                         "only, so they hold whatever the pilot saw); fixed: Leveugle's "
