@@ -6,11 +6,13 @@ and `adaptive` (pilot, then a Neyman stage 2; campaign.adaptive). Printed per mo
 injections and seconds of each, their ratio, the precision each reached, and the ratio of
 the adaptive campaign to an oracle Neyman design computed from the fixed campaign's own
 stratum rates (normal approximation, no pilot: the least any stratified design needs).
-Then the plan of a ResNet-50-sized Hugging Face model (random weights, built offline;
-`--r50`, slow to build): fixed injections and the adaptive pilot plus its projected stage 2.
+With `--hf`, adaptive campaigns on the Hugging Face ResNet-18-sized (64 px) and ViT (32 px)
+models of benchmarks/engine.py (random weights, built offline; the fixed design is planned,
+not run: hours on 2 cores). With `--r50`, the plan of a ResNet-50-sized Hugging Face model:
+fixed injections and the adaptive pilot plus its projected stage 2.
 Last line: one JSON object.
 
-    python benchmarks/precision.py [--epochs 15] [--margin 0.01] [--r50]
+    python benchmarks/precision.py [--epochs 15] [--margin 0.01] [--hf] [--r50]
 """
 
 from __future__ import annotations
@@ -80,19 +82,52 @@ def digits(arch: str, epochs: int, margin: float, confidence: float, root: Path)
     }
 
 
-def r50_plan(margin: float, confidence: float, root: Path) -> dict:
+def _hf_case(model, name: str, side: int, classes: int, images: int, root: Path):
+    """Save an HF classifier and random images for it; its target and dataset specs."""
     import torch
     from safetensors.torch import save_file
+
+    model.eval().save_pretrained(root / name)
+    gen = torch.Generator().manual_seed(0)
+    save_file({"images": torch.rand(images, 3, side, side, generator=gen),
+               "labels": torch.randint(classes, (images,), generator=gen)},
+              root / f"{name}.safetensors")
+    return f"hf:{root / name}", f"tensors:{root / f'{name}.safetensors'}"
+
+
+def hf_adaptive(margin: float, confidence: float, root: Path) -> list[dict]:
+    """The benchmark's HF ResNet-18-sized (64 px) and ViT (32 px) models, random weights:
+    the fixed plan's injections (not run: hours here) and an adaptive campaign run to the
+    margin, with the precision it reached."""
+    from engine import hf_models
+
+    out = []
+    for key, what, wrapped, side in hf_models():
+        spec, data = _hf_case(wrapped.model, key, side, 10, 64, root)
+        fixed = make_plan(spec, dataset=data, images="all", margin=margin,
+                          confidence=confidence, sampling="fixed")
+        planned = prepare(fixed).total
+        plan = make_plan(spec, dataset=data, images="all", margin=margin,
+                         confidence=confidence, sampling="adaptive")
+        started = time.perf_counter()
+        run_campaign(plan, root / f"{key}-adaptive", show_progress=False)
+        seconds = time.perf_counter() - started
+        results = load_results(root / f"{key}-adaptive")
+        out.append({"model": what, "layers": len(results.by_layer.groups),
+                    "fixed_planned_injections": planned, "adaptive": {
+                        "injections": int(results.n), "seconds": round(seconds, 1),
+                        "widest_half_width": _widest(results)},
+                    "adaptive_vs_fixed_injections": planned / int(results.n)})
+    return out
+
+
+def r50_plan(margin: float, confidence: float, root: Path) -> dict:
     from transformers import ResNetConfig, ResNetForImageClassification
 
     config = ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048],
                           layer_type="bottleneck", num_labels=1000)
-    model = ResNetForImageClassification(config).eval()
-    model.save_pretrained(root / "r50")
-    gen = torch.Generator().manual_seed(0)
-    save_file({"images": torch.rand(4, 3, 224, 224, generator=gen),
-               "labels": torch.randint(1000, (4,), generator=gen)}, root / "data.safetensors")
-    spec, data = f"hf:{root / 'r50'}", f"tensors:{root / 'data.safetensors'}"
+    model = ResNetForImageClassification(config)
+    spec, data = _hf_case(model, "r50", 224, 1000, 4, root)
     plan = make_plan(spec, dataset=data, images="all", margin=margin, confidence=confidence,
                      sampling="adaptive")
     prep = prepare(plan)
@@ -115,6 +150,9 @@ def main() -> int:
     ap.add_argument("--confidence", type=float, default=0.99)
     ap.add_argument("--archs", default="lenet,mlp")
     ap.add_argument("--r50", action="store_true", help="also plan a ResNet-50-sized HF model")
+    ap.add_argument("--hf", action="store_true",
+                    help="also run adaptive campaigns on the HF ResNet-18-sized and ViT models "
+                         "of benchmarks/engine.py (fixed: planned only)")
     args = ap.parse_args()
     report = {"margin": args.margin, "confidence": args.confidence, "models": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +168,15 @@ def main() -> int:
                   f"{r['adaptive_vs_fixed_seconds']:.1f}x less time; oracle Neyman "
                   f"{r['oracle_neyman_injections']:,} (adaptive {r['adaptive_vs_oracle']:.2f}x it)",
                   flush=True)
+        if args.hf:
+            report["hf"] = hf_adaptive(args.margin, args.confidence, root)
+            for r in report["hf"]:
+                a = r["adaptive"]
+                print(f"{r['model']}, {r['layers']} layers: fixed plans "
+                      f"{r['fixed_planned_injections']:,} injections; adaptive spent "
+                      f"{a['injections']:,} in {a['seconds']:.0f} s (widest "
+                      f"+-{a['widest_half_width']:.3%}); "
+                      f"{r['adaptive_vs_fixed_injections']:.1f}x fewer", flush=True)
         if args.r50:
             r = r50_plan(args.margin, args.confidence, root)
             report["r50_plan"] = r
