@@ -10,7 +10,6 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "flipsafe"
 # The same word in another vocabulary: (file, name) -> what it is there.
 OTHER_MEANINGS = {
     ("textguided/encoders.py", "clip"): "a text-encoder kind (clip:<model>), not the protection",
-    ("campaign/ray_backend.py", "local"): "a Ray address value Ray resolves, not the backend",
 }
 
 

@@ -86,11 +86,16 @@ class _PartWorker:
         return k, run_part(self.prep, self.faults, start, stop, self.golden)
 
 
+# --address values Ray itself resolves (an existing cluster, a fresh local one): no
+# host:port to check. Ray's vocabulary, not flipsafe's backend names.
+RAY_OWN_ADDRESSES = ("auto", "local")
+
+
 def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Raise ConfigError unless `address` (host:port or ray://host:port) accepts a connection
     and answers like a Ray cluster (gRPC) within `timeout` seconds each; 'auto' and 'local'
     are left to Ray, and so is the answer when RAY_USE_TLS is set."""
-    if address in ("auto", "local"):
+    if address in RAY_OWN_ADDRESSES:
         return
     host, sep, port = address.split("://", 1)[-1].rpartition(":")
     if not sep or not host or not port.isdigit():
