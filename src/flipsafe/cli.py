@@ -193,10 +193,7 @@ def _plan_from_args(args):
         # hand or a protection replays the unprotected campaign's very faults (fixed lists)
         fixed = n is not None or args.allocation is not None or args.protect is not None
         sampling = "fixed" if fixed else "adaptive"
-    elif sampling.lower() == "adaptive" and n is not None:
-        raise ConfigError(f"--sampling adaptive sizes each layer from --margin; it cannot take "
-                          f"--n {args.n} (leave --n out, or use --sampling fixed)")
-    fields["sampling"] = sampling
+    fields["sampling"] = sampling  # the plan refuses adaptive with --n
     if args.budget is not None:
         fields["budget"] = args.budget
     preprocess = {"image_size": args.image_size, "mean": _floats(args.mean, "--mean"),
@@ -229,7 +226,7 @@ def _print_strata(prep) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    pilot = " (the adaptive pilot)" if prep.plan.sampling == "adaptive" else ""
+    pilot = " (the adaptive pilot)" if prep.plan.adaptive else ""
     table = Table(title=f"{prep.plan.site} faults, {prep.plan.format}, {prep.plan.fault}{pilot}")
     for col in ("layer", "field", "fault space", "injections"):
         table.add_column(col, justify="left" if col in ("layer", "field") else "right")
@@ -287,7 +284,7 @@ def cmd_plan(args) -> None:
     plan, target = _plan_from_args(args)
     prep = prepare(plan, target=target, device=args.device)
     _print_strata(prep)
-    if plan.sampling == "adaptive":
+    if plan.adaptive:
         _print_adaptive(prep)
     seconds = estimate_seconds(prep)
     bound = "under 1 s" if seconds < 1 else f"at most {seconds:,.0f} s"

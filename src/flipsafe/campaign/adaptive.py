@@ -170,7 +170,7 @@ def estimation_rows(store, table):
 
 def interval(plan) -> str:
     """How summaries of the plan's rows compute intervals (metrics.stats.INTERVALS)."""
-    return "effective" if plan.sampling == "adaptive" else "kish"
+    return "effective" if plan.adaptive else "kish"
 
 
 # What `flipsafe plan` projects an adaptive campaign's stage 2 at, before anything runs:

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from flipsafe.campaign.work import golden_cache, part_bounds, run_part
+from flipsafe.campaign.work import golden_cache, run_part
 from flipsafe.errors import ConfigError
 from flipsafe.progress import progress_bar
 
@@ -40,7 +40,7 @@ class LocalBackend:
         desc = label or prep.plan.progress_label
         with progress_bar(desc, total=total, unit="inj", enabled=show_progress) as bar:
             for k in todo:
-                start, stop = part_bounds(store, k, prep.plan.part_size)
+                start, stop = store.part_bounds(k)
                 # One engine call per part: the golden runs (of the whole campaign when
                 # golden_cache allowed it, else of the part) are shared by every fault in
                 # it (measured: twice the rate of 256-fault slices, each with its own).

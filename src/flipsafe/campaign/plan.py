@@ -150,16 +150,16 @@ def _check_faults(plan) -> None:
     if plan.n is None and plan.margin is None:
         raise ConfigError("give n (faults per layer) or a margin to size n from; both are None")
     object.__setattr__(plan, "sampling", _choice("sampling", plan.sampling, SAMPLINGS))
-    if plan.sampling == "adaptive" and plan.n is not None:
+    if plan.adaptive and plan.n is not None:
         raise ConfigError(f"adaptive sampling sizes each layer from --margin; it cannot take "
                           f"--n {plan.n} (leave --n out, or use --sampling fixed)")
-    if plan.sampling == "adaptive" and plan.allocation != "proportional":
+    if plan.adaptive and plan.allocation != "proportional":
         raise ConfigError("adaptive sampling allocates by itself (Neyman); leave --allocation out")
     if plan.budget is not None:
         if not (_is_int(plan.budget) and plan.budget >= 1):
             raise ConfigError(f"--budget must be a whole number of injections of at least 1, "
                               f"got {plan.budget!r}")
-        if plan.sampling != "adaptive":
+        if not plan.adaptive:
             raise ConfigError("--budget caps an adaptive campaign; add --sampling adaptive "
                               "(and leave --n out)")
     check_seed(plan.seed)
@@ -205,6 +205,11 @@ class FaultPlan:
     def fault_plan(self) -> FaultPlan:
         """The fault-defining fields of this plan (of a CampaignPlan too), as a FaultPlan."""
         return FaultPlan(**{name: getattr(self, name) for name in FAULT_FIELDS})
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the plan's size comes from the adaptive design (campaign.adaptive)."""
+        return self.sampling == "adaptive"
 
     @property
     def progress_label(self) -> str:
@@ -286,7 +291,7 @@ class CampaignPlan(FaultPlan):
             raise ConfigError(f"inputs must be a dict or None, got {self.inputs!r}")
         # One spelling per specification ('ecc' stays 'ecc'), so fingerprints agree.
         object.__setattr__(self, "protect", check_protection(self.protect, self.site))
-        if self.protect is not None and self.sampling == "adaptive":
+        if self.protect is not None and self.adaptive:
             raise ConfigError(
                 "--protect replays the faults of the unprotected campaign, but an adaptive "
                 "campaign draws its second stage from what its own pilot saw, so the two would "

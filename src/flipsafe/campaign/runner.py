@@ -24,7 +24,6 @@ from flipsafe.campaign.work import (  # re-exported: the campaign API callers kn
     golden_cache,
     make_plan,
     model_sha,
-    part_bounds,
     prepare,
     read_cached_ranges,
     refuse_other_data,
@@ -48,7 +47,6 @@ __all__ = [
     "golden_cache",
     "make_plan",
     "model_sha",
-    "part_bounds",
     "prepare",
     "read_cached_ranges",
     "refuse_other_data",
@@ -178,10 +176,9 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
                           "is not finished); make the folder writable to resume it")
     try:
         with store.lock():
-            store.create_or_resume(plan, total_rows=prep.total, strata=prep.strata)
-            if len(store.stages) > 1:
-                prep.stages = [store.pilot, store.strata]
-                faults = fault_list(prep)
+            # The strata estimates use: an adaptive campaign's stage 2 once it is known.
+            store.create_or_resume(plan, total_rows=len(faults),
+                                   strata=(prep.stages or [prep.strata])[-1])
             _refuse_other_channels(out, prep)
             if prep.ranges and cached is None:
                 _cache_ranges(out, plan, prep.ranges)
@@ -193,7 +190,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
             started = time.perf_counter()
             runner.run(prep, faults, store, todo, show_progress=show_progress, label=label,
                        address=address, workers=workers, device=device)
-            if plan.sampling == "adaptive":
+            if plan.adaptive and len(store.stages) == 1:
                 faults, later = _second_stage(prep, store)
                 todo += later
                 runner.run(prep, faults, store, later, show_progress=show_progress,
@@ -213,7 +210,7 @@ def run_campaign(plan: CampaignPlan, out, backend: str = "local", address: str |
 def _recorded_stages(store: ResultsStore, plan: CampaignPlan, prep) -> list | None:
     """The stages an adaptive campaign in `store` recorded for this very plan and pilot
     ([pilot, stage 2]), else None; reads only."""
-    if plan.sampling != "adaptive":
+    if not plan.adaptive:
         return None
     try:
         held = store.open()
@@ -226,15 +223,14 @@ def _recorded_stages(store: ResultsStore, plan: CampaignPlan, prep) -> list | No
 
 
 def _second_stage(prep: Prepared, store: ResultsStore):
-    """Size the adaptive campaign's second stage from its pilot's rows (campaign.adaptive),
-    record it in `store` (or check the one recorded) and return the whole fault list and
-    the parts of stage 2 still to run."""
+    """Size the adaptive campaign's second stage from its pilot's rows (campaign.adaptive;
+    the store holds only those yet), record it in `store` and return the whole fault list
+    and the parts of stage 2 to run."""
     from flipsafe.campaign import adaptive
 
-    plan, pilot = prep.plan, prep.stages[0] if prep.stages else prep.strata
-    rows = store.read().slice(0, sum(s.n for s in pilot))
-    stage2 = adaptive.second_stage(pilot, adaptive.counts_of(rows, pilot), plan.margin,
-                                   plan.confidence, plan.budget)
+    plan, pilot = prep.plan, prep.strata
+    stage2 = adaptive.second_stage(pilot, adaptive.counts_of(store.read(), pilot),
+                                   plan.margin, plan.confidence, plan.budget)
     store.add_stage(sum(s.n for s in stage2), stage2, pilot)
     prep.stages = [pilot, stage2]
     return fault_list(prep), store.missing_parts()
@@ -252,7 +248,7 @@ def _finished(store: ResultsStore, plan: CampaignPlan, total_rows: int, prep) ->
     info = read_model_info(store.out_dir)
     # Counting part files is cheap; reading and checking them (missing_parts) comes last.
     on_disk = sum(1 for _ in store.parts_dir.glob("part-*.parquet"))
-    staged = plan.sampling != "adaptive" or len(store.stages) > 1
+    staged = not plan.adaptive or len(store.stages) > 1
     return (held.fingerprint() == plan.fingerprint() and store.total_rows == total_rows
             and staged and on_disk == store.n_parts
             and store.strata is not None and read_cost(store.out_dir) is not None

@@ -440,14 +440,6 @@ class ResultsStore:
                     f"{self.out_dir / MANIFEST_FILE} belongs to another plan than {plan_path}; "
                     "the folder was altered, so choose another --out"
                 )
-            elif (manifest.get("stages") or [None])[0] == total_rows and plan.sampling != "fixed":
-                # An adaptive campaign resumed after its pilot: its later stages are recorded.
-                self.plan = plan
-                self._adopt(manifest)
-                self.parts_dir.mkdir(exist_ok=True)
-                if self.is_writer:
-                    self._remove_stale_temps()
-                return True
             elif manifest["total_rows"] != total_rows:
                 raise CampaignError(
                     f"{self.out_dir} was started for {manifest['total_rows']} result rows but "
@@ -456,9 +448,10 @@ class ResultsStore:
                 )
             elif strata is not None and manifest.get("strata") is None:
                 write_manifest(self.out_dir, plan, total_rows, strata)
-            self.plan, self.total_rows, self.stages = plan, total_rows, [total_rows]
-            self.strata = strata if strata is not None else (
-                None if manifest is None else read_strata(manifest.get("strata"), self.out_dir))
+            self.plan = plan
+            self._adopt(read_manifest(self.out_dir))  # its stages and pilot, as recorded
+            if strata is not None:
+                self.strata = strata
             self.parts_dir.mkdir(exist_ok=True)
             if self.is_writer:
                 self._remove_stale_temps()
@@ -501,15 +494,10 @@ class ResultsStore:
 
     def add_stage(self, rows: int, strata: list[Stratum], pilot: list[Stratum]) -> None:
         """Record a second stage of `rows` rows after the first (the adaptive pilot, whose
-        strata are `pilot`); `strata` are the new stage's, which estimates use. A stage
-        already recorded must be this very one (the pilot's rows decide it)."""
+        strata are `pilot`); `strata` are the new stage's, which estimates use."""
         plan = self._require_open()
         if len(self.stages) > 1:
-            if self.stages[1:] != [rows] or self.strata != list(strata):
-                raise CampaignError(
-                    f"{self.out_dir} records another second stage than its pilot's rows give "
-                    "now; the folder was altered, so choose another --out")
-            return
+            raise CampaignError(f"{self.out_dir} has its second stage already")
         if not self.is_writer:
             raise CampaignError("only the campaign holding the folder's lock adds a stage")
         stages = [self.stages[0], rows]

@@ -217,7 +217,7 @@ def prepare(plan: CampaignPlan, ranges: dict | None = None, target=None, data=No
     sizes = _sampler(plan, engine, layers).sizes(
         images=1 if plan.n == "all" else int(image_ids.numel()))
     strata = _with_exposure(plan, layers, plan_strata(plan, sizes))
-    if plan.sampling == "adaptive":  # the pilot first; the runner adds stage 2 from its rows
+    if plan.adaptive:  # the pilot first; the runner adds stage 2 from its rows
         from flipsafe.campaign import adaptive
 
         strata = adaptive.pilot(strata)
@@ -358,7 +358,7 @@ def _map_rates(item, plan: CampaignPlan, engine):
     return rates, warning
 
 
-def fault_list(prep: Prepared, stages=None):
+def fault_list(prep: Prepared):
     """The plan's whole fault list: a FaultSet whose `stratum` column holds each fault's
     stratum field, strata in prep.strata order.
 
@@ -366,9 +366,8 @@ def fault_list(prep: Prepared, stages=None):
     (seed, layer, field), so the list is the same on any machine and however the work is
     later split. A stratum holds the faults whose highest bit lies in its field; `--n all`
     lists each of them once per element (random and zero: each element once).
-    An adaptive campaign's list is its stages one after the other (`stages`: the strata
-    of each, default prep.stages, else [prep.strata]); stage i draws with
-    adaptive.stage_seed(seed, i).
+    An adaptive campaign's list is its stages one after the other (prep.stages, the strata
+    of each; else [prep.strata]); stage i draws with adaptive.stage_seed(seed, i).
     """
     from flipsafe.campaign.adaptive import stage_seed
     from flipsafe.faults import FaultSet
@@ -376,8 +375,7 @@ def fault_list(prep: Prepared, stages=None):
     plan = prep.plan
     sampler = _sampler(plan, prep.engine, prep.layers)
     lists = []
-    stages = stages or prep.stages or [prep.strata]
-    for i, strata in enumerate(stages):
+    for i, strata in enumerate(prep.stages or [prep.strata]):
         counts = {(s.layer, s.field): s.n for s in strata}
         try:
             lists.append(sampler.stratified(counts, stage_seed(plan.seed, i), prep.image_ids,
@@ -570,11 +568,6 @@ def refuse_other_data(plan: CampaignPlan, out) -> None:
             and recorded.data_sha != plan.data_sha):
         raise _data_changed(plan.dataset, recorded.data_sha, plan.data_sha,
                             f"the campaign in {out} started")
-
-
-def part_bounds(store: ResultsStore, k: int, part_size: int | None = None) -> tuple[int, int]:
-    """Rows [start, stop) of part k (ResultsStore.part_bounds; part_size is the store's)."""
-    return store.part_bounds(k)
 
 
 def estimate_seconds(prep: Prepared, sample: int = 64) -> float:

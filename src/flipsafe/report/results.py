@@ -220,7 +220,7 @@ def _folder_notes(store: ResultsStore, spent: pa.Table) -> tuple[list[str], bool
             "resume the campaign to set them aside and redo their rows."
         )
     complete = spent.num_rows >= store.total_rows and (
-        plan.sampling != "adaptive" or store.pilot is not None)
+        not plan.adaptive or store.pilot is not None)
     if not complete:
         notes.append(
             f"The campaign is incomplete: {spent.num_rows:,} of {store.total_rows:,} planned "

@@ -277,7 +277,7 @@ _PROTOCOL_WORDS = {
 
 def interval_method(results: Results) -> str:
     """How the whole-model (and, adaptive, every layer's) interval was computed."""
-    if results.plan.sampling == "adaptive":
+    if results.by_layer.interval == "effective":
         return EFFECTIVE_METHOD
     return STRATIFIED_METHOD if results.strata is not None else "pooled rows"
 
@@ -297,7 +297,7 @@ def precision(results: Results) -> dict:
 
 def precision_line(results: Results) -> str | None:
     """One line on the precision an adaptive campaign reached; None for fixed ones."""
-    if results.plan.sampling != "adaptive":
+    if not results.plan.adaptive:
         return None
     got = precision(results)
     widest = max(got["half_width"], key=lambda k: got["half_width"][k])
@@ -330,7 +330,7 @@ def plan_line(results: Results) -> str:
                "layer x field stratum weighted by its share of the fault space, with Wilson "
                "intervals on Kish's effective sample size" if results.strata is not None else
                "(all) rows pool the rows (fault-space sizes not recorded)")
-    if p.sampling == "adaptive":
+    if p.adaptive:
         allocation = "adaptive: a pilot, then Neyman allocation"
         overall = (f"layer and (all) rows are estimates of stage 2 only ({fmt_count(results.n)} "
                    f"injections spent, {fmt_count(results.pilot_rows)} of them the pilot's, "
@@ -992,7 +992,7 @@ def summary_json(results: Results, vs: Sequence[Results] = ()) -> dict:
         "plan_line": lines[0],
         "overall_method": interval_method(results),
         "interval_method": interval_method(results),
-        **({"precision": precision(results)} if results.plan.sampling == "adaptive" else {}),
+        **({"precision": precision(results)} if results.plan.adaptive else {}),
         "models": [_model_json(r) for r in (results, *vs)],
         "comparisons": [_comparison_json(ref, other)
                         for ref, other in comparison_pairs(results, vs)],
