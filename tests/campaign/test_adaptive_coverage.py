@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from flipsafe.campaign import adaptive
@@ -83,24 +84,6 @@ def _draw(pop, strata, rng) -> dict:
             "sdc": np.concatenate(cols["sdc"]), "due": np.concatenate(cols["due"])}
 
 
-class _Rows:
-    """Just enough of a pyarrow table for adaptive.counts_of."""
-
-    def __init__(self, cols):
-        self.cols = cols
-
-    def __getitem__(self, name):
-        return _Column(self.cols[name])
-
-
-class _Column:
-    def __init__(self, values):
-        self.values = values
-
-    def to_numpy(self, zero_copy_only=False):
-        return self.values
-
-
 def _summary(cols, strata, interval):
     cols = {**cols, "delta_loss": np.zeros(cols["sdc"].size)}
     sizes = {(s.layer, s.field): s.size for s in strata}
@@ -109,7 +92,7 @@ def _summary(cols, strata, interval):
 
 def _adaptive_replay(pop, rng):
     pilot = adaptive.pilot(_strata(pop))
-    counts = adaptive.counts_of(_Rows(_draw(pop, pilot, rng)), pilot)
+    counts = adaptive.counts_of(pa.table(_draw(pop, pilot, rng)), pilot)
     stage2 = adaptive.second_stage(pilot, counts, MARGIN, CONFIDENCE)
     spent = sum(s.n for s in pilot) + sum(s.n for s in stage2)
     return _summary(_draw(pop, stage2, rng), stage2, "effective"), spent
@@ -182,7 +165,7 @@ def test_the_check_catches_an_interval_that_ignores_the_design(population):
 
     def naive(pop, rng):
         pilot = adaptive.pilot(_strata(pop))
-        counts = adaptive.counts_of(_Rows(_draw(pop, pilot, rng)), pilot)
+        counts = adaptive.counts_of(pa.table(_draw(pop, pilot, rng)), pilot)
         stage2 = adaptive.second_stage(pilot, counts, MARGIN, CONFIDENCE)
         return _summary(_draw(pop, stage2, rng), stage2, "kish"), 0
 

@@ -65,19 +65,16 @@ def pilot(strata: Sequence[Stratum]) -> list[Stratum]:
 
 
 def counts_of(table, strata: Sequence[Stratum]) -> dict:
-    """{(layer, field): (n, {outcome: events})} of the rows of `table` (pyarrow, with layer,
-    field, sdc and due columns), for every stratum of `strata`."""
-    cols = {name: table[name].to_numpy(zero_copy_only=False) for name in
-            ("layer", "field", *OUTCOMES)}
-    out = {(s.layer, s.field): [0, dict.fromkeys(OUTCOMES, 0)] for s in strata}
-    for i, key in enumerate(zip(cols["layer"].tolist(), cols["field"].tolist())):
-        c = out.get(key)
-        if c is None:
-            continue
-        c[0] += 1
-        for o in OUTCOMES:
-            c[1][o] += bool(cols[o][i])
-    return {key: (n, events) for key, (n, events) in out.items()}
+    """{(layer, field): (n, {outcome: events})} of campaign rows `table` (a pyarrow table
+    with layer, field, sdc and due columns), for every stratum of `strata`."""
+    from flipsafe.campaign.store import stratum_counts
+
+    got = stratum_counts(table)
+    out = {}
+    for s in strata:
+        n, sdc, due = got.get((s.layer, s.field), (0, 0, 0))
+        out[(s.layer, s.field)] = (n, {"sdc": sdc, "due": due})
+    return out
 
 
 def half_width(strata: Sequence[Stratum], rates: Mapping[tuple, Mapping[str, float]],

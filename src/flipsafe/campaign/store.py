@@ -194,6 +194,15 @@ def other_model_error(out_dir, held: CampaignPlan, plan: CampaignPlan) -> Campai
 CAMPAIGN_ENTRIES = re.compile(r"^(\.lock|parts|manifest\.json|model\.json|ranges-.+\.json)$")
 
 
+def stratum_counts(table: pa.Table) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """{(layer, field): (rows, SDCs, DUEs)} of campaign rows (ROW_SCHEMA columns)."""
+    grouped = table.group_by(["layer", "field"]).aggregate(
+        [("sdc", "count"), ("sdc", "sum"), ("due", "sum")]).to_pydict()
+    return {(lay, fld): (int(n), int(sdc or 0), int(due or 0)) for lay, fld, n, sdc, due in zip(
+        grouped["layer"], grouped["field"], grouped["sdc_count"], grouped["sdc_sum"],
+        grouped["due_sum"])}
+
+
 def different_campaign_error(out_dir, existing: CampaignPlan, plan: CampaignPlan
                              ) -> CampaignError:
     """Why folder `out_dir`, holding plan `existing`, refuses plan `plan` (fingerprints differ)."""

@@ -158,6 +158,22 @@ STRATIFIED_METHOD = (
 )
 
 
+def _stratum_arrays(k, n, size, exhaustive):
+    """Per-stratum counts, sizes and exhaustive flags as float/bool arrays of one length,
+    checked: 0 <= k <= n, and (when there are strata) n > 0 and size > 0 in each."""
+    k = np.asarray(k, dtype=np.float64).ravel()
+    n = np.asarray(n, dtype=np.float64).ravel()
+    size = np.asarray(size, dtype=np.float64).ravel()
+    exhaustive = np.broadcast_to(np.asarray(exhaustive, dtype=bool), n.shape)
+    _check_counts(k, n)
+    if not (k.shape == n.shape == size.shape):
+        raise ConfigError(f"k, n and size must have one entry per stratum, got "
+                          f"{k.size}, {n.size}, {size.size}")
+    if n.size and (np.any(n <= 0) or np.any(size <= 0)):
+        raise ConfigError("every stratum needs n > 0 injected faults and a positive size")
+    return k, n, size, exhaustive
+
+
 def stratified_rate(k, n, size, confidence: float = 0.99, exhaustive=False) -> RateEstimate:
     """The fault-space-average rate from per-stratum counts, with its interval.
 
@@ -173,19 +189,10 @@ def stratified_rate(k, n, size, confidence: float = 0.99, exhaustive=False) -> R
     else sampled) carry no sampling error; when all are, the interval is exactly [p, p].
     Strata with n_h == 0 must not be given: the estimate says nothing about them.
     """
-    k = np.asarray(k, dtype=np.float64).ravel()
-    n = np.asarray(n, dtype=np.float64).ravel()
-    size = np.asarray(size, dtype=np.float64).ravel()
-    exhaustive = np.broadcast_to(np.asarray(exhaustive, dtype=bool), n.shape)
-    _check_counts(k, n)
-    if not (k.shape == n.shape == size.shape):
-        raise ConfigError(f"k, n and size must have one entry per stratum, got "
-                          f"{k.size}, {n.size}, {size.size}")
+    k, n, size, exhaustive = _stratum_arrays(k, n, size, exhaustive)
     if n.size == 0:
         return RateEstimate(0, 0, math.nan, 0.0, 1.0, _check_confidence(confidence),
                             "stratified", math.nan)
-    if np.any(n <= 0) or np.any(size <= 0):
-        raise ConfigError("every stratum needs n > 0 injected faults and a positive size")
     w = size / size.sum()
     p = float(np.sum(w * k / n))
     inverse = float(np.sum(np.where(exhaustive, 0.0, w * w / n)))
@@ -230,23 +237,14 @@ def effective_rate(k, n, size, confidence: float = 0.99, exhaustive=False) -> Ra
     as x = r n_eff events in n_eff = q (1 - q) / (V / W_S^2) trials, q = sum_S W_h q_h / W_S,
     and its Clopper-Pearson interval (beta quantiles at fractional x) scaled by W_S and
     shifted by p_E is the interval. Coverage against exhaustive ground truth is tested in
-    tests/metrics/test_adaptive_coverage.py.
+    tests/campaign/test_adaptive_coverage.py.
     """
     from scipy.stats import beta
 
-    k = np.asarray(k, dtype=np.float64).ravel()
-    n = np.asarray(n, dtype=np.float64).ravel()
-    size = np.asarray(size, dtype=np.float64).ravel()
-    exhaustive = np.broadcast_to(np.asarray(exhaustive, dtype=bool), n.shape)
-    _check_counts(k, n)
+    k, n, size, exhaustive = _stratum_arrays(k, n, size, exhaustive)
     confidence = _check_confidence(confidence)
-    if not (k.shape == n.shape == size.shape):
-        raise ConfigError(f"k, n and size must have one entry per stratum, got "
-                          f"{k.size}, {n.size}, {size.size}")
     if n.size == 0:
         return RateEstimate(0, 0, math.nan, 0.0, 1.0, confidence, "effective", math.nan)
-    if np.any(n <= 0) or np.any(size <= 0):
-        raise ConfigError("every stratum needs n > 0 injected faults and a positive size")
     w = size / size.sum()
     p_h = k / n
     p = float(np.sum(w * p_h))

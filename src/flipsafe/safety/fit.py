@@ -274,7 +274,7 @@ class _Campaign:
 
 
 def _read_campaign(folder) -> _Campaign:
-    from flipsafe.campaign.store import PLAN_FILE, ResultsStore
+    from flipsafe.campaign.store import PLAN_FILE, ResultsStore, stratum_counts
 
     folder = Path(folder)
     if not (folder / PLAN_FILE).is_file():
@@ -290,11 +290,7 @@ def _read_campaign(folder) -> _Campaign:
 
     spent = store.read()
     table = estimation_rows(store, spent)  # an adaptive pilot only allocated
-    grouped = table.group_by(["layer", "field"]).aggregate(
-        [("sdc", "count"), ("sdc", "sum"), ("due", "sum")]).to_pydict()
-    counts = {(lay, fld): (int(n), int(sdc or 0), int(due or 0)) for lay, fld, n, sdc, due in zip(
-        grouped["layer"], grouped["field"], grouped["sdc_count"], grouped["sdc_sum"],
-        grouped["due_sum"])}
+    counts = stratum_counts(table)
     known = {(s.layer, s.field) for s in store.strata}
     stray = [key for key in counts if key not in known]
     if stray:
