@@ -20,10 +20,8 @@ and a second run with the same settings resumes from the flips it holds.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import operator
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flipsafe.errors import CampaignError, ConfigError
+from flipsafe.formats import flip_bits
 
 ATTACK_FILE = "attack.json"
 CANDIDATES = 5
@@ -62,7 +61,8 @@ class AttackPlan:
 
         object.__setattr__(self, "format", canonical(self.format))
         if self.protect is not None:
-            names = ",".join(k.name for k in functools.reduce(operator.iadd, attack_kinds(self.protect), []))
+            memory, bounds = attack_kinds(self.protect)
+            names = ",".join(k.name for k in (*memory, *bounds))
             object.__setattr__(self, "protect", names or None)
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise ConfigError(f"--budget must be a whole number of flips of at least 1, "
@@ -89,11 +89,9 @@ class StoredWeights:
             raise ConfigError("the model has no Conv or Linear layer whose weights to attack")
         self.encoded = {name: fmt.encode(mod.weight.detach().float())
                         for name, mod in self.layers.items()}
+        self.bits = sorted(b for positions in fmt.fields.values() for b in positions)
         for name in self.layers:
             self._write(name)
-
-    def bits(self) -> list[int]:
-        return sorted(b for positions in self.fmt.fields.values() for b in positions)
 
     def decoded(self, name: str, codes: torch.Tensor | None = None) -> torch.Tensor:
         enc = self.encoded[name]
@@ -101,31 +99,25 @@ class StoredWeights:
             return self.fmt.decode(enc)
         return self.fmt.decode(type(enc)(codes, enc.meta))
 
+    def set_codes(self, name: str, codes: torch.Tensor) -> None:
+        """Store `codes` (flat, int32) as layer `name`'s codes and use them."""
+        self.encoded[name].codes.reshape(-1).copy_(codes)
+        self._write(name)
+
     def _write(self, name: str) -> None:
         w = self.layers[name].weight
         with torch.no_grad():
             w.copy_(self.decoded(name).reshape(w.shape).to(w.dtype))
 
     def flip(self, name: str, index: int, bit: int) -> None:
-        codes = self.encoded[name].codes.reshape(-1)
-        codes[index] ^= _mask(bit)
+        """Flip `bit` of code `index` of `name` in place (its codes tensor stays the same)."""
+        codes = self.encoded[name].codes
+        codes.copy_(flip_bits(codes, torch.tensor([index]), 1 << bit))
         self._write(name)
 
-    def flipped_one(self, name: str, index: int, bit: int) -> torch.Tensor:
-        """The decoded weight `index` of `name` with `bit` flipped (the codes unchanged)."""
-        codes = self.encoded[name].codes.reshape(-1).clone()
-        codes[index] ^= _mask(bit)
-        return self.decoded(name, codes.reshape(self.encoded[name].codes.shape)).reshape(-1)[index]
-
     def flipped(self, name: str, bit: int) -> torch.Tensor:
-        """Every element's decoded weight with `bit` flipped, flat."""
-        codes = self.encoded[name].codes
-        return self.decoded(name, codes ^ _mask(bit)).reshape(-1)
-
-
-def _mask(bit: int) -> int:
-    """Bit `bit` of an int32 code as an int32 value (bit 31 is the sign)."""
-    return -(1 << 31) if bit == 31 else 1 << bit
+        """Every element's decoded weight with `bit` flipped, flat (each decodes alone)."""
+        return self.decoded(name, flip_bits(self.encoded[name].codes, None, 1 << bit)).reshape(-1)
 
 
 def _score(model, x, y) -> tuple[int, float] | None:
@@ -156,7 +148,7 @@ def _candidates(model, weights: StoredWeights, x, y, per_layer: int) -> list[tup
         grad = mod.weight.grad.detach().reshape(-1).float()
         w = mod.weight.detach().reshape(-1).float()
         scores = []
-        for bit in weights.bits():
+        for bit in weights.bits:
             new = weights.flipped(name, bit)
             gain = grad * (new - w)
             gain = torch.where(torch.isfinite(new) & torch.isfinite(gain), gain, -torch.inf)
@@ -168,7 +160,7 @@ def _candidates(model, weights: StoredWeights, x, y, per_layer: int) -> list[tup
         best = scores.max(1)
         picks |= {(b, int(i)) for b, (v, i) in enumerate(zip(best.values.tolist(),
                                                              best.indices)) if v > 0}
-        out += [(name, index, weights.bits()[b]) for b, index in sorted(picks)]
+        out += [(name, index, weights.bits[b]) for b, index in sorted(picks)]
     model.zero_grad(set_to_none=True)
     return out
 
@@ -195,8 +187,11 @@ def _scores_batched(model, weights: StoredWeights, candidates, x, y) -> list:
     for name, group in by_layer.items():
         w = weights.layers[name].weight
         stack = w.detach().reshape(1, -1).repeat(len(group), 1)
+        per_bit: dict = {}  # each bit's flipped weights, decoded once for the layer
         for row, (_, index, bit) in enumerate(group):
-            stack[row, index] = weights.flipped_one(name, index, bit)
+            if bit not in per_bit:
+                per_bit[bit] = weights.flipped(name, bit)
+            stack[row, index] = per_bit[bit][index]
         key = f"{name}.weight"
 
         def run(flat, shape=w.shape, key=key):
@@ -534,7 +529,7 @@ def against(model: nn.Module, fmt: str, flips: list[dict], kind, test) -> dict:
     - an attacker who knows the code flips the check bits too, so every word reads back
       as written: the physical flips that takes, flip by flip and to the target."""
     from flipsafe.formats import get as get_format
-    from flipsafe.protect.ecc import pack, per_word
+    from flipsafe.protect.ecc import pack, per_word, unpack
 
     fm = get_format(fmt)
     weights = StoredWeights(model, fm)
@@ -563,12 +558,7 @@ def against(model: nn.Module, fmt: str, flips: list[dict], kind, test) -> dict:
         due |= bool(flagged.any())
         read = new.copy()
         read[changed] = decoded
-        lanes = read[:, None] >> (np.arange(k, dtype=np.uint64) * np.uint64(fm.bits))
-        lanes = (lanes & np.uint64((1 << fm.bits) - 1)).reshape(-1)[:codes.numel()]
-        # Codes as StoredWeights holds them: a 32-bit pattern as int32, narrower ones as is.
-        lanes = lanes.astype(np.uint32).view(np.int32) if fm.bits == 32 else lanes.astype(np.int32)
-        weights.encoded[name].codes.reshape(-1).copy_(torch.from_numpy(lanes))
-        weights._write(name)
+        weights.set_codes(name, unpack(read, fm.bits, codes.numel()))
     x, y = test
     return {"protection": kind.name, "flips": len(flips), "physical_flips": physical,
             "naive": {"words_corrected": corrected, "words_detected": detected,

@@ -196,30 +196,22 @@ def _plan_from_args(args):
     fields["sampling"] = sampling  # the plan refuses adaptive with --n
     if args.budget is not None:
         fields["budget"] = args.budget
-    preprocess = {"image_size": args.image_size, "mean": _floats(args.mean, "--mean"),
-                  "std": _floats(args.std, "--std")}
+    preprocess = {"image_size": args.image_size, "mean": _numbers(args.mean, "--mean"),
+                  "std": _numbers(args.std, "--std")}
     if any(v is not None for v in preprocess.values()):
         fields["preprocess"] = preprocess
     target = resolve(args.model_dir)
     return make_plan(target, **fields), target
 
 
-def _ints(text, flag):
-    try:
-        return [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise FlipsafeError(f"{flag} takes whole numbers separated by commas, got {text!r}"
-                            ) from None
-
-
-def _floats(text, flag):
+def _numbers(text, flag, kind=float, what="numbers separated by commas (one per channel)"):
+    """The comma- (or space-) separated numbers of a flag; None when it was left out."""
     if text is None:
         return None
     try:
-        return [float(v) for v in text.replace(",", " ").split()]
+        return [kind(v) for v in text.replace(",", " ").split()]
     except ValueError:
-        raise FlipsafeError(f"{flag} takes numbers separated by commas (one per channel), "
-                            f"got {text!r}") from None
+        raise FlipsafeError(f"{flag} takes {what}, got {text!r}") from None
 
 
 def _print_strata(prep) -> None:
@@ -467,7 +459,7 @@ def cmd_attack(args) -> None:
     if args.census:
         from flipsafe.attack import run_census
 
-        bits = None if args.bits is None else _ints(args.bits, "--bits")
+        bits = _numbers(args.bits, "--bits", int, "whole numbers separated by commas")
         result = run_census(args.model_dir, args.out, args.format, bits, args.drop,
                             args.census_images, show_progress=not args.quiet)
         print(_census_text(result))

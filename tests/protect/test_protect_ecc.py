@@ -134,3 +134,15 @@ def test_costs_and_bad_names():
     with pytest.raises(ConfigError, match="weights"):
         check_protection("ecc", "activations")
     assert check_protection("ecc", "weights") == "ecc"
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16, 32])
+def test_unpack_inverts_pack(bits):
+    from flipsafe.protect.ecc import pack, unpack
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << min(bits, 31), (37,), generator=g, dtype=torch.int64)
+    if bits == 32:  # 32-bit patterns are held as int32, the sign bit included
+        codes = codes.to(torch.int32) | torch.tensor(-(1 << 31), dtype=torch.int32)
+    back = unpack(pack(codes, bits), bits, codes.numel())
+    assert back.dtype == torch.int32 and back.tolist() == codes.to(torch.int32).tolist()

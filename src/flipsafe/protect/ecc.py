@@ -58,6 +58,17 @@ def pack(codes, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(lanes, axis=1) if k > 1 else lanes[:, 0]
 
 
+def unpack(words: np.ndarray, bits: int, count: int) -> torch.Tensor:
+    """The first `count` element codes of `words` (pack's inverse) as int32: a 32-bit code
+    as the int32 of its pattern, narrower ones as their unsigned value."""
+    k = per_word(bits)
+    lanes = np.asarray(words, dtype=np.uint64)[:, None] >> (
+        np.arange(k, dtype=np.uint64) * np.uint64(bits))
+    lanes = (lanes & np.uint64((1 << bits) - 1)).reshape(-1)[:count]
+    lanes = lanes.astype(np.uint32).view(np.int32) if bits == 32 else lanes.astype(np.int32)
+    return torch.from_numpy(lanes)
+
+
 def _data_bits(words: np.ndarray) -> np.ndarray:
     return ((words[:, None] >> _SHIFTS) & np.uint64(1)).astype(np.uint8)  # [n, 64]
 
