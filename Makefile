@@ -13,7 +13,7 @@ DEMO_THREADS ?= 4
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,deployed]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -412,7 +412,8 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help=f"what faults corrupt: one of {_one_of(SITES)} (default: {d.site})")
     p.add_argument("--format", default=None,
                    help=f"number format the model runs in: one of {_one_of(format_names())} "
-                        "(default: fp32)")
+                        "(default: fp32; native for a quantized model: the int8 codes, scales "
+                        "and activation codes it stores)")
     p.add_argument("--fault", default=None,
                    help=f"fault model: one of {_one_of(FAULTS)}, or bitflipK / burstK for K bits "
                         f"(K from 1 to 32) (default: {d.fault})")

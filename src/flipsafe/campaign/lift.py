@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from flipsafe.compat import is_aten_op, overload_name
+from flipsafe.deployed.modules import QuantDequant, attach
 from flipsafe.errors import ModelError
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -130,81 +131,131 @@ def export_and_lift(model: nn.Module, sample: torch.Tensor) -> fx.GraphModule | 
     return lifted
 
 
-def lift_layers(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule computing what `gm` computes, with its aten conv/linear calls on fixed
-    weights turned into nn.Conv*d / nn.Linear modules (see the module docstring)."""
-    conv_ops, linear = _conv_ops(), _aten("linear")
-    layer_norm, batch_norm = _aten("layer_norm"), _aten("batch_norm")
-    # Plain positional calling convention (export's pytree one does not deepcopy cleanly);
-    # a single output is returned as itself rather than as a 1-tuple.
-    graph = fx.Graph()
-    env: dict = {}
-    attrs: dict = {}
-    taken: set = set()
-    lifted = 0
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and "guards" in str(node.target):
-            continue  # torch.export's shape guards would pin the batch size
-        dims = conv_ops.get(node.target) if node.op == "call_function" else None
-        is_linear = node.op == "call_function" and node.target is linear
-        if node.op == "call_function" and node.target in (layer_norm, batch_norm):
-            weight = _tensor_arg(gm, _arg(node, 2 if node.target is layer_norm else 1,
-                                          "weight", None))
-            bias = _tensor_arg(gm, _arg(node, 3 if node.target is layer_norm else 2,
-                                        "bias", None))
-            fixed = weight is not False and bias is not False
-            mod = None
-            if fixed and node.target is layer_norm:
-                mod = _layer_norm(node, weight, bias)
-            elif fixed:
-                mod = _batch_norm(gm, node, weight, bias)
-            if mod is not None:
-                w_node = _arg(node, 2 if node.target is layer_norm else 1, "weight", None)
-                _set_params(mod, weight, bias)
-                name = _module_name(w_node.target if w_node is not None else f"norm{lifted}",
-                                    taken)
-                taken.add(name)
-                attrs[name] = mod.eval()
-                env[node] = graph.call_module(name, (env[node.args[0]],))
-                env[node].meta = dict(node.meta)
-                lifted += 1
-                continue
-        if dims or is_linear:
-            w_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            b_node = _arg(node, 2, "bias", None)
-            weight, bias = _tensor_arg(gm, w_node), _tensor_arg(gm, b_node)
-            if isinstance(weight, torch.Tensor) and bias is not False:
-                if is_linear:
-                    mod = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-                else:
-                    mod = _conv(dims, weight, bias, node)
-                _set_params(mod, weight, bias)
-                name = _module_name(w_node.target, taken)
-                taken.add(name)
-                attrs[name] = mod
-                env[node] = graph.call_module(name, (env[node.args[0]],))
-                env[node].meta = dict(node.meta)
-                lifted += 1
-                continue
+def _path_name(node: fx.Node, suffix: str, taken: set) -> str:
+    """A layer name for what `node` computes: the module path it ran in (a placeholder:
+    'input') with `suffix`, e.g. 'features.1_q'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] if isinstance(v, tuple) else v for v in stack.values()]
+    base = "input" if node.op == "placeholder" else next(
+        (p for p in reversed(paths) if p), node.name)
+    return _module_name(f"{base}{suffix}", taken)
+
+
+class _Lifting:
+    """One pass of lift_layers: the new graph, its attributes and the lifted layers."""
+
+    def __init__(self, gm: fx.GraphModule, weights: dict, pairs: dict):
+        self.gm, self.weights, self.pairs = gm, weights, pairs
+        self.quantizes = {q for q, _ in pairs.values()}
+        self.graph, self.env, self.attrs, self.taken = fx.Graph(), {}, {}, set()
+        self.lifted = 0
+
+    def fixed(self, node):
+        """The fixed tensor behind a weight/bias argument; None if absent, False if
+        computed at run time."""
+        if isinstance(node, fx.Node) and node in self.weights:
+            return self.weights[node][0]
+        return _tensor_arg(self.gm, node)
+
+    def emit(self, node: fx.Node, name: str, mod: nn.Module, source: fx.Node) -> None:
+        self.taken.add(name)
+        self.attrs[name] = mod
+        self.env[node] = self.graph.call_module(name, (self.env[source],))
+        self.env[node].meta = dict(node.meta)
+        self.lifted += 1
+
+    def norm(self, node: fx.Node, is_layer_norm: bool) -> bool:
+        w_node = _arg(node, 2 if is_layer_norm else 1, "weight", None)
+        weight = self.fixed(w_node)
+        bias = self.fixed(_arg(node, 3 if is_layer_norm else 2, "bias", None))
+        if weight is False or bias is False:
+            return False
+        mod = (_layer_norm(node, weight, bias) if is_layer_norm
+               else _batch_norm(self.gm, node, weight, bias))
+        if mod is None:
+            return False
+        _set_params(mod, weight, bias)
+        name = _module_name(w_node.target if w_node is not None else f"norm{self.lifted}",
+                            self.taken)
+        self.emit(node, name, mod.eval(), node.args[0])
+        return True
+
+    def matmul(self, node: fx.Node, dims: int | None) -> bool:
+        w_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        weight, bias = self.fixed(w_node), self.fixed(_arg(node, 2, "bias", None))
+        if not isinstance(weight, torch.Tensor) or bias is False:
+            return False
+        if dims is None:
+            mod = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            mod = _conv(dims, weight, bias, node)
+        _set_params(mod, weight, bias)
+        if w_node in self.weights:  # stored codes: named after the layer that runs them
+            attach(mod, "weight", self.weights[w_node][1])
+            name = _path_name(node, "", self.taken)
+        else:
+            name = _module_name(w_node.target, self.taken)
+        self.emit(node, name, mod, node.args[0])
+        return True
+
+    def copy(self, node: fx.Node) -> None:
         if node.op == "output":
             result = node.args[0]
             if isinstance(result, (tuple, list)) and len(result) == 1:
                 result = result[0]
-            graph.output(fx.node.map_arg(result, lambda n: env[n]))
-            continue
-        if node.op == "get_attr":
-            attrs[node.target] = _attr(gm, node.target)
-        if node.op == "call_module":
-            attrs[node.target] = _attr(gm, node.target)
-        env[node] = graph.node_copy(node, lambda n: env[n])
+            self.graph.output(fx.node.map_arg(result, lambda n: self.env[n]))
+            return
+        if node.op in ("get_attr", "call_module"):
+            self.attrs[node.target] = _attr(self.gm, node.target)
+        self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+
+    def step(self, node: fx.Node) -> None:
+        if node.op == "call_module" and "guards" in str(node.target):
+            return  # torch.export's shape guards would pin the batch size
+        if node in self.quantizes:
+            return  # lifted with its dequantize
+        if node in self.pairs:
+            quantize, fmt = self.pairs[node]
+            if quantize in self.env:  # one code tensor read twice: one layer
+                self.env[node] = self.env[quantize]
+                return
+            source = quantize.args[0]
+            self.emit(node, _path_name(source, "_q", self.taken), QuantDequant(fmt), source)
+            self.env[quantize] = self.env[node]
+            return
+        target = node.target if node.op == "call_function" else None
+        conv = _conv_ops().get(target)
+        if target in (_aten("layer_norm"), _aten("batch_norm")):
+            if self.norm(node, target is _aten("layer_norm")):
+                return
+        elif (conv or target is _aten("linear")) and self.matmul(node, conv):
+            return
+        self.copy(node)
+
+
+def lift_layers(gm: fx.GraphModule, stored: tuple[dict, dict] | None = None) -> fx.GraphModule:
+    """A GraphModule computing what `gm` computes, with its aten conv/linear calls on fixed
+    weights turned into nn.Conv*d / nn.Linear modules (see the module docstring).
+
+    `stored` = (weights, pairs) from deployed.pt2e.patterns: dequantized weight codes
+    become the weights of layers that keep their stored format, and activation
+    quantize -> dequantize pairs become QuantDequant layers (deployed.modules)."""
+    weights, pairs = stored or ({}, {})
+    # Plain positional calling convention (export's pytree one does not deepcopy cleanly);
+    # a single output is returned as itself rather than as a 1-tuple.
+    run = _Lifting(gm, weights, pairs)
+    for node in gm.graph.nodes:
+        run.step(node)
+    graph = run.graph
+    dequantized = {run.env[n] for n in weights if n in run.env}
     for node in reversed(list(graph.nodes)):
-        if node.op == "get_attr" and not node.users:
+        if (node.op == "get_attr" or node in dequantized) and not node.users:
             graph.erase_node(node)  # the weights now held by lifted modules
     _batch_from_nearest_tensor(graph)
     _out_of_place(graph)
     used = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    root = {k: v for k, v in attrs.items() if k in used}
-    if not lifted:
+    root = {k: v for k, v in run.attrs.items() if k in used}
+    if not run.lifted:
         raise ModelError("the model's graph has no convolution or linear layer with fixed "
                          "weights to inject into")
     return _attrs_root(root, graph)

@@ -36,6 +36,7 @@ from torch import nn
 
 from flipsafe.campaign.plan import SPEC_PREFIXES
 from flipsafe.compat import ConvNd
+from flipsafe.deployed import pt2e
 from flipsafe.errors import CampaignError, ModelError
 
 # The spec prefixes a user may write ("module:" names an nn.Module given in Python).
@@ -99,6 +100,7 @@ class Target(Protocol):
     description: str
     flipsafe: bool  # a checkpoint made by `flipsafe train` (its dataset is known)
     portable: bool  # rebuilt from `spec` alone (on a Ray worker, say)
+    # quantized: bool, where a kind can be: the model stores its own codes (format native)
 
     def load(self, sample: torch.Tensor | None = None) -> nn.Module:
         """The model in eval mode; `sample` (a batch of images) is needed by kinds that
@@ -379,7 +381,10 @@ class ExportTarget(FileTarget):
 
     @cached_property
     def program(self):
-        """The saved torch.export program."""
+        """The saved torch.export program (a PT2E-quantized one once torchao has
+        registered its quantize/dequantize ops)."""
+        if pt2e.mentions_ops(self.path):
+            pt2e.register_ops()
         with _quiet_torch():
             try:
                 return torch.export.load(str(self.path))
@@ -398,10 +403,16 @@ class ExportTarget(FileTarget):
             return None
         return tuple(d if isinstance(d, int) else None for d in vals[0].shape)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the program stores quantized codes (PT2E)."""
+        return pt2e.is_quantized_graph(self.program.graph_module)
+
     def _load(self, sample) -> nn.Module:
         from flipsafe.campaign.lift import lift_layers
 
-        return lift_layers(self.program.module()).eval()
+        gm = self.program.module()
+        return lift_layers(gm, pt2e.patterns(gm)).eval()
 
 
 @dataclass

@@ -57,7 +57,8 @@ def make_plan(model, faults: FaultPlan | None = None, **fields) -> CampaignPlan:
     if fields.get("preprocess") and target.flipsafe:
         raise ConfigError("--image-size/--mean/--std are for models flipsafe did not train; a "
                           "flipsafe checkpoint knows its own inputs")
-    fields.setdefault("format", "fp32")
+    # A quantized model runs in the codes it stores; a float one in fp32.
+    fields.setdefault("format", "native" if getattr(target, "quantized", False) else "fp32")
     return CampaignPlan(model=target.spec, model_sha=target.sha, **fields)
 
 

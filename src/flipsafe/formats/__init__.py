@@ -6,8 +6,11 @@ from flipsafe.formats.blocks import BlockFormat, ScaledInt
 from flipsafe.formats.floats import FloatFormat
 from flipsafe.formats.integers import FixedFormat, IntFormat
 from flipsafe.formats.registry import canonical, get, names
+from flipsafe.formats.stored import NATIVE_FIELDS, AffineFormat, NativeFormat
 
 __all__ = [
+    "NATIVE_FIELDS",
+    "AffineFormat",
     "BlockFormat",
     "Encoded",
     "FixedFormat",
@@ -15,6 +18,7 @@ __all__ = [
     "Format",
     "IntFormat",
     "MetaLayout",
+    "NativeFormat",
     "ScaledInt",
     "bit_mask",
     "canonical",

@@ -115,6 +115,7 @@ class Format:
     # True when the scale comes from a range (calibrate / calibrated_for): without one
     # it would follow whatever tensor is encoded, so a batch would change its neighbours.
     needs_calibration: bool = False
+    native: bool = False  # each layer uses the codes its model stores (formats.stored)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest representable values of x as a float32 tensor of x's shape."""

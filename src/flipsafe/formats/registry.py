@@ -10,6 +10,7 @@ from flipsafe.formats.base import Format
 from flipsafe.formats.blocks import BlockFormat, ScaledInt
 from flipsafe.formats.floats import FloatFormat
 from flipsafe.formats.integers import FixedFormat, IntFormat
+from flipsafe.formats.stored import NativeFormat
 
 _SUFFIX_SPECIALS = {"": "ieee", "fn": "fn", "fin": "finite"}
 
@@ -46,6 +47,7 @@ def _mx_float(e: int, m: int, specials: str):
 
 _NAMED = {
     "fp32": _float(8, 23, "ieee"),
+    "native": NativeFormat,  # a quantized model's own stored codes, layer by layer
     "fp16": _float(5, 10, "ieee"),
     "bf16": _float(8, 7, "ieee"),
     "fp8_e4m3": _float(4, 3, "fn"),

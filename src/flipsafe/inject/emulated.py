@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 from flipsafe.compat import BatchNorm, ConvNd, InstanceNorm
+from flipsafe.deployed.modules import QuantDequant, is_quantized, stored_format, stored_layers
 from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
 from flipsafe.inject import emulate
 
-KINDS = ("conv", "linear", "norm", "attention", "other")
+KINDS = ("conv", "linear", "norm", "attention", "quant", "other")
 EMULATED = ("conv", "linear", "norm")  # kinds whose outputs are held in the format
 # What select='all' means at every site, for layers(), sample() and campaigns alike: the Conv
-# and Linear layers (GoldenEye's convention; normalisations are folded into them on deployment).
-ALL = ("conv", "linear")
+# and Linear layers (GoldenEye's convention; normalisations are folded into them on
+# deployment), and a quantized model's stored activation codes (deployed.QuantDequant).
+ALL = ("conv", "linear", "quant")
 
 _NORMS = (BatchNorm, nn.LayerNorm, nn.GroupNorm,
           InstanceNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
@@ -31,6 +33,8 @@ def kind_of(mod: nn.Module) -> str:
         return "norm"
     if isinstance(mod, nn.MultiheadAttention):
         return "attention"
+    if isinstance(mod, QuantDequant):
+        return "quant"
     return "other"
 
 
@@ -66,6 +70,20 @@ def check_guards(guards: dict | None, leaves: dict) -> dict:
     return guards
 
 
+def _check_native(fmt, model: nn.Module) -> None:
+    """A quantized model runs in its own codes (native), a float model in an emulated
+    format; anything else contradicts what the model stores."""
+    if fmt.native and not is_quantized(model):
+        raise ConfigError("format native corrupts the codes a quantized model stores, and "
+                          "this model stores none; choose an emulated format such as fp32 "
+                          "or int8")
+    if not fmt.native and is_quantized(model):
+        layers = stored_layers(model)
+        raise ConfigError(f"the model is quantized (it stores its own codes in "
+                          f"{', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}); "
+                          f"format {fmt.name} would contradict them; use format native")
+
+
 class EmulatedModel:
     """`model` held in format `fmt`: complete once constructed.
 
@@ -91,15 +109,24 @@ class EmulatedModel:
         self.modules = dict(self.model.named_modules())
         self.leaves = leaf_modules(self.model)
         self.kinds = kinds_of(self.leaves)
-        self.emulated = [n for n, k in self.kinds.items() if k in EMULATED]
+        self.native = bool(fmt.native)
+        _check_native(fmt, self.model)
+        if self.native:  # the layers storing their outputs as codes
+            self.emulated = [n for n, m in self.leaves.items() if stored_format(m, "output")]
+        else:
+            self.emulated = [n for n, k in self.kinds.items() if k in EMULATED]
         self.params: dict[tuple[str, str], emulate.ParamCodes] = {}
         self.param_limits: dict[tuple[str, str], torch.Tensor] = {}
         with torch.no_grad():
             for name, mod in self.leaves.items():
                 for pname, p in mod.named_parameters(recurse=False):
-                    if not p.dtype.is_floating_point:
+                    stored = stored_format(mod, pname)
+                    if not p.dtype.is_floating_point or (self.native and stored is None):
                         continue
-                    codes = emulate.ParamCodes(emulate.calibrate_param(fmt, p), p)
+                    codes = emulate.ParamCodes(stored or emulate.calibrate_param(fmt, p), p)
+                    if stored is not None and not bool(emulate.same_bits(codes.values, p).all()):
+                        raise InjectionError(f"the stored codes of {name}.{pname} do not decode "
+                                             f"to the weights the model computes with")
                     self.params[(name, pname)] = codes
                     p.copy_(codes.values)
                     codes.values = p  # one copy of the emulated values: the model's own
@@ -147,7 +174,7 @@ class EmulatedModel:
         quant, fast = {}, {}
         self.missing_range = None  # a run layer whose calibrated format lacks its range
         for name in self.emulated:
-            if self.exact_fp32 or self.calls.get(name, 0) == 0:
+            if self.exact_fp32 or self.native or self.calls.get(name, 0) == 0:
                 continue
             if self.fmt.needs_calibration and name not in self.ranges:
                 self.missing_range = self.missing_range or name
@@ -168,6 +195,8 @@ class EmulatedModel:
             emulate.calibrate_output(self.fmt, None, self.missing_range)
 
     def output_format(self, name: str):
+        if self.native:  # the layer's own (QuantDequant) format
+            return stored_format(self.leaves[name], "output")
         if self.exact_fp32:
             return self.fmt
         return emulate.calibrate_output(self.fmt, self.ranges.get(name), name)

@@ -75,11 +75,19 @@ def _last_uses(steps: list, output: fx.Node) -> list:
     return frees
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with flipsafe's own layer modules (`flipsafe_leaf`) kept as
+    leaves like those of torch.nn."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return getattr(m, "flipsafe_leaf", False) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module) -> fx.Graph:
     """Trace model (modules of torch.nn stay leaves) with in-place ops made out-of-place,
     so cached values are never overwritten later in the same run."""
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception as exc:  # any tracing failure means "use hooks instead"
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {exc}") from exc
     for node in graph.nodes:

@@ -105,7 +105,8 @@ class RowPlanning:
             elif isinstance(mod, nn.LayerNorm):
                 ok = dim < len(shape) - len(mod.normalized_shape)
             else:
-                ok = isinstance(mod, POINTWISE_MODULES) or node.meta.get("pointwise", False)
+                ok = (isinstance(mod, POINTWISE_MODULES) or node.meta.get("pointwise", False)
+                      or getattr(mod, "flipsafe_pointwise", False))
             # Emulated outputs are quantised element by element or in blocks of the last dim.
             ok = ok and (node.target not in self.quantize or dim < len(shape) - 1)
         elif node.op == "call_function":
@@ -302,7 +303,8 @@ class RowPlanning:
             if isinstance(mod, BatchNorm):
                 ok = mod.running_mean is not None and not mod.training
             else:
-                ok = isinstance(mod, POINTWISE_MODULES) and not mod.training
+                ok = ((isinstance(mod, POINTWISE_MODULES)
+                       or getattr(mod, "flipsafe_pointwise", False)) and not mod.training)
             return ok and node.args[:1] == (src,) and len(node.all_input_nodes) == 1
         if node.op == "call_function" and node.target in POINTWISE_FUNCS:
             others = [a for a in node.all_input_nodes if a is not src]

@@ -190,9 +190,13 @@ class OutputSite(Site):
     name, param, on_output = "activations", "output", True
 
     def has(self, layer):
-        return self.em.runs_once(layer) and self.ex.start_error(layer) is None
+        em = self.em
+        return (em.runs_once(layer) and self.ex.start_error(layer) is None
+                and (not em.native or layer in em.emulated))
 
     def _why_not(self, layer):
+        if self.em.native and layer not in self.em.emulated:
+            return "the model keeps its output in float, not as stored codes"
         return self.ex.start_error(layer) or "its output is not a single batch-first tensor"
 
     def numel(self, layer):
@@ -245,6 +249,8 @@ class ParameterSite(Site):
 
     def _why_not(self, layer):
         if (layer, self.pname) not in self.em.params:
+            if self.em.native:
+                return f"the model keeps its {self.pname} in float, not as stored codes"
             return f"it has no floating-point {self.pname} parameter"
         return ("its output is not a single batch-first tensor, so a parameter fault's "
                 "effect cannot be followed image by image")

@@ -1,0 +1,62 @@
+"""Tiny quantized CNNs built offline: a PT2E program (torchao, X86 Inductor quantizer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+SIDE, CLASSES = 8, 10
+
+
+class TinyCNN(nn.Module):
+    """Conv/ReLU, max-pool, a residual add, a second conv, a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(6, 8, 3)
+        self.relu3 = nn.ReLU()
+        self.fc = nn.Linear(8 * 2 * 2, CLASSES)
+
+    def forward(self, x):
+        y = self.pool(self.relu1(self.conv1(x)))
+        y = self.relu2(self.conv2(y)) + y
+        y = self.relu3(self.conv3(y))
+        return self.fc(torch.flatten(y, 1))
+
+
+def images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, SIDE, SIDE, generator=g), torch.randint(CLASSES, (n,), generator=g)
+
+
+def float_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyCNN().eval()
+
+
+def pt2e_program(seed: int = 0):
+    """The float model quantized by torchao's PT2E flow, exported with a dynamic batch."""
+    pytest.importorskip("torchao")
+    from flipsafe.deployed.pt2e import register_ops
+
+    register_ops()
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model = float_model(seed)
+    x, _ = images(8, seed)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    graph = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(graph, quantizer)
+    for k in range(4):
+        prepared(images(32, 100 + k)[0])
+    converted = convert_pt2e(prepared)
+    return torch.export.export(converted, (x,), dynamic_shapes=({0: batch},))
