@@ -233,7 +233,8 @@ def test_help_shows_defaults_and_choices_from_their_owners():
     for name in (*SITES, *FAULTS, *CLAMPS):
         assert name in campaign
     assert "(default: 0.99)" in campaign and "(default: 0.01)" in campaign
-    assert "(default: fp32)" in campaign and "(default: activations)" in campaign
+    assert "(default: fp32; native for a quantized model" in campaign
+    assert "(default: activations)" in campaign
     assert "(default: 4096)" in campaign and "seed of the fault draw (default: 0)" in campaign
     assert "object at 0x" not in campaign
     assert "replaces --margin" in campaign

@@ -26,7 +26,7 @@ class Campaign:
 
     model: an nn.Module (its class scores are its output, or the output's `.logits`), or
     a spec string as `flipsafe campaign` takes (a `flipsafe train` folder, hf:<folder>,
-    torchscript:<file>, export:<file>, python:<module>:<callable>).
+    torchscript:<file>, export:<file>, onnx:<file>, python:<module>:<callable>).
     data: image and label tensors `(images, labels)` or a torch Dataset of (image, label)
     items, already as the model takes them; or a dataset spec string (digits,
     tensors:<file.safetensors>, ...), resized and normalised as the CLI does; or None

@@ -392,7 +392,8 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                               **CONVENTION_DEFAULTS})
     p.add_argument("model_dir", metavar="MODEL",
                    help="checkpoint folder made by `flipsafe train`, hf:<folder>, "
-                        "torchscript:<file.pt>, export:<file.pt2> or python:<module>:<callable>")
+                        "torchscript:<file.pt>, export:<file.pt2>, onnx:<file.onnx> or "
+                        "python:<module>:<callable>")
     p.add_argument("--dataset", help=f"dataset spec: {_one_of(KINDS)} "
                                      "(default: a flipsafe checkpoint's own; required for other "
                                      "models)")
@@ -661,6 +662,45 @@ def _report_command(add) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def cmd_verify(args) -> int:
+    from flipsafe.deployed import verify
+
+    n = None if args.n == "all" else _positive_int(args.n, "--n")
+    result = verify.run(args.results_dir, args.runtime, n, args.seed,
+                        optimize=not args.no_optimizations)
+    print(verify.text(result))
+    return 0 if result.ok else 1
+
+
+def _positive_int(value: str, flag: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise FlipsafeError(f"{flag} must be a positive integer or 'all', got {value!r}")
+    return number
+
+
+def _verify_command(add) -> None:
+    from flipsafe.deployed.verify import RUNTIMES
+
+    p = add("verify", help="replay a campaign's faults in the deployed model's own runtime",
+            description="Replay a seeded sample of a finished campaign's rows on the model "
+                        "file itself - ONNX Runtime for onnx:<file>, the saved program's "
+                        "graph in torch for a PT2E export:<file> - and print how many rows "
+                        "agree in each outcome column. Exit 1 on any disagreement.")
+    p.add_argument("results_dir", metavar="RESULTS", help="a campaign's --out folder")
+    p.add_argument("--runtime", default="auto",
+                   help=f"one of auto, {_one_of(RUNTIMES)} (auto: the model's own)")
+    p.add_argument("--n", default="200", help="rows to replay, or 'all' (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample of rows")
+    p.add_argument("--no-optimizations", action="store_true",
+                   help="run ONNX Runtime without its graph optimizations (the QDQ graph as "
+                        "written, no fused integer kernels); default: as a deployed session")
+    p.set_defaults(func=cmd_verify)
+
+
 def _fit_command(add) -> None:
     p = add("fit", help="failure rates in FIT and ISO 26262 verdicts from campaigns")
     p.add_argument("results_dirs", nargs="+", metavar="RESULTS",
@@ -711,7 +751,8 @@ def _demo_command(add) -> None:
 
 
 # Each adds one subcommand's parser, in the order --help lists them.
-COMMANDS = (_describe_command, _embed_command, _train_command, _evaluate_command, _plan_command, _campaign_command, _summary_command, _report_command, _fit_command, _attack_command, _demo_command)
+COMMANDS = (_describe_command, _embed_command, _train_command, _evaluate_command, _plan_command, _campaign_command, _summary_command, _report_command, _fit_command, _verify_command, _attack_command,
+            _demo_command)
 
 
 # What each command's --out names: a folder (True) or a file (False); checked before
@@ -765,7 +806,7 @@ def _main(argv) -> int:
     _caseless(args)
     try:
         _check_out(args)
-        args.func(args)
+        code = args.func(args)
     except FlipsafeError as exc:
         print(f"flipsafe: error: {exc}", file=sys.stderr)
         return 2
@@ -789,7 +830,7 @@ def _main(argv) -> int:
     except KeyboardInterrupt:
         print("flipsafe: interrupted; results already written are kept", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 # The engine's slow reference and its outcome check live with the engine's tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inject"))
 
-from deployed_models import pt2e_program
+from deployed_models import onnx_files, pt2e_program
 
 
 @pytest.fixture(scope="module")
@@ -18,3 +18,9 @@ def pt2e_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("pt2e") / "tiny_int8.pt2"
     torch.export.save(pt2e_program(), str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def onnx_pair(tmp_path_factory):
+    """(float ONNX file, QDQ int8 ONNX file) of the same TinyCNN."""
+    return onnx_files(tmp_path_factory.mktemp("onnx"))

@@ -60,3 +60,35 @@ def pt2e_program(seed: int = 0):
         prepared(images(32, 100 + k)[0])
     converted = convert_pt2e(prepared)
     return torch.export.export(converted, (x,), dynamic_shapes=({0: batch},))
+
+
+def onnx_files(folder):
+    """(float ONNX, QDQ int8 ONNX) of the float model: torch.onnx.export with a dynamic
+    batch, then ONNX Runtime's quantize_static (per-channel int8 weights, uint8
+    activations) calibrated on random images."""
+    pytest.importorskip("onnxruntime")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    model = float_model()
+    x, _ = images(4)
+    fp32, int8 = folder / "tiny_fp32.onnx", folder / "tiny_int8.onnx"
+    torch.onnx.export(model, (x,), str(fp32), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": images(32, 100 + k)[0].numpy()} for k in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(fp32), str(int8), Calibration(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8)
+    return fp32, int8

@@ -146,7 +146,7 @@ class _Lifting:
 
     def __init__(self, gm: fx.GraphModule, weights: dict, pairs: dict):
         self.gm, self.weights, self.pairs = gm, weights, pairs
-        self.quantizes = {q for q, _ in pairs.values()}
+        self.quantizes = {q for q, _, _ in pairs.values()}
         self.graph, self.env, self.attrs, self.taken = fx.Graph(), {}, {}, set()
         self.lifted = 0
 
@@ -191,7 +191,9 @@ class _Lifting:
             mod = _conv(dims, weight, bias, node)
         _set_params(mod, weight, bias)
         if w_node in self.weights:  # stored codes: named after the layer that runs them
-            attach(mod, "weight", self.weights[w_node][1])
+            for pname, arg in (("weight", w_node), ("bias", _arg(node, 2, "bias", None))):
+                if arg in self.weights and self.weights[arg][1] is not None:
+                    attach(mod, pname, *self.weights[arg][1:])
             name = _path_name(node, "", self.taken)
         else:
             name = _module_name(w_node.target, self.taken)
@@ -215,12 +217,12 @@ class _Lifting:
         if node in self.quantizes:
             return  # lifted with its dequantize
         if node in self.pairs:
-            quantize, fmt = self.pairs[node]
+            quantize, fmt, source = self.pairs[node]
             if quantize in self.env:  # one code tensor read twice: one layer
                 self.env[node] = self.env[quantize]
                 return
-            source = quantize.args[0]
-            self.emit(node, _path_name(source, "_q", self.taken), QuantDequant(fmt), source)
+            x = quantize.args[0]
+            self.emit(node, _path_name(x, "_q", self.taken), QuantDequant(fmt, source), x)
             self.env[quantize] = self.env[node]
             return
         target = node.target if node.op == "call_function" else None
@@ -258,7 +260,7 @@ def lift_layers(gm: fx.GraphModule, stored: tuple[dict, dict] | None = None) -> 
     if not run.lifted:
         raise ModelError("the model's graph has no convolution or linear layer with fixed "
                          "weights to inject into")
-    return _attrs_root(root, graph)
+    return attrs_root(root, graph)
 
 
 def _batch_from_nearest_tensor(graph: fx.Graph) -> None:
@@ -322,7 +324,7 @@ def _batch_dim(node: fx.Node):
     return None
 
 
-def _attrs_root(attrs: dict, graph: fx.Graph) -> fx.GraphModule:
+def attrs_root(attrs: dict, graph: fx.Graph) -> fx.GraphModule:
     """An fx.GraphModule over `graph` with `attrs` (dotted names) as its submodules and
     attributes; tensors become buffers so .to(device) moves them."""
     root = nn.Module()

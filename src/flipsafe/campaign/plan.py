@@ -63,7 +63,7 @@ PREPROCESS_KEYS = ("image_size", "mean", "std")
 # Prefixes of a plan's `model` that name models flipsafe did not train (the kinds of
 # flipsafe.campaign.targets): those a user writes, and "module:" for an nn.Module given
 # in Python.
-SPEC_PREFIXES = ("hf", "torchscript", "export", "python")
+SPEC_PREFIXES = ("hf", "torchscript", "export", "onnx", "python")
 TARGET_PREFIXES = (*SPEC_PREFIXES, "module")
 
 
@@ -251,7 +251,7 @@ class CampaignPlan(FaultPlan):
     (the FAULT_FIELDS, see FaultPlan; `fault_plan` gives them back as one).
 
     model names the target: a `flipsafe train` folder, or a spec such as `hf:<folder>`,
-    `torchscript:<file>`, `export:<file>`, `python:<module>:<callable>` (see
+    `torchscript:<file>`, `export:<file>`, `onnx:<file>`, `python:<module>:<callable>` (see
     flipsafe.campaign.targets); model_sha is the sha256 of its weights or file. model is
     not fingerprinted (a folder may move), model_sha is, so a results folder refuses
     another model. format and fault are stored in their one spelling ("FP16" becomes

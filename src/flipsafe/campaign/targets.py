@@ -5,7 +5,9 @@
     weights), loaded with local_files_only=True; logits are the output's `.logits`, class
     names come from `id2label`, image size and normalisation from preprocessor_config.json;
   - ``torchscript:<file.pt>``: a `torch.jit.save`d module;
-  - ``export:<file.pt2>``: a `torch.export.save`d ExportedProgram;
+  - ``export:<file.pt2>``: a `torch.export.save`d ExportedProgram (a PT2E-quantized one
+    included: deployed.pt2e);
+  - ``onnx:<file.onnx>``: an ONNX file, float or QDQ-quantized (deployed.onnx_model);
   - ``python:<module>:<callable>``: a function (imported from `module`, which must be on
     sys.path) that returns an nn.Module;
   - in Python, an nn.Module itself (`ModuleTarget`).
@@ -36,13 +38,13 @@ from torch import nn
 
 from flipsafe.campaign.plan import SPEC_PREFIXES
 from flipsafe.compat import ConvNd
-from flipsafe.deployed import pt2e
+from flipsafe.deployed import onnx_model, pt2e
 from flipsafe.errors import CampaignError, ModelError
 
 # The spec prefixes a user may write ("module:" names an nn.Module given in Python).
 PREFIXES = SPEC_PREFIXES
 KINDS = ("<flipsafe checkpoint folder>", "hf:<folder>", "torchscript:<file.pt>",
-         "export:<file.pt2>", "python:<module>:<callable>")
+         "export:<file.pt2>", "onnx:<file.onnx>", "python:<module>:<callable>")
 
 
 @dataclass(frozen=True)
@@ -416,6 +418,34 @@ class ExportTarget(FileTarget):
 
 
 @dataclass
+class OnnxTarget(FileTarget):
+    """An ONNX file, float or QDQ-quantized, read by deployed.onnx_model: its input shape
+    is the file's; a quantized file runs in its own codes (format native)."""
+
+    kind = "onnx"
+    what = "ONNX model"
+
+    @cached_property
+    def proto(self):
+        return onnx_model.load_proto(self.path)
+
+    @cached_property
+    def input_shape(self) -> tuple | None:
+        return onnx_model.input_shape(self.proto)
+
+    @property
+    def quantized(self) -> bool:
+        return onnx_model.is_quantized(self.proto)
+
+    def _load(self, sample) -> nn.Module:
+        from flipsafe.campaign.lift import lift_layers
+        from flipsafe.deployed.patterns import find
+
+        gm = onnx_model.to_graph(self.path)
+        return lift_layers(gm, find(gm, onnx_model.ONNX)).eval()
+
+
+@dataclass
 class TorchScriptTarget(FileTarget):
     """A TorchScript file, converted to a torch.export program on a sample batch."""
 
@@ -546,6 +576,7 @@ SPEC_TARGETS = {
     "torchscript": lambda spec, rest: TorchScriptTarget(
         spec, _file(spec, rest, "torchscript:<file.pt>")),
     "export": lambda spec, rest: ExportTarget(spec, _file(spec, rest, "export:<file.pt2>")),
+    "onnx": lambda spec, rest: OnnxTarget(spec, _file(spec, rest, "onnx:<file.onnx>")),
     "python": _python_target,
 }
 assert set(SPEC_TARGETS) == set(PREFIXES)

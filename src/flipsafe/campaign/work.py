@@ -39,7 +39,7 @@ def model_sha(model_dir) -> str:
 
 def make_plan(model, faults: FaultPlan | None = None, **fields) -> CampaignPlan:
     """A CampaignPlan running `faults` (a FaultPlan; or give its fields as keywords) on
-    `model`: a `flipsafe train` folder, a target spec (hf:, torchscript:, export:,
+    `model`: a `flipsafe train` folder, a target spec (hf:, torchscript:, export:, onnx:,
     python:, see flipsafe.campaign.targets), an nn.Module or a target. The dataset
     defaults to a checkpoint's own; other models need one."""
     from flipsafe.campaign.targets import resolve

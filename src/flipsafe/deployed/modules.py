@@ -16,6 +16,7 @@ from torch import nn
 from flipsafe.formats import AffineFormat
 
 _STORED = "flipsafe_stored"  # the attribute holding {parameter name or 'output': format}
+_SOURCE = "flipsafe_source"  # {parameter name or 'output': where the codes are in the file}
 
 
 class QuantDequant(nn.Module):
@@ -25,9 +26,9 @@ class QuantDequant(nn.Module):
     flipsafe_leaf = True  # inject.graph traces it as one node, like a torch.nn module
     flipsafe_pointwise = True  # one element in, one element out
 
-    def __init__(self, fmt: AffineFormat):
+    def __init__(self, fmt: AffineFormat, source: dict | None = None):
         super().__init__()
-        setattr(self, _STORED, {"output": fmt})
+        attach(self, "output", fmt, source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return stored_format(self, "output").quantize(x)
@@ -37,11 +38,19 @@ class QuantDequant(nn.Module):
         return f"{fmt.name}, scale={float(fmt.scale):.6g}, zero_point={int(fmt.zero_point)}"
 
 
-def attach(mod: nn.Module, what: str, fmt: AffineFormat) -> None:
-    """Record that `mod`'s `what` (a parameter name, or 'output') is stored as `fmt`."""
-    stored = dict(getattr(mod, _STORED, {}))
-    stored[what] = fmt
-    setattr(mod, _STORED, stored)
+def attach(mod: nn.Module, what: str, fmt: AffineFormat, source: dict | None = None) -> None:
+    """Record that `mod`'s `what` (a parameter name, or 'output') is stored as `fmt`, and
+    where in the model file (`source`: names the deployed.verify replay reads)."""
+    for attr, value in ((_STORED, fmt), (_SOURCE, dict(source or {}))):
+        table = dict(getattr(mod, attr, {}))
+        table[what] = value
+        setattr(mod, attr, table)
+
+
+def sources(model: nn.Module) -> dict:
+    """{(layer, parameter name or 'output'): source} of every stored code tensor."""
+    return {(n, what): src for n, m in model.named_modules()
+            for what, src in getattr(m, _SOURCE, {}).items()}
 
 
 def stored_format(mod: nn.Module, what: str) -> AffineFormat | None:

@@ -13,15 +13,13 @@ import contextlib
 import logging
 import zipfile
 
-import torch
 from torch import fx
 
+from flipsafe.deployed.patterns import find
 from flipsafe.errors import ModelError
 from flipsafe.formats import AffineFormat
 
 NAMESPACE = "quantized_decomposed"
-_DEQUANT = {"dequantize_per_tensor", "dequantize_per_channel"}
-_QUANT = "quantize_per_tensor"
 EXTRA = "deployed"  # the pip extra holding torchao, onnx and onnxruntime
 
 
@@ -66,59 +64,48 @@ def _op(node: fx.Node) -> str | None:
     return target.name().split("::", 1)[1]
 
 
-def _value(root, arg):
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        obj = root
-        for part in arg.target.split("."):
-            obj = getattr(obj, part)
-        return obj
-    return arg
+class PT2E:
+    """The PT2E dialect of quantize/dequantize calls (see deployed.patterns)."""
+
+    @staticmethod
+    def role(node: fx.Node) -> str | None:
+        op = _op(node)
+        if op in ("dequantize_per_tensor", "dequantize_per_channel"):
+            return "dequantize"
+        return "quantize" if op == "quantize_per_tensor" else None
+
+    @staticmethod
+    def params(node: fx.Node, args: list) -> list:
+        """The quantisation arguments after the input (compared between calls)."""
+        return args[1:7] if _op(node) == "dequantize_per_channel" else args[1:6]
+
+    @staticmethod
+    def format(node: fx.Node, args: list) -> AffineFormat:
+        if _op(node) == "dequantize_per_channel":
+            _, scales, zero_points, axis, qmin, qmax, dtype = args[:7]
+            if axis != 0:
+                raise ModelError(f"per-channel quantisation along axis {axis} is not "
+                                 f"supported; flipsafe reads weights quantized per output "
+                                 f"channel (axis 0)")
+            return AffineFormat(dtype, scales, zero_points, qmin, qmax)
+        _, scale, zero_point, qmin, qmax, dtype = args[:6]
+        return AffineFormat(dtype, scale, zero_point, qmin, qmax)
 
 
-def _args(node: fx.Node, root) -> list:
-    return [_value(root, a) for a in node.args]
-
-
-def _format(op: str, args: list) -> AffineFormat:
-    """The stored format of a (de)quantize call's arguments."""
-    if op == "dequantize_per_channel":
-        _, scales, zero_points, axis, qmin, qmax, dtype = args[:7]
-        if axis != 0:
-            raise ModelError(f"per-channel quantisation along axis {axis} is not supported; "
-                             f"flipsafe reads weights quantized per output channel (axis 0)")
-        return AffineFormat(dtype, scales, zero_points, qmin, qmax)
-    _, scale, zero_point, qmin, qmax, dtype = args[:6]
-    return AffineFormat(dtype, scale, zero_point, qmin, qmax)
+    @staticmethod
+    def source(node: fx.Node, dequantize: fx.Node) -> dict:
+        """Weights: the program's attributes holding the codes and scales; activations:
+        the quantize node (its scale is an argument of its dequantizes)."""
+        if node is dequantize:
+            scale = node.args[1]
+            return {"codes": node.args[0].target,
+                    "scale": scale.target if isinstance(scale, fx.Node) else None}
+        return {"node": node.name}
 
 
 def patterns(gm: fx.GraphModule) -> tuple[dict, dict]:
-    """(weights, pairs) of a PT2E graph.
-
-    weights: {dequantize node of stored codes: (its float value, AffineFormat)} - the
-    value computed by the program's own op. pairs: {dequantize node: (its quantize node,
-    AffineFormat)} for each activation quantize whose readers all dequantize it with its
-    own parameters (one stored code tensor, read once or more)."""
-    weights, pairs = {}, {}
-    for node in gm.graph.nodes:
-        op = _op(node)
-        if op not in _DEQUANT or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        src, args = node.args[0], _args(node, gm)
-        if src.op == "get_attr":
-            with torch.no_grad():
-                value = node.target(*args, **node.kwargs)
-            weights[node] = (value, _format(op, args))
-        elif _op(src) == _QUANT and op == "dequantize_per_tensor" and all(
-                _op(u) == op and _same(_args(u, gm)[1:6], _args(src, gm)[1:6])
-                for u in src.users):
-            pairs[node] = (src, _format(op, args))  # every reader dequantizes alike
-    return weights, pairs
-
-
-def _same(a: list, b: list) -> bool:
-    """Equal quantisation arguments (scales compared as numbers)."""
-    norm = [[float(v) if isinstance(v, (int, float)) else v for v in x] for x in (a, b)]
-    return norm[0] == norm[1]
+    """The stored codes of a PT2E graph (deployed.patterns.find)."""
+    return find(gm, PT2E)
 
 
 def is_quantized_graph(gm: fx.GraphModule) -> bool:

@@ -28,7 +28,8 @@ SITE_SPECS: dict[str, SiteSpec] = {s.name: s for s in (
     SiteSpec("biases", "bias"),
     # The outputs' shared scales, stored with the activation blocks.
     SiteSpec("metadata", "meta", campaign=True, transient=True),
-    SiteSpec("weight_metadata", "weight_meta"),
+    # The weights' shared scales (per tensor or per output channel), stored with the codes.
+    SiteSpec("weight_metadata", "weight_meta", campaign=True),
 )}
 # Site name -> the FaultSet param it corrupts; the params are site names too.
 SITES = {**{s.name: s.param for s in SITE_SPECS.values()}, **{p: p for p in PARAMS}}

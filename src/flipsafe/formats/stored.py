@@ -87,6 +87,12 @@ class AffineFormat(Format):
         v = sign_extend(codes, STORED_BITS) if self.dtype == torch.int8 else codes & 0xFF
         return (v.to(torch.float32) - self.zero_point.to(v.device)) * self._column(s, v)
 
+    def step_toward_zero(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes one step closer to the zero point (the code of value 0)."""
+        v = sign_extend(codes, STORED_BITS) if self.dtype == torch.int8 else codes & 0xFF
+        zp = self.zero_point.to(v.device)
+        return (v - torch.sign(v - zp)).bitwise_and_(0xFF)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         x = as_float32(x, f"{self.name}.quantize")
         return self._values(self._codes(x), self.scale)

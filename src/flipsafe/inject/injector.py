@@ -137,8 +137,8 @@ class Injector:
             return new
         # Weight limits are emulated values already; profiled output ranges are rounded
         # into the layer's output format.
-        fmt = (self.em.coder(layer).fmt if site.on_output and layer in self.em.quant
-               else None)
+        held = layer in self.em.quant or (self.em.native and layer in self.em.emulated)
+        fmt = self.em.coder(layer).fmt if site.on_output and held else None
         return emulate.clamp(new, site.limit(layer, self.clamp), self.clamp, fmt)
 
     def _run_group(self, name: str, pname: str, f: FaultSet, g: Golden) -> Outcomes:

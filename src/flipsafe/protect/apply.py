@@ -20,8 +20,9 @@ from flipsafe.errors import ConfigError, FlipsafeError
 from flipsafe.protect.registry import BuildContext, get
 from flipsafe.protect.spec import Protection, parse
 
-# What a protection's layers=all means: the campaigns' 'all' (GoldenEye: Conv and Linear).
-ALL = "conv|linear"
+# What a protection's layers=all means: the campaigns' 'all' (GoldenEye: Conv and Linear;
+# a quantized model's stored activation codes too: inject.emulated.ALL).
+ALL = "all"
 
 
 @dataclass(frozen=True)
