@@ -35,8 +35,12 @@ def quantize_both(model, x, folder: Path):
 
     register_ops()
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -95,20 +99,22 @@ def speed(arch: str, n_faults: int) -> list[dict]:
         for spec in (f"export:{pt2}", f"onnx:{onnx_file}"):
             target = resolve(spec)
             if target.kind == "onnx":
-                session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-                clean = rate(lambda: session.run(None, {"input": x.numpy()}), len(x))
+                session = ort.InferenceSession(str(onnx_file),
+                                               providers=["CPUExecutionProvider"])
+                clean = rate(lambda s=session: s.run(None, {"input": x.numpy()}), len(x))
                 runtime = "onnxruntime"
             else:
                 module = target.program.module()
                 with torch.no_grad():
-                    clean = rate(lambda: module(x), len(x))
+                    clean = rate(lambda m=module: m(x), len(x))
                 runtime = "torch (PT2E program)"
             engine = Engine(target.load(), "native", chunk=64, input_shape=(3, 32, 32))
             golden = engine.golden(x, y)
             faults = engine.sample(n_faults, "activations", "all", "bitflip", images=len(x),
                                    generator=torch.Generator().manual_seed(2))
             engine.run(faults[:64], x, y, golden)  # warm-up
-            fps = rate(lambda: engine.run(faults, x, y, golden), len(faults), rounds=2)
+            fps = rate(lambda e=engine, f=faults, g=golden: e.run(f, x, y, g), len(faults),
+                       rounds=2)
             out.append({"model": f"{arch} int8 {target.kind}", "runtime": runtime,
                         "clean_img_s": clean, "faults_s": fps, "ratio": fps / clean})
     return out

@@ -5,6 +5,9 @@ torchao). Each is wrapped here, so a release that moves one breaks one line, and
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 from torch import nn
 
 # Base classes torch keeps private: every Conv / ConvTranspose, every BatchNorm, every
@@ -16,6 +19,23 @@ InstanceNorm = nn.modules.instancenorm._InstanceNorm
 # Loggers of torch.export's internals and of Ray's per-run token notice.
 TORCH_EXPORT_LOGGERS = ("torch._export", "torch.export")
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+# What torchao logs as it imports (directly, or from transformers when installed): the
+# GPU kernels it cannot load on a CPU machine, and torch's note on one of its enums.
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def quiet_imports():
+    """Optional libraries imported inside the block log only errors (IMPORT_NOISE_LOGGERS)."""
+    loggers = [logging.getLogger(n) for n in IMPORT_NOISE_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def conv_padding(conv) -> list[int]:

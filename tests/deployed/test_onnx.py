@@ -76,3 +76,15 @@ def test_malformed_and_unsupported_onnx_get_one_line(tmp_path, capsys):
         code = main(["plan", f"onnx:{path}", "--dataset", "digits"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and words in err[0], (path, err)
+
+
+def test_the_python_front_door_runs_a_quantized_onnx_campaign(onnx_pair, tmp_path):
+    import flipsafe
+
+    plan = flipsafe.FaultPlan(site="activations", format="native", n=5)
+    results = flipsafe.Campaign(f"onnx:{onnx_pair[1]}", "digits", plan,
+                                out=tmp_path / "r").run()
+    assert set(results.by_layer) >= {"input_q", "add_q", "fc_q"}
+    with pytest.raises(Exception, match="use format native"):
+        flipsafe.Campaign(f"onnx:{onnx_pair[1]}", "digits", flipsafe.FaultPlan(n=5),
+                          out=tmp_path / "fp32").run()

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from flipsafe.campaign.plan import SPEC_PREFIXES
-from flipsafe.compat import ConvNd
+from flipsafe.compat import ConvNd, quiet_imports
 from flipsafe.deployed import onnx_model, pt2e
 from flipsafe.errors import CampaignError, ModelError
 
@@ -288,7 +288,8 @@ class HFTarget(FromDataset):
     def eager(self) -> nn.Module:
         """The model as transformers builds it, returning the logits tensor."""
         try:
-            from transformers import AutoModelForImageClassification
+            with quiet_imports():
+                from transformers import AutoModelForImageClassification
         except ImportError:
             raise ModelError("hf: models need the transformers package; install it "
                              "(pip install transformers)") from None

@@ -9,12 +9,11 @@ finds both, so campaign.lift turns them into layers with stored formats
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import zipfile
 
 from torch import fx
 
+from flipsafe.compat import quiet_imports
 from flipsafe.deployed.patterns import find
 from flipsafe.errors import ModelError
 from flipsafe.formats import AffineFormat
@@ -32,18 +31,11 @@ def missing(package: str) -> ModelError:
 def register_ops() -> None:
     """Register the `quantized_decomposed` ops a saved PT2E program calls (torchao's
     import does it), without torchao's import-time chatter about GPU kernels."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
     try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with contextlib.redirect_stderr(None):
+        with quiet_imports():
             import torchao.quantization.pt2e  # noqa: F401 - registers the ops
     except ImportError:
         raise missing("torchao") from None
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def mentions_ops(path) -> bool:

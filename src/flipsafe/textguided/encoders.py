@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from flipsafe.compat import quiet_imports
 from flipsafe.errors import ConfigError, DataError, install_hint, unknown
 from flipsafe.textguided.describe import canonical_class, validated_descriptions
 from flipsafe.textguided.embeddings import ClassEmbeddings, load_embeddings, normalize_rows
@@ -46,7 +47,13 @@ def _offline():
 @contextlib.contextmanager
 def _quiet_loading():
     """No "Loading weights: 100%|..." bars from transformers / huggingface_hub while a
-    model loads from disk (flipsafe shows its own progress); restored afterwards."""
+    model loads from disk (flipsafe shows its own progress); restored afterwards. Nor the
+    import chatter of torchao, which transformers imports when it is installed."""
+    with quiet_imports():
+        yield from _quiet_bars()
+
+
+def _quiet_bars():
     try:
         from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
         from transformers.utils import logging as hf_logging
@@ -84,7 +91,8 @@ class SentenceTransformerEncoder(TextEncoder):
     @classmethod
     def load(cls, name_or_path: str, spec: str | None = None, device: str = "cpu",
              offline: bool = False) -> SentenceTransformerEncoder:
-        from sentence_transformers import SentenceTransformer
+        with quiet_imports():
+            from sentence_transformers import SentenceTransformer
 
         offline = offline or Path(name_or_path).is_dir()
         try:
@@ -112,7 +120,8 @@ class SentenceTransformerEncoder(TextEncoder):
 
 def _transformers():
     try:
-        import transformers
+        with quiet_imports():
+            import transformers
     except ImportError:
         raise ConfigError(
             "CLIP text encoders need the transformers package; install it with "
