@@ -18,6 +18,8 @@ Prints a table and, last, one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import tempfile
@@ -112,7 +114,7 @@ def speed(arch: str, n_faults: int) -> list[dict]:
             golden = engine.golden(x, y)
             faults = engine.sample(n_faults, "activations", "all", "bitflip", images=len(x),
                                    generator=torch.Generator().manual_seed(2))
-            engine.run(faults[:64], x, y, golden)  # warm-up
+            engine.run(faults.select(torch.arange(64)), x, y, golden)  # warm-up
             fps = rate(lambda e=engine, f=faults, g=golden: e.run(f, x, y, g), len(faults),
                        rounds=2)
             out.append({"model": f"{arch} int8 {target.kind}", "runtime": runtime,
@@ -135,8 +137,9 @@ def agreement() -> list[dict]:
         for spec, runs in ((f"onnx:{onnx_int8}", (True, False)), (f"export:{pt2}", (True,))):
             for site in ("weights", "weight_metadata", "activations", "metadata"):
                 res = tmp / f"{spec[:4]}-{site}"
-                main(["campaign", spec, "--dataset", "digits", "--site", site, "--n", "100",
-                      "--out", str(res), "--seed", "3"])
+                with contextlib.redirect_stdout(io.StringIO()):
+                    main(["campaign", spec, "--dataset", "digits", "--site", site, "--n",
+                          "100", "--out", str(res), "--seed", "3", "--quiet"])
                 for optimize in runs:
                     v = verify.run(res, n=None, optimize=optimize)
                     out.append({"model": spec.split(":")[0], "site": site, "runtime": v.runtime,
