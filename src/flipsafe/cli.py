@@ -196,6 +196,9 @@ def _plan_from_args(args):
     fields["sampling"] = sampling  # the plan refuses adaptive with --n
     if args.budget is not None:
         fields["budget"] = args.budget
+    pe = [v for v in (args.dataflow, args.array, args.pe_unit) if v is not None]
+    if pe:  # the plan checks they go with --site pe and completes the defaults
+        fields["accelerator"] = ":".join(pe)
     preprocess = {"image_size": args.image_size, "mean": _numbers(args.mean, "--mean"),
                   "std": _numbers(args.std, "--std")}
     if any(v is not None for v in preprocess.values()):
@@ -302,7 +305,10 @@ def cmd_campaign(args) -> None:
 def cmd_summary(args) -> None:
     from flipsafe.report import load_results, summary_table, with_unique_names
 
-    base, *others = with_unique_names([load_results(d) for d in [args.results_dir, *args.vs]])
+    faults = getattr(args, "faults", [])
+    named = with_unique_names([load_results(d) for d in [args.results_dir, *args.vs, *faults]])
+    base, others = named[0], named[1:1 + len(args.vs)]
+    fault_runs = named[1 + len(args.vs):]
     top = getattr(args, "channels", None)
     if getattr(args, "json", False):
         from flipsafe.report import summary_json
@@ -315,6 +321,11 @@ def cmd_summary(args) -> None:
         print(json.dumps(data, indent=2, allow_nan=False))
     else:
         print(summary_table(base, vs=others))
+        if fault_runs:
+            from flipsafe.report.faults import fault_models_tables
+
+            for table in fault_models_tables(base, fault_runs):
+                print(table.render_text())
         if top is not None:
             from flipsafe.report.channels import channel_text
 
@@ -326,7 +337,7 @@ def cmd_report(args) -> None:
     from flipsafe.report import write_report
 
     path = write_report([args.results_dir, *args.vs], args.out, fmt=args.format,
-                        attacks=args.attack)
+                        attacks=args.attack, faults=args.faults)
     print(f"report written to {path}")
 
 
@@ -372,6 +383,15 @@ def _add_size_flags(p: argparse.ArgumentParser, d) -> None:
                    help="most injections an adaptive campaign may spend, pilot included; a "
                         "stage 2 that would not fit shrinks and the summary names the layers "
                         "that missed --margin (default: no cap)")
+    p.add_argument("--array", default=None, metavar="RxC",
+                   help="--site pe: the systolic array's rows x columns (default: 16x16)")
+    p.add_argument("--dataflow", default=None,
+                   help="--site pe: ws (weight-stationary), os (output-stationary) or is "
+                        "(input-stationary) (default: ws)")
+    p.add_argument("--pe-unit", default=None,
+                   help="--site pe: the PE unit stuck at a bit: product (multiplier output), "
+                        "weight or input (operand registers), accumulator (os only) "
+                        "(default: product)")
     p.add_argument("--allocation", default=None,
                    help="how a layer's injections split across bit fields: one of "
                         f"{_one_of(ALLOCATIONS)} (default: {d.allocation})")
@@ -637,6 +657,9 @@ def _summary_command(add) -> None:
     p.add_argument("results_dir", help="results folder made by `flipsafe campaign`")
     p.add_argument("--vs", nargs="+", action="extend", default=[],
                    help="results folders of other models run with the same plan")
+    p.add_argument("--faults", nargs="+", action="extend", default=[], metavar="DIR",
+                   help="results folders of the same model under other faults (element "
+                        "against PE faults, say): their SDC rates per layer side by side")
     p.add_argument("--json", action="store_true",
                    help="print the same figures as one JSON object (null where undefined)")
     p.add_argument("--channels", type=int, nargs="?", const=5, default=None, metavar="K",
@@ -654,6 +677,9 @@ def _report_command(add) -> None:
     p.add_argument("results_dir", help="results folder made by `flipsafe campaign`")
     p.add_argument("--vs", nargs="+", action="extend", default=[],
                    help="results folders of other models run with the same plan")
+    p.add_argument("--faults", nargs="+", action="extend", default=[], metavar="DIR",
+                   help="results folders of the same model under other faults (element "
+                        "against PE faults, say): their SDC rates per layer side by side")
     p.add_argument("--out", default="report.html", help="report file to write")
     p.add_argument("--attack", nargs="+", action="extend", default=[], metavar="DIR",
                    help="`flipsafe attack --out` folders: adds a \"Worst case\" section "
@@ -789,7 +815,7 @@ def main(argv=None) -> int:
 
 # Flags whose values are names from a list the help prints in lower case: any case is taken.
 CASELESS = ("protocol", "site", "images", "clamp", "allocation", "backend", "device",
-            "optimizer")
+            "dataflow", "pe_unit", "optimizer")
 CASELESS_BY_COMMAND = {"report": ("format",)}
 
 

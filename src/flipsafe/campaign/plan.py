@@ -32,7 +32,8 @@ ALLOCATIONS = ("proportional", "equal")
 NOT_FINGERPRINTED = ("model", "inputs")
 # Fields added after plans were first written: left out of the fingerprint while None, so
 # the fingerprints of folders written before them stay valid.
-OPTIONAL_FINGERPRINTED = ("data_sha", "preprocess", "protocol", "protect", "budget")
+OPTIONAL_FINGERPRINTED = ("data_sha", "preprocess", "protocol", "protect", "budget",
+                          "accelerator")
 # Likewise left out while they hold the value every plan had before they existed.
 DEFAULT_FINGERPRINTED = {"sampling": "fixed"}
 # How n is reached when the margin decides it: "fixed", Leveugle's worst-case size for every
@@ -41,7 +42,8 @@ DEFAULT_FINGERPRINTED = {"sampling": "fixed"}
 SAMPLINGS = ("fixed", "adaptive")
 # The fields of a FaultPlan: what defines the faults, whatever the model.
 FAULT_FIELDS = ("format", "images", "site", "fault", "layers", "n", "confidence", "margin",
-                "clamp", "seed", "allocation", "part_size", "protocol", "sampling", "budget")
+                "clamp", "seed", "allocation", "part_size", "protocol", "sampling", "budget",
+                "accelerator")
 
 # The fields a protocol may set, with the value each takes when neither the caller nor a
 # protocol gives one (the one place these defaults live).
@@ -111,6 +113,22 @@ def _apply_protocol(plan) -> None:
             )
 
 
+def _check_accelerator(plan) -> None:
+    """Site pe runs on an array (default ws:16x16:product), with permanent faults; other
+    sites take no array."""
+    from flipsafe import accel
+
+    if plan.site != "pe":
+        if plan.accelerator is not None:
+            raise ConfigError(f"--array/--dataflow/--pe-unit describe the PE faults of --site "
+                              f"pe; this plan's site is {plan.site}")
+        return
+    object.__setattr__(plan, "accelerator", accel.parse(plan.accelerator).spec)
+    if plan.fault not in accel.FAULT_MODELS:
+        raise ConfigError(f"PE faults are permanent here: use --fault "
+                          f"{' or '.join(accel.FAULT_MODELS)} (got {plan.fault})")
+
+
 def _check_faults(plan) -> None:
     """Check (and canonicalise) the fault fields of a FaultPlan or CampaignPlan; a protocol
     (PROTOCOLS) fills or fixes site, layers, images, clamp and fault first."""
@@ -162,6 +180,7 @@ def _check_faults(plan) -> None:
         if not plan.adaptive:
             raise ConfigError("--budget caps an adaptive campaign; add --sampling adaptive "
                               "(and leave --n out)")
+    _check_accelerator(plan)
     check_seed(plan.seed)
     if not _is_int(plan.part_size):
         raise ConfigError(f"part_size must be an integer, got {plan.part_size!r}")
@@ -194,6 +213,7 @@ class FaultPlan:
     protocol: str | None = None
     sampling: str = "fixed"
     budget: int | None = None
+    accelerator: str | None = None  # site pe: 'dataflow:RxC:unit' (flipsafe.accel)
 
     def __post_init__(self):
         _check_faults(self)

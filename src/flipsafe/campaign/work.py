@@ -267,7 +267,8 @@ def _engine(plan: CampaignPlan, model, ev, ranges, device: str):
     from flipsafe.inject import Engine
 
     engine = Engine(model, format=plan.format, clamp=plan.clamp,
-                    device=resolve_device(device), input_shape=tuple(ev.images.shape[1:]))
+                    device=resolve_device(device), input_shape=tuple(ev.images.shape[1:]),
+                    accelerator=plan.accelerator)
     if not engine.needs_ranges:
         return engine, {}
     if ranges is None:

@@ -30,6 +30,9 @@ SITE_SPECS: dict[str, SiteSpec] = {s.name: s for s in (
     SiteSpec("metadata", "meta", campaign=True, transient=True),
     # The weights' shared scales (per tensor or per output channel), stored with the codes.
     SiteSpec("weight_metadata", "weight_meta", campaign=True),
+    # A unit of one processing element of a systolic array (flipsafe.accel), stuck at a
+    # bit for the whole layer: every output the PE computes changes.
+    SiteSpec("pe", "pe", campaign=True, raw_rate="datapath"),
 )}
 # Site name -> the FaultSet param it corrupts; the params are site names too.
 SITES = {**{s.name: s.param for s in SITE_SPECS.values()}, **{p: p for p in PARAMS}}

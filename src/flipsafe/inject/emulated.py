@@ -109,6 +109,7 @@ class EmulatedModel:
         self.modules = dict(self.model.named_modules())
         self.leaves = leaf_modules(self.model)
         self.kinds = kinds_of(self.leaves)
+        self.accelerator = None  # the array PE faults land on (set by the Engine)
         self.native = bool(fmt.native)
         _check_native(fmt, self.model)
         if self.native:  # the layers storing their outputs as codes

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from flipsafe import accel
 from flipsafe.errors import ConfigError, InjectionError
 from flipsafe.faults import FaultSet, Sampler
 from flipsafe.inject import emulate, emulated
@@ -42,11 +43,13 @@ class Engine:
     hooks); the executor is chosen with the emulated model, from the first input seen (or
     `input_shape`). chunk: faulty images per forward pass. memory: bytes of cached
     activations `run` may hold when it makes its own golden runs. guards: see set_guards.
+    accelerator: the array PE faults (site 'pe') land on: an accel.Accelerator or its spec
+    ('ws:16x16:product', the default).
     """
 
     def __init__(self, model: nn.Module, format="fp32", clamp: str = "none", ranges=None,
                  device="cpu", suffix: bool = True, chunk: int = 64, input_shape=None,
-                 memory: int = 1 << 30, guards: dict | None = None):
+                 memory: int = 1 << 30, guards: dict | None = None, accelerator=None):
         emulate.check_clamp(clamp)
         if not isinstance(chunk, int) or chunk < 1:
             raise ConfigError(f"chunk must be a positive integer, got {chunk!r}")
@@ -58,6 +61,8 @@ class Engine:
         self.model = copy.deepcopy(model)  # the emulated model's own, once it is made
         self.trace_error = None  # why faulty runs are not graph runs
         self._suffix = suffix
+        self.accelerator = (accelerator if isinstance(accelerator, accel.Accelerator)
+                            else accel.parse(accelerator))
         self._em, self._ex, self._sites = None, None, {}
         if input_shape is not None:
             self._made(torch.zeros(1, *input_shape, device=self.device))
@@ -70,6 +75,7 @@ class Engine:
             em = emulated.EmulatedModel(self.model, self.fmt, images, self.device, self.ranges,
                                         self.guards)
             self._ex, self.trace_error = choose_executor(em, self._suffix)
+            em.accelerator = self.accelerator  # the array PE faults land on (sites.PESite)
             self._em, self._sites = em, bind_sites(em, self._ex)
         return self._em
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flipsafe import accel
 from flipsafe.errors import InjectionError
 from flipsafe.faults import SITES, site_param
 from flipsafe.inject import emulate
@@ -307,6 +308,64 @@ class WeightMetaSite(WeightSite):
 
     def numel(self, layer):
         return self.em.params[(layer, self.pname)].coder.meta_numel
+
+
+@site
+class PESite(OutputSite):
+    """A unit of one processing element of the accelerator (flipsafe.accel): a fault's
+    index is the PE (row-major); it changes every output of the layer that PE computes."""
+
+    name, param = "pe", "pe"
+
+    @property
+    def accelerator(self) -> accel.Accelerator:
+        """The array of the engine (Engine(accelerator=...)), else the default one."""
+        return getattr(self.em, "accelerator", None) or accel.parse(None)
+
+    def has(self, layer):
+        return (super().has(layer) and not self.em.native and self.em.fmt.name == "fp32"
+                and accel.supports(self.em.leaves[layer]) is None)
+
+    def _why_not(self, layer):
+        if self.em.fmt.name != "fp32" or self.em.native:
+            return (f"PE faults are modeled in float32 (products, operands and accumulators); "
+                    f"the format here is {self.em.fmt.name}")
+        return accel.supports(self.em.leaves[layer]) or super()._why_not(layer)
+
+    def numel(self, layer):
+        return self.accelerator.pes
+
+    def select(self, select, asked):
+        if self.em.fmt.name != "fp32" or self.em.native:
+            raise InjectionError(f"no layer has a pe site: {self._why_not('')}; use --format "
+                                 "fp32")
+        return super().select(select, asked)
+
+    def corrupt(self, layer, faults, golden):
+        dev, acc = self.em.device, self.accelerator
+        img = faults.image.to(dev)
+        mod = self.em.leaves[layer]
+        with torch.no_grad():
+            X, W = accel.gemm_operands(mod, golden.inputs[layer][0].index_select(0, img))
+            gemm = X @ W if acc.unit == "accumulator" else None
+            m, n, delta = accel.output_change(acc, X, W, faults.index.to(dev),
+                                              faults.mask.to(dev), faults.op.to(dev),
+                                              faults.value.to(dev), gemm)
+            raw = golden.raw[layer]
+            flat = raw.reshape(raw.shape[0], -1)
+            if isinstance(mod, torch.nn.Conv2d):  # [N, H', W']: channel-major
+                pos = n * X.shape[1] + m
+            else:  # [..., M, N] tokens then features
+                pos = m * W.shape[1] + n
+            pad = m < 0  # entries beyond the layer's edge repeat the first real one
+            first = torch.argmax((~pad).to(torch.int8), dim=1, keepdim=True)
+            pos = torch.where(pad, pos.gather(1, first), pos)
+            delta = torch.where(pad, delta.gather(1, first), delta)
+            idle = pad.all(1, keepdim=True)  # a PE this layer leaves idle: no change
+            pos, delta = torch.where(idle, 0, pos), torch.where(idle, 0.0, delta)
+            old = flat[img[:, None], pos]
+            new = old + delta
+        return img, pos, new, old
 
 
 __all__ = ["SITES", "SITE_TYPES", "LayerInfo", "Site", "bind_sites", "site_param"]

@@ -392,7 +392,20 @@ def report_title(models: Sequence[Results]) -> str:
             f"the {p.site} of {layers}, {p.format}, clamp {p.clamp}")
 
 
-def build_blocks(models: Sequence[Results], fit=None, attacks: Sequence[dict] = ()) -> list:
+def fault_models_section(models: Sequence[Results], faults: Sequence[Results]) -> list:
+    """The same model under other fault models (element against PE faults): the tables."""
+    if not faults:
+        return []
+    from flipsafe.report.faults import fault_models_tables
+
+    return [Heading("Fault models on one model"),
+            Paragraph("The same model under other faults: each campaign's SDC rate per layer "
+                      "and their ratio."),
+            *(Table(t) for t in fault_models_tables(models[0], faults))]
+
+
+def build_blocks(models: Sequence[Results], fit=None, attacks: Sequence[dict] = (),
+                 faults: Sequence[Results] = ()) -> list:
     return [
         Heading(report_title(models), 1),
         *summary_section(models),
@@ -403,6 +416,7 @@ def build_blocks(models: Sequence[Results], fit=None, attacks: Sequence[dict] = 
         *calibration_section(models),
         *(safety_section(models, fit) if fit is not None else []),
         *worst_case_section(attacks),
+        *fault_models_section(models, faults),
         *model_card_section(models),
     ]
 
@@ -506,7 +520,7 @@ def render_markdown(blocks: list, out: Path) -> str:
 
 def write_report(
     dirs: Sequence, out, fmt: str = "html", names: Sequence[str] | None = None, fit=None,
-    attacks: Sequence = (),
+    attacks: Sequence = (), faults: Sequence = (),
 ) -> Path:
     """Write the report for one or more campaign results folders; returns the file written.
 
@@ -515,7 +529,8 @@ def write_report(
     Results from load_results(..., evaluate=True). fmt "html" writes one self-contained
     file; "md" writes Markdown with its PNG figures beside it, named <stem>-<figure>.png.
     fit (a flipsafe.safety.FitAssumptions) adds the "Safety estimate" section; attacks
-    (`flipsafe attack --out` folders) the "Worst case" section.
+    (`flipsafe attack --out` folders) the "Worst case" section; faults (campaign folders
+    of the first model under other fault models) the "Fault models on one model" section.
     """
     from flipsafe.attack import read_folder
 
@@ -531,7 +546,8 @@ def write_report(
     if out.is_dir():
         raise ConfigError(f"{out} is a folder; give a file name such as {out / ('report.' + fmt)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    blocks = build_blocks(models, fit, [read_folder(a) for a in attacks])
+    others = [load_results(d, evaluate=True) for d in faults]
+    blocks = build_blocks(models, fit, [read_folder(a) for a in attacks], others)
     # Written atomically: a failure part-way leaves any earlier report as it was.
     try:
         if fmt == "html":
