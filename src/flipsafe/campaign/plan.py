@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flipsafe.errors import CampaignError, ConfigError
-from flipsafe.faults import check_campaign_site
+from flipsafe.faults import check_campaign_site, site_spec
 from flipsafe.faults import parse as parse_fault
 from flipsafe.formats import canonical as canonical_format
 from flipsafe.inject.emulate import check_clamp
@@ -118,7 +118,7 @@ def _check_accelerator(plan) -> None:
     sites take no array."""
     from flipsafe import accel
 
-    if plan.site != "pe":
+    if not site_spec(plan.site).array:
         if plan.accelerator is not None:
             raise ConfigError(f"--array/--dataflow/--pe-unit describe the PE faults of --site "
                               f"pe; this plan's site is {plan.site}")

@@ -19,6 +19,8 @@ class SiteSpec:
     raw_rate: str = "memory"  # the raw FIT rate its bits take: "memory" or "datapath"
     transient: bool = False  # its values live for one inference (FIT residency applies)
     channels: bool = False  # its rows name output channels of one image (vulnerability maps)
+    array: bool = False  # a unit of a PE of the accelerator (flipsafe.accel): --array etc.
+    fit: bool = True  # `flipsafe fit` has a raw rate for its bits
 
 
 SITE_SPECS: dict[str, SiteSpec] = {s.name: s for s in (
@@ -32,7 +34,7 @@ SITE_SPECS: dict[str, SiteSpec] = {s.name: s for s in (
     SiteSpec("weight_metadata", "weight_meta", campaign=True),
     # A unit of one processing element of a systolic array (flipsafe.accel), stuck at a
     # bit for the whole layer: every output the PE computes changes.
-    SiteSpec("pe", "pe", campaign=True, raw_rate="datapath"),
+    SiteSpec("pe", "pe", campaign=True, raw_rate="datapath", array=True, fit=False),
 )}
 # Site name -> the FaultSet param it corrupts; the params are site names too.
 SITES = {**{s.name: s.param for s in SITE_SPECS.values()}, **{p: p for p in PARAMS}}

@@ -24,6 +24,7 @@ RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "Mbit": 1e6, "Gbit": 1e9,
 MEMORY, DATAPATH = "memory", "datapath"
 SITE_RATE = {s.name: s.raw_rate for s in SITE_SPECS.values() if s.campaign}
 TRANSIENT_SITES = tuple(s.name for s in SITE_SPECS.values() if s.campaign and s.transient)
+NO_FIT_SITES = tuple(s.name for s in SITE_SPECS.values() if s.campaign and not s.fit)
 # ISO 26262-5 targets: (name, PMHF target in FIT, single-point fault metric target).
 ASIL_TARGETS = (("ASIL-D", 10.0, 0.99), ("ASIL-C", 100.0, 0.97), ("ASIL-B", 100.0, 0.90))
 MEETS, FAILS, NOT_SHOWN = "meets", "does not meet", "not shown at this sample size"
@@ -390,6 +391,12 @@ def _check_group(campaigns: list[_Campaign], assumptions: FitAssumptions) -> Non
         raise ConfigError(f"these campaigns of one model ran in different number formats "
                           f"({listed}); their FIT would be summed as one chip, so say so with "
                           "--allow-mixed-formats, or give campaigns of one format")
+    for c in campaigns:
+        if c.plan.site in NO_FIT_SITES:
+            raise ConfigError(f"{c.folder} holds PE faults, stuck while one layer runs; a FIT "
+                              f"from them needs per-PE raw rates and each layer's share of the "
+                              f"array's time, which flipsafe does not model yet: estimate FIT "
+                              f"from element-fault campaigns (activations, weights, metadata)")
     seen: dict[tuple, Path] = {}
     for c in campaigns:
         for s in c.strata:
