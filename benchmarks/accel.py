@@ -4,7 +4,8 @@
 
 Models (random weights, nothing downloaded): the built-in CIFAR resnet18 (32 px) and the
 HF ResNet-18-sized classifier of benchmarks/engine.py (64 px). For each array spec, PE
-faults/s (stuck1 in every Conv/Linear, the engine's suffix runs) over clean images/s of
+faults/s (stuck1, or bitflip for a transient spec, in every Conv/Linear; the engine's
+suffix runs) over clean images/s of
 the same model on the same batch of 64; the ratio is the target (>= 1x). Prints a table
 and, last, one JSON line.
 """
@@ -21,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ARRAYS = "ws:16x16:product,os:16x16:accumulator,is:16x16:input"
+ARRAYS = ("ws:16x16:product,os:16x16:accumulator,is:16x16:input,ws:16x16:product:transient,"
+          "os:16x16:accumulator:transient")
 
 
 def best_rate(fn, items: int, rounds: int) -> float:
@@ -53,14 +55,15 @@ def run(arrays: list[str], n_faults: int, rounds: int) -> list[dict]:
         x = torch.randn(64, 3, side, side, generator=g)
         y = torch.randint(10, (64,), generator=g)
         with torch.no_grad():
-            clean = best_rate(lambda m=model: m(x), len(x), rounds)
+            clean = best_rate(lambda m=model, x=x: m(x), len(x), rounds)
         for spec in arrays:
             engine = Engine(model, "fp32", accelerator=spec, chunk=64)
             golden = engine.golden(x, y)
-            faults = engine.sample(n_faults, "pe", "all", "stuck1", images=len(x),
+            model_ = "bitflip" if spec.endswith(":transient") else "stuck1"
+            faults = engine.sample(n_faults, "pe", "all", model_, images=len(x),
                                    generator=torch.Generator().manual_seed(2))
             engine.run(faults.select(torch.arange(32)), x, y, golden)  # warm-up
-            fps = best_rate(lambda e=engine, f=faults, gd=golden: e.run(f, x, y, gd),
+            fps = best_rate(lambda e=engine, f=faults, gd=golden, x=x, y=y: e.run(f, x, y, gd),
                             len(faults), max(1, rounds - 1))
             out.append({"model": what, "array": spec, "clean_img_s": clean,
                         "pe_faults_s": fps, "ratio": fps / clean})
@@ -76,9 +79,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(args.arrays.split(","), args.faults, args.rounds)
-    print(f"{'model':<28} {'array':<22} {'clean img/s':>12} {'PE faults/s':>12} {'ratio':>7}")
+    print(f"{'model':<28} {'array':<30} {'clean img/s':>12} {'PE faults/s':>12} {'ratio':>7}")
     for r in rows:
-        print(f"{r['model']:<28} {r['array']:<22} {r['clean_img_s']:>12.1f} "
+        print(f"{r['model']:<28} {r['array']:<30} {r['clean_img_s']:>12.1f} "
               f"{r['pe_faults_s']:>12.1f} {r['ratio']:>6.2f}x")
     print(json.dumps({"threads": args.threads, "rows": rows}))
 

@@ -13,7 +13,8 @@ on the array's rows and columns, and so which products x[m, k] * w[k, n] one PE 
   multiplies it by every w[k, n] (every n).
 
 A PE fault is permanent (stuck0 / stuck1: one bit of one unit held at 0 or 1 for the
-whole layer) in one of the PE's units, held in float32: its `product` (multiplier
+whole layer) or transient (bitflip, bitflipK, burstK: one event at one time step of the
+PE, see `events`), in one of the PE's units, held in float32: its `product` (multiplier
 output), its `weight` or `input` operand register, or (os only) its `accumulator`, the
 output register y[m, n] holds before the bias is added. Every output the PE computes is
 then changed: the engine computes the change of each (as a structured perturbation of the
@@ -34,7 +35,7 @@ from flipsafe.faults import apply
 DATAFLOWS = ("ws", "os", "is")
 UNITS = ("product", "weight", "input", "accumulator")
 DEFAULT = "ws:16x16:product"
-FAULT_MODELS = ("stuck0", "stuck1")  # permanent: a bit of a unit held for the whole layer
+PERMANENT = ("stuck0", "stuck1")  # a bit of a unit held for the whole layer; flips: transient
 # The GEMM dims each dataflow holds on the array's (rows, columns)
 _STATIONARY = {"ws": ("k", "n"), "os": ("m", "n"), "is": ("k", "m")}
 
@@ -47,11 +48,13 @@ class Accelerator:
     rows: int = 16
     cols: int = 16
     unit: str = "product"
+    transient: bool = False  # one event at a time step (see events), else the whole layer
 
     @property
     def spec(self) -> str:
-        """The canonical string plans record, e.g. 'ws:16x16:product'."""
-        return f"{self.dataflow}:{self.rows}x{self.cols}:{self.unit}"
+        """The canonical string plans record, e.g. 'ws:16x16:product' ('...:transient')."""
+        return (f"{self.dataflow}:{self.rows}x{self.cols}:{self.unit}"
+                + (":transient" if self.transient else ""))
 
     @property
     def pes(self) -> int:
@@ -66,9 +69,11 @@ def parse(spec: str | None) -> Accelerator:
     """An Accelerator from 'dataflow:RxC:unit' (any part may be left out: ws, 16x16,
     product); one line naming the choices for anything else."""
     parts = [p.strip().lower() for p in str(spec or DEFAULT).split(":")]
-    dataflow, array, unit = "ws", "16x16", "product"
+    dataflow, array, unit, transient = "ws", "16x16", "product", False
     for part in parts:
-        if part in DATAFLOWS:
+        if part in ("transient", "permanent"):
+            transient = part == "transient"
+        elif part in DATAFLOWS:
             dataflow = part
         elif part in UNITS:
             unit = part
@@ -76,15 +81,15 @@ def parse(spec: str | None) -> Accelerator:
             array = part
         else:
             raise ConfigError(f"accelerator {spec!r}: {part!r} is neither a dataflow "
-                              f"({', '.join(DATAFLOWS)}), an array RxC (e.g. 16x16) nor a PE "
-                              f"unit ({', '.join(UNITS)})")
+                              f"({', '.join(DATAFLOWS)}), an array RxC (e.g. 16x16), a PE "
+                              f"unit ({', '.join(UNITS)}) nor transient/permanent")
     rows, cols = (int(v) for v in array.split("x"))
     if not (1 <= rows <= 4096 and 1 <= cols <= 4096):
         raise ConfigError(f"accelerator array {array}: rows and columns from 1 to 4096")
     if unit == "accumulator" and dataflow != "os":
         raise ConfigError("an accumulator holds one output only in the output-stationary "
                           "dataflow; use --dataflow os, or a product/weight/input unit")
-    return Accelerator(dataflow, rows, cols, unit)
+    return Accelerator(dataflow, rows, cols, unit, transient)
 
 
 def gemm_operands(mod, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,21 +126,72 @@ def _gather(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return t.index_select(dim, idx.clamp(min=0).reshape(-1)).unflatten(dim, idx.shape)
 
 
-def output_change(acc: Accelerator, X: torch.Tensor, W: torch.Tensor, pe: torch.Tensor,
-                  mask: torch.Tensor, op: torch.Tensor, value: torch.Tensor,
-                  golden: torch.Tensor | None = None):
-    """Per fault f (on image row X[f], PE pe[f], bits mask/op/value): (m [F, G], n [F, G],
-    delta [F, G]) - the outputs y[m, n] the faulty PE changes and by how much (float32).
-    Padding entries have m = -1. `golden` [F, M, N] (the GEMM without bias) is needed for
-    the accumulator unit, whose value is replaced rather than changed by a sum."""
-    M, K, N = X.shape[1], X.shape[2], W.shape[1]
+def selections(acc: Accelerator, dims: dict, pe: torch.Tensor) -> dict:
+    """{dim: [F, width] indices} of the GEMM dims the PE of each fault works on (the two
+    stationary dims: its residues, padded by -1; the streamed dim: all of it)."""
     r, c = acc.pe(pe)
-    dims = {"m": M, "k": K, "n": N}
     a, b = _STATIONARY[acc.dataflow]
     sel = {a: _select(dims[a], r, acc.rows), b: _select(dims[b], c, acc.cols)}
-    for d in "mkn":  # the streamed dim: all of it
+    for d in "mkn":
         if d not in sel:
-            sel[d] = torch.arange(dims[d], device=X.device).expand(len(pe), dims[d])
+            sel[d] = torch.arange(dims[d], device=pe.device).expand(len(pe), dims[d])
+    return sel
+
+
+def events(acc: Accelerator) -> tuple[str, ...]:
+    """The dims one transient event takes a single index of, in the order its time step
+    counts them; it lasts over the others. A stationary register (ws weight, is input)
+    holds one value for a whole tile pass; streamed registers and the multiplier hold one
+    value for one product; the os accumulator holds one output's partial sum at one step."""
+    if acc.unit == "weight" and acc.dataflow == "ws":
+        return ("k", "n")
+    if acc.unit == "input" and acc.dataflow == "is":
+        return ("k", "m")
+    if acc.unit == "accumulator":
+        return ("m", "n", "k")
+    return ("m", "k", "n")
+
+
+def time_steps(acc: Accelerator, M: int, K: int, N: int) -> int:
+    """Transient faults: events per PE (the busiest PE's; others idle at the rest)."""
+    sel = selections(acc, {"m": M, "k": K, "n": N}, torch.zeros(1, dtype=torch.int64))
+    out = 1
+    for d in events(acc):
+        out *= sel[d].shape[1]
+    return out
+
+
+def _narrow(acc: Accelerator, sel: dict, step: torch.Tensor) -> dict:
+    """The selections with each event dim cut to the one index of time `step` (-1 where
+    the PE is idle then)."""
+    out = dict(sel)
+    rest = step.clone()
+    for d in reversed(events(acc)):
+        width = sel[d].shape[1]
+        pick = sel[d].gather(1, (rest % width)[:, None])
+        out[d] = pick
+        rest = rest // width
+    idle = torch.zeros_like(step, dtype=torch.bool)
+    for d in events(acc):
+        idle |= out[d][:, 0] < 0
+    for d in events(acc):
+        out[d] = torch.where(idle[:, None], -1, out[d])
+    return out
+
+
+def output_change(acc: Accelerator, X: torch.Tensor, W: torch.Tensor, pe: torch.Tensor,
+                  mask: torch.Tensor, op: torch.Tensor, value: torch.Tensor,
+                  golden: torch.Tensor | None = None, step: torch.Tensor | None = None):
+    """Per fault f (on image row X[f], PE pe[f], bits mask/op/value): (m [F, G], n [F, G],
+    delta [F, G]) - the outputs y[m, n] the faulty PE changes and by how much (float32).
+    Padding entries have m = -1. `step` [F] makes the faults transient: one event at that
+    time step (see events), instead of the unit held for the whole layer. `golden`
+    [F, M, N] (the GEMM without bias) is needed for the permanent accumulator, whose value
+    is replaced rather than changed by a sum."""
+    M, K, N = X.shape[1], X.shape[2], W.shape[1]
+    sel = selections(acc, {"m": M, "k": K, "n": N}, pe)
+    if step is not None:
+        sel = _narrow(acc, sel, step)
     m, k, n = sel["m"], sel["k"], sel["n"]
     rows = torch.arange(len(pe), device=X.device)[:, None]
     x = X[rows[:, :, None], m.clamp(min=0)[:, :, None], k.clamp(min=0)[:, None, :]]  # F,m,k
@@ -148,12 +204,20 @@ def output_change(acc: Accelerator, X: torch.Tensor, W: torch.Tensor, pe: torch.
         out = apply(bits, mask[:, None], op[:, None], value[:, None])
         return out.to(torch.int32).view(torch.float32).reshape(shape)
 
-    if acc.unit == "accumulator":
+    valid = (m >= 0)[:, :, None] & (n >= 0)[:, None, :]
+    if acc.unit == "accumulator" and step is not None:
+        # the partial sum of y[m, n] after products k' <= k, in the array's order
+        ks = torch.arange(K, device=X.device)
+        row = X[rows[:, :, None], m.clamp(min=0)[:, :, None], ks[None, None, :]]  # F,1,K
+        col = W[ks[None, :, None], n.clamp(min=0)[:, None, :]]  # F,K,1
+        prefix = (row[:, 0, :] * col[:, :, 0]).cumsum(1)
+        part = prefix.gather(1, k.clamp(min=0))[:, :, None]  # F,1,1
+        delta = torch.where(valid, stuck(part) - part, 0.0)
+    elif acc.unit == "accumulator":
         if golden is None:
             raise InjectionError("accumulator faults need the layer's clean GEMM values")
         y = golden[rows[:, :, None], m.clamp(min=0)[:, :, None], n.clamp(min=0)[:, None, :]]
         delta = stuck(y) - y
-        valid = (m >= 0)[:, :, None] & (n >= 0)[:, None, :]
     else:
         p = x[:, :, :, None] * w[:, None, :, :]  # F, m, k, n products at the PE
         if acc.unit == "product":
@@ -163,7 +227,6 @@ def output_change(acc: Accelerator, X: torch.Tensor, W: torch.Tensor, pe: torch.
         else:
             faulty = stuck(x)[:, :, :, None] * w[:, None, :, :]
         delta = torch.where(ok, faulty - p, 0.0).sum(2)
-        valid = (m >= 0)[:, :, None] & (n >= 0)[:, None, :]
     mm = torch.where(valid, m[:, :, None].expand_as(delta), -1)
     nn = n[:, None, :].expand_as(delta)
     return mm.reshape(len(pe), -1), nn.reshape(len(pe), -1), delta.reshape(len(pe), -1)

@@ -33,7 +33,10 @@ def test_the_plan_records_the_array_and_refuses_what_does_not_fit():
     other = CampaignPlan(model="m", model_sha="0" * 64, dataset="digits", site="pe",
                          fault="stuck0", n=5, accelerator="os:8x4:accumulator")
     assert other.fingerprint() != plan.fingerprint()
-    for fields, words in (({"site": "pe", "fault": "bitflip"}, "permanent"),
+    flips = CampaignPlan(model="m", model_sha="0" * 64, dataset="digits", site="pe",
+                         fault="bitflip2", n=5, accelerator="is:4x4:input")
+    assert flips.accelerator == "is:4x4:input:transient"  # flips are one event in time
+    for fields, words in (({"site": "pe", "accelerator": "ws:accumulator"}, "output-stat"),
                           ({"site": "activations", "accelerator": "ws"}, "--site pe")):
         with pytest.raises(ConfigError, match=words):
             CampaignPlan(model="m", model_sha="0" * 64, dataset="digits", n=5, **fields)

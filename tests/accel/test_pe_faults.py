@@ -36,9 +36,30 @@ class Small(nn.Module):
         return self.fc2(self.relu(self.fc1(y.flatten(1))))
 
 
-def simulate(mod, x, acc: accel.Accelerator, pe: int, bit: int, stuck: int):
+def event(acc, M, K, N, r, c, step):
+    """{dim: index} of transient time `step` at PE (r, c), or None when it is idle: the
+    PE's indices of each event dim (its residues for the two stationary dims, all for the
+    streamed one) counted in the event dims' order, the last fastest."""
+    a, b = {"ws": ("k", "n"), "os": ("m", "n"), "is": ("k", "m")}[acc.dataflow]
+    size = {"m": M, "k": K, "n": N}
+    own = {a: (r, acc.rows), b: (c, acc.cols)}
+    order = {("weight", "ws"): "kn", ("input", "is"): "km"}.get(
+        (acc.unit, acc.dataflow), "mnk" if acc.unit == "accumulator" else "mkn")
+    widths = {d: -(-size[d] // own[d][1]) if d in own else size[d] for d in order}
+    out = {}
+    for d in reversed(order):
+        i, step = step % widths[d], step // widths[d]
+        out[d] = own[d][0] + i * own[d][1] if d in own else i
+        if out[d] >= size[d]:
+            return None
+    return out
+
+
+def simulate(mod, x, acc: accel.Accelerator, pe: int, bit: int, stuck: int, step=None,
+             flip=False):
     """The layer's output, computed product by product as the array would, with one PE's
-    unit stuck: every product P[m, k, n] = x[m, k] * w[k, n] (float32) summed over k."""
+    unit stuck (or, at time `step`, flipped once): every product P[m, k, n] =
+    x[m, k] * w[k, n] (float32) summed over k in order."""
     if isinstance(mod, nn.Conv2d):  # im2col: X [M out pixels, K = Cin*kh*kw]
         X = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)[0].t()
         W = mod.weight.reshape(mod.weight.shape[0], -1).t()
@@ -51,10 +72,20 @@ def simulate(mod, x, acc: accel.Accelerator, pe: int, bit: int, stuck: int):
     a, b = {"ws": ("k", "n"), "os": ("m", "n"), "is": ("k", "m")}[acc.dataflow]
     at = (dims[a] % acc.rows == r) & (dims[b] % acc.cols == c)
 
-    def hold(t):  # the float32 bit pattern with `bit` held at `stuck`
+    def hold(t):  # the float32 bit pattern with `bit` held at `stuck` (or flipped)
         u = t.detach().contiguous().numpy().view(np.uint32)
-        u = (u | np.uint32(1 << bit)) if stuck else (u & ~np.uint32(1 << bit))
+        if flip:
+            u = u ^ np.uint32(1 << bit)
+        else:
+            u = (u | np.uint32(1 << bit)) if stuck else (u & ~np.uint32(1 << bit))
         return torch.from_numpy(u.view(np.float32).copy())
+
+    if step is not None:  # one event: at those indices only
+        ev = event(acc, M, K, N, r, c, step)
+        at = torch.zeros_like(at) if ev is None else at & torch.stack(
+            [dims[d] == ev[d] for d in ev]).all(0)
+        if acc.unit == "accumulator":
+            at = at & (k == (ev or {}).get("k", -1))
 
     xs, ws = X[m, k], W[k, n]
     if acc.unit == "product":
@@ -66,7 +97,17 @@ def simulate(mod, x, acc: accel.Accelerator, pe: int, bit: int, stuck: int):
     else:
         P = xs * ws
     Y = P.sum(1)
-    if acc.unit == "accumulator":
+    if acc.unit == "accumulator" and step is not None:
+        ev = event(acc, M, K, N, r, c, step)
+        if ev is not None:  # the partial sum after product k, flipped, then the rest
+            acc_ = torch.zeros(())
+            for kk in range(K):
+                acc_ = acc_ + P[ev["m"], kk, ev["n"]]
+                if kk == ev["k"]:
+                    acc_ = hold(acc_.reshape(1))[0]
+            Y = Y.clone()
+            Y[ev["m"], ev["n"]] = acc_
+    elif acc.unit == "accumulator":
         own = (torch.arange(M)[:, None] % acc.rows == r) & (torch.arange(N)[None] % acc.cols == c)
         Y = torch.where(own, hold(Y), Y)
     if mod.bias is not None:
@@ -77,13 +118,13 @@ def simulate(mod, x, acc: accel.Accelerator, pe: int, bit: int, stuck: int):
     return Y.reshape(1, N)
 
 
-def reference(model, layer, x1, acc, pe, bit, stuck):
+def reference(model, layer, x1, acc, pe, bit, stuck, step=None):
     """(logits, whether the layer's simulated output holds a NaN or Inf)."""
     mod = dict(model.named_modules())[layer]
     seen = {}
 
     def hook(m, inp, out):
-        seen["out"] = simulate(m, inp[0], acc, pe, bit, stuck)
+        seen["out"] = simulate(m, inp[0], acc, pe, bit, stuck, step, flip=step is not None)
         return seen["out"]
     handle = mod.register_forward_hook(hook)
     try:
@@ -93,19 +134,26 @@ def reference(model, layer, x1, acc, pe, bit, stuck):
         handle.remove()
 
 
-@pytest.mark.parametrize("spec", ["ws:3x2:product", "ws:4x4:weight", "ws:2x3:input",
-                                  "os:3x2:product", "os:2x2:weight", "os:4x3:accumulator",
-                                  "is:3x3:product", "is:2x4:input"])
-def test_pe_faults_equal_the_loop_nest_simulator(spec):
+SPECS = ["ws:3x2:product", "ws:4x4:weight", "ws:2x3:input", "os:3x2:product",
+         "os:2x2:weight", "os:4x3:accumulator", "is:3x3:product", "is:2x4:input"]
+
+
+@pytest.mark.parametrize("transient", [False, True])
+@pytest.mark.parametrize("spec", SPECS)
+def test_pe_faults_equal_the_loop_nest_simulator(spec, transient):
     torch.manual_seed(0)
     model = Small().eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(5, 2, 6, 6, generator=g), torch.randint(4, (5,), generator=g)
-    acc = accel.parse(spec)
+    acc = accel.parse(spec + (":transient" if transient else ""))
     engine = Engine(model, "fp32", accelerator=acc, chunk=8, input_shape=(2, 6, 6))
-    faults = FaultSet.cat([engine.sample(24, "pe", "all", m, images=5,
+    kinds = ("bitflip",) if transient else ("stuck0", "stuck1")
+    # one product flipped moves little: transients are drawn in the exponent, to matter
+    faults = FaultSet.cat([engine.sample(48 // len(kinds), "pe", "all", m, images=5,
+                                         field="exponent" if transient else None,
                                          generator=torch.Generator().manual_seed(2))
-                           for m in ("stuck0", "stuck1")])
+                           for m in kinds])
+    steps = {i.name: i.numel // acc.pes for i in engine.layers("pe")}
     got = engine.run(faults, x, y)
     expected = []
     golden = {}
@@ -115,8 +163,10 @@ def test_pe_faults_equal_the_loop_nest_simulator(spec):
         if img not in golden:
             with torch.no_grad():
                 golden[img] = outcome(model(x[img:img + 1]), int(y[img]))
-        logits, nonfinite = reference(model, faults.layers[int(faults.layer[i])],
-                                      x[img:img + 1], acc, int(faults.index[i]), bit, stuck)
+        layer = faults.layers[int(faults.layer[i])]
+        pe, step = divmod(int(faults.index[i]), steps[layer])
+        logits, nonfinite = reference(model, layer, x[img:img + 1], acc, pe, bit, stuck,
+                                      step if transient else None)
         o, gd = outcome(logits, int(y[img])), golden[img]
         expected.append({"golden_top1": gd["top1"], "faulty_top1": o["top1"], "due": o["due"],
                          "sdc": (o["top1"] != gd["top1"]) and not o["due"],

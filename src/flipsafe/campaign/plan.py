@@ -114,8 +114,8 @@ def _apply_protocol(plan) -> None:
 
 
 def _check_accelerator(plan) -> None:
-    """Site pe runs on an array (default ws:16x16:product), with permanent faults; other
-    sites take no array."""
+    """Site pe runs on an array (default ws:16x16:product), its faults permanent (stuck-at)
+    or transient (bit flips) by the fault model; other sites take no array."""
     from flipsafe import accel
 
     if not site_spec(plan.site).array:
@@ -123,10 +123,10 @@ def _check_accelerator(plan) -> None:
             raise ConfigError(f"--array/--dataflow/--pe-unit describe the PE faults of --site "
                               f"pe; this plan's site is {plan.site}")
         return
-    object.__setattr__(plan, "accelerator", accel.parse(plan.accelerator).spec)
-    if plan.fault not in accel.FAULT_MODELS:
-        raise ConfigError(f"PE faults are permanent here: use --fault "
-                          f"{' or '.join(accel.FAULT_MODELS)} (got {plan.fault})")
+    # stuck-at faults hold a unit for the whole layer; bit flips are one event in time
+    acc = dataclasses.replace(accel.parse(plan.accelerator),
+                              transient=plan.fault not in accel.PERMANENT)
+    object.__setattr__(plan, "accelerator", acc.spec)
 
 
 def _check_faults(plan) -> None:

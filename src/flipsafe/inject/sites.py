@@ -313,7 +313,8 @@ class WeightMetaSite(WeightSite):
 @site
 class PESite(OutputSite):
     """A unit of one processing element of the accelerator (flipsafe.accel): a fault's
-    index is the PE (row-major); it changes every output of the layer that PE computes."""
+    index is the PE (row-major) - times the PE's time steps for transient faults, index =
+    PE * steps + step; a permanent one changes every output of the layer the PE computes."""
 
     name, param = "pe", "pe"
 
@@ -332,8 +333,20 @@ class PESite(OutputSite):
                     f"the format here is {self.em.fmt.name}")
         return accel.supports(self.em.leaves[layer]) or super()._why_not(layer)
 
+    def gemm_dims(self, layer) -> tuple[int, int, int]:
+        """(M, K, N) of the layer's GEMM for one image."""
+        mod, shape = self.em.leaves[layer], self.em.shapes[layer]
+        if isinstance(mod, torch.nn.Linear):
+            return math.prod(shape[:-1]), mod.in_features, mod.out_features
+        return math.prod(shape[1:]), mod.weight[0].numel(), mod.out_channels
+
+    def steps(self, layer) -> int:
+        """Time steps per PE a transient fault may strike at (1: permanent faults)."""
+        acc = self.accelerator
+        return accel.time_steps(acc, *self.gemm_dims(layer)) if acc.transient else 1
+
     def numel(self, layer):
-        return self.accelerator.pes
+        return self.accelerator.pes * self.steps(layer)
 
     def select(self, select, asked):
         if self.em.fmt.name != "fp32" or self.em.native:
@@ -347,10 +360,11 @@ class PESite(OutputSite):
         mod = self.em.leaves[layer]
         with torch.no_grad():
             X, W = accel.gemm_operands(mod, golden.inputs[layer][0].index_select(0, img))
-            gemm = X @ W if acc.unit == "accumulator" else None
-            m, n, delta = accel.output_change(acc, X, W, faults.index.to(dev),
-                                              faults.mask.to(dev), faults.op.to(dev),
-                                              faults.value.to(dev), gemm)
+            gemm = X @ W if acc.unit == "accumulator" and not acc.transient else None
+            index, steps = faults.index.to(dev), self.steps(layer)
+            m, n, delta = accel.output_change(
+                acc, X, W, index // steps, faults.mask.to(dev), faults.op.to(dev),
+                faults.value.to(dev), gemm, index % steps if acc.transient else None)
             raw = golden.raw[layer]
             flat = raw.reshape(raw.shape[0], -1)
             if isinstance(mod, torch.nn.Conv2d):  # [N, H', W']: channel-major

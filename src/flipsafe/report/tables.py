@@ -339,8 +339,9 @@ def plan_line(results: Results) -> str:
         f"protocol {p.protocol} ({_PROTOCOL_WORDS.get(p.protocol, 'named conventions')}), ")
     if p.protect is not None:
         protocol += f"protection {p.protect}, "
-    return (f"plan: {protocol}dataset {p.dataset}, site {p.site}, format {p.format}, fault {p.fault}, "
-            f"clamp {p.clamp}, layers {p.layers} ({n} per layer, {allocation} "
+    site = p.site if p.accelerator is None else f"{p.site} (array {p.accelerator})"
+    return (f"plan: {protocol}dataset {p.dataset}, site {site}, format {p.format}, "
+            f"fault {p.fault}, clamp {p.clamp}, layers {p.layers} ({n} per layer, {allocation} "
             f"across bit fields), images {p.images} ({fmt_count(images)} distinct), seed "
             f"{p.seed}, {fmt_count(results.n)} injections; intervals are "
             f"{fmt_confidence(results.by_layer.confidence)} Wilson (rates) and Katz (ratios); "
