@@ -65,9 +65,12 @@ class Accelerator:
         return index // self.cols, index % self.cols
 
 
-def parse(spec: str | None) -> Accelerator:
-    """An Accelerator from 'dataflow:RxC:unit' (any part may be left out: ws, 16x16,
-    product); one line naming the choices for anything else."""
+def parse(spec) -> Accelerator:
+    """An Accelerator from 'dataflow:RxC:unit[:transient]' (any part may be left out: ws,
+    16x16, product, permanent), or the Accelerator given; one line naming the choices for
+    anything else."""
+    if isinstance(spec, Accelerator):
+        return spec
     parts = [p.strip().lower() for p in str(spec or DEFAULT).split(":")]
     dataflow, array, unit, transient = "ws", "16x16", "product", False
     for part in parts:

@@ -196,6 +196,8 @@ def _plan_from_args(args):
     fields["sampling"] = sampling  # the plan refuses adaptive with --n
     if args.budget is not None:
         fields["budget"] = args.budget
+    if args.word_bits is not None:
+        fields["word_bits"] = args.word_bits
     pe = [v for v in (args.dataflow, args.array, args.pe_unit) if v is not None]
     if pe:  # the plan checks they go with --site pe and completes the defaults
         fields["accelerator"] = ":".join(pe)
@@ -383,6 +385,9 @@ def _add_size_flags(p: argparse.ArgumentParser, d) -> None:
                    help="most injections an adaptive campaign may spend, pilot included; a "
                         "stage 2 that would not fit shrinks and the summary names the layers "
                         "that missed --margin (default: no cap)")
+    p.add_argument("--word-bits", type=int, default=None,
+                   help="--site weight_words: bits of one memory word holding several weight "
+                        "codes side by side, 16, 32 or 64 (default: 32)")
     p.add_argument("--array", default=None, metavar="RxC",
                    help="--site pe: the systolic array's rows x columns (default: 16x16)")
     p.add_argument("--dataflow", default=None,

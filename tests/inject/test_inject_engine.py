@@ -209,7 +209,7 @@ def test_bad_requests_raise_flipsafe_errors_listing_choices():
     with pytest.raises(InjectionError, match="0..255"):
         engine.run(FaultSet(["conv3"], layer=0, index=256, mask=1), x, y)
     with pytest.raises(InjectionError, match="no biases site .*no floating-point bias.*; its sites: "
-                       "activations, weights, pe$"):
+                       "activations, weights, pe, weight_words$"):
         engine.run(FaultSet(["conv2"], layer=0, index=0, mask=1, param="bias"), x, y)
     with pytest.raises(InjectionError, match="no metadata"):
         engine.layers("metadata")

@@ -50,7 +50,7 @@ def test_every_fault_parameter_has_one_site_class_and_its_user_name():
     assert tuple(SITE_TYPES) == PARAMS
     assert {cls.name: p for p, cls in SITE_TYPES.items()} == {
         "activations": "output", "weights": "weight", "biases": "bias", "metadata": "meta",
-        "weight_metadata": "weight_meta", "pe": "pe"}
+        "weight_metadata": "weight_meta", "pe": "pe", "weight_words": "weight_word"}
     assert all(SITES[p] == p and SITES[cls.name] == p for p, cls in SITE_TYPES.items())
 
 

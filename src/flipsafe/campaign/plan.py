@@ -33,7 +33,7 @@ NOT_FINGERPRINTED = ("model", "inputs")
 # Fields added after plans were first written: left out of the fingerprint while None, so
 # the fingerprints of folders written before them stay valid.
 OPTIONAL_FINGERPRINTED = ("data_sha", "preprocess", "protocol", "protect", "budget",
-                          "accelerator")
+                          "accelerator", "word_bits")
 # Likewise left out while they hold the value every plan had before they existed.
 DEFAULT_FINGERPRINTED = {"sampling": "fixed"}
 # How n is reached when the margin decides it: "fixed", Leveugle's worst-case size for every
@@ -43,7 +43,7 @@ SAMPLINGS = ("fixed", "adaptive")
 # The fields of a FaultPlan: what defines the faults, whatever the model.
 FAULT_FIELDS = ("format", "images", "site", "fault", "layers", "n", "confidence", "margin",
                 "clamp", "seed", "allocation", "part_size", "protocol", "sampling", "budget",
-                "accelerator")
+                "accelerator", "word_bits")
 
 # The fields a protocol may set, with the value each takes when neither the caller nor a
 # protocol gives one (the one place these defaults live).
@@ -111,6 +111,23 @@ def _apply_protocol(plan) -> None:
                 f"protocol {plan.protocol} sets {name} {wanted}, but {name} "
                 f"{getattr(plan, name)} was given; leave {name} out or drop the protocol"
             )
+
+
+def _check_words(plan) -> None:
+    """Site weight_words packs codes into words of word_bits (default 32); other sites
+    take no word."""
+    from flipsafe.formats.words import WORD_BITS
+
+    if not site_spec(plan.site).words:
+        if plan.word_bits is not None:
+            raise ConfigError(f"--word-bits packs the weights of --site weight_words; this "
+                              f"plan's site is {plan.site}")
+        return
+    bits = 32 if plan.word_bits is None else plan.word_bits
+    if not (_is_int(bits) and bits in WORD_BITS):
+        raise ConfigError(f"--word-bits must be one of {', '.join(map(str, WORD_BITS))}, "
+                          f"got {plan.word_bits!r}")
+    object.__setattr__(plan, "word_bits", int(bits))
 
 
 def _check_accelerator(plan) -> None:
@@ -181,6 +198,7 @@ def _check_faults(plan) -> None:
             raise ConfigError("--budget caps an adaptive campaign; add --sampling adaptive "
                               "(and leave --n out)")
     _check_accelerator(plan)
+    _check_words(plan)
     check_seed(plan.seed)
     if not _is_int(plan.part_size):
         raise ConfigError(f"part_size must be an integer, got {plan.part_size!r}")
@@ -214,6 +232,7 @@ class FaultPlan:
     sampling: str = "fixed"
     budget: int | None = None
     accelerator: str | None = None  # site pe: 'dataflow:RxC:unit' (flipsafe.accel)
+    word_bits: int | None = None  # site weight_words: bits of one memory word (default 32)
 
     def __post_init__(self):
         _check_faults(self)

@@ -101,7 +101,7 @@ class Prepared:
 
 def _sampler(plan: CampaignPlan, engine, layers):
     """The one fault sampler (faults.Sampler) over the plan's layers at its site."""
-    return Sampler(layers, plan.fault, engine.fmt, site_param(plan.site))
+    return Sampler(layers, plan.fault, engine.codes(plan.site), site_param(plan.site))
 
 
 def _check_fault_width(plan: CampaignPlan, layers) -> None:
@@ -268,7 +268,7 @@ def _engine(plan: CampaignPlan, model, ev, ranges, device: str):
 
     engine = Engine(model, format=plan.format, clamp=plan.clamp,
                     device=resolve_device(device), input_shape=tuple(ev.images.shape[1:]),
-                    accelerator=plan.accelerator)
+                    accelerator=plan.accelerator, word_bits=plan.word_bits or 32)
     if not engine.needs_ranges:
         return engine, {}
     if ranges is None:
@@ -488,7 +488,9 @@ def _weight_protected(prep: Prepared, name: str, layers, part, out, golden=None)
     """(corrected, detected) of weight protection `name` (ecc, parity) on the faults of
     `part` in `layers` (None: all), rerunning the faults it miscorrected (see _protected)."""
     from flipsafe.faults.models import FLIP
-    from flipsafe.protect import weight_verdicts
+    from flipsafe.protect import weight_verdicts, word_verdicts
+
+    words = site_spec(prep.plan.site).words  # faults on memory words, not on codes
 
     n = len(part)
     corrected, detected = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
@@ -500,9 +502,9 @@ def _weight_protected(prep: Prepared, name: str, layers, part, out, golden=None)
         rows = np.nonzero(names == layer)[0]
         codes = prep.engine.params[(layer, "weight")]
         sel = torch.from_numpy(rows)
-        v = weight_verdicts(name, codes.codes, codes.coder.fmt.bits,
-                            *(_rows_of(col, sel, n) for col in
-                              (part.index, part.mask, part.op, part.value)))
+        cols = [_rows_of(col, sel, n) for col in (part.index, part.mask, part.op, part.value)]
+        v = (word_verdicts(name, codes.codes, codes.coder.fmt.bits, prep.plan.word_bits, *cols)
+             if words else weight_verdicts(name, codes.codes, codes.coder.fmt.bits, *cols))
         corrected[rows], detected[rows] = v.corrected, v.detected
         reread[rows], flip[rows] = v.reread, v.flip
     if reread.any():

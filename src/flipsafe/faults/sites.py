@@ -20,6 +20,8 @@ class SiteSpec:
     transient: bool = False  # its values live for one inference (FIT residency applies)
     channels: bool = False  # its rows name output channels of one image (vulnerability maps)
     array: bool = False  # a unit of a PE of the accelerator (flipsafe.accel): --array etc.
+    words: bool = False  # stored codes packed into memory words (formats.words): --word-bits
+    bits_of: str | None = None  # the site whose bits these are too (a FIT counts them once)
     fit: bool = True  # `flipsafe fit` has a raw rate for its bits
 
 
@@ -35,6 +37,8 @@ SITE_SPECS: dict[str, SiteSpec] = {s.name: s for s in (
     # A unit of one processing element of a systolic array (flipsafe.accel), stuck at a
     # bit for the whole layer: every output the PE computes changes.
     SiteSpec("pe", "pe", campaign=True, raw_rate="datapath", array=True, fit=False),
+    # A memory word of stored weights (several codes side by side): multi-bit upsets.
+    SiteSpec("weight_words", "weight_word", campaign=True, words=True, bits_of="weights"),
 )}
 # Site name -> the FaultSet param it corrupts; the params are site names too.
 SITES = {**{s.name: s.param for s in SITE_SPECS.values()}, **{p: p for p in PARAMS}}

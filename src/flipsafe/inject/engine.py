@@ -43,13 +43,13 @@ class Engine:
     hooks); the executor is chosen with the emulated model, from the first input seen (or
     `input_shape`). chunk: faulty images per forward pass. memory: bytes of cached
     activations `run` may hold when it makes its own golden runs. guards: see set_guards.
-    accelerator: the array PE faults (site 'pe') land on: an accel.Accelerator or its spec
-    ('ws:16x16:product', the default).
+    accelerator: the array of site 'pe' (accel.parse); word_bits: site weight_words' word.
     """
 
     def __init__(self, model: nn.Module, format="fp32", clamp: str = "none", ranges=None,
                  device="cpu", suffix: bool = True, chunk: int = 64, input_shape=None,
-                 memory: int = 1 << 30, guards: dict | None = None, accelerator=None):
+                 memory: int = 1 << 30, guards: dict | None = None, accelerator=None,
+                 word_bits: int = 32):
         emulate.check_clamp(clamp)
         if not isinstance(chunk, int) or chunk < 1:
             raise ConfigError(f"chunk must be a positive integer, got {chunk!r}")
@@ -61,8 +61,7 @@ class Engine:
         self.model = copy.deepcopy(model)  # the emulated model's own, once it is made
         self.trace_error = None  # why faulty runs are not graph runs
         self._suffix = suffix
-        self.accelerator = (accelerator if isinstance(accelerator, accel.Accelerator)
-                            else accel.parse(accelerator))
+        self.accelerator, self.word_bits = accel.parse(accelerator), int(word_bits)
         self._em, self._ex, self._sites = None, None, {}
         if input_shape is not None:
             self._made(torch.zeros(1, *input_shape, device=self.device))
@@ -75,7 +74,8 @@ class Engine:
             em = emulated.EmulatedModel(self.model, self.fmt, images, self.device, self.ranges,
                                         self.guards)
             self._ex, self.trace_error = choose_executor(em, self._suffix)
-            em.accelerator = self.accelerator  # the array PE faults land on (sites.PESite)
+            # the hardware the pe and weight_words sites read (inject.sites)
+            em.accelerator, em.word_bits = self.accelerator, self.word_bits
             self._em, self._sites = em, bind_sites(em, self._ex)
         return self._em
 
@@ -157,6 +157,11 @@ class Engine:
         self._need()
         return self._sites[self._site(site)].select(select, site)
 
+    def codes(self, site: str):
+        """What faults at `site` flip bits of, shaped as a format (Site.codes)."""
+        self._need()
+        return self._sites[self._site(site)].codes()
+
     def sites(self, site: str) -> list[str]:
         """Names of the layers that have `site` (before any selection)."""
         self._need()
@@ -228,7 +233,8 @@ class Engine:
                fault_model: str = "bitflip", images: int | torch.Tensor = 1, field=None,
                generator: torch.Generator | None = None, by: str = "layer") -> FaultSet:
         """n random faults in the layers(site, select): see faults.Sampler.uniform."""
-        sampler = Sampler(self.layers(site, select), fault_model, self.fmt, self._site(site))
+        sampler = Sampler(self.layers(site, select), fault_model, self.codes(site),
+                          self._site(site))
         return sampler.uniform(n, images, field, generator, by)
 
     # -- exhaustive classifier faults -----------------------------------------------------

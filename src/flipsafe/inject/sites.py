@@ -15,7 +15,8 @@ import torch
 
 from flipsafe import accel
 from flipsafe.errors import InjectionError
-from flipsafe.faults import SITES, site_param
+from flipsafe.faults import SITES, apply, site_param
+from flipsafe.formats.words import WordLayout
 from flipsafe.inject import emulate
 from flipsafe.inject.emulated import ALL, KINDS, EmulatedModel
 from flipsafe.inject.weights import faulty_raw_output
@@ -82,11 +83,16 @@ class Site:
     def numel(self, layer: str) -> int:
         raise NotImplementedError
 
+    def codes(self):
+        """What faults here flip bits of, shaped as a format (bits, fields, meta_fields):
+        the engine's format, or its codes packed in words (WordSite)."""
+        return self.em.fmt
+
     def info(self, layer: str) -> LayerInfo:
         em = self.em
         mod = em.leaves[layer]
         w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
-        fields = em.fmt.meta_fields if self.meta else em.fmt.fields
+        fields = self.codes().meta_fields if self.meta else self.codes().fields
         return LayerInfo(
             name=layer, type=type(mod).__name__, kind=em.kinds[layer], site=self.param,
             output_shape=em.shapes.get(layer), numel=self.numel(layer), fields=dict(fields),
@@ -380,6 +386,53 @@ class PESite(OutputSite):
             old = flat[img[:, None], pos]
             new = old + delta
         return img, pos, new, old
+
+
+@site
+class WordSite(WeightSite):
+    """A memory word of a layer's stored weight codes (formats.words): a fault's index is
+    the word, its bits are the word's (code 0 in the low bits), so one upset may change
+    two neighbouring weights."""
+
+    name, param = "weight_words", "weight_word"
+
+    def codes(self):
+        return WordLayout(self.em.fmt, getattr(self.em, "word_bits", None) or 32)
+
+    def has(self, layer):
+        fmt = self.em.fmt
+        return super().has(layer) and fmt.block_size is None and not fmt.native
+
+    def _why_not(self, layer):
+        if self.em.fmt.block_size is not None or self.em.fmt.native:
+            return f"{self.em.fmt.name} codes are not packed into words here"
+        return super()._why_not(layer)
+
+    def numel(self, layer):
+        return self.codes().words(super().numel(layer))
+
+    def corrupt(self, layer, faults, golden):
+        dev, words = self.em.device, self.codes()
+        params = self.em.params[(layer, self.pname)]
+        total, per, b = params.codes.numel(), words.per_word, words.code_bits
+        with torch.no_grad():
+            word, mask = faults.index.to(dev), faults.mask.to(dev)
+            op, value = faults.op.to(dev), faults.value.to(dev)
+            lane = torch.arange(per, device=dev)
+            pos = word[:, None] * per + lane  # [n, per] the word's codes
+            real = pos < total  # the last word may be part empty
+            pos = torch.where(real, pos, pos[:, :1])
+            shift = lane * b
+            sub = (mask[:, None] >> shift) & ((1 << b) - 1)
+            sub = torch.where(real, sub, 0)
+            vals = (value[:, None] >> shift) & ((1 << b) - 1)
+            codes = apply(params.codes[pos], sub, op[:, None].expand_as(sub), vals)
+            coder = params.coder
+            meta = params.meta[coder.meta_of_element(pos)] if coder.meta is not None else None
+            new = coder.decode_rows(codes.reshape(-1, 1), None if meta is None else
+                                    meta.reshape(-1)).reshape(pos.shape)
+            old = params.values.reshape(-1)[pos]
+        return faults.image.to(dev), pos, new, old
 
 
 __all__ = ["SITES", "SITE_TYPES", "LayerInfo", "Site", "bind_sites", "site_param"]

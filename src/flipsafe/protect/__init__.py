@@ -94,3 +94,36 @@ def weight_verdicts(name: str, codes, bits: int, index, mask, op, value) -> Weig
     spill = np.zeros_like(detected) if spill is None else spill
     reread = ~corrected & ~detected & (read != injected)
     return WeightVerdicts(corrected, detected, reread, original ^ read, spill)
+
+
+def word_verdicts(name: str, codes, bits: int, word_bits: int, index, mask, op,
+                  value) -> WeightVerdicts:
+    """WeightVerdicts of memory-word faults (site weight_words: `index` a word of
+    `word_bits` bits holding the `bits`-bit element codes `codes`, `mask` over the word)
+    under weight protection `name`. The code's words are the 64-bit words of
+    formats.words and protect.ecc alike, so a word fault is decoded as it is; `flip` is
+    the word's bits wrong after decoding (a miscorrection's, replayed as a word fault)."""
+    import torch
+
+    from flipsafe.faults import apply
+    from flipsafe.protect import ecc
+
+    kind = get(name)
+    if not kind.in_memory:
+        raise ConfigError(f"{name} is not a weight protection; choose one of: "
+                          f"{', '.join(n for n, k in registered().items() if k.in_memory)}")
+    if word_bits != ecc.WORD:
+        raise ConfigError(f"{name} guards {ecc.WORD}-bit words; run --site weight_words with "
+                          f"--word-bits {ecc.WORD} so a fault's word is the code's word")
+    words = ecc.pack(codes.reshape(-1).cpu(), bits)
+    index = torch.as_tensor(index).reshape(-1).cpu().numpy()
+    old = words[index]
+    new = apply(torch.from_numpy(old.view(np.int64).copy()), mask, op,
+                value).numpy().view(np.uint64)
+    _, decoded, detected = kind.memory(old, new)
+    decoded = np.asarray(decoded, dtype=np.uint64)
+    detected = np.asarray(detected, dtype=bool)
+    corrected = (decoded == old) & (new != old)
+    reread = ~corrected & ~detected & (decoded != new)
+    return WeightVerdicts(corrected, detected, reread, (old ^ decoded).view(np.int64),
+                          np.zeros(len(index), dtype=bool))

@@ -21,7 +21,7 @@ from flipsafe.protect.registry import Kind, register
 class _StoredCode(Kind):
     """A code over stored weight words, decoded in the memory hardware."""
 
-    sites = ("weights",)
+    sites = ("weights", "weight_words")
     group = "memory code"
     in_memory = True
     site_why = "it protects stored weights"

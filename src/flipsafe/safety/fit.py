@@ -399,8 +399,9 @@ def _check_group(campaigns: list[_Campaign], assumptions: FitAssumptions) -> Non
                               f"from element-fault campaigns (activations, weights, metadata)")
     seen: dict[tuple, Path] = {}
     for c in campaigns:
+        bits = SITE_SPECS[c.plan.site].bits_of or c.plan.site  # weight words: the weights
         for s in c.strata:
-            key = (c.plan.site, s.layer, s.field)
+            key = (bits, s.layer, s.field)
             if key in seen:
                 raise ConfigError(f"{seen[key]} and {c.folder} both cover the {c.plan.site} of "
                                   f"layer {s.layer!r}; its bits would be counted twice, so give "
