@@ -95,13 +95,16 @@ def parse(spec) -> Accelerator:
     return Accelerator(dataflow, rows, cols, unit, transient)
 
 
-def gemm_operands(mod, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X [B, M, K], W [K, N]) of a Conv2d (im2col) or Linear layer on inputs `x`."""
+def gemm_operands(mod, x: torch.Tensor, weight: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X [B, M, K], W [K, N]) of a Conv2d (im2col) or Linear layer on inputs `x`, with
+    `weight` in place of the layer's own (int8 codes, say)."""
+    w = mod.weight if weight is None else weight
     if isinstance(mod, torch.nn.Linear):
         xs = x.reshape(x.shape[0], -1, x.shape[-1])
-        return xs, mod.weight.t()
+        return xs, w.t()
     cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-    return cols.transpose(1, 2), mod.weight.reshape(mod.weight.shape[0], -1).t()
+    return cols.transpose(1, 2), w.reshape(w.shape[0], -1).t()
 
 
 def supports(mod) -> str | None:
@@ -182,15 +185,59 @@ def _narrow(acc: Accelerator, sel: dict, step: torch.Tensor) -> dict:
     return out
 
 
+class Float32:
+    """A float32 PE: operands, products and sums are float32, a fault hits their bits."""
+
+    dtype = torch.float32
+
+    def hold(self, t: torch.Tensor, role: str, mask, op, value) -> torch.Tensor:
+        shape = t.shape
+        bits = t.contiguous().view(torch.int32).reshape(shape[0], -1).to(torch.int64)
+        out = apply(bits, mask[:, None], op[:, None], value[:, None])
+        return out.to(torch.int32).view(torch.float32).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Int8:
+    """An int8 PE of a quantized model: it multiplies the input code minus its zero point
+    (`input_zero`) by the int8 weight code, and products and the accumulator are int32.
+    Values are held as float64 integers (exact); a fault hits the weight's int8 code, the
+    input's 8-bit code, or the int32 two's complement of a product or partial sum."""
+
+    input_zero: int = 0
+    input_signed: bool = False
+    dtype = torch.float64
+
+    def hold(self, t: torch.Tensor, role: str, mask, op, value) -> torch.Tensor:
+        shape = t.shape
+        v = t.reshape(shape[0], -1).round().to(torch.int64)
+        if role == "input":
+            v = v + self.input_zero  # the stored code
+        width = 32 if role in ("product", "accumulator") else 8
+        out = apply(v & ((1 << width) - 1), mask[:, None], op[:, None], value[:, None])
+        out = out & ((1 << width) - 1)
+        signed = role != "input" or self.input_signed
+        if signed:
+            out = torch.where(out >= 1 << (width - 1), out - (1 << width), out)
+        if role == "input":
+            out = out - self.input_zero
+        return out.to(torch.float64).reshape(shape)
+
+
+FLOAT32 = Float32()
+
+
 def output_change(acc: Accelerator, X: torch.Tensor, W: torch.Tensor, pe: torch.Tensor,
                   mask: torch.Tensor, op: torch.Tensor, value: torch.Tensor,
-                  golden: torch.Tensor | None = None, step: torch.Tensor | None = None):
+                  golden: torch.Tensor | None = None, step: torch.Tensor | None = None,
+                  arith=FLOAT32):
     """Per fault f (on image row X[f], PE pe[f], bits mask/op/value): (m [F, G], n [F, G],
     delta [F, G]) - the outputs y[m, n] the faulty PE changes and by how much (float32).
     Padding entries have m = -1. `step` [F] makes the faults transient: one event at that
     time step (see events), instead of the unit held for the whole layer. `golden`
     [F, M, N] (the GEMM without bias) is needed for the permanent accumulator, whose value
-    is replaced rather than changed by a sum."""
+    is replaced rather than changed by a sum. `arith` is the PE's number system (FLOAT32,
+    or Int8 with X and W the integer operands, when delta is the accumulator's change)."""
     M, K, N = X.shape[1], X.shape[2], W.shape[1]
     sel = selections(acc, {"m": M, "k": K, "n": N}, pe)
     if step is not None:
@@ -201,11 +248,8 @@ def output_change(acc: Accelerator, X: torch.Tensor, W: torch.Tensor, pe: torch.
     w = W[k.clamp(min=0)[:, :, None], n.clamp(min=0)[:, None, :]]  # F,k,n
     ok = (m >= 0)[:, :, None, None] & (k >= 0)[:, None, :, None] & (n >= 0)[:, None, None, :]
 
-    def stuck(t: torch.Tensor) -> torch.Tensor:
-        shape = t.shape
-        bits = t.contiguous().view(torch.int32).reshape(shape[0], -1).to(torch.int64)
-        out = apply(bits, mask[:, None], op[:, None], value[:, None])
-        return out.to(torch.int32).view(torch.float32).reshape(shape)
+    def stuck(t: torch.Tensor, role: str) -> torch.Tensor:
+        return arith.hold(t, role, mask, op, value)
 
     valid = (m >= 0)[:, :, None] & (n >= 0)[:, None, :]
     if acc.unit == "accumulator" and step is not None:
@@ -215,20 +259,20 @@ def output_change(acc: Accelerator, X: torch.Tensor, W: torch.Tensor, pe: torch.
         col = W[ks[None, :, None], n.clamp(min=0)[:, None, :]]  # F,K,1
         prefix = (row[:, 0, :] * col[:, :, 0]).cumsum(1)
         part = prefix.gather(1, k.clamp(min=0))[:, :, None]  # F,1,1
-        delta = torch.where(valid, stuck(part) - part, 0.0)
+        delta = torch.where(valid, stuck(part, "accumulator") - part, 0.0)
     elif acc.unit == "accumulator":
         if golden is None:
             raise InjectionError("accumulator faults need the layer's clean GEMM values")
         y = golden[rows[:, :, None], m.clamp(min=0)[:, :, None], n.clamp(min=0)[:, None, :]]
-        delta = stuck(y) - y
+        delta = stuck(y, "accumulator") - y
     else:
         p = x[:, :, :, None] * w[:, None, :, :]  # F, m, k, n products at the PE
         if acc.unit == "product":
-            faulty = stuck(p)
+            faulty = stuck(p, "product")
         elif acc.unit == "weight":
-            faulty = x[:, :, :, None] * stuck(w)[:, None, :, :]
+            faulty = x[:, :, :, None] * stuck(w, "weight")[:, None, :, :]
         else:
-            faulty = stuck(x)[:, :, :, None] * w[:, None, :, :]
+            faulty = stuck(x, "input")[:, :, :, None] * w[:, None, :, :]
         delta = torch.where(ok, faulty - p, 0.0).sum(2)
     mm = torch.where(valid, m[:, :, None].expand_as(delta), -1)
     nn = n[:, None, :].expand_as(delta)

@@ -190,6 +190,9 @@ class _Lifting:
         else:
             mod = _conv(dims, weight, bias, node)
         _set_params(mod, weight, bias)
+        if node.args[0] in self.pairs:  # it reads stored activation codes (an int8 PE's input)
+            _, fmt, source = self.pairs[node.args[0]]
+            attach(mod, "input", fmt, source)
         if w_node in self.weights:  # stored codes: named after the layer that runs them
             for pname, arg in (("weight", w_node), ("bias", _arg(node, 2, "bias", None))):
                 if arg in self.weights and self.weights[arg][1] is not None:

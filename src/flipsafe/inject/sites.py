@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from flipsafe import accel
+from flipsafe import accel, formats
+from flipsafe.deployed.modules import stored_format
 from flipsafe.errors import InjectionError
 from flipsafe.faults import SITES, apply, site_param
+from flipsafe.formats.integers import sign_extend
 from flipsafe.formats.words import WordLayout
 from flipsafe.inject import emulate
 from flipsafe.inject.emulated import ALL, KINDS, EmulatedModel
@@ -320,7 +322,9 @@ class WeightMetaSite(WeightSite):
 class PESite(OutputSite):
     """A unit of one processing element of the accelerator (flipsafe.accel): a fault's
     index is the PE (row-major) - times the PE's time steps for transient faults, index =
-    PE * steps + step; a permanent one changes every output of the layer the PE computes."""
+    PE * steps + step; a permanent one changes every output of the layer the PE computes.
+    A float model's PEs compute in float32; a quantized model's (format native) in int8
+    codes with int32 products and accumulators (accel.Int8)."""
 
     name, param = "pe", "pe"
 
@@ -329,15 +333,36 @@ class PESite(OutputSite):
         """The array of the engine (Engine(accelerator=...)), else the default one."""
         return getattr(self.em, "accelerator", None) or accel.parse(None)
 
+    def _int8(self, layer) -> bool:
+        mod = self.em.leaves[layer]
+        return stored_format(mod, "weight") is not None and stored_format(mod, "input") is not None
+
+    def codes(self):
+        if self.em.native and self.accelerator.unit in ("product", "accumulator"):
+            return formats.get("fixed_q32.0")  # int32 two's complement
+        return self.em.fmt
+
     def has(self, layer):
-        return (super().has(layer) and not self.em.native and self.em.fmt.name == "fp32"
-                and accel.supports(self.em.leaves[layer]) is None)
+        em = self.em
+        number = self._int8(layer) if em.native else em.fmt.name == "fp32"
+        # (its output need not be stored: the next quantize reads what the PE computed)
+        return (number and em.runs_once(layer) and self.ex.start_error(layer) is None
+                and accel.supports(em.leaves[layer]) is None)
 
     def _why_not(self, layer):
-        if self.em.fmt.name != "fp32" or self.em.native:
-            return (f"PE faults are modeled in float32 (products, operands and accumulators); "
-                    f"the format here is {self.em.fmt.name}")
-        return accel.supports(self.em.leaves[layer]) or super()._why_not(layer)
+        if self.em.native and not self._int8(layer):
+            return "its weight or input is not stored as int8 codes (an int8 PE reads both)"
+        if not self.em.native and self.em.fmt.name != "fp32":
+            return (f"PE faults are modeled in float32 or in a quantized model's int8; the "
+                    f"format here is {self.em.fmt.name}")
+        return (accel.supports(self.em.leaves[layer]) or self.ex.start_error(layer)
+                or "its output is not a single batch-first tensor")
+
+    def select(self, select, asked):
+        if not self.em.native and self.em.fmt.name != "fp32":
+            raise InjectionError(f"no layer has a pe site: {self._why_not('')}; use --format "
+                                 "fp32")
+        return super().select(select, asked)
 
     def gemm_dims(self, layer) -> tuple[int, int, int]:
         """(M, K, N) of the layer's GEMM for one image."""
@@ -354,23 +379,39 @@ class PESite(OutputSite):
     def numel(self, layer):
         return self.accelerator.pes * self.steps(layer)
 
-    def select(self, select, asked):
-        if self.em.fmt.name != "fp32" or self.em.native:
-            raise InjectionError(f"no layer has a pe site: {self._why_not('')}; use --format "
-                                 "fp32")
-        return super().select(select, asked)
+    def _operands(self, layer, x):
+        """(X, W, arith, scale): the GEMM operands as the PEs hold them, their number
+        system, and what turns an accumulator change into an output change (per n)."""
+        mod = self.em.leaves[layer]
+        if not self.em.native:
+            X, W = accel.gemm_operands(mod, x)
+            return X, W, accel.FLOAT32, None
+        fin, fw = stored_format(mod, "input"), stored_format(mod, "weight")
+        codes = fin.encode(x).codes
+        if fin.dtype == torch.int8:
+            codes = sign_extend(codes, 8)
+        xi = codes.to(torch.float64) - float(fin.zero_point)  # the multiplier's input
+        wi = sign_extend(self.em.params[(layer, "weight")].codes, 8).to(torch.float64)
+        X, W = accel.gemm_operands(mod, xi, wi.reshape(mod.weight.shape))
+        scale = fin.scale.to(torch.float64) * fw.scale.to(torch.float64).reshape(-1)
+        arith = accel.Int8(int(fin.zero_point), fin.dtype == torch.int8)
+        return X, W, arith, scale.expand(W.shape[1]).to(x.device)
 
     def corrupt(self, layer, faults, golden):
         dev, acc = self.em.device, self.accelerator
         img = faults.image.to(dev)
         mod = self.em.leaves[layer]
         with torch.no_grad():
-            X, W = accel.gemm_operands(mod, golden.inputs[layer][0].index_select(0, img))
+            X, W, arith, scale = self._operands(layer,
+                                                golden.inputs[layer][0].index_select(0, img))
             gemm = X @ W if acc.unit == "accumulator" and not acc.transient else None
             index, steps = faults.index.to(dev), self.steps(layer)
             m, n, delta = accel.output_change(
                 acc, X, W, index // steps, faults.mask.to(dev), faults.op.to(dev),
-                faults.value.to(dev), gemm, index % steps if acc.transient else None)
+                faults.value.to(dev), gemm, index % steps if acc.transient else None, arith)
+            if scale is not None:  # an int32 accumulator change, in the output's units
+                delta = delta * scale[n.clamp(min=0)]
+            delta = delta.to(torch.float32)
             raw = golden.raw[layer]
             flat = raw.reshape(raw.shape[0], -1)
             if isinstance(mod, torch.nn.Conv2d):  # [N, H', W']: channel-major
