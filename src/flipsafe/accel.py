@@ -10,13 +10,15 @@ on the array's rows and columns, and so which products x[m, k] * w[k, n] one PE 
 - os (output-stationary): PE (r, c) accumulates y[m, n] with m = r (mod R), n = c (mod C)
   over every k;
 - is (input-stationary): PE (r, c) holds x[m, k] with k = r (mod R), m = c (mod C), and
-  multiplies it by every w[k, n] (every n).
+  multiplies it by every w[k, n] (every n);
+- mma (a GPU tensor core's m16n8 tile, MMA_LANES): lane 4 g + t accumulates the outputs
+  of rows g, g + 8 and columns 2t, 2t + 1 of every 16 x 8 output tile, over every k.
 
 A PE fault is permanent (stuck0 / stuck1: one bit of one unit held at 0 or 1 for the
 whole layer) or transient (bitflip, bitflipK, burstK: one event at one time step of the
 PE, see `events`), in one of the PE's units, held in float32: its `product` (multiplier
 output), its `weight` or `input` operand register, or (os only) its `accumulator`, the
-output register y[m, n] holds before the bias is added. Every output the PE computes is
+output register y[m, n] holds before the bias is added (os and mma). Every output the PE computes is
 then changed: the engine computes the change of each (as a structured perturbation of the
 layer's output, batched, without simulating the array) and runs the rest of the model.
 """
@@ -32,12 +34,18 @@ import torch.nn.functional as F
 from flipsafe.errors import ConfigError, InjectionError
 from flipsafe.faults import apply
 
-DATAFLOWS = ("ws", "os", "is")
+DATAFLOWS = ("ws", "os", "is", "mma")
 UNITS = ("product", "weight", "input", "accumulator")
 DEFAULT = "ws:16x16:product"
 PERMANENT = ("stuck0", "stuck1")  # a bit of a unit held for the whole layer; flips: transient
 # The GEMM dims each dataflow holds on the array's (rows, columns)
-_STATIONARY = {"ws": ("k", "n"), "os": ("m", "n"), "is": ("k", "m")}
+_STATIONARY = {"ws": ("k", "n"), "os": ("m", "n"), "is": ("k", "m"), "mma": ("m", "n")}
+# A GPU tensor core's m16n8 MMA tile (PTX mma.m16n8k16, float32 accumulators): lane
+# l = 4 g + t of the 32 holds outputs (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) of
+# every 16 x 8 output tile - an output-stationary grid of 8 x 4 lanes whose columns are
+# pairs of outputs.
+MMA_LANES = (8, 4)
+_COLUMN_BLOCK = {"mma": 2}
 
 
 @dataclass(frozen=True)
@@ -86,10 +94,15 @@ def parse(spec) -> Accelerator:
             raise ConfigError(f"accelerator {spec!r}: {part!r} is neither a dataflow "
                               f"({', '.join(DATAFLOWS)}), an array RxC (e.g. 16x16), a PE "
                               f"unit ({', '.join(UNITS)}) nor transient/permanent")
+    if dataflow == "mma":
+        if array not in ("16x16", "8x4"):
+            raise ConfigError("mma is the m16n8 tile of a tensor core: 32 lanes as 8 x 4; "
+                              "leave --array out")
+        array = "8x4"
     rows, cols = (int(v) for v in array.split("x"))
     if not (1 <= rows <= 4096 and 1 <= cols <= 4096):
         raise ConfigError(f"accelerator array {array}: rows and columns from 1 to 4096")
-    if unit == "accumulator" and dataflow != "os":
+    if unit == "accumulator" and dataflow not in ("os", "mma"):
         raise ConfigError("an accumulator holds one output only in the output-stationary "
                           "dataflow; use --dataflow os, or a product/weight/input unit")
     return Accelerator(dataflow, rows, cols, unit, transient)
@@ -120,16 +133,13 @@ def supports(mod) -> str | None:
     return "it is not a Conv2d or Linear layer"
 
 
-def _select(n: int, residue: torch.Tensor, period: int) -> torch.Tensor:
-    """[F, ceil(n / period)] indices i < n with i = residue (mod period), padded by -1."""
-    width = -(-n // period)
-    idx = residue[:, None] + period * torch.arange(width, device=residue.device)
+def _select(n: int, residue: torch.Tensor, period: int, block: int = 1) -> torch.Tensor:
+    """[F, width] indices i < n whose block of `block` consecutive indices is `residue`
+    (mod period): i // block = residue (mod period); padded by -1."""
+    width = -(-n // (period * block)) * block
+    j = torch.arange(width, device=residue.device)
+    idx = (residue[:, None] + period * (j // block)) * block + j % block
     return torch.where(idx < n, idx, -1)
-
-
-def _gather(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
-    """t indexed along `dim` by idx (>= 0); padding (-1) reads index 0 (masked later)."""
-    return t.index_select(dim, idx.clamp(min=0).reshape(-1)).unflatten(dim, idx.shape)
 
 
 def selections(acc: Accelerator, dims: dict, pe: torch.Tensor) -> dict:
@@ -137,7 +147,8 @@ def selections(acc: Accelerator, dims: dict, pe: torch.Tensor) -> dict:
     stationary dims: its residues, padded by -1; the streamed dim: all of it)."""
     r, c = acc.pe(pe)
     a, b = _STATIONARY[acc.dataflow]
-    sel = {a: _select(dims[a], r, acc.rows), b: _select(dims[b], c, acc.cols)}
+    sel = {a: _select(dims[a], r, acc.rows),
+           b: _select(dims[b], c, acc.cols, _COLUMN_BLOCK.get(acc.dataflow, 1))}
     for d in "mkn":
         if d not in sel:
             sel[d] = torch.arange(dims[d], device=pe.device).expand(len(pe), dims[d])

@@ -391,11 +391,12 @@ def _add_size_flags(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--array", default=None, metavar="RxC",
                    help="--site pe: the systolic array's rows x columns (default: 16x16)")
     p.add_argument("--dataflow", default=None,
-                   help="--site pe: ws (weight-stationary), os (output-stationary) or is "
-                        "(input-stationary) (default: ws)")
+                   help="--site pe: ws (weight-stationary), os (output-stationary), is "
+                        "(input-stationary), or mma (a tensor core's m16n8 tile, 32 lanes) "
+                        "(default: ws)")
     p.add_argument("--pe-unit", default=None,
                    help="--site pe: the PE unit stuck at a bit: product (multiplier output), "
-                        "weight or input (operand registers), accumulator (os only) "
+                        "weight or input (operand registers), accumulator (os, mma) "
                         "(default: product)")
     p.add_argument("--allocation", default=None,
                    help="how a layer's injections split across bit fields: one of "
@@ -435,7 +436,10 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                         "fault bitflip; --layers stays free, default all); recorded in the "
                         "plan, and a flag that contradicts it is refused")
     p.add_argument("--site", default=None,
-                   help=f"what faults corrupt: one of {_one_of(SITES)} (default: {d.site})")
+                   help=f"what faults corrupt: one of {_one_of(SITES)} (metadata, "
+                        "weight_metadata: the shared scales of activations and weights; pe: a "
+                        "processing element of --array; weight_words: memory words of stored "
+                        f"weights, see --word-bits) (default: {d.site})")
     p.add_argument("--format", default=None,
                    help=f"number format the model runs in: one of {_one_of(format_names())} "
                         "(default: fp32; native for a quantized model: the int8 codes, scales "

@@ -40,16 +40,22 @@ def event(acc, M, K, N, r, c, step):
     """{dim: index} of transient time `step` at PE (r, c), or None when it is idle: the
     PE's indices of each event dim (its residues for the two stationary dims, all for the
     streamed one) counted in the event dims' order, the last fastest."""
-    a, b = {"ws": ("k", "n"), "os": ("m", "n"), "is": ("k", "m")}[acc.dataflow]
+    a, b = {"ws": ("k", "n"), "os": ("m", "n"), "is": ("k", "m"),
+            "mma": ("m", "n")}[acc.dataflow]
     size = {"m": M, "k": K, "n": N}
     own = {a: (r, acc.rows), b: (c, acc.cols)}
     order = {("weight", "ws"): "kn", ("input", "is"): "km"}.get(
         (acc.unit, acc.dataflow), "mnk" if acc.unit == "accumulator" else "mkn")
     widths = {d: -(-size[d] // own[d][1]) if d in own else size[d] for d in order}
+    if acc.dataflow == "mma":  # a lane's columns come in pairs 2t, 2t + 1 of each 8
+        widths["n"] = -(-N // 8) * 2
     out = {}
     for d in reversed(order):
         i, step = step % widths[d], step // widths[d]
-        out[d] = own[d][0] + i * own[d][1] if d in own else i
+        if acc.dataflow == "mma" and d == "n":
+            out[d] = 8 * (i // 2) + 2 * c + i % 2
+        else:
+            out[d] = own[d][0] + i * own[d][1] if d in own else i
         if out[d] >= size[d]:
             return None
     return out
@@ -69,8 +75,12 @@ def simulate(mod, x, acc: accel.Accelerator, pe: int, bit: int, stuck: int, step
     r, c = divmod(pe, acc.cols)
     m, k, n = torch.meshgrid(torch.arange(M), torch.arange(K), torch.arange(N), indexing="ij")
     dims = {"m": m, "k": k, "n": n}
-    a, b = {"ws": ("k", "n"), "os": ("m", "n"), "is": ("k", "m")}[acc.dataflow]
-    at = (dims[a] % acc.rows == r) & (dims[b] % acc.cols == c)
+    if acc.dataflow == "mma":  # PTX m16n8 accumulator fragment: lane 4g + t
+        g, t = divmod(pe, 4)
+        at = ((m % 16 == g) | (m % 16 == g + 8)) & ((n % 8 == 2 * t) | (n % 8 == 2 * t + 1))
+    else:
+        a, b = {"ws": ("k", "n"), "os": ("m", "n"), "is": ("k", "m")}[acc.dataflow]
+        at = (dims[a] % acc.rows == r) & (dims[b] % acc.cols == c)
 
     def hold(t):  # the float32 bit pattern with `bit` held at `stuck` (or flipped)
         u = t.detach().contiguous().numpy().view(np.uint32)
@@ -108,7 +118,7 @@ def simulate(mod, x, acc: accel.Accelerator, pe: int, bit: int, stuck: int, step
             Y = Y.clone()
             Y[ev["m"], ev["n"]] = acc_
     elif acc.unit == "accumulator":
-        own = (torch.arange(M)[:, None] % acc.rows == r) & (torch.arange(N)[None] % acc.cols == c)
+        own = at.any(1)  # the outputs this PE (lane) accumulates: [M, N]
         Y = torch.where(own, hold(Y), Y)
     if mod.bias is not None:
         Y = Y + mod.bias
@@ -135,7 +145,8 @@ def reference(model, layer, x1, acc, pe, bit, stuck, step=None):
 
 
 SPECS = ["ws:3x2:product", "ws:4x4:weight", "ws:2x3:input", "os:3x2:product",
-         "os:2x2:weight", "os:4x3:accumulator", "is:3x3:product", "is:2x4:input"]
+         "os:2x2:weight", "os:4x3:accumulator", "is:3x3:product", "is:2x4:input",
+         "mma:accumulator", "mma:product"]
 
 
 @pytest.mark.parametrize("transient", [False, True])
