@@ -135,7 +135,8 @@ def agreement() -> list[dict]:
         pt2 = tmp / "tiny.pt2"
         torch.export.save(pt2e_program(), str(pt2))
         for spec, runs in ((f"onnx:{onnx_int8}", (True, False)), (f"export:{pt2}", (True,))):
-            for site in ("weights", "weight_metadata", "activations", "metadata"):
+            for site in ("weights", "weight_metadata", "weight_zero_points", "activations",
+                         "metadata", "zero_points"):
                 res = tmp / f"{spec[:4]}-{site}"
                 with contextlib.redirect_stdout(io.StringIO()):
                     main(["campaign", spec, "--dataset", "digits", "--site", site, "--n",
@@ -166,9 +167,9 @@ def main() -> None:
                   f"{r['faults_s']:>10.1f} {r['ratio']:>6.2f}x")
     if not args.speed_only:
         result["verify"] = agreement()
-        print(f"\n{'model':<7} {'site':<16} {'rows':>5} {'sdc':>7} {'top1':>7} {'loss':>7}  runtime")
+        print(f"\n{'model':<7} {'site':<19} {'rows':>5} {'sdc':>7} {'top1':>7} {'loss':>7}  runtime")
         for r in result["verify"]:
-            print(f"{r['model']:<7} {r['site']:<16} {r['rows']:>5} {100 * r['sdc']:>6.1f}% "
+            print(f"{r['model']:<7} {r['site']:<19} {r['rows']:>5} {100 * r['sdc']:>6.1f}% "
                   f"{100 * r['faulty_top1']:>6.1f}% {100 * r['faulty_loss']:>6.1f}%  "
                   f"{r['runtime']}")
     print(json.dumps(result))

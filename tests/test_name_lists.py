@@ -70,11 +70,13 @@ def test_one_table_of_sites_feeds_the_engine_the_campaigns_and_the_fit():
     assert {s.param: s.name for s in specs.values()} == {
         p: cls.name for p, cls in SITE_TYPES.items()}
     assert faults.CAMPAIGN_SITES == ("activations", "weights", "metadata", "weight_metadata",
-                                     "pe", "weight_words")
+                                     "pe", "weight_words", "zero_points",
+                                     "weight_zero_points")
     assert faults.WEIGHT_SITES == ("weights",)
     assert fit.SITE_RATE == {"activations": fit.DATAPATH, "weights": fit.MEMORY,
                              "metadata": fit.MEMORY, "weight_metadata": fit.MEMORY,
-                             "pe": fit.DATAPATH, "weight_words": fit.MEMORY}
+                             "pe": fit.DATAPATH, "weight_words": fit.MEMORY,
+                             "zero_points": fit.MEMORY, "weight_zero_points": fit.MEMORY}
     assert fit.NO_FIT_SITES == ("pe",) and faults.site_spec("pe").array
     assert fit.TRANSIENT_SITES == ("activations", "metadata")
     assert [s.name for s in specs.values() if s.channels] == ["activations"]

@@ -28,7 +28,8 @@ def replay(out, capsys, *flags) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-@pytest.mark.parametrize("site", ["weights", "activations", "metadata", "weight_metadata"])
+@pytest.mark.parametrize("site", ["weights", "activations", "metadata", "weight_metadata",
+                                  "zero_points", "weight_zero_points"])
 def test_pt2e_campaigns_agree_with_the_saved_program(pt2e_file, site, tmp_path, capsys):
     out = tmp_path / site
     campaign(f"export:{pt2e_file}", site, out, capsys)
@@ -39,7 +40,8 @@ def test_pt2e_campaigns_agree_with_the_saved_program(pt2e_file, site, tmp_path, 
     assert plan["format"] == "native"  # the default for a quantized target
 
 
-@pytest.mark.parametrize("site", ["weights", "activations"])
+@pytest.mark.parametrize("site", ["weights", "activations", "zero_points",
+                                  "weight_zero_points"])
 def test_onnx_code_faults_agree_with_onnx_runtime_as_deployed(onnx_pair, site, tmp_path,
                                                                capsys):
     out = tmp_path / site

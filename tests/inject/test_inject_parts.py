@@ -50,7 +50,8 @@ def test_every_fault_parameter_has_one_site_class_and_its_user_name():
     assert tuple(SITE_TYPES) == PARAMS
     assert {cls.name: p for p, cls in SITE_TYPES.items()} == {
         "activations": "output", "weights": "weight", "biases": "bias", "metadata": "meta",
-        "weight_metadata": "weight_meta", "pe": "pe", "weight_words": "weight_word"}
+        "weight_metadata": "weight_meta", "pe": "pe", "weight_words": "weight_word",
+        "zero_points": "zero_point", "weight_zero_points": "weight_zero_point"}
     assert all(SITES[p] == p and SITES[cls.name] == p for p, cls in SITE_TYPES.items())
 
 

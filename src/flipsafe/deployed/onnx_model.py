@@ -196,7 +196,8 @@ def _pads(attrs: dict, dims: int, what: str) -> list:
 def _quantize(r, node, a, ins, x):
     out = r.call(quantize_linear, [x, r.scalar(ins[1]), r.scalar(ins[2]), a.get("axis", 1)],
                  node)
-    out.meta["source"] = {"codes": node.output[0], "scale": ins[1], "node": node.name}
+    out.meta["source"] = {"codes": node.output[0], "scale": ins[1], "node": node.name,
+                          "zero_point": ins[2] if len(ins) > 2 and ins[2] else None}
     return out
 
 
@@ -205,7 +206,8 @@ def _dequantize(r, node, a, ins, x):
     zp = r.scalar(ins[2]) if len(ins) > 2 and ins[2] else torch.tensor(0, dtype=torch.uint8)
     out = r.call(dequantize_linear, [src, r.scalar(ins[1]), zp, a.get("axis", 1)], node)
     if ins[0] in r.consts:
-        out.meta["source"] = {"codes": ins[0], "scale": ins[1]}
+        out.meta["source"] = {"codes": ins[0], "scale": ins[1],
+                              "zero_point": ins[2] if len(ins) > 2 and ins[2] else None}
     return out
 
 

@@ -89,9 +89,11 @@ class PT2E:
         """Weights: the program's attributes holding the codes and scales; activations:
         the quantize node (its scale is an argument of its dequantizes)."""
         if node is dequantize:
-            scale = node.args[1]
+            scale, zero_point = node.args[1], node.args[2]
             return {"codes": node.args[0].target,
-                    "scale": scale.target if isinstance(scale, fx.Node) else None}
+                    "scale": scale.target if isinstance(scale, fx.Node) else None,
+                    "zero_point": (zero_point.target if isinstance(zero_point, fx.Node)
+                                   else None)}
         return {"node": node.name}
 
 

@@ -41,7 +41,14 @@ from flipsafe.metrics.outcomes import GoldenOutcomes, compute_outcomes
 LOSS_RTOL, LOSS_ATOL = 1e-3, 1e-3
 RUNTIMES = ("onnxruntime", "torch")
 COLUMNS = ("sdc", "due", "faulty_top1", "golden_top1", "faulty_loss")
-_PARAM = {"weight": "weight", "weight_meta": "weight", "output": "output", "meta": "output"}
+_PARAM = {"weight": "weight", "weight_meta": "weight", "output": "output", "meta": "output",
+          "zero_point": "output", "weight_zero_point": "weight"}
+
+
+def _zero_point(z: int, mask: int, signed: bool) -> int:
+    """A zero point with `mask` flipped in its stored 8-bit pattern (the codes' type)."""
+    u = (int(z) & 0xFF) ^ (mask & 0xFF)
+    return u - 256 if signed and u >= 128 else u
 
 
 def _xor(array: np.ndarray, index: int, mask: int) -> np.ndarray:
@@ -110,7 +117,10 @@ class OrtReplay:
         return proto
 
     def _weight(self, src: dict, f: Fault, shape) -> torch.Tensor:
-        name = src["codes"] if f.param == "weight" else src["scale"]
+        name = {"weight": src["codes"], "weight_meta": src["scale"],
+                "weight_zero_point": src.get("zero_point")}[f.param]
+        if name is None:
+            raise ConfigError(f"{f.layer}'s weights have no stored zero point to fault")
         array = self.nh.to_array(self.inits[name])
         index = f.index
         if src.get("transposed") and f.param == "weight":  # the file holds [in, out]
@@ -138,7 +148,7 @@ class OrtReplay:
 
     def faulty(self, f: Fault, x: np.ndarray, shape) -> torch.Tensor:
         src = self.sources[(f.layer, _PARAM[f.param])]
-        if f.param in ("weight", "weight_meta"):
+        if f.param in ("weight", "weight_meta", "weight_zero_point"):
             return self._run(self._session(self._weight(src, f, shape)), {self.input: x})
         if f.param == "output":
             if f.layer not in self.cut:
@@ -146,14 +156,18 @@ class OrtReplay:
             tap, feed = self.cut[f.layer]
             codes = np.asarray(tap.run([src["codes"]], {self.input: x})[0])
             return self._run(feed, {self.input: x, src["codes"]: _xor(codes, f.index, f.mask)})
-        # the scale of the activation codes, in a private copy its dequantizes read
+        # the scale (or zero point) of the activation codes, in a private copy their
+        # dequantizes read
+        slot, name = (1, src["scale"]) if f.param == "meta" else (2, src.get("zero_point"))
+        if name is None:
+            raise ConfigError(f"{f.layer}'s codes have no stored zero point to fault")
         proto = self.onnx.ModelProto()
         proto.CopyFrom(self.proto)
-        private = f"{src['scale']}__flipsafe_fault"
+        private = f"{name}__flipsafe_fault"
         for n in self._readers(proto, src["codes"]):
-            n.input[1] = private
-        scale = self.nh.to_array(self.inits[src["scale"]])
-        proto.graph.initializer.append(self.nh.from_array(_xor(scale, f.index, f.mask),
+            n.input[slot] = private
+        value = self.nh.to_array(self.inits[name])
+        proto.graph.initializer.append(self.nh.from_array(_xor(value, f.index, f.mask),
                                                           private))
         return self._run(self._session(proto), {self.input: x})
 
@@ -185,6 +199,10 @@ class TorchReplay:
         self.sources = sources(model)
         self.nodes = {n.name: n for n in self.gm.graph.nodes}
         self.attrs = {n.target: n for n in self.gm.graph.nodes if n.op == "get_attr"}
+        # zero-point attributes of int8 codes (their faults flip a signed 8-bit pattern)
+        self.signed = {n.args[2].target: n.args[-1] == torch.int8 for n in self.gm.graph.nodes
+                       if n.op == "call_function" and len(n.args) > 2
+                       and isinstance(n.args[2], fx.Node) and n.args[2].op == "get_attr"}
 
     def golden(self, x: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
@@ -193,15 +211,27 @@ class TorchReplay:
     def faulty(self, f: Fault, x: np.ndarray, shape) -> torch.Tensor:
         src = self.sources[(f.layer, _PARAM[f.param])]
         values, arguments = {}, {}
-        if f.param in ("weight", "weight_meta"):
+        if f.param == "weight_zero_point":
+            node = self.attrs[src["zero_point"]]
+            signed = self.signed[src["zero_point"]]
+
+            def shifted(t):
+                t = t.clone()
+                t.view(-1)[f.index] = _zero_point(int(t.view(-1)[f.index]), f.mask, signed)
+                return t
+            values[node] = shifted
+        elif f.param in ("weight", "weight_meta"):
             node = self.attrs[src["codes"] if f.param == "weight" else src["scale"]]
             values[node] = lambda t: _flip_tensor(t, f.index, f.mask)
         elif f.param == "output":
             values[self.nodes[src["node"]]] = lambda t: _flip_tensor(t, f.index, f.mask)
-        else:
+        else:  # the scale or zero point every dequantize of the codes reads
             def flipped(args):
-                s = np.float32(args[1]).reshape(1)
-                return (args[0], float(_xor(s, 0, f.mask)[0]), *args[2:])
+                if f.param == "meta":
+                    s = np.float32(args[1]).reshape(1)
+                    return (args[0], float(_xor(s, 0, f.mask)[0]), *args[2:])
+                signed = args[5] == torch.int8
+                return (*args[:2], _zero_point(args[2], f.mask, signed), *args[3:])
             arguments = {u: flipped for u in self.nodes[src["node"]].users}
         with torch.no_grad():
             return _Faulty(self.gm, values, arguments).run(torch.from_numpy(x))

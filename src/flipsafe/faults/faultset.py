@@ -14,7 +14,8 @@ from flipsafe.faults.models import FLIP, OPS, mask_bits
 # What a fault corrupts in its layer: the output (activation) element `index`, the weight
 # or bias element `index`, or metadata code `index` of the output ("meta") or of the
 # weight ("weight_meta"), which corrupts every element that code scales.
-PARAMS = ("output", "weight", "bias", "meta", "weight_meta", "pe", "weight_word")
+PARAMS = ("output", "weight", "bias", "meta", "weight_meta", "pe", "weight_word", "zero_point",
+          "weight_zero_point")
 
 _COLUMNS = ("layer", "param", "index", "mask", "op", "value", "image", "stratum")
 # Columns indexing a list of names: (column, the FaultSet attribute holding the names).

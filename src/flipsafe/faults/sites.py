@@ -39,6 +39,10 @@ SITE_SPECS: dict[str, SiteSpec] = {s.name: s for s in (
     SiteSpec("pe", "pe", campaign=True, raw_rate="datapath", array=True, fit=False),
     # A memory word of stored weights (several codes side by side): multi-bit upsets.
     SiteSpec("weight_words", "weight_word", campaign=True, words=True, bits_of="weights"),
+    # A quantized model's stored zero points (format native): the activation codes' (one
+    # per tensor) and the weights' (one per output channel).
+    SiteSpec("zero_points", "zero_point", campaign=True),
+    SiteSpec("weight_zero_points", "weight_zero_point", campaign=True),
 )}
 # Site name -> the FaultSet param it corrupts; the params are site names too.
 SITES = {**{s.name: s.param for s in SITE_SPECS.values()}, **{p: p for p in PARAMS}}

@@ -93,6 +93,22 @@ class AffineFormat(Format):
         zp = self.zero_point.to(v.device)
         return (v - torch.sign(v - zp)).bitwise_and_(0xFF)
 
+    def zero_point_pattern(self) -> torch.Tensor:
+        """The zero point's stored 8-bit pattern (two's complement for int8 codes)."""
+        return self.zero_point & 0xFF
+
+    def zero_point_of(self, pattern: torch.Tensor) -> torch.Tensor:
+        """The zero point an 8-bit pattern stores (zero_point_pattern's inverse)."""
+        pattern = pattern & 0xFF
+        return sign_extend(pattern, STORED_BITS) if self.dtype == torch.int8 else pattern
+
+    def values(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+               ) -> torch.Tensor:
+        """(code - zero point) * scale with per-row zero points [n] and scales [n] for rows
+        of codes [n, G] (decode with another zero point)."""
+        v = sign_extend(codes, STORED_BITS) if self.dtype == torch.int8 else codes & 0xFF
+        return (v.to(torch.float32) - zero_point[:, None].to(torch.float32)) * scale[:, None]
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         x = as_float32(x, f"{self.name}.quantize")
         return self._values(self._codes(x), self.scale)

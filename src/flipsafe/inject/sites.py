@@ -476,6 +476,76 @@ class WordSite(WeightSite):
         return faults.image.to(dev), pos, new, old
 
 
+def _zero_points(fmt, faults, dev) -> torch.Tensor:
+    """Each fault's zero point: the stored 8-bit pattern with the fault applied."""
+    pattern = fmt.zero_point_pattern().to(dev).expand(len(faults))
+    return fmt.zero_point_of(apply(pattern, faults.mask.to(dev), faults.op.to(dev),
+                                   faults.value.to(dev)))
+
+
+@site
+class ZeroPointSite(OutputSite):
+    """The zero point of a quantized model's activation codes (one per tensor, so one per
+    image): a fault shifts every value of the image's tensor (format native)."""
+
+    name, param = "zero_points", "zero_point"
+
+    def has(self, layer):
+        return self.em.native and super().has(layer)
+
+    def _why_not(self, layer):
+        if not self.em.native:
+            return "zero points are a quantized model's (format native)"
+        return super()._why_not(layer)
+
+    def numel(self, layer):
+        return 1
+
+    def corrupt(self, layer, faults, golden):
+        dev = self.em.device
+        img = faults.image.to(dev)
+        fmt = self.em.coder(layer).fmt
+        with torch.no_grad():
+            raw = golden.raw[layer]
+            old = raw.reshape(raw.shape[0], -1).index_select(0, img)
+            codes = fmt.encode(old).codes
+            scale = fmt.scale.to(dev).expand(len(img))
+            new = fmt.values(codes, scale, _zero_points(fmt, faults, dev))
+            pos = torch.arange(old.shape[1], device=dev).expand(len(img), -1)
+        return img, pos, new, old
+
+
+@site
+class WeightZeroPointSite(WeightSite):
+    """The zero point of a quantized model's weight codes, one per output channel: a fault
+    shifts every weight of the channel (format native)."""
+
+    name, param = "weight_zero_points", "weight_zero_point"
+
+    def has(self, layer):
+        return self.em.native and super().has(layer)
+
+    def _why_not(self, layer):
+        if not self.em.native:
+            return "zero points are a quantized model's (format native)"
+        return super()._why_not(layer)
+
+    def numel(self, layer):
+        return self.em.params[(layer, self.pname)].coder.meta_numel
+
+    def corrupt(self, layer, faults, golden):
+        dev = self.em.device
+        params = self.em.params[(layer, self.pname)]
+        coder, fmt = params.coder, params.coder.fmt
+        with torch.no_grad():
+            index = faults.index.to(dev)
+            pos = coder.meta_groups(index)
+            scale = params.meta[index].view(torch.float32)
+            new = fmt.values(params.codes[pos], scale, _zero_points(fmt, faults, dev))
+            old = params.values.reshape(-1)[pos]
+        return faults.image.to(dev), pos, new, old
+
+
 __all__ = ["SITES", "SITE_TYPES", "LayerInfo", "Site", "bind_sites", "site_param"]
 
 
