@@ -108,6 +108,17 @@ def parse(spec) -> Accelerator:
     return Accelerator(dataflow, rows, cols, unit, transient)
 
 
+def codes(acc: Accelerator, fmt):
+    """What a PE fault flips bits of, shaped as a format: float32's bits on a float model;
+    on a quantized one (format native), the int32 two's complement of products and
+    accumulators, or the 8-bit codes of the weight and input registers."""
+    from flipsafe import formats
+
+    if fmt.native and acc.unit in ("product", "accumulator"):
+        return formats.get("fixed_q32.0")
+    return fmt
+
+
 def gemm_operands(mod, x: torch.Tensor, weight: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(X [B, M, K], W [K, N]) of a Conv2d (im2col) or Linear layer on inputs `x`, with

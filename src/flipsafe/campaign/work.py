@@ -50,9 +50,9 @@ def make_plan(model, faults: FaultPlan | None = None, **fields) -> CampaignPlan:
         fields = {**faults.fault_plan.to_dict(), **fields}
     if fields.get("dataset") is None:
         if not target.flipsafe:
-            raise ConfigError(f"a {target.kind} model needs a dataset to run on: give --dataset "
-                              "(digits, imagefolder:<dir>, cifar10:<dir>, cifar100:<dir>, "
-                              "tensors:<file.safetensors>)")
+            raise ConfigError(f"this {target.kind}: model needs a dataset to run on: give "
+                              "--dataset (digits, imagefolder:<dir>, cifar10:<dir>, "
+                              "cifar100:<dir>, tensors:<file.safetensors>)")
         fields["dataset"] = target.config.get("dataset", "digits")
     if fields.get("preprocess") and target.flipsafe:
         raise ConfigError("--image-size/--mean/--std are for models flipsafe did not train; a "

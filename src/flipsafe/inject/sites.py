@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flipsafe import accel, formats
+from flipsafe import accel
 from flipsafe.deployed.modules import stored_format
 from flipsafe.errors import InjectionError
 from flipsafe.faults import SITES, apply, site_param
@@ -338,9 +338,7 @@ class PESite(OutputSite):
         return stored_format(mod, "weight") is not None and stored_format(mod, "input") is not None
 
     def codes(self):
-        if self.em.native and self.accelerator.unit in ("product", "accumulator"):
-            return formats.get("fixed_q32.0")  # int32 two's complement
-        return self.em.fmt
+        return accel.codes(self.accelerator, self.em.fmt)
 
     def has(self, layer):
         em = self.em

@@ -71,15 +71,28 @@ def _errors(groups) -> tuple[np.ndarray, np.ndarray]:
 
 def format_bits(results: Results) -> tuple[int, dict[str, tuple[int, ...]]]:
     """Width of one element code and its fields, from the plan's format when it is known."""
-    from flipsafe import formats
 
     bits = with_bit_column(results.table)["bit"].to_numpy()
     observed = int(bits.max()) + 1 if bits.size else 0
     try:
-        fmt = formats.get(results.plan.format)
+        fmt = site_codes(results.plan)
     except FlipsafeError:
         return observed, {}
     return max(observed, int(fmt.bits)), dict(fmt.fields)
+
+
+def site_codes(plan):
+    """What the plan's faults flip bits of, shaped as a format (inject.sites.Site.codes,
+    read from the plan): the format, its codes in memory words, or a PE's registers."""
+    from flipsafe import accel, formats
+    from flipsafe.formats.words import WordLayout
+
+    fmt = formats.get(plan.format)
+    if plan.word_bits:
+        return WordLayout(fmt, plan.word_bits)
+    if plan.accelerator:
+        return accel.codes(accel.parse(plan.accelerator), fmt)
+    return fmt
 
 
 def layer_sdc_figure(models: Sequence[Results]) -> Figure:
