@@ -66,3 +66,29 @@ def test_a_pe_campaign_runs_resumes_and_compares_with_element_faults(lenet, tmp_
     assert main(["campaign", str(lenet), "--array", "4x4", "--n", "5",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--site pe" in capsys.readouterr().err
+
+
+def test_a_transient_pe_fit_counts_the_arrays_bits_once_shared_by_layer_time(lenet, tmp_path,
+                                                                              capsys):
+    """The PEs' unit bits are at risk once, shared by the layers in proportion to their
+    share of the PE's events; a permanent PE campaign's FIT is refused in one line."""
+    from flipsafe.safety.fit import estimate_fit
+
+    out = tmp_path / "t"
+    assert main(["campaign", str(lenet), "--site", "pe", "--fault", "bitflip", "--array",
+                 "4x4", "--n", "30", "--out", str(out)]) == 0
+    est = estimate_fit([out], raw_fit_per_mbit=20.0)[0]
+    assert est.total.bits == pytest.approx(16 * 32)  # 4x4 PEs, a float32 product each
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["accelerator"] == "ws:4x4:product:transient"
+    manifest = json.loads((out / "manifest.json").read_text())
+    steps = {s["layer"]: s["elements"] for s in manifest["strata"]}
+    for group in est.by_layer:  # each layer's share: its events over all layers'
+        assert group.bits == pytest.approx(16 * 32 * steps[group.layer] / sum(steps.values()))
+    stuck = tmp_path / "s"
+    assert main(["campaign", str(lenet), "--site", "pe", "--fault", "stuck1", "--array", "4x4",
+                 "--n", "5", "--out", str(stuck)]) == 0
+    capsys.readouterr()
+    assert main(["fit", str(stuck), "--raw-fit-per-mbit", "20"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "permanent PE faults" in err[0]

@@ -22,7 +22,7 @@ class SiteSpec:
     array: bool = False  # a unit of a PE of the accelerator (flipsafe.accel): --array etc.
     words: bool = False  # stored codes packed into memory words (formats.words): --word-bits
     bits_of: str | None = None  # the site whose bits these are too (a FIT counts them once)
-    fit: bool = True  # `flipsafe fit` has a raw rate for its bits
+    fit: bool = True  # its bits are elements of their own (False: registers shared in time)
 
 
 SITE_SPECS: dict[str, SiteSpec] = {s.name: s for s in (

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flipsafe import accel
 from flipsafe.errors import CampaignError, ConfigError
 from flipsafe.faults import SITE_SPECS
 from flipsafe.metrics.stats import wilson_interval
@@ -24,6 +25,8 @@ RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "Mbit": 1e6, "Gbit": 1e9,
 MEMORY, DATAPATH = "memory", "datapath"
 SITE_RATE = {s.name: s.raw_rate for s in SITE_SPECS.values() if s.campaign}
 TRANSIENT_SITES = tuple(s.name for s in SITE_SPECS.values() if s.campaign and s.transient)
+# sites whose bits are not memory or datapath elements of their own: a PE's registers,
+# shared by every layer in time (_exposure)
 NO_FIT_SITES = tuple(s.name for s in SITE_SPECS.values() if s.campaign and not s.fit)
 # ISO 26262-5 targets: (name, PMHF target in FIT, single-point fault metric target).
 ASIL_TARGETS = (("ASIL-D", 10.0, 0.99), ("ASIL-C", 100.0, 0.97), ("ASIL-B", 100.0, 0.90))
@@ -392,11 +395,11 @@ def _check_group(campaigns: list[_Campaign], assumptions: FitAssumptions) -> Non
                           f"({listed}); their FIT would be summed as one chip, so say so with "
                           "--allow-mixed-formats, or give campaigns of one format")
     for c in campaigns:
-        if c.plan.site in NO_FIT_SITES:
-            raise ConfigError(f"{c.folder} holds PE faults, stuck while one layer runs; a FIT "
-                              f"from them needs per-PE raw rates and each layer's share of the "
-                              f"array's time, which flipsafe does not model yet: estimate FIT "
-                              f"from element-fault campaigns (activations, weights, metadata)")
+        if c.plan.site in NO_FIT_SITES and not accel.parse(c.plan.accelerator).transient:
+            raise ConfigError(f"{c.folder} holds permanent PE faults (stuck while one layer "
+                              f"runs); a hard fault's rate is another metric than an upset's "
+                              f"FIT, which flipsafe does not model: estimate FIT from a "
+                              f"transient campaign (--fault bitflip) or from element faults")
     seen: dict[tuple, Path] = {}
     for c in campaigns:
         bits = SITE_SPECS[c.plan.site].bits_of or c.plan.site  # weight words: the weights
@@ -407,6 +410,16 @@ def _check_group(campaigns: list[_Campaign], assumptions: FitAssumptions) -> Non
                                   f"layer {s.layer!r}; its bits would be counted twice, so give "
                                   "each site and layer of a model once")
             seen[key] = c.folder
+
+
+def _exposure(c: _Campaign, s, a: FitAssumptions) -> tuple[int, float]:
+    """(elements, residency) of a stratum's bits. Transient PE faults (site pe): the
+    array's PEs, each unit's bits, for the layer's share of the array's time - its share
+    of the PE's events (products), since a fault's time step is uniform over them."""
+    if c.plan.site not in NO_FIT_SITES:
+        return s.elements, a.residency_of(c.plan.site)
+    steps = {t.layer: t.elements for t in c.strata}
+    return accel.parse(c.plan.accelerator).pes, s.elements / sum(steps.values())
 
 
 def _estimate(campaigns: list[_Campaign], a: FitAssumptions) -> FitEstimate:
@@ -440,8 +453,9 @@ def _estimate(campaigns: list[_Campaign], a: FitAssumptions) -> FitEstimate:
     strata = []
     for c, site, s, n, sdc, due, exhaustive in rows:
         residual = sdc + (0 if a.due_detected else due)
+        elements, residency = _exposure(c, s, a)
         strata.append(StratumFit(
-            site, s.layer, s.field, s.elements, s.width, a.residency_of(site),
+            site, s.layer, s.field, elements, s.width, residency,
             a.fit_per_bit(site), n, sdc, due, residual, exhaustive,
             _interval(sdc, n, stratum_confidence, exhaustive),
             _interval(due, n, stratum_confidence, exhaustive),
