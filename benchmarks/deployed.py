@@ -32,45 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "deployed
 
 
 def quantize_both(model, x, folder: Path):
-    """(PT2E .pt2, QDQ .onnx) of `model`, calibrated on `x`."""
-    from flipsafe.deployed.pt2e import register_ops
+    """(PT2E .pt2, QDQ .onnx) of `model`, calibrated on `x` (the tests' two flows)."""
+    from deployed_models import onnx_files, pt2e_program
 
-    register_ops()
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    graph = torch.export.export(model, (x[:4],), dynamic_shapes=({0: batch},)).module()
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(graph, quantizer)
-    prepared(x)
-    program = torch.export.export(convert_pt2e(prepared), (x[:4],),
-                                  dynamic_shapes=({0: batch},))
     pt2 = folder / "model_int8.pt2"
-    torch.export.save(program, str(pt2))
-    fp32, int8 = folder / "model.onnx", folder / "model_int8.onnx"
-    torch.onnx.export(model, (x[:4],), str(fp32), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}},
-                      dynamo=False)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": x.numpy()}])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QUInt8)
-    return pt2, int8
+    torch.export.save(pt2e_program(model, [x]), str(pt2))
+    return pt2, onnx_files(folder, model, [x])[1]
 
 
 def rate(fn, items: int, rounds: int = 3) -> float:

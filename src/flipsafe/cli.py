@@ -165,12 +165,7 @@ def _plan_from_args(args):
     from flipsafe.campaign.runner import make_plan
     from flipsafe.campaign.targets import resolve
 
-    n = args.n
-    if n is not None and n != "all":
-        try:
-            n = int(n)
-        except ValueError:
-            raise FlipsafeError(f"--n must be a positive integer or 'all', got {n!r}") from None
+    n = _count(args.n, "--n")
     # Flags left out are None and not passed on: the plan fills in its defaults (or the
     # protocol's), and refuses a flag given against --protocol.
     given = {
@@ -700,21 +695,21 @@ def _report_command(add) -> None:
 def cmd_verify(args) -> int:
     from flipsafe.deployed import verify
 
-    n = None if args.n == "all" else _positive_int(args.n, "--n")
-    result = verify.run(args.results_dir, args.runtime, n, args.seed,
+    n = _count(args.n, "--n")
+    result = verify.run(args.results_dir, args.runtime, None if n == "all" else n, args.seed,
                         optimize=not args.no_optimizations)
     print(verify.text(result))
     return 0 if result.ok else 1
 
 
-def _positive_int(value: str, flag: str) -> int:
+def _count(value, flag: str):
+    """A count flag as given: None, 'all', or an int (whose range its user checks)."""
+    if value is None or value == "all":
+        return value
     try:
-        number = int(value)
+        return int(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise FlipsafeError(f"{flag} must be a positive integer or 'all', got {value!r}")
-    return number
+        raise FlipsafeError(f"{flag} must be a positive integer or 'all', got {value!r}") from None
 
 
 def _verify_command(add) -> None:

@@ -40,8 +40,14 @@ def float_model(seed: int = 0) -> nn.Module:
     return TinyCNN().eval()
 
 
-def pt2e_program(seed: int = 0):
-    """The float model quantized by torchao's PT2E flow, exported with a dynamic batch."""
+def calibration() -> list[torch.Tensor]:
+    """The tiny CNN's calibration batches."""
+    return [images(32, 100 + k)[0] for k in range(4)]
+
+
+def pt2e_program(model=None, batches=None):
+    """`model` (default: the tiny CNN) quantized by torchao's PT2E flow on `batches`
+    (default: calibration()), exported with a dynamic batch."""
     pytest.importorskip("torchao")
     from flipsafe.deployed.pt2e import register_ops
 
@@ -49,23 +55,24 @@ def pt2e_program(seed: int = 0):
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    model = float_model(seed)
-    x, _ = images(8, seed)
+    model = float_model() if model is None else model
+    batches = calibration() if batches is None else batches
+    x = batches[0][:8]
     batch = torch.export.Dim("batch", min=1, max=4096)
     graph = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(graph, quantizer)
-    for k in range(4):
-        prepared(images(32, 100 + k)[0])
+    for b in batches:
+        prepared(b)
     converted = convert_pt2e(prepared)
     return torch.export.export(converted, (x,), dynamic_shapes=({0: batch},))
 
 
-def onnx_files(folder):
-    """(float ONNX, QDQ int8 ONNX) of the float model: torch.onnx.export with a dynamic
-    batch, then ONNX Runtime's quantize_static (per-channel int8 weights, uint8
-    activations) calibrated on random images."""
+def onnx_files(folder, model=None, batches=None):
+    """(float ONNX, QDQ int8 ONNX) of `model` (default: the tiny CNN): torch.onnx.export
+    with a dynamic batch, then ONNX Runtime's quantize_static (per-channel int8 weights,
+    uint8 activations) calibrated on `batches` (default: calibration())."""
     pytest.importorskip("onnxruntime")
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -74,8 +81,9 @@ def onnx_files(folder):
         quantize_static,
     )
 
-    model = float_model()
-    x, _ = images(4)
+    model = float_model() if model is None else model
+    batches = calibration() if batches is None else batches
+    x = batches[0][:4]
     fp32, int8 = folder / "tiny_fp32.onnx", folder / "tiny_int8.onnx"
     torch.onnx.export(model, (x,), str(fp32), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
@@ -83,7 +91,7 @@ def onnx_files(folder):
 
     class Calibration(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"input": images(32, 100 + k)[0].numpy()} for k in range(4)])
+            self.batches = iter([{"input": b.numpy()} for b in batches])
 
         def get_next(self):
             return next(self.batches, None)

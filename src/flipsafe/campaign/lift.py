@@ -11,6 +11,8 @@ the model the file was made from. The computation is the same op with the same t
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 
@@ -30,10 +32,7 @@ def _conv_ops() -> dict:
 
 
 def _attr(root: nn.Module, target: str) -> torch.Tensor:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return operator.attrgetter(target)(root)
 
 
 def _arg(node: fx.Node, i: int, name: str, default):
@@ -148,6 +147,9 @@ class _Lifting:
         self.gm, self.weights, self.pairs = gm, weights, pairs
         self.quantizes = {q for q, _, _ in pairs.values()}
         self.graph, self.env, self.attrs, self.taken = fx.Graph(), {}, {}, set()
+        # the ATen ops lifted into layers, looked up once per pass
+        self.convs, self.linear = _conv_ops(), _aten("linear")
+        self.norms = (_aten("layer_norm"), _aten("batch_norm"))
         self.lifted = 0
 
     def fixed(self, node):
@@ -229,11 +231,11 @@ class _Lifting:
             self.env[quantize] = self.env[node]
             return
         target = node.target if node.op == "call_function" else None
-        conv = _conv_ops().get(target)
-        if target in (_aten("layer_norm"), _aten("batch_norm")):
-            if self.norm(node, target is _aten("layer_norm")):
+        conv = self.convs.get(target)
+        if target in self.norms:
+            if self.norm(node, target is self.norms[0]):
                 return
-        elif (conv or target is _aten("linear")) and self.matmul(node, conv):
+        elif (conv or target is self.linear) and self.matmul(node, conv):
             return
         self.copy(node)
 

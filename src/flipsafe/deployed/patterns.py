@@ -10,16 +10,16 @@ campaign.lift turns what it finds into layers (deployed.modules).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
 
 def _value(root, arg):
+    """A get_attr argument's value (a dotted attribute of root), other arguments as given."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        obj = root
-        for part in arg.target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return operator.attrgetter(arg.target)(root)
     return arg
 
 

@@ -36,6 +36,7 @@ from torch import fx
 
 from flipsafe.deployed.modules import sources
 from flipsafe.errors import ConfigError
+from flipsafe.faults import parse as parse_fault
 from flipsafe.metrics.outcomes import GoldenOutcomes, compute_outcomes
 
 LOSS_RTOL, LOSS_ATOL = 1e-3, 1e-3
@@ -291,7 +292,7 @@ def compare(recorded: dict, golden: torch.Tensor, faulty: torch.Tensor, label: i
     return out
 
 
-FLIP_MODELS = ("bitflip", "burst")  # faults that flip bits: replayed by xor in the file
+FLIP_KINDS = ("flip", "burst")  # fault kinds that flip bits: replayed by xor in the file
 
 
 def run(results_dir, runtime: str = "auto", n: int | None = 200, seed: int = 0,
@@ -307,7 +308,7 @@ def run(results_dir, runtime: str = "auto", n: int | None = 200, seed: int = 0,
     if target.sha != plan.model_sha:
         raise ConfigError(f"the model at {plan.model} is not the one the campaign ran on "
                           "(its hash differs)")
-    if not plan.fault.startswith(FLIP_MODELS):
+    if parse_fault(plan.fault).kind not in FLIP_KINDS:
         raise ConfigError(f"verify replays bit flips (bitflip, bitflipK, burstK); this "
                           f"campaign's fault model is {plan.fault}")
     if n is not None and n < 1:

@@ -83,13 +83,18 @@ class AffineFormat(Format):
              else x * self._column(self.inverse, x))
         return (q.round() + self.zero_point.to(x.device)).clamp(self.qmin, self.qmax).nan_to_num(nan=0.0).to(torch.int32)
 
+    def ints(self, codes: torch.Tensor) -> torch.Tensor:
+        """The integers 8-bit codes (or zero-point patterns) stand for: two's complement
+        for int8, unsigned for uint8."""
+        return sign_extend(codes, STORED_BITS) if self.dtype == torch.int8 else codes & 0xFF
+
     def _values(self, codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        v = sign_extend(codes, STORED_BITS) if self.dtype == torch.int8 else codes & 0xFF
+        v = self.ints(codes)
         return (v.to(torch.float32) - self.zero_point.to(v.device)) * self._column(s, v)
 
     def step_toward_zero(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes one step closer to the zero point (the code of value 0)."""
-        v = sign_extend(codes, STORED_BITS) if self.dtype == torch.int8 else codes & 0xFF
+        v = self.ints(codes)
         zp = self.zero_point.to(v.device)
         return (v - torch.sign(v - zp)).bitwise_and_(0xFF)
 
@@ -97,16 +102,11 @@ class AffineFormat(Format):
         """The zero point's stored 8-bit pattern (two's complement for int8 codes)."""
         return self.zero_point & 0xFF
 
-    def zero_point_of(self, pattern: torch.Tensor) -> torch.Tensor:
-        """The zero point an 8-bit pattern stores (zero_point_pattern's inverse)."""
-        pattern = pattern & 0xFF
-        return sign_extend(pattern, STORED_BITS) if self.dtype == torch.int8 else pattern
-
     def values(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                ) -> torch.Tensor:
         """(code - zero point) * scale with per-row zero points [n] and scales [n] for rows
         of codes [n, G] (decode with another zero point)."""
-        v = sign_extend(codes, STORED_BITS) if self.dtype == torch.int8 else codes & 0xFF
+        v = self.ints(codes)
         return (v.to(torch.float32) - zero_point[:, None].to(torch.float32)) * scale[:, None]
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
+from flipsafe import accel
 from flipsafe.compat import BatchNorm, ConvNd, InstanceNorm
 from flipsafe.deployed.modules import QuantDequant, is_quantized, stored_format, stored_layers
 from flipsafe.errors import ConfigError, FlipsafeError, InjectionError, unknown
@@ -109,7 +110,8 @@ class EmulatedModel:
         self.modules = dict(self.model.named_modules())
         self.leaves = leaf_modules(self.model)
         self.kinds = kinds_of(self.leaves)
-        self.accelerator = None  # the array PE faults land on (set by the Engine)
+        # the hardware sites pe and weight_words read (the Engine sets its own)
+        self.accelerator, self.word_bits = accel.parse(None), 32
         self.native = bool(fmt.native)
         _check_native(fmt, self.model)
         if self.native:  # the layers storing their outputs as codes
@@ -201,6 +203,11 @@ class EmulatedModel:
         if self.exact_fp32:
             return self.fmt
         return emulate.calibrate_output(self.fmt, self.ranges.get(name), name)
+
+    def holds(self, name: str) -> bool:
+        """Whether layer `name`'s output is held in a format: quantised by the emulation,
+        or a quantized model's own stored codes (native)."""
+        return name in self.quant or (self.native and name in self.emulated)
 
     def coder(self, name: str) -> emulate.TensorCoder:
         """How one image's output of layer `name` is encoded (fault groups, metadata)."""

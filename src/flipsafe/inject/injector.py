@@ -137,8 +137,7 @@ class Injector:
             return new
         # Weight limits are emulated values already; profiled output ranges are rounded
         # into the layer's output format.
-        held = layer in self.em.quant or (self.em.native and layer in self.em.emulated)
-        fmt = self.em.coder(layer).fmt if site.on_output and held else None
+        fmt = self.em.coder(layer).fmt if site.on_output and self.em.holds(layer) else None
         return emulate.clamp(new, site.limit(layer, self.clamp), self.clamp, fmt)
 
     def _run_group(self, name: str, pname: str, f: FaultSet, g: Golden) -> Outcomes:

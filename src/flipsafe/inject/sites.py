@@ -17,7 +17,6 @@ from flipsafe import accel
 from flipsafe.deployed.modules import stored_format
 from flipsafe.errors import InjectionError
 from flipsafe.faults import SITES, apply, site_param
-from flipsafe.formats.integers import sign_extend
 from flipsafe.formats.words import WordLayout
 from flipsafe.inject import emulate
 from flipsafe.inject.emulated import ALL, KINDS, EmulatedModel
@@ -330,8 +329,8 @@ class PESite(OutputSite):
 
     @property
     def accelerator(self) -> accel.Accelerator:
-        """The array of the engine (Engine(accelerator=...)), else the default one."""
-        return getattr(self.em, "accelerator", None) or accel.parse(None)
+        """The array of the engine (Engine(accelerator=...))."""
+        return self.em.accelerator
 
     def _int8(self, layer) -> bool:
         mod = self.em.leaves[layer]
@@ -385,11 +384,8 @@ class PESite(OutputSite):
             X, W = accel.gemm_operands(mod, x)
             return X, W, accel.FLOAT32, None
         fin, fw = stored_format(mod, "input"), stored_format(mod, "weight")
-        codes = fin.encode(x).codes
-        if fin.dtype == torch.int8:
-            codes = sign_extend(codes, 8)
-        xi = codes.to(torch.float64) - float(fin.zero_point)  # the multiplier's input
-        wi = sign_extend(self.em.params[(layer, "weight")].codes, 8).to(torch.float64)
+        xi = fin.ints(fin.encode(x).codes).to(torch.float64) - float(fin.zero_point)
+        wi = fw.ints(self.em.params[(layer, "weight")].codes).to(torch.float64)
         X, W = accel.gemm_operands(mod, xi, wi.reshape(mod.weight.shape))
         scale = fin.scale.to(torch.float64) * fw.scale.to(torch.float64).reshape(-1)
         arith = accel.Int8(int(fin.zero_point), fin.dtype == torch.int8)
@@ -436,7 +432,7 @@ class WordSite(WeightSite):
     name, param = "weight_words", "weight_word"
 
     def codes(self):
-        return WordLayout(self.em.fmt, getattr(self.em, "word_bits", None) or 32)
+        return WordLayout(self.em.fmt, self.em.word_bits)
 
     def has(self, layer):
         fmt = self.em.fmt
@@ -477,8 +473,8 @@ class WordSite(WeightSite):
 def _zero_points(fmt, faults, dev) -> torch.Tensor:
     """Each fault's zero point: the stored 8-bit pattern with the fault applied."""
     pattern = fmt.zero_point_pattern().to(dev).expand(len(faults))
-    return fmt.zero_point_of(apply(pattern, faults.mask.to(dev), faults.op.to(dev),
-                                   faults.value.to(dev)))
+    return fmt.ints(apply(pattern, faults.mask.to(dev), faults.op.to(dev),
+                          faults.value.to(dev)))
 
 
 @site
